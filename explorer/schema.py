@@ -1,0 +1,291 @@
+"""The run-directory schema: the one place that says what a precompute run contains.
+
+Writers (`precompute/`) and readers (`explorer/store.py`) and tests import the tables and
+names from here; nothing else spells a column name as a literal string twice.
+
+A run lives in `data/runs/<run_id>/`:
+
+    manifest.json            written LAST; `complete: true` means every file listed is whole
+    vocab.parquet            VOCAB
+    tokens.parquet           TOKENS            the token sample every statistic is computed on
+    metrics.parquet          METRICS           SAE quality per (sae, model, outliers)
+    resid_position.parquet   RESID_POSITION    residual similarity by context position
+    resid_histograms.parquet RESID_HISTOGRAMS  residual similarity histograms
+    resid_summary.parquet    RESID_SUMMARY     residual similarity global statistics
+    features.parquet         FEATURES          one row per (sae, feature_id), both models
+    examples.parquet         EXAMPLES          top and quantile examples, sorted by (sae, feature_id)
+    matches.parquet          MATCHES           candidate pairs between the two SAEs (two-SAE runs)
+
+Vocabulary (STYLE.md): `feature_id` is the latent index, never a row position; `model` is
+"base" or "finetuned"; `sae` is "base_sae" or "finetuned_sae"; `run_id` names a run.
+Units: activations are in the SAE's own units (the output of `sae.encode`); densities are
+fractions of tokens in [0, 1]; CE losses are nats per token; cosines and correlations are in
+[-1, 1]; L2 distances are in the residual stream's own units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+MANIFEST = "manifest.json"
+MODELS = ("base", "finetuned")
+SAES = ("base_sae", "finetuned_sae")
+STATUSES = ("dead", "ultralow", "regular", "dense")
+CROSS_CLASSES = ("both_alive", "died", "woke", "both_dead")
+EXAMPLE_KINDS = ("top", "quantile")
+RESID_METRICS = ("cosine", "l2", "seq_mean_cosine", "seq_mean_l2")
+
+# Fixed, log-spaced activation histogram bins (mergeable across shards without knowing the max).
+# Bin i counts positive activations in [ACT_HIST_EDGES[i], ACT_HIST_EDGES[i+1]); activations
+# below the first edge fall in bin 0 and above the last in the last bin.
+ACT_HIST_EDGES = np.logspace(-4, 4, 65)
+N_ACT_HIST_BINS = len(ACT_HIST_EDGES) - 1
+
+# Residual similarity histograms: fixed ranges, 100 bins (METHODS.md section 1).
+RESID_HIST_BINS = 100
+COSINE_RANGE = (-1.0, 1.0)
+
+_model_cols = lambda name, typ: [pa.field(f"{name}_{m}", typ) for m in MODELS]  # noqa: E731
+
+
+def _doc(schema: pa.Schema, docs: dict[str, str]) -> pa.Schema:
+    """Attach the column docs as field metadata, and check every column has one."""
+    missing = [f.name for f in schema if f.name not in docs]
+    extra = [k for k in docs if k not in schema.names]
+    if missing or extra:
+        raise AssertionError(f"schema docs out of sync: missing {missing}, extra {extra}")
+    return pa.schema([f.with_metadata({"doc": docs[f.name]}) for f in schema])
+
+
+VOCAB = _doc(
+    pa.schema([pa.field("token_id", pa.int32(), nullable=False), pa.field("token_str", pa.string())]),
+    {"token_id": "token id (shared by both tokenizers)", "token_str": "decoded string of the single token; escape before rendering"},
+)
+
+TOKENS = _doc(
+    pa.schema(
+        [
+            pa.field("seq_id", pa.int32(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("token_ids", pa.list_(pa.int32())),
+        ]
+    ),
+    {
+        "seq_id": "sequence index in the run's token sample (0..n_sequences-1)",
+        "source": "corpus label of the sequence, e.g. 'english' or 'python'",
+        "token_ids": "the context_size token ids fed to both models",
+    },
+)
+
+_metric_docs = {
+    "sae": "base_sae or finetuned_sae",
+    "model": "base or finetuned: the model whose activations the SAE encodes",
+    "outliers": "'included' (all tokens) or 'excluded' (tokens whose activation norm exceeds the outlier threshold removed)",
+    "n_tokens": "tokens counted",
+    "l0": "mean number of features with activation > 0 per token",
+    "mse": "squared reconstruction error summed over dimensions, mean over tokens",
+    "explained_variance": "SAELens convention: mean over tokens of 1 - ||x_hat - x||^2 / ||x - mean_batch(x)||^2",
+    "pooled_r2": "Study T's pooled R^2: 1 - SSE / SST over all scalar elements (can be far below 0)",
+    "ce_clean": "next-token CE loss without hooks (nats/token)",
+    "ce_spliced": "CE loss with the activation replaced by the SAE reconstruction",
+    "ce_zero_ablated": "CE loss with the activation replaced by zeros",
+    "ce_delta": "ce_spliced - ce_clean",
+    "ce_recovered": "(ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean); NaN when |zero - clean| < 1e-4",
+    "outlier_fraction": "share of tokens whose activation norm exceeds the outlier threshold",
+    "n_nonfinite_clean": "tokens whose clean loss was NaN/inf (counted, excluded from means)",
+    "n_nonfinite_spliced": "tokens whose spliced loss was NaN/inf",
+    "n_nonfinite_zero_ablated": "tokens whose zero-ablated loss was NaN/inf",
+}
+METRICS = _doc(
+    pa.schema(
+        [pa.field("sae", pa.string()), pa.field("model", pa.string()), pa.field("outliers", pa.string()), pa.field("n_tokens", pa.int64())]
+        + [pa.field(k, pa.float64()) for k in ("l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "outlier_fraction")]
+        + [pa.field(k, pa.int64()) for k in ("n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated")]
+    ),
+    _metric_docs,
+)
+
+RESID_POSITION = _doc(
+    pa.schema(
+        [pa.field("position", pa.int32()), pa.field("n_tokens", pa.int64()), pa.field("mean_cosine", pa.float64()), pa.field("mean_l2", pa.float64())]
+    ),
+    {
+        "position": "context position (0 = BOS)",
+        "n_tokens": "tokens at that position in the sample",
+        "mean_cosine": "mean cosine(x_base, x_finetuned) at that position",
+        "mean_l2": "mean ||x_base - x_finetuned|| at that position",
+    },
+)
+
+RESID_HISTOGRAMS = _doc(
+    pa.schema(
+        [pa.field("metric", pa.string()), pa.field("bin_left", pa.float64()), pa.field("bin_right", pa.float64()), pa.field("count", pa.int64())]
+    ),
+    {
+        "metric": "cosine | l2 (per token) | seq_mean_cosine | seq_mean_l2 (per sequence)",
+        "bin_left": "left edge (inclusive)",
+        "bin_right": "right edge (exclusive; the last bin includes it)",
+        "count": "tokens (or sequences) in the bin",
+    },
+)
+
+RESID_SUMMARY = _doc(
+    pa.schema(
+        [pa.field("metric", pa.string()), pa.field("n", pa.int64()), pa.field("mean", pa.float64()), pa.field("std", pa.float64()), pa.field("min", pa.float64()), pa.field("max", pa.float64())]
+    ),
+    {"metric": "cosine | l2 | seq_mean_cosine | seq_mean_l2", "n": "tokens or sequences", "mean": "mean", "std": "population std", "min": "min", "max": "max"},
+)
+
+_logit_cols = []
+_logit_docs = {}
+for _m in MODELS:
+    for _sign in ("pos", "neg"):
+        _logit_cols += [pa.field(f"logit_{_sign}_ids_{_m}", pa.list_(pa.int32())), pa.field(f"logit_{_sign}_values_{_m}", pa.list_(pa.float32()))]
+        _logit_docs[f"logit_{_sign}_ids_{_m}"] = f"token ids of the top 10 {'positive' if _sign == 'pos' else 'negative'} entries of W_dec[i] @ W_U({_m})"
+        _logit_docs[f"logit_{_sign}_values_{_m}"] = f"their values (descending for pos, ascending for neg)"
+
+FEATURES = _doc(
+    pa.schema(
+        [pa.field("sae", pa.string(), nullable=False), pa.field("feature_id", pa.int32(), nullable=False)]
+        + _model_cols("density", pa.float64())
+        + _model_cols("mean_act", pa.float64())
+        + _model_cols("mean_active_act", pa.float64())
+        + _model_cols("max_act", pa.float64())
+        + _model_cols("status", pa.string())
+        + [
+            pa.field("cross_class", pa.string()),
+            pa.field("act_similarity", pa.float64()),
+            pa.field("act_error", pa.float64()),
+            pa.field("logit_similarity", pa.float64()),
+        ]
+        + _logit_cols
+        + _model_cols("act_hist", pa.list_(pa.int64()))
+        + [
+            pa.field("nn_feature_ids", pa.list_(pa.int32())),
+            pa.field("nn_cosines", pa.list_(pa.float32())),
+            pa.field("match_feature_id", pa.int32()),
+            pa.field("match_score", pa.float64()),
+            pa.field("match_act_corr", pa.float64()),
+            pa.field("match_dec_cos", pa.float64()),
+            pa.field("assigned_feature_id", pa.int32()),
+            pa.field("assigned_score", pa.float64()),
+            pa.field("top_tokens", pa.string()),
+        ]
+    ),
+    {
+        "sae": "base_sae or finetuned_sae",
+        "feature_id": "latent index in that SAE",
+        **{f"density_{m}": f"fraction of tokens where the feature fires (> 0) on the {m} model" for m in MODELS},
+        **{f"mean_act_{m}": f"mean activation over all tokens on the {m} model" for m in MODELS},
+        **{f"mean_active_act_{m}": f"mean activation over firing tokens on the {m} model (NaN if dead)" for m in MODELS},
+        **{f"max_act_{m}": f"max activation on the {m} model (0 if dead)" for m in MODELS},
+        **{f"status_{m}": "dead | ultralow | regular | dense (thresholds in the manifest config)" for m in MODELS},
+        "cross_class": "both_alive | died (alive on base, dead on finetuned) | woke (dead on base, alive on finetuned) | both_dead",
+        "act_similarity": "Pearson over tokens of f_i(x_base) and f_i(x_finetuned); NaN when either side is constant",
+        "act_error": "mean over tokens of |log10(f_i(x_base)+eps) - log10(f_i(x_finetuned)+eps)|, eps in the manifest",
+        "logit_similarity": "Pearson over the vocabulary of W_dec[i] @ W_U(base) and W_dec[i] @ W_U(finetuned)",
+        **_logit_docs,
+        **{f"act_hist_{m}": f"counts of positive activations on the {m} model in the bins schema.ACT_HIST_EDGES" for m in MODELS},
+        "nn_feature_ids": "top 10 other features of the same SAE by decoder cosine",
+        "nn_cosines": "their decoder cosines (descending)",
+        "match_feature_id": "best match in the other SAE (null without a second SAE)",
+        "match_score": "its combined score: 0.5 * (activation correlation, NaN as 0) + 0.5 * decoder cosine",
+        "match_act_corr": "activation correlation of the best match (this SAE on its model vs the other SAE on its model, same tokens)",
+        "match_dec_cos": "decoder cosine of the best match",
+        "assigned_feature_id": "partner in the one-to-one (Hungarian) assignment on the combined score (null if unassigned)",
+        "assigned_score": "combined score of the assigned pair",
+        "top_tokens": "space-separated token strings at the max of the top examples (both models), for search",
+    },
+)
+
+EXAMPLES = _doc(
+    pa.schema(
+        [
+            pa.field("sae", pa.string(), nullable=False),
+            pa.field("feature_id", pa.int32(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("bin", pa.int16()),
+            pa.field("bin_low", pa.float32()),
+            pa.field("bin_high", pa.float32()),
+            pa.field("rank", pa.int16()),
+            pa.field("seq_id", pa.int32()),
+            pa.field("position", pa.int16()),
+            pa.field("activation", pa.float32()),
+            pa.field("window_start", pa.int16()),
+            pa.field("token_ids", pa.list_(pa.int32())),
+            pa.field("acts_base", pa.list_(pa.float32())),
+            pa.field("acts_finetuned", pa.list_(pa.float32())),
+        ]
+    ),
+    {
+        "sae": "base_sae or finetuned_sae",
+        "feature_id": "latent index",
+        "model": "the model whose activations selected this example",
+        "kind": "top (highest activations) | quantile (sampled within an activation quantile bin)",
+        "bin": "quantile bin index (0 = lowest); null for top examples",
+        "bin_low": "lower activation bound of the quantile bin; null for top",
+        "bin_high": "upper activation bound of the quantile bin; null for top",
+        "rank": "0-based rank within (kind, bin): by activation for top, by sampling priority for quantile",
+        "seq_id": "sequence in tokens.parquet",
+        "position": "position of the selecting token in the sequence",
+        "activation": "feature activation at (seq_id, position) on `model`",
+        "window_start": "position of the first token of the window in the sequence",
+        "token_ids": "the window's token ids",
+        "acts_base": "the feature's activation on each window token, base model",
+        "acts_finetuned": "the feature's activation on each window token, finetuned model",
+    },
+)
+
+MATCHES = _doc(
+    pa.schema(
+        [
+            pa.field("base_feature_id", pa.int32()),
+            pa.field("finetuned_feature_id", pa.int32()),
+            pa.field("act_corr", pa.float64()),
+            pa.field("dec_cos", pa.float64()),
+            pa.field("score", pa.float64()),
+            pa.field("assigned", pa.bool_()),
+        ]
+    ),
+    {
+        "base_feature_id": "feature of base_sae (encoding the base model)",
+        "finetuned_feature_id": "feature of finetuned_sae (encoding the finetuned model)",
+        "act_corr": "Pearson over the same tokens of f_i(base_sae, x_base) and f_j(finetuned_sae, x_finetuned); NaN if constant",
+        "dec_cos": "cos(W_dec_base_sae[i], W_dec_finetuned_sae[j])",
+        "score": "0.5 * act_corr (NaN as 0) + 0.5 * dec_cos",
+        "assigned": "the pair is in the one-to-one Hungarian assignment",
+    },
+)
+
+# file name -> schema; the manifest lists exactly these (MATCHES only for two-SAE runs)
+TABLES: dict[str, pa.Schema] = {
+    "vocab.parquet": VOCAB,
+    "tokens.parquet": TOKENS,
+    "metrics.parquet": METRICS,
+    "resid_position.parquet": RESID_POSITION,
+    "resid_histograms.parquet": RESID_HISTOGRAMS,
+    "resid_summary.parquet": RESID_SUMMARY,
+    "features.parquet": FEATURES,
+    "examples.parquet": EXAMPLES,
+    "matches.parquet": MATCHES,
+}
+OPTIONAL_TABLES = {"matches.parquet"}
+
+# Row-group size of examples.parquet: small enough that one feature's rows are read by
+# row-group pruning on (sae, feature_id).
+EXAMPLES_ROW_GROUP_SIZE = 2048
+
+
+def describe() -> str:
+    """The schema as Markdown (docs/SCHEMA.md is generated from this)."""
+    out = [f"# Run schema, version {SCHEMA_VERSION}", "", (__doc__ or "").strip(), ""]
+    for name, schema in TABLES.items():
+        out += [f"## {name}", "", "| column | type | meaning |", "|---|---|---|"]
+        for f in schema:
+            out.append(f"| `{f.name}` | {f.type} | {f.metadata[b'doc'].decode()} |")
+        out.append("")
+    return "\n".join(out)
