@@ -1,0 +1,7 @@
+"""Placeholder."""
+import streamlit as st
+
+from webapp import state
+
+run = state.run_picker()
+st.title("4_dead_born")

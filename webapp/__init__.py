@@ -1,0 +1,1 @@
+"""Streamlit glue for the app (explorer/ never imports streamlit). See webapp/state.py."""

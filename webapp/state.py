@@ -1,0 +1,301 @@
+"""Streamlit glue shared by every page: the run picker, query params, errors, the run's store.
+
+`explorer/` never imports streamlit; this module is where the app meets it. Stable API (the
+live-probe page relies on it):
+
+    runs_dir() -> Path
+        Where runs live: $SAE_EXPLORER_RUNS_DIR, else explorer.rundir.DEFAULT_RUNS_DIR.
+
+    run_picker() -> Run
+        Renders the sidebar run picker (reads and writes `?run=`) and returns the chosen run
+        (a `Run`: run_id, path, manifest). On a missing, incomplete, damaged or
+        wrong-schema run it shows a friendly message and stops the page (st.stop()). Call it
+        once, at the top of a page. `Run` is hashable (it is keyed on the manifest's mtime), so
+        it can be passed to st.cache_data functions with `hash_funcs=HASH_FUNCS`.
+
+    sae_param(run, key="sae", default="base_sae") -> str
+        The SAE named by `?sae=`; an unknown name gets a warning and falls back to `default`
+        (or the first SAE of the run).
+
+    feature_param(run, sae, key="feature") -> int | None
+        The feature id in `?feature=`; None when absent. Non-numeric, negative, out-of-range
+        or huge values show a friendly st.error and return None.
+
+    parse_feature_id(raw, d_sae) -> int | None
+        The pure parser behind feature_param: raises QueryParamError (an ExplorerError).
+
+    set_params(**params)
+        Writes query params (None removes one), leaving the others alone.
+
+    show_error(exc)
+        Shows an ExplorerError (or any exception) as a friendly message, never a traceback.
+
+    guard()
+        A context manager for a page body: ExplorerError -> show_error + st.stop(); any other
+        exception -> logged on the server, a generic friendly message shown, page stopped.
+        Streamlit's own control flow (st.stop, st.rerun, st.switch_page) passes through.
+
+    connection(run) -> duckdb.DuckDBPyConnection
+        One in-memory DuckDB connection per run (st.cache_resource); take `.cursor()` per
+        query.
+
+    vocab(run) -> list[str]
+        Token strings indexed by token id (st.cache_resource; unescaped: escape before HTML).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import streamlit as st
+
+from explorer import rundir, schema
+from explorer.errors import ExplorerError, RunError
+
+log = logging.getLogger("sae_explorer.app")
+
+RUNS_DIR_ENV = "SAE_EXPLORER_RUNS_DIR"
+DEFAULT_RUN_ID = "demo"
+RUN_PARAM = "run"
+SAE_PARAM = "sae"
+FEATURE_PARAM = "feature"
+_RUN_STATE = "sae_explorer_run_id"  # plain (non-widget) session key: survives page changes
+_RUN_WIDGET = "sae_explorer_run_picker"
+MAX_PARAM_CHARS = 40
+
+
+class QueryParamError(ExplorerError):
+    """A query parameter in the URL cannot be used (wrong type, out of range, unknown name)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A validated run. Hashable and cheap to hash: st.cache_data keys on it."""
+
+    run_id: str
+    path: str
+    token: tuple[int, int]  # (mtime_ns, size) of manifest.json: a rebuilt run gets a new key
+    manifest: dict[str, Any] = field(compare=False, hash=False, repr=False)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    @property
+    def saes(self) -> list[str]:
+        return [s for s in self.manifest.get("saes", []) if s in schema.SAES]
+
+    def d_sae(self, sae: str) -> int:
+        return int(self.manifest.get("d_sae", {}).get(sae, 0))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest.get("config", {}) or {}
+
+    @property
+    def cache_key(self) -> tuple[str, str, tuple[int, int]]:
+        return (self.run_id, self.path, self.token)
+
+
+# Pass as `hash_funcs=` to st.cache_data functions that take a Run: keys on the run's identity
+# and manifest version, never on the manifest's contents.
+HASH_FUNCS = {Run: lambda run: run.cache_key}
+
+
+def runs_dir() -> Path:
+    env = os.environ.get(RUNS_DIR_ENV)
+    return Path(env) if env else rundir.DEFAULT_RUNS_DIR
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _open_cached(path: str, token: tuple[int, int]) -> dict[str, Any]:
+    return rundir.open_run(Path(path))
+
+
+def open_run(run_id: str) -> Run:
+    """Validate `run_id` (safe path, complete manifest, schema version, file hashes) -> Run."""
+    path = rundir.run_path(run_id, runs_dir())
+    manifest_path = path / schema.MANIFEST
+    try:
+        stat = manifest_path.stat()
+        token = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        token = (0, 0)
+    if not path.is_dir():
+        raise RunError(f"There is no run called {run_id!r} in {runs_dir()}. Pick a run in the sidebar.")
+    manifest = _open_cached(str(path), token)
+    return Run(run_id=run_id, path=str(path), token=token, manifest=manifest)
+
+
+def _clip(raw: Any) -> str:
+    text = str(raw)
+    return text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS] + "..."
+
+
+def _on_run_change() -> None:
+    chosen = st.session_state.get(_RUN_WIDGET)
+    if chosen:
+        st.session_state[_RUN_STATE] = chosen
+        # a feature id of one run means nothing in another
+        for key in (SAE_PARAM, FEATURE_PARAM):
+            if key in st.query_params:
+                del st.query_params[key]
+        st.query_params[RUN_PARAM] = chosen
+
+
+def run_picker() -> Run:
+    """Sidebar run picker; returns the chosen Run or stops the page with a friendly message."""
+    runs = rundir.list_runs(runs_dir())
+    requested = st.query_params.get(RUN_PARAM)
+    problem: str | None = None
+    chosen: str | None = None
+    if requested is not None:
+        if requested in runs:
+            chosen = requested
+        else:
+            try:
+                rundir.validate_run_id(requested)
+                problem = f"There is no run called {_clip(requested)!r}. Pick one of the runs in the sidebar."
+            except RunError as exc:
+                problem = str(exc) + " Pick one of the runs in the sidebar."
+    else:
+        remembered = st.session_state.get(_RUN_STATE)
+        if remembered in runs:
+            chosen = remembered
+        elif DEFAULT_RUN_ID in runs:
+            chosen = DEFAULT_RUN_ID
+        elif runs:
+            chosen = runs[0]
+
+    with st.sidebar:
+        if not runs:
+            st.error(
+                f"No runs found in `{runs_dir()}`. Create one with "
+                "`python -m precompute run --config configs/demo.toml`, or point "
+                f"`{RUNS_DIR_ENV}` at a directory of runs."
+            )
+            st.stop()
+        st.session_state[_RUN_WIDGET] = chosen
+        st.selectbox(
+            "Run",
+            runs,
+            key=_RUN_WIDGET,
+            on_change=_on_run_change,
+            placeholder="Choose a run",
+            help="A precompute run directory under the runs folder.",
+        )
+    if problem:
+        st.error(problem)
+        st.stop()
+    assert chosen is not None
+    st.session_state[_RUN_STATE] = chosen
+    if st.query_params.get(RUN_PARAM) != chosen:
+        st.query_params[RUN_PARAM] = chosen
+    try:
+        run = open_run(chosen)
+    except ExplorerError as exc:
+        show_error(exc)
+        st.stop()
+    n_tokens = run.manifest.get("n_tokens")
+    with st.sidebar:
+        st.caption(f"{n_tokens:,} tokens" if isinstance(n_tokens, int) else "", help=None)
+    return run
+
+
+def parse_feature_id(raw: Any, d_sae: int) -> int | None:
+    """`?feature=` -> a feature id in [0, d_sae), None when absent/empty; QueryParamError otherwise."""
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if text == "":
+        return None
+    if len(text) > 12 or not text.lstrip("+-").isdigit() or not text.isascii():
+        raise QueryParamError(f"Feature {_clip(raw)!r} is not a feature number: use a whole number from 0 to {d_sae - 1}.")
+    value = int(text)
+    if value < 0:
+        raise QueryParamError(f"Feature {value} is negative: feature numbers run from 0 to {d_sae - 1}.")
+    if value >= d_sae:
+        raise QueryParamError(f"Feature {value} is out of range: this SAE has {d_sae} features (0 to {d_sae - 1}).")
+    return value
+
+
+def sae_param(run: Run, key: str = SAE_PARAM, default: str = "base_sae") -> str:
+    saes = run.saes or [default]
+    fallback = default if default in saes else saes[0]
+    raw = st.query_params.get(key)
+    if raw is None or raw == "":
+        return fallback
+    if raw not in saes:
+        st.warning(f"SAE {_clip(raw)!r} is not in run {run.run_id!r} (it has {', '.join(saes)}); showing {fallback}.")
+        return fallback
+    return raw
+
+
+def feature_param(run: Run, sae: str, key: str = FEATURE_PARAM) -> int | None:
+    try:
+        return parse_feature_id(st.query_params.get(key), run.d_sae(sae))
+    except QueryParamError as exc:
+        show_error(exc)
+        return None
+
+
+def set_params(**params: Any) -> None:
+    for key, value in params.items():
+        if value is None:
+            if key in st.query_params:
+                del st.query_params[key]
+        elif st.query_params.get(key) != str(value):
+            st.query_params[key] = str(value)
+
+
+def show_error(exc: BaseException) -> None:
+    if isinstance(exc, ExplorerError):
+        st.error(str(exc), icon=":material/error:")
+    else:
+        st.error(
+            "Something went wrong while building this view. The details are in the server log; "
+            "try another selection or reload the page.",
+            icon=":material/error:",
+        )
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    try:
+        yield
+    except ExplorerError as exc:
+        show_error(exc)
+        st.stop()
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
+        log.exception("unexpected error in a page")
+        show_error(exc)
+        st.stop()
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _connection(path: str, token: tuple[int, int]):
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def connection(run: Run):
+    return _connection(run.path, run.token)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _vocab(path: str, token: tuple[int, int]) -> list[str]:
+    from explorer import store
+
+    return store.vocab(Path(path))
+
+
+def vocab(run: Run) -> list[str]:
+    return _vocab(run.path, run.token)
