@@ -148,8 +148,28 @@ def _on_run_change() -> None:
         st.query_params[RUN_PARAM] = chosen
 
 
+def _leave_pages_dir_mode() -> None:
+    """Make a deep link work on a fresh server.
+
+    Streamlit decides per process whether an app is a "pages/ directory" (v1) app from the mere
+    existence of `pages/`, and only st.navigation (in app.py) switches that off. So the first
+    request of a fresh server that is a deep link (/feature?...) runs pages/3_feature.py
+    directly, without app.py: no navigation, no page config. Here a page notices that, switches
+    the flag off, and reruns; the rerun goes through app.py and lands on the same url path
+    (page hashes are computed from the url path, which is the same in both modes).
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover - a Streamlit without the v1 emulation
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def run_picker() -> Run:
     """Sidebar run picker; returns the chosen Run or stops the page with a friendly message."""
+    _leave_pages_dir_mode()
     runs = rundir.list_runs(runs_dir())
     requested = st.query_params.get(RUN_PARAM)
     problem: str | None = None
@@ -214,13 +234,14 @@ def parse_feature_id(raw: Any, d_sae: int) -> int | None:
     text = str(raw).strip()
     if text == "":
         return None
-    if len(text) > 12 or not text.lstrip("+-").isdigit() or not text.isascii():
+    digits = text[1:] if text[:1] in "+-" else text
+    if not (digits.isascii() and digits.isdigit()):
         raise QueryParamError(f"Feature {_clip(raw)!r} is not a feature number: use a whole number from 0 to {d_sae - 1}.")
-    value = int(text)
-    if value < 0:
-        raise QueryParamError(f"Feature {value} is negative: feature numbers run from 0 to {d_sae - 1}.")
+    if text.startswith("-") and digits.strip("0"):
+        raise QueryParamError(f"Feature {_clip(text)} is negative: feature numbers run from 0 to {d_sae - 1}.")
+    value = int(digits) if len(digits) <= 18 else 10**18
     if value >= d_sae:
-        raise QueryParamError(f"Feature {value} is out of range: this SAE has {d_sae} features (0 to {d_sae - 1}).")
+        raise QueryParamError(f"Feature {_clip(digits)} is out of range: this SAE has {d_sae} features (0 to {d_sae - 1}).")
     return value
 
 
@@ -279,11 +300,9 @@ def guard() -> Iterator[None]:
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _connection(path: str, token: tuple[int, int]):
-    import duckdb
+    from explorer import store
 
-    con = duckdb.connect(":memory:")
-    con.execute("SET enable_progress_bar = false")
-    return con
+    return store.connect()
 
 
 def connection(run: Run):

@@ -1,0 +1,181 @@
+"""Plotly figure builders: pure functions from DataFrames/arrays to `go.Figure` (no streamlit).
+
+One colour per model everywhere (MODEL_COLORS, shared with explorer/render.py): base is blue,
+finetuned is orange. Axis titles name the quantity and its unit. Strings that come from a
+vocabulary or corpus are never put into a figure unescaped (plotly interprets a subset of HTML
+in labels and hover text), see `_safe`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from explorer.render import MODEL_COLORS, MODEL_LABELS
+
+MODELS = ("base", "finetuned")
+SAE_LABELS = {"base_sae": "base SAE", "finetuned_sae": "finetuned SAE"}
+NEUTRAL = "#5b6770"
+FONT = dict(size=13)
+
+
+def _safe(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _layout(fig: go.Figure, title: str | None, x: str, y: str, height: int = 320, **kw) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=_safe(title) if title else None, font=dict(size=15)),
+        xaxis_title=x,
+        yaxis_title=y,
+        height=height,
+        margin=dict(l=60, r=20, t=50 if title else 20, b=50),
+        font=FONT,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        **kw,
+    )
+    return fig
+
+
+def _bars(df: pd.DataFrame, color: str, name: str, opacity: float = 1.0) -> go.Bar:
+    left = df["bin_left"].to_numpy(dtype=float)
+    right = df["bin_right"].to_numpy(dtype=float)
+    return go.Bar(
+        x=(left + right) / 2,
+        y=df["count"].to_numpy(),
+        width=(right - left),
+        marker_color=color,
+        opacity=opacity,
+        name=name,
+        customdata=np.stack([left, right], axis=1) if len(left) else None,
+        hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y}<extra>" + _safe(name) + "</extra>",
+    )
+
+
+def binned_histogram(df: pd.DataFrame, title: str, x_title: str, y_title: str = "count", color: str = NEUTRAL, name: str = "", log_y: bool = False) -> go.Figure:
+    """Bars from precomputed bins (bin_left, bin_right, count)."""
+    fig = go.Figure(_bars(df, color, name or title))
+    fig.update_layout(bargap=0, showlegend=False)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return _layout(fig, title, x_title, y_title)
+
+
+def resid_histogram(df: pd.DataFrame, metric: str) -> go.Figure:
+    labels = {
+        "cosine": ("Cosine similarity per token", "cosine(x_base, x_finetuned)", "tokens"),
+        "l2": ("L2 distance per token", "||x_base − x_finetuned|| (residual units)", "tokens"),
+        "seq_mean_cosine": ("Mean cosine per sequence", "mean cosine over the sequence", "sequences"),
+        "seq_mean_l2": ("Mean L2 distance per sequence", "mean L2 distance (residual units)", "sequences"),
+    }
+    title, x, y = labels.get(metric, (metric, metric, "count"))
+    return binned_histogram(df[df["metric"] == metric], title, x, y)
+
+
+def resid_by_position(df: pd.DataFrame) -> go.Figure:
+    """Mean cosine (left axis) and mean L2 distance (right axis) by context position."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_cosine"], name="mean cosine", line=dict(color=NEUTRAL)))
+    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_l2"], name="mean L2 distance", line=dict(color="#8e5ea2", dash="dot"), yaxis="y2"))
+    fig.update_layout(yaxis2=dict(title="mean L2 distance (residual units)", overlaying="y", side="right", showgrid=False))
+    return _layout(fig, "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
+
+
+def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Sequence[int]], title: str = "Activation histogram") -> go.Figure:
+    """Counts of positive activations in log-spaced bins, both models overlaid."""
+    edges = np.asarray(edges, dtype=float)
+    fig = go.Figure()
+    for m in MODELS:
+        counts = hist_by_model.get(m)
+        if counts is None:
+            continue
+        counts = np.asarray(counts)
+        nz = np.flatnonzero(counts)
+        lo, hi = (nz[0], nz[-1] + 1) if len(nz) else (0, 0)
+        centers = np.sqrt(edges[:-1] * edges[1:])
+        fig.add_trace(
+            go.Bar(
+                x=centers[lo:hi],
+                y=counts[lo:hi],
+                name=MODEL_LABELS[m],
+                marker_color=MODEL_COLORS[m],
+                opacity=0.65,
+                customdata=np.stack([edges[:-1][lo:hi], edges[1:][lo:hi]], axis=1) if hi > lo else None,
+                hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y} tokens<extra>" + MODEL_LABELS[m] + "</extra>",
+            )
+        )
+    fig.update_layout(barmode="overlay", bargap=0)
+    fig.update_xaxes(type="log")
+    return _layout(fig, title, "activation (SAE units, log scale)", "tokens", height=280)
+
+
+def two_model_histogram(hists: dict[str, pd.DataFrame], title: str, x_title: str, y_title: str = "features") -> go.Figure:
+    """Two binned histograms (model -> bins) overlaid in the model colours."""
+    fig = go.Figure([_bars(df, MODEL_COLORS[m], MODEL_LABELS[m], 0.6) for m, df in hists.items()])
+    fig.update_layout(barmode="overlay", bargap=0)
+    return _layout(fig, title, x_title, y_title)
+
+
+def density_scatter(points: pd.DataFrame, regression: dict[str, float], title: str = "Log-density: base vs finetuned") -> go.Figure:
+    """log10(density+1e-10) on base (x) vs finetuned (y), one point per feature, with the
+    least-squares line and Pearson R. Each point carries its feature_id as customdata."""
+    x = np.log10(points["density_base"].to_numpy(dtype=float) + 1e-10)
+    y = np.log10(points["density_finetuned"].to_numpy(dtype=float) + 1e-10)
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scattergl(
+            x=x,
+            y=y,
+            mode="markers",
+            name="features",
+            marker=dict(size=5, color=NEUTRAL, opacity=0.55),
+            customdata=points["feature_id"].to_numpy(),
+            hovertemplate="feature %{customdata}<br>base %{x:.2f}<br>finetuned %{y:.2f}<extra></extra>",
+        )
+    )
+    slope, intercept, r = regression.get("slope"), regression.get("intercept"), regression.get("r")
+    if slope is not None and math.isfinite(slope) and len(x):
+        xs = np.array([x.min(), x.max()])
+        fig.add_trace(go.Scatter(x=xs, y=intercept + slope * xs, mode="lines", name=f"least squares (R = {r:.3f})", line=dict(color="#c0392b", width=2)))
+    lims = [min(x.min(initial=-10), y.min(initial=-10)) - 0.3, 0.3]
+    fig.add_trace(go.Scatter(x=lims, y=lims, mode="lines", name="y = x", line=dict(color="#999", dash="dash", width=1)))
+    fig.update_layout(dragmode="select", clickmode="event+select")
+    return _layout(fig, title, "log10(density on base + 1e-10)", "log10(density on finetuned + 1e-10)", height=480)
+
+
+def parallel_coordinates(points: pd.DataFrame) -> go.Figure:
+    """Per-feature parallel coordinates: log-densities, activation/logit similarity, activation error."""
+    dims = []
+    specs = [
+        ("log10 density base", np.log10(points["density_base"].to_numpy(dtype=float) + 1e-10)),
+        ("log10 density finetuned", np.log10(points["density_finetuned"].to_numpy(dtype=float) + 1e-10)),
+        ("activation similarity", points["act_similarity"].to_numpy(dtype=float)),
+        ("logit similarity", points["logit_similarity"].to_numpy(dtype=float)),
+        ("activation error", points["act_error"].to_numpy(dtype=float)),
+    ]
+    for label, values in specs:
+        v = np.where(np.isfinite(values), values, np.nan)
+        finite = v[np.isfinite(v)]
+        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+        # NaN (constant feature) is drawn just below the axis minimum
+        pad = (hi - lo) * 0.05 or 0.05
+        dims.append(dict(label=label, values=np.where(np.isnan(v), lo - pad, v), range=[lo - pad, hi]))
+    color = np.log10(points["density_base"].to_numpy(dtype=float) + 1e-10)
+    fig = go.Figure(go.Parcoords(line=dict(color=color, colorscale="Blues", showscale=True, colorbar=dict(title="log10 density base")), dimensions=dims))
+    fig.update_layout(height=420, margin=dict(l=70, r=60, t=50, b=30), font=FONT)
+    return fig
+
+
+def quality_bars(metrics: pd.DataFrame, column: str, title: str, y_title: str) -> go.Figure:
+    """One metric per (SAE, model), bars coloured by the model whose activations are encoded."""
+    fig = go.Figure()
+    for m in MODELS:
+        sub = metrics[metrics["model"] == m]
+        fig.add_trace(go.Bar(x=[SAE_LABELS.get(s, s) for s in sub["sae"]], y=sub[column], name=MODEL_LABELS[m], marker_color=MODEL_COLORS[m]))
+    fig.update_layout(barmode="group")
+    return _layout(fig, title, "SAE", y_title, height=300)

@@ -1,0 +1,129 @@
+"""Token highlighting as HTML. Every string that reaches the HTML goes through `html.escape`.
+
+Corpus text contains `<script>`, `<img onerror=...>`, `javascript:` and worse, and vocabularies
+hold control characters, emoji and right-to-left text. Rules here:
+
+* a token's display form (`display_token`) makes whitespace and control characters visible
+  (space as-is, newline as a visible return symbol, tab as an arrow, other controls as their
+  code), and it is escaped before it is placed in the HTML;
+* every attribute value (the tooltip) is escaped with quote=True;
+* each token span isolates its bidi direction (`unicode-bidi: isolate`), so right-to-left text
+  cannot reorder the tokens around it;
+* colours are computed here from numbers only, never from strings.
+
+The functions return HTML strings for `st.html` (or `st.markdown(unsafe_allow_html=True)`);
+they do not import streamlit.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import unicodedata
+from typing import Iterable, Sequence
+
+# One colour per model, everywhere (figures.py uses the same constants).
+MODEL_COLORS = {"base": "#1f6fb4", "finetuned": "#d9731a"}
+MODEL_RGB = {m: tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for m, c in MODEL_COLORS.items()}
+MODEL_LABELS = {"base": "base model", "finetuned": "finetuned model"}
+
+_VISIBLE = {"\n": "\u21b5", "\r": "\u240d", "\t": "\u2192", "\x00": "\u2400"}
+
+CSS = """
+<style>
+.sx-ex{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:0.86rem;line-height:1.9;
+  direction:ltr;unicode-bidi:isolate;white-space:pre-wrap;word-break:break-all;margin:0 0 2px 0}
+.sx-tok{unicode-bidi:isolate;border-radius:3px;padding:1px 0;white-space:pre}
+.sx-focus{outline:1.5px solid #333;outline-offset:0}
+.sx-lbl{display:inline-block;min-width:5.5em;font-size:0.72rem;color:#555;font-family:sans-serif}
+.sx-act{font-size:0.72rem;color:#555;font-family:sans-serif;margin-left:6px}
+.sx-ctrl{color:#999}
+</style>
+"""
+
+
+def display_token(token: str) -> str:
+    """The visible form of a token (unescaped): whitespace and control characters shown."""
+    if token is None:
+        return "\u2205"
+    out = []
+    for ch in str(token):
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and ch not in "\u200d":
+            # control, format (incl. bidi overrides), surrogate, private use, unassigned
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) > 0xFF else f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def escape_token(token: str) -> str:
+    """display_token + html.escape: safe to put anywhere in HTML text or a quoted attribute."""
+    return html.escape(display_token(token), quote=True)
+
+
+def _alpha(value: float, max_value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value)) or value <= 0:
+        return 0.0
+    if not (math.isfinite(max_value) and max_value > 0):
+        return 0.0
+    return max(0.0, min(1.0, value / max_value))
+
+
+def token_span(token: str, value: float, max_value: float, model: str = "base", focus: bool = False, title_prefix: str = "") -> str:
+    """One highlighted token: background intensity = value / max_value in the model's colour."""
+    r, g, b = MODEL_RGB.get(model, MODEL_RGB["base"])
+    a = _alpha(value, max_value)
+    val = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
+    title = f"{title_prefix}{display_token(token)!r}: {val:.4g}"
+    cls = "sx-tok sx-focus" if focus else "sx-tok"
+    style = f"background:rgba({r},{g},{b},{0.85 * a:.3f})" + (";color:#fff" if a > 0.6 else "")
+    return f'<span class="{cls}" style="{style}" title="{html.escape(title, quote=True)}">{escape_token(token)}</span>'
+
+
+def highlight(tokens: Sequence[str], values: Sequence[float], max_value: float, model: str = "base", focus: int | None = None) -> str:
+    """A sequence of highlighted tokens (no container)."""
+    return "".join(token_span(t, float(v), max_value, model, focus=(i == focus)) for i, (t, v) in enumerate(zip(tokens, values)))
+
+
+def example_block(
+    tokens: Sequence[str],
+    acts_by_model: dict[str, Sequence[float]],
+    max_value: float,
+    focus: int | None = None,
+    caption: str | None = None,
+) -> str:
+    """One window, one line per model (same tokens), each in its model's colour."""
+    lines = []
+    for model, values in acts_by_model.items():
+        if values is None:
+            continue
+        vals = [float(v) for v in values]
+        peak = max(vals) if vals else 0.0
+        label = html.escape(MODEL_LABELS.get(model, str(model)))
+        lines.append(
+            f'<div class="sx-ex" data-model="{html.escape(str(model), quote=True)}"><span class="sx-lbl">{label}</span>'
+            f"{highlight(tokens, vals, max_value, model, focus)}"
+            f'<span class="sx-act">max {peak:.3g}</span></div>'
+        )
+    cap = f'<div class="sx-act">{html.escape(caption)}</div>' if caption else ""
+    return f'<div class="sx-block" style="margin-bottom:8px">{cap}{"".join(lines)}</div>'
+
+
+def examples_html(blocks: Iterable[str], title: str | None = None) -> str:
+    """Wrap example blocks with the stylesheet (one st.html call per list: fewer elements)."""
+    head = f"<h5>{html.escape(title)}</h5>" if title else ""
+    return CSS + head + "".join(blocks)
+
+
+def token_list_html(tokens: Sequence[str], values: Sequence[float], model: str, fmt: str = "{:+.3f}") -> str:
+    """A compact list of tokens with a number each (e.g. top logits), escaped."""
+    r, g, b = MODEL_RGB.get(model, MODEL_RGB["base"])
+    items = []
+    for t, v in zip(tokens, values):
+        items.append(
+            f'<span class="sx-tok" style="background:rgba({r},{g},{b},0.15);margin-right:6px">{escape_token(t)}</span>'
+            f'<span class="sx-act">{html.escape(fmt.format(float(v)))}</span><br>'
+        )
+    return CSS + f'<div class="sx-ex">{"".join(items)}</div>'

@@ -1,0 +1,510 @@
+"""Read-only queries over one run directory.
+
+Pure functions `(con, run_dir, ...) -> pandas.DataFrame | dict`: `con` is a DuckDB connection
+or cursor (`connect()`; the app keeps one per run and takes a `.cursor()` per query), and
+`run_dir` is a validated run directory (explorer.rundir.open_run). SQL is parameterised; the
+only identifiers spliced into SQL come from whitelists built from explorer/schema.py. Nothing
+is written, and opening a store creates nothing on disk.
+
+* The features table is paged in DuckDB (filters, ORDER BY, LIMIT/OFFSET pushed down), so a
+  page never ships the whole table.
+* One feature's examples are read by row-group pruning: `ExamplesIndex` reads the parquet
+  footer once, keeps each row group's (sae, feature_id) ranges, and reads only the row groups
+  that can hold the requested features (examples.parquet is sorted by (sae, feature_id)).
+* `connect()` sets `parquet_can_have_nan` (see there): without it DuckDB 2.0 answers NaN
+  filters wrongly on pyarrow-written files.
+* Floating NaN (e.g. act_similarity of a constant feature) is treated as missing in filters,
+  sorts and statistics: DuckDB orders NaN above every number, so every numeric column goes
+  through `_nan_null` first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from explorer import schema
+
+LOG_DENSITY_EPS = 1e-10  # METHODS.md section 3: plot log10(density + 1e-10)
+
+FEATURES_FILE = "features.parquet"
+EXAMPLES_FILE = "examples.parquet"
+MATCHES_FILE = "matches.parquet"
+
+_FEATURE_COLUMNS = set(schema.FEATURES.names)
+_FLOAT_COLUMNS = {f.name for f in schema.FEATURES if pa.types.is_floating(f.type)}
+
+# The columns of the features table view (no list columns: they stay on disk).
+TABLE_COLUMNS = (
+    "feature_id",
+    "status_base",
+    "status_finetuned",
+    "cross_class",
+    "density_base",
+    "density_finetuned",
+    "max_act_base",
+    "max_act_finetuned",
+    "mean_active_act_base",
+    "mean_active_act_finetuned",
+    "act_similarity",
+    "act_error",
+    "logit_similarity",
+    "match_feature_id",
+    "match_score",
+    "top_tokens",
+)
+SORTABLE = tuple(c for c in TABLE_COLUMNS if c != "top_tokens")
+
+
+def connect():
+    """A fresh in-memory DuckDB connection (reads parquet; writes nothing)."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    # pyarrow writes min/max statistics that exclude NaN and no nan_count; without this DuckDB
+    # assumes such columns hold no NaN and prunes/folds `isnan(x)` to false (wrong answers).
+    con.execute("SET parquet_can_have_nan = true")
+    con.execute("SET parquet_metadata_cache = true")
+    return con
+
+
+def _path(run_dir: Path | str, name: str) -> str:
+    if name not in schema.TABLES:
+        raise ValueError(f"unknown table {name!r}")
+    return str(Path(run_dir) / name)
+
+
+def has_table(run_dir: Path | str, name: str) -> bool:
+    return (Path(run_dir) / name).exists()
+
+
+def _nan_null(col: str) -> str:
+    if col not in _FEATURE_COLUMNS:
+        raise ValueError(f"unknown column {col!r}")
+    return f"(CASE WHEN isnan({col}) THEN NULL ELSE {col} END)" if col in _FLOAT_COLUMNS else col
+
+
+def _df(con, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+    return con.execute(sql, list(params)).df()
+
+
+# ---------------------------------------------------------------------------- small tables
+
+
+def vocab(run_dir: Path | str) -> list[str]:
+    """Token strings indexed by token id (missing ids -> ''). Unescaped: escape before HTML."""
+    t = pq.read_table(_path(run_dir, "vocab.parquet"), columns=["token_id", "token_str"])
+    ids = t.column("token_id").to_numpy()
+    strs = t.column("token_str").to_pylist()
+    out = [""] * (int(ids.max()) + 1 if len(ids) else 0)
+    for i, s in zip(ids.tolist(), strs):
+        out[i] = "" if s is None else s
+    return out
+
+
+def metrics(con, run_dir: Path | str) -> pd.DataFrame:
+    return _df(con, "SELECT * FROM read_parquet(?) ORDER BY sae, model, outliers", [_path(run_dir, "metrics.parquet")])
+
+
+def resid_position(con, run_dir: Path | str) -> pd.DataFrame:
+    return _df(con, "SELECT * FROM read_parquet(?) ORDER BY position", [_path(run_dir, "resid_position.parquet")])
+
+
+def resid_histograms(con, run_dir: Path | str) -> pd.DataFrame:
+    return _df(con, "SELECT * FROM read_parquet(?) ORDER BY metric, bin_left", [_path(run_dir, "resid_histograms.parquet")])
+
+
+def resid_summary(con, run_dir: Path | str) -> pd.DataFrame:
+    return _df(con, "SELECT * FROM read_parquet(?) ORDER BY metric", [_path(run_dir, "resid_summary.parquet")])
+
+
+def sequences(con, run_dir: Path | str, limit: int = 200, offset: int = 0) -> pd.DataFrame:
+    """Sequences of the run's token sample (seq_id, source, token_ids), paged."""
+    return _df(con, "SELECT seq_id, source, token_ids FROM read_parquet(?) ORDER BY seq_id LIMIT ? OFFSET ?", [_path(run_dir, "tokens.parquet"), int(limit), int(offset)])
+
+
+# ---------------------------------------------------------------------------- counts
+
+
+def status_counts(con, run_dir: Path | str) -> pd.DataFrame:
+    """Features per (sae, model, status)."""
+    parts = " UNION ALL ".join(f"SELECT sae, '{m}' AS model, status_{m} AS status FROM f" for m in schema.MODELS)
+    sql = f"WITH f AS (SELECT sae, status_base, status_finetuned FROM read_parquet(?)) SELECT sae, model, status, count(*) AS n FROM ({parts}) GROUP BY ALL ORDER BY ALL"
+    return _df(con, sql, [_path(run_dir, FEATURES_FILE)])
+
+
+def cross_class_counts(con, run_dir: Path | str, sae: str = "base_sae") -> dict[str, int]:
+    rows = con.execute("SELECT cross_class, count(*) FROM read_parquet(?) WHERE sae = ? GROUP BY 1", [_path(run_dir, FEATURES_FILE), sae]).fetchall()
+    out = {c: 0 for c in schema.CROSS_CLASSES}
+    out.update({k: int(v) for k, v in rows if k is not None})
+    return out
+
+
+# born: a finetuned_sae feature alive on the finetuned model whose best match in base_sae
+# scores below the threshold; lost: a base_sae feature alive on the base model whose best match
+# in finetuned_sae scores below it. A missing/NaN score counts as no match.
+_BORN_LOST = {
+    "born": ("finetuned_sae", "status_finetuned"),
+    "lost": ("base_sae", "status_base"),
+}
+
+
+def _born_lost_where(which: str) -> tuple[str, str]:
+    if which not in _BORN_LOST:
+        raise ValueError(f"which must be one of {sorted(_BORN_LOST)}")
+    sae, status = _BORN_LOST[which]
+    return sae, f"sae = ? AND {status} <> 'dead' AND coalesce({_nan_null('match_score')}, -1e300) < ?"
+
+
+def born_lost_counts(con, run_dir: Path | str, threshold: float) -> dict[str, int]:
+    out = {}
+    for which in _BORN_LOST:
+        sae, where = _born_lost_where(which)
+        out[which] = int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", [_path(run_dir, FEATURES_FILE), sae, float(threshold)]).fetchone()[0])
+    return out
+
+
+# ---------------------------------------------------------------------------- features table
+
+
+@dataclass(frozen=True)
+class FeatureFilter:
+    """Filters of the features table. Empty tuples mean "any"; None bounds mean unbounded.
+
+    Density bounds are on log10(density + 1e-10) of `density_model`. Similarity bounds apply to
+    act_similarity; features whose similarity is NaN (constant on one model) are kept only if
+    `include_nan_similarity`. `search` matches (case-insensitively) a substring of the
+    top-example tokens.
+    """
+
+    status_base: tuple[str, ...] = ()
+    status_finetuned: tuple[str, ...] = ()
+    cross_class: tuple[str, ...] = ()
+    density_model: str = "base"
+    log_density_min: float | None = None
+    log_density_max: float | None = None
+    similarity_min: float | None = None
+    similarity_max: float | None = None
+    include_nan_similarity: bool = True
+    search: str = ""
+
+    def where(self, sae: str) -> tuple[str, list[Any]]:
+        clauses, params = ["sae = ?"], [sae]
+        for col, values, allowed in (
+            ("status_base", self.status_base, schema.STATUSES),
+            ("status_finetuned", self.status_finetuned, schema.STATUSES),
+            ("cross_class", self.cross_class, schema.CROSS_CLASSES),
+        ):
+            if values:
+                vals = [v for v in values if v in allowed]
+                clauses.append(f"{col} IN ({', '.join('?' * len(vals))})" if vals else "FALSE")
+                params += vals
+        if self.density_model not in schema.MODELS:
+            raise ValueError(f"density_model must be one of {schema.MODELS}")
+        logd = f"log10(density_{self.density_model} + {LOG_DENSITY_EPS})"
+        if self.log_density_min is not None:
+            clauses.append(f"{logd} >= ?")
+            params.append(float(self.log_density_min))
+        if self.log_density_max is not None:
+            clauses.append(f"{logd} <= ?")
+            params.append(float(self.log_density_max))
+        sim = _nan_null("act_similarity")
+        bounds = []
+        if self.similarity_min is not None:
+            bounds.append(f"{sim} >= ?")
+            params.append(float(self.similarity_min))
+        if self.similarity_max is not None:
+            bounds.append(f"{sim} <= ?")
+            params.append(float(self.similarity_max))
+        if bounds:
+            cond = " AND ".join(bounds)
+            clauses.append(f"(({cond}) OR {sim} IS NULL)" if self.include_nan_similarity else f"({cond})")
+        elif not self.include_nan_similarity:
+            clauses.append(f"{sim} IS NOT NULL")
+        if self.search.strip():
+            clauses.append("contains(lower(coalesce(top_tokens, '')), lower(?))")
+            params.append(self.search.strip())
+        return " AND ".join(clauses), params
+
+
+def _order(sort_by: str, descending: bool) -> str:
+    if sort_by not in SORTABLE:
+        raise ValueError(f"cannot sort by {sort_by!r}; choose one of {SORTABLE}")
+    direction = "DESC" if descending else "ASC"
+    tie = "" if sort_by == "feature_id" else ", feature_id ASC"
+    return f"{_nan_null(sort_by)} {direction} NULLS LAST{tie}"
+
+
+def count_features(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter()) -> int:
+    where, params = flt.where(sae)
+    return int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", [_path(run_dir, FEATURES_FILE), *params]).fetchone()[0])
+
+
+def features_page(
+    con,
+    run_dir: Path | str,
+    sae: str,
+    flt: FeatureFilter = FeatureFilter(),
+    sort_by: str = "feature_id",
+    descending: bool = False,
+    limit: int = 50,
+    offset: int = 0,
+    columns: Sequence[str] = TABLE_COLUMNS,
+) -> pd.DataFrame:
+    """One page of the filtered, sorted features table (LIMIT/OFFSET in DuckDB)."""
+    cols = [c for c in columns if c in _FEATURE_COLUMNS]
+    where, params = flt.where(sae)
+    sql = f"SELECT {', '.join(cols)} FROM read_parquet(?) WHERE {where} ORDER BY {_order(sort_by, descending)} LIMIT ? OFFSET ?"
+    return _df(con, sql, [_path(run_dir, FEATURES_FILE), *params, max(0, int(limit)), max(0, int(offset))])
+
+
+def features_csv(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:
+    """Every row matching the filter (table columns) as CSV bytes; built only when asked for."""
+    where, params = flt.where(sae)
+    sql = f"SELECT {', '.join(TABLE_COLUMNS)} FROM read_parquet(?) WHERE {where} ORDER BY {_order(sort_by, descending)}"
+    return _df(con, sql, [_path(run_dir, FEATURES_FILE), *params]).to_csv(index=False).encode()
+
+
+def feature(con, run_dir: Path | str, sae: str, feature_id: int) -> dict[str, Any] | None:
+    """Every column of one feature, lists as Python lists; None if the id is not in the run."""
+    t = pq.read_table(_path(run_dir, FEATURES_FILE), filters=[("sae", "=", sae), ("feature_id", "=", int(feature_id))])
+    if t.num_rows == 0:
+        return None
+    return {k: v[0] for k, v in t.to_pydict().items()}
+
+
+def features_by_ids(con, run_dir: Path | str, sae: str, ids: Iterable[int], columns: Sequence[str] = TABLE_COLUMNS) -> pd.DataFrame:
+    """Rows of the given feature ids, in the order given (unknown ids are skipped)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return pd.DataFrame(columns=list(columns))
+    cols = [c for c in columns if c in _FEATURE_COLUMNS]
+    if "feature_id" not in cols:
+        cols = ["feature_id", *cols]
+    df = _df(con, f"SELECT {', '.join(cols)} FROM read_parquet(?) WHERE sae = ? AND list_contains(?, feature_id)", [_path(run_dir, FEATURES_FILE), sae, ids])
+    order = {fid: i for i, fid in enumerate(ids)}
+    return df.assign(_o=df["feature_id"].map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
+
+
+def feature_column(con, run_dir: Path | str, sae: str, columns: Sequence[str]) -> pd.DataFrame:
+    """Whole columns of one SAE's features (numeric views: histograms, scatter)."""
+    cols = [c for c in columns if c in _FEATURE_COLUMNS]
+    return _df(con, f"SELECT feature_id, {', '.join(cols)} FROM read_parquet(?) WHERE sae = ? ORDER BY feature_id", [_path(run_dir, FEATURES_FILE), sae])
+
+
+# ---------------------------------------------------------------------------- dead & born lists
+
+
+def class_page(con, run_dir: Path | str, sae: str, cross_class: str, limit: int = 20, offset: int = 0) -> tuple[pd.DataFrame, int]:
+    """Features of one cross-model class (e.g. died/woke), most active on the live side first."""
+    if cross_class not in schema.CROSS_CLASSES:
+        raise ValueError(f"cross_class must be one of {schema.CROSS_CLASSES}")
+    side = "density_finetuned" if cross_class == "woke" else "density_base"
+    path = _path(run_dir, FEATURES_FILE)
+    n = int(con.execute("SELECT count(*) FROM read_parquet(?) WHERE sae = ? AND cross_class = ?", [path, sae, cross_class]).fetchone()[0])
+    df = _df(
+        con,
+        f"SELECT {', '.join(TABLE_COLUMNS)} FROM read_parquet(?) WHERE sae = ? AND cross_class = ? ORDER BY {side} DESC, feature_id LIMIT ? OFFSET ?",
+        [path, sae, cross_class, int(limit), int(offset)],
+    )
+    return df, n
+
+
+def born_lost_page(con, run_dir: Path | str, which: str, threshold: float, limit: int = 20, offset: int = 0) -> tuple[pd.DataFrame, int]:
+    """Born (finetuned_sae) or lost (base_sae) features at `threshold`, lowest match score first."""
+    sae, where = _born_lost_where(which)
+    path = _path(run_dir, FEATURES_FILE)
+    params = [path, sae, float(threshold)]
+    n = int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", params).fetchone()[0])
+    df = _df(
+        con,
+        f"SELECT {', '.join(TABLE_COLUMNS)} FROM read_parquet(?) WHERE {where} ORDER BY coalesce({_nan_null('match_score')}, -1e300) ASC, feature_id LIMIT ? OFFSET ?",
+        [*params, int(limit), int(offset)],
+    )
+    return df, n
+
+
+# ---------------------------------------------------------------------------- similarity views
+
+
+def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
+    """Histogram of one numeric feature column (NaN excluded; n_nan reported) computed in DuckDB.
+
+    Returns bin_left, bin_right, count, plus attrs n_nan and n. With `log_density`, bins
+    log10(column + 1e-10).
+    """
+    expr = f"log10({column} + {LOG_DENSITY_EPS})" if log_density else _nan_null(column)
+    if column not in _FEATURE_COLUMNS:
+        raise ValueError(f"unknown column {column!r}")
+    path = _path(run_dir, FEATURES_FILE)
+    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE sae = ?)", [path, sae]).fetchone()
+    vmin, vmax, n, n_nan = stats
+    lo = vmin if lo is None else lo
+    hi = vmax if hi is None else hi
+    if n == 0 or lo is None or hi is None:
+        df = pd.DataFrame({"bin_left": [], "bin_right": [], "count": []})
+    else:
+        if hi <= lo:
+            hi = lo + 1e-9
+        width = (hi - lo) / bins
+        rows = con.execute(
+            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE sae = ?) "
+            "WHERE v IS NOT NULL AND v >= ? AND v <= ? GROUP BY 1",
+            [lo, width, bins - 1, path, sae, lo, hi],
+        ).fetchall()
+        counts = np.zeros(bins, dtype=np.int64)
+        for b, c in rows:
+            counts[int(b)] += int(c)
+        edges = lo + width * np.arange(bins + 1)
+        df = pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": counts})
+    df.attrs.update(n=int(n), n_nan=int(n_nan))
+    return df
+
+
+def density_regression(con, run_dir: Path | str, sae: str = "base_sae", alive_on_both: bool = False) -> dict[str, float]:
+    """Least-squares line and Pearson R of log10(density_finetuned + eps) on log10(density_base + eps)."""
+    where = "sae = ?" + (" AND density_base > 0 AND density_finetuned > 0" if alive_on_both else "")
+    x = f"log10(density_base + {LOG_DENSITY_EPS})"
+    y = f"log10(density_finetuned + {LOG_DENSITY_EPS})"
+    row = con.execute(
+        f"SELECT regr_slope({y}, {x}), regr_intercept({y}, {x}), corr({y}, {x}), count(*) FROM read_parquet(?) WHERE {where}",
+        [_path(run_dir, FEATURES_FILE), sae],
+    ).fetchone()
+    slope, intercept, r, n = row
+    f = lambda v: float("nan") if v is None else float(v)  # noqa: E731
+    return {"slope": f(slope), "intercept": f(intercept), "r": f(r), "n": int(n)}
+
+
+SCATTER_COLUMNS = ("density_base", "density_finetuned", "act_similarity", "logit_similarity", "act_error", "cross_class", "status_base", "status_finetuned")
+
+
+def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0) -> pd.DataFrame:
+    """Per-feature points for scatter/parallel plots: all features, or a deterministic sample of
+    `max_points` (hash of feature_id and seed) when the SAE is larger."""
+    path = _path(run_dir, FEATURES_FILE)
+    n = int(con.execute("SELECT count(*) FROM read_parquet(?) WHERE sae = ?", [path, sae]).fetchone()[0])
+    cols = ", ".join(("feature_id", *SCATTER_COLUMNS))
+    if n <= max_points:
+        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE sae = ? ORDER BY feature_id", [path, sae])
+    else:
+        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE sae = ? ORDER BY hash(feature_id + ?) LIMIT ?", [path, sae, int(seed), int(max_points)])
+    df.attrs["n_total"] = n
+    return df
+
+
+# ---------------------------------------------------------------------------- matches
+
+
+def candidate_matches(con, run_dir: Path | str, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
+    """Candidate partners of one feature in the other SAE (matches.parquet), best score first.
+
+    Columns: other_feature_id, act_corr, dec_cos, score, assigned. Empty for one-SAE runs.
+    """
+    if not has_table(run_dir, MATCHES_FILE):
+        return pd.DataFrame(columns=["other_feature_id", "act_corr", "dec_cos", "score", "assigned"])
+    mine, other = ("base_feature_id", "finetuned_feature_id") if sae == "base_sae" else ("finetuned_feature_id", "base_feature_id")
+    return _df(
+        con,
+        f"SELECT {other} AS other_feature_id, act_corr, dec_cos, score, assigned FROM read_parquet(?) WHERE {mine} = ? "
+        "ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, other_feature_id LIMIT ?",
+        [_path(run_dir, MATCHES_FILE), int(feature_id), int(limit)],
+    )
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+@dataclass
+class ExamplesIndex:
+    """Row-group ranges of examples.parquet: which row groups can hold (sae, feature_id).
+
+    Built once per run from the parquet footer (no data read). `read(sae, ids)` then reads only
+    the candidate row groups and filters them exactly.
+    """
+
+    path: str
+    metadata: Any = field(repr=False)
+    sae_min: list[str] = field(repr=False)
+    sae_max: list[str] = field(repr=False)
+    fid_min: np.ndarray = field(repr=False)
+    fid_max: np.ndarray = field(repr=False)
+
+    @classmethod
+    def open(cls, run_dir: Path | str) -> "ExamplesIndex":
+        path = _path(run_dir, EXAMPLES_FILE)
+        md = pq.ParquetFile(path).metadata
+        names = [md.schema.column(i).name for i in range(md.num_columns)]
+        i_sae, i_fid = names.index("sae"), names.index("feature_id")
+        smin, smax, fmin, fmax = [], [], [], []
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            s, f = rg.column(i_sae).statistics, rg.column(i_fid).statistics
+            if s is not None and s.has_min_max and f is not None and f.has_min_max:
+                smin.append(s.min)
+                smax.append(s.max)
+                fmin.append(f.min)
+                fmax.append(f.max)
+            else:  # no statistics: this row group is always a candidate
+                smin.append("")
+                smax.append("\U0010ffff")
+                fmin.append(-(2**31))
+                fmax.append(2**31 - 1)
+        return cls(path, md, smin, smax, np.asarray(fmin, dtype=np.int64), np.asarray(fmax, dtype=np.int64))
+
+    def row_groups(self, sae: str, ids: Sequence[int]) -> list[int]:
+        ids = np.asarray(sorted(set(int(i) for i in ids)), dtype=np.int64)
+        if len(ids) == 0:
+            return []
+        sae_ok = np.array([lo <= sae <= hi for lo, hi in zip(self.sae_min, self.sae_max)], dtype=bool)
+        # a row group is a candidate if some requested id lies in [fid_min, fid_max]
+        pos = np.searchsorted(ids, self.fid_min, side="left")
+        has = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] <= self.fid_max)
+        return np.flatnonzero(sae_ok & has).tolist()
+
+    def read(self, sae: str, ids: Sequence[int]) -> pa.Table:
+        groups = self.row_groups(sae, ids)
+        if not groups:
+            return schema.EXAMPLES.empty_table()
+        t = pq.ParquetFile(self.path, metadata=self.metadata).read_row_groups(groups)
+        mask = pc.and_(pc.equal(t.column("sae"), sae), pc.is_in(t.column("feature_id"), value_set=pa.array(sorted(set(int(i) for i in ids)), pa.int32())))
+        return t.filter(mask)
+
+
+_EXAMPLE_ORDER = [("feature_id", "ascending"), ("model", "ascending"), ("kind", "descending"), ("bin", "descending"), ("rank", "ascending")]
+
+
+def feature_examples(index: ExamplesIndex, sae: str, feature_id: int) -> pd.DataFrame:
+    """All examples of one feature (both models; top first, then quantile bins high to low)."""
+    t = index.read(sae, [feature_id]).sort_by(_EXAMPLE_ORDER)
+    return t.to_pandas(types_mapper=None)
+
+
+def top_examples(index: ExamplesIndex, sae: str, ids: Sequence[int], model: str | None = None, rank: int = 0) -> pd.DataFrame:
+    """The rank-`rank` top example of each feature in `ids` (on `model`, or on both)."""
+    t = index.read(sae, ids)
+    mask = pc.and_(pc.equal(t.column("kind"), "top"), pc.equal(t.column("rank"), rank))
+    if model is not None:
+        mask = pc.and_(mask, pc.equal(t.column("model"), model))
+    return t.filter(mask).sort_by(_EXAMPLE_ORDER).to_pandas()
+
+
+def log_density(d: Any) -> Any:
+    """log10(density + 1e-10), the plotted quantity (METHODS.md section 3)."""
+    return np.log10(np.asarray(d, dtype=np.float64) + LOG_DENSITY_EPS)
+
+
+def finite_or_none(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

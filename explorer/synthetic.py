@@ -1,0 +1,368 @@
+"""A synthetic run directory with the real schema, for app tests and benchmarks.
+
+`make_run(out_dir, n_features=200)` writes every table of explorer/schema.py (through
+explorer.rundir.write_table, and examples.parquet streamed in chunks through a ParquetWriter
+with the schema's row-group size) and a complete manifest last. The numbers are random but
+consistent with each other the way a real run is: status follows density and the manifest
+thresholds, the cross-model class follows status, dead features have no examples on the model
+they are dead on, examples are sorted by (sae, feature_id), top examples descend, quantile
+examples fall inside their bins, `top_tokens` holds the token strings at the max of the top
+examples, and the vocabulary contains hostile strings (`<script>`, `<img onerror>`,
+`javascript:`, control characters, emoji, right-to-left text) that show up in top examples.
+
+Vectorised and chunked: 16k features take seconds; 131k and 1M are for benchmarks (pass
+smaller `n_top` / quantile settings to keep the examples file to a sane size).
+
+    python -m explorer.synthetic OUT_DIR --features 16384 [--run-id synth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from explorer import rundir, schema
+from explorer.models import compare_vocabularies
+
+NASTY_TOKENS = (
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(2)>",
+    "javascript:alert(3)",
+    '"><svg onload=alert(4)>',
+    "</div><b>bold?</b>",
+    "&amp;&lt;",
+    "\n",
+    "\t",
+    " ",
+    "\x07bell",
+    "\u202eevil",
+    "\u05e9\u05dc\u05d5\u05dd",  # Hebrew (RTL)
+    "\u0645\u0631\u062d\u0628\u0627",  # Arabic (RTL)
+    "\U0001f642",
+    "{{7*7}}",
+)
+_WORDS = (
+    "the of and to in is that for it as with was on be by at this are from or have an they which one you were "
+    "def return import self class if else for while print None True False lambda yield try except with range len"
+).split()
+
+
+def _vocab(n_vocab: int) -> list[str]:
+    out = []
+    for i in range(n_vocab):
+        if i < len(NASTY_TOKENS) + 1 and i > 0:
+            out.append(NASTY_TOKENS[i - 1])
+        elif i == 0:
+            out.append("<|bos|>")
+        else:
+            w = _WORDS[i % len(_WORDS)]
+            out.append((" " if i % 3 else "") + w + ("" if i < 2 * len(_WORDS) else str(i)))
+    return out
+
+
+def _list_array(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """[n, k] numpy -> list<typ> with k items per row."""
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=typ))
+
+
+def _status(density: np.ndarray, low: float, dense: float) -> np.ndarray:
+    out = np.full(density.shape, "regular", dtype=object)
+    out[density == 0] = "dead"
+    out[(density > 0) & (density < low)] = "ultralow"
+    out[density > dense] = "dense"
+    return out
+
+
+def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: dict, other_n: int | None) -> dict[str, Any]:
+    cols: dict[str, Any] = {"sae": np.full(n, sae, dtype=object), "feature_id": np.arange(n, dtype=np.int32)}
+    log_d = rng.normal(-3.0, 1.0, n)
+    d_base = np.clip(10**log_d, 0, 0.5)
+    d_ft = np.clip(10 ** (log_d + rng.normal(0, 0.6, n)), 0, 0.5)
+    # make some dead on one side or both
+    kill = rng.random(n)
+    d_base[kill < 0.10] = 0.0  # woke (dead on base)
+    d_ft[(kill >= 0.10) & (kill < 0.16)] = 0.0  # died
+    d_base[(kill >= 0.16) & (kill < 0.19)] = 0.0  # both dead
+    d_ft[(kill >= 0.16) & (kill < 0.19)] = 0.0
+    for m, d in (("base", d_base), ("finetuned", d_ft)):
+        mean_active = np.where(d > 0, rng.gamma(2.0, 1.5, n) + 0.2, np.nan)
+        max_act = np.where(d > 0, mean_active * (2.0 + rng.random(n) * 3.0), 0.0)
+        cols[f"density_{m}"] = d
+        cols[f"mean_active_act_{m}"] = mean_active
+        cols[f"mean_act_{m}"] = np.where(d > 0, mean_active * d, 0.0)
+        cols[f"max_act_{m}"] = max_act
+        cols[f"status_{m}"] = _status(d, thresholds["ultralow_density"], thresholds["dense_density"])
+    alive_b, alive_f = d_base > 0, d_ft > 0
+    cross = np.where(alive_b & alive_f, "both_alive", np.where(alive_b, "died", np.where(alive_f, "woke", "both_dead")))
+    cols["cross_class"] = cross.astype(object)
+    sim = np.clip(rng.beta(4, 2, n) * 1.2 - 0.2, -1, 1)
+    cols["act_similarity"] = np.where(alive_b & alive_f, sim, np.nan)
+    cols["act_error"] = np.abs(np.log10(d_base + 1e-10) - np.log10(d_ft + 1e-10)) * 0.5
+    cols["logit_similarity"] = np.clip(1 - rng.exponential(0.03, n), -1, 1)
+    for m in schema.MODELS:
+        pos_ids = rng.integers(0, n_vocab, (n, 10), dtype=np.int32)
+        neg_ids = rng.integers(0, n_vocab, (n, 10), dtype=np.int32)
+        pos_v = -np.sort(-rng.gamma(2, 0.5, (n, 10)), axis=1).astype(np.float32)
+        neg_v = np.sort(-rng.gamma(2, 0.5, (n, 10)), axis=1).astype(np.float32)
+        cols[f"logit_pos_ids_{m}"] = _list_array(pos_ids, pa.int32())
+        cols[f"logit_pos_values_{m}"] = _list_array(pos_v, pa.float32())
+        cols[f"logit_neg_ids_{m}"] = _list_array(neg_ids, pa.int32())
+        cols[f"logit_neg_values_{m}"] = _list_array(neg_v, pa.float32())
+        d = cols[f"density_{m}"]
+        counts = (rng.dirichlet(np.ones(schema.N_ACT_HIST_BINS) * 0.3, n) * (d * n_tokens)[:, None]).astype(np.int64)
+        cols[f"act_hist_{m}"] = _list_array(counts, pa.int64())
+    nn = (np.arange(n)[:, None] + rng.integers(1, max(2, n - 1), (n, 10))) % max(n, 1)
+    cols["nn_feature_ids"] = _list_array(nn.astype(np.int32), pa.int32())
+    cols["nn_cosines"] = _list_array(-np.sort(-rng.uniform(0.05, 0.9, (n, 10)), axis=1).astype(np.float32), pa.float32())
+    if other_n:
+        match = rng.integers(0, other_n, n).astype(np.int32)
+        act_corr = np.where(rng.random(n) < 0.05, np.nan, rng.uniform(-0.1, 1.0, n))
+        dec_cos = rng.uniform(0.0, 1.0, n)
+        score = 0.5 * np.nan_to_num(act_corr, nan=0.0) + 0.5 * dec_cos
+        cols["match_feature_id"] = pa.array(match, type=pa.int32())
+        cols["match_score"] = score
+        cols["match_act_corr"] = act_corr
+        cols["match_dec_cos"] = dec_cos
+        assigned = rng.random(n) < 0.8
+        cols["assigned_feature_id"] = pa.array(np.where(assigned, match, 0).astype(np.int32), mask=~assigned)
+        cols["assigned_score"] = np.where(assigned, score, np.nan)
+    else:
+        for k, t in (("match_feature_id", pa.int32()), ("assigned_feature_id", pa.int32())):
+            cols[k] = pa.nulls(n, t)
+        for k in ("match_score", "match_act_corr", "match_dec_cos", "assigned_score"):
+            cols[k] = pa.nulls(n, pa.float64())
+    cols["top_tokens"] = np.full(n, "", dtype=object)  # filled from the examples
+    return cols
+
+
+def _examples_chunk(rng, sae: str, f0: int, f1: int, feats: dict, n_vocab: int, n_seq: int, context: int, ex: dict, vocab: list[str]):
+    """Examples for features [f0, f1) of one SAE, sorted (feature_id, model, kind, bin, rank)."""
+    n_top, n_bins, n_per = ex["n_top"], ex["n_quantile_bins"], ex["n_per_quantile_bin"]
+    before, after = ex["window_before"], ex["window_after"]
+    width = before + after + 1
+    per_model = n_top + n_bins * n_per
+    fids = np.arange(f0, f1)
+    rows_f, rows_m, kind, bins, rank = [], [], [], [], []
+    for fid in fids:
+        for m in schema.MODELS:
+            if feats[f"density_{m}"][fid] <= 0:
+                continue
+            rows_f.append(np.full(per_model, fid))
+            rows_m.append(np.full(per_model, m, dtype=object))
+            kind.append(np.array(["top"] * n_top + ["quantile"] * (n_bins * n_per), dtype=object))
+            bins.append(np.concatenate([np.full(n_top, -1), np.repeat(np.arange(n_bins), n_per)]))
+            rank.append(np.concatenate([np.arange(n_top), np.tile(np.arange(n_per), n_bins)]))
+    if not rows_f:
+        return None, {}
+    fid = np.concatenate(rows_f)
+    model = np.concatenate(rows_m)
+    kind = np.concatenate(kind)
+    bins = np.concatenate(bins)
+    rank = np.concatenate(rank)
+    n = len(fid)
+    max_act = np.where(model == "base", feats["max_act_base"][fid], feats["max_act_finetuned"][fid])
+    is_top = kind == "top"
+    top_act = max_act * (1.0 - 0.02 * rank)
+    lo = max_act * bins / n_bins
+    hi = max_act * (bins + 1) / n_bins
+    q_act = lo + (hi - lo) * rng.random(n)
+    act = np.where(is_top, top_act, q_act).astype(np.float32)
+    seq = rng.integers(0, n_seq, n).astype(np.int32)
+    pos = rng.integers(1, context, n).astype(np.int16)
+    start = np.maximum(pos - before, 0).astype(np.int16)
+    tokens = rng.integers(len(NASTY_TOKENS) + 1, n_vocab, (n, width)).astype(np.int32)
+    focus = (pos - start).astype(np.int64)
+    # hostile tokens at the max of some features' top examples
+    nasty = is_top & (fid % 5 == 0)
+    tokens[nasty, focus[nasty]] = 1 + (fid[nasty] // 5 + rank[nasty]) % len(NASTY_TOKENS)
+    own = rng.random((n, width)).astype(np.float32) * (act[:, None] * 0.3) * (rng.random((n, width)) < 0.3)
+    own[np.arange(n), focus] = act
+    other_scale = np.where(model == "base", 0.7, 1.3)[:, None]
+    other = (own * other_scale * rng.uniform(0.5, 1.0, (n, width))).astype(np.float32)
+    acts_base = np.where((model == "base")[:, None], own, other)
+    acts_ft = np.where((model == "base")[:, None], other, own)
+    table = pa.table(
+        {
+            "sae": pa.array(np.full(n, sae, dtype=object), pa.string()),
+            "feature_id": pa.array(fid.astype(np.int32)),
+            "model": pa.array(model, pa.string()),
+            "kind": pa.array(kind, pa.string()),
+            "bin": pa.array(bins.astype(np.int16), mask=is_top),
+            "bin_low": pa.array(lo.astype(np.float32), mask=is_top),
+            "bin_high": pa.array(hi.astype(np.float32), mask=is_top),
+            "rank": pa.array(rank.astype(np.int16)),
+            "seq_id": pa.array(seq),
+            "position": pa.array(pos),
+            "activation": pa.array(act),
+            "window_start": pa.array(start),
+            "token_ids": _list_array(tokens, pa.int32()),
+            "acts_base": _list_array(acts_base.astype(np.float32), pa.float32()),
+            "acts_finetuned": _list_array(acts_ft.astype(np.float32), pa.float32()),
+        },
+        schema=schema.EXAMPLES,
+    )
+    top_tokens: dict[int, list[str]] = {}
+    sel = np.flatnonzero(is_top)
+    for i in sel:
+        top_tokens.setdefault(int(fid[i]), []).append(vocab[int(tokens[i, focus[i]])])
+    return table, top_tokens
+
+
+def make_run(
+    out_dir: Path | str,
+    n_features: int = 200,
+    run_id: str | None = None,
+    two_saes: bool = True,
+    n_vocab: int = 512,
+    n_sequences: int = 64,
+    context: int = 32,
+    n_top: int = 20,
+    n_quantile_bins: int = 10,
+    n_per_quantile_bin: int = 5,
+    seed: int = 0,
+    chunk_features: int = 2048,
+) -> Path:
+    """Write a complete synthetic run to `out_dir` (created; its name is the run id by default)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = run_id or out.name
+    rng = np.random.default_rng(seed)
+    n_tokens = n_sequences * context
+    thresholds = {"ultralow_density": 1e-5, "dense_density": 0.1, "outlier_norm_factor": 2.0, "match": 0.5, "min_matching_id_share": 0.99, "act_error_eps": 1e-10}
+    ex = {"n_top": n_top, "n_quantile_bins": n_quantile_bins, "n_per_quantile_bin": n_per_quantile_bin, "window_before": 12, "window_after": 4}
+    saes = list(schema.SAES) if two_saes else ["base_sae"]
+    vocab = _vocab(n_vocab)
+    files: dict[str, Any] = {}
+
+    files["vocab.parquet"] = rundir.write_table(out, "vocab.parquet", pa.table({"token_id": pa.array(np.arange(n_vocab, dtype=np.int32)), "token_str": vocab}))
+    tok = rng.integers(1, n_vocab, (n_sequences, context)).astype(np.int32)
+    tok[:, 0] = 0
+    files["tokens.parquet"] = rundir.write_table(
+        out,
+        "tokens.parquet",
+        pa.table({"seq_id": np.arange(n_sequences, dtype=np.int32), "source": np.where(np.arange(n_sequences) % 2, "python", "english").astype(object), "token_ids": _list_array(tok, pa.int32())}),
+    )
+    mrows = []
+    for sae in saes:
+        for m in schema.MODELS:
+            for outl in ("included", "excluded"):
+                own = (sae == "base_sae") == (m == "base")
+                clean = 3.0 if m == "base" else 2.5
+                spliced = clean + (0.2 if own else 1.5) * (0.9 if outl == "excluded" else 1.0)
+                zero = clean + 5.0
+                mrows.append(
+                    dict(sae=sae, model=m, outliers=outl, n_tokens=n_tokens if outl == "included" else n_tokens - n_sequences,
+                         l0=float(rng.uniform(20, 60)), mse=float(rng.uniform(0.5, 3.0)), explained_variance=0.9 if own else 0.6,
+                         pooled_r2=0.85 if own else -0.5, ce_clean=clean, ce_spliced=spliced, ce_zero_ablated=zero, ce_delta=spliced - clean,
+                         ce_recovered=(zero - spliced) / (zero - clean), outlier_fraction=1.0 / context, n_nonfinite_clean=0,
+                         n_nonfinite_spliced=0, n_nonfinite_zero_ablated=0)
+                )
+    files["metrics.parquet"] = rundir.write_table(out, "metrics.parquet", pa.Table.from_pylist(mrows))
+    posn = np.arange(context)
+    files["resid_position.parquet"] = rundir.write_table(
+        out, "resid_position.parquet",
+        pa.table({"position": posn.astype(np.int32), "n_tokens": np.full(context, n_sequences, dtype=np.int64),
+                  "mean_cosine": 0.7 + 0.3 * np.exp(-posn / 3.0), "mean_l2": 4.0 - 3.0 * np.exp(-posn / 3.0)}),
+    )
+    hist_rows, summ = [], []
+    for metric, lo, hi, sample in (
+        ("cosine", -1.0, 1.0, np.clip(rng.normal(0.75, 0.1, n_tokens), -1, 1)),
+        ("l2", 0.0, 10.0, np.abs(rng.normal(4, 1, n_tokens))),
+        ("seq_mean_cosine", -1.0, 1.0, np.clip(rng.normal(0.75, 0.03, n_sequences), -1, 1)),
+        ("seq_mean_l2", 0.0, 10.0, np.abs(rng.normal(4, 0.3, n_sequences))),
+    ):
+        counts, edges = np.histogram(sample, bins=schema.RESID_HIST_BINS, range=(lo, hi))
+        hist_rows += [dict(metric=metric, bin_left=float(edges[i]), bin_right=float(edges[i + 1]), count=int(counts[i])) for i in range(len(counts))]
+        summ.append(dict(metric=metric, n=len(sample), mean=float(sample.mean()), std=float(sample.std()), min=float(sample.min()), max=float(sample.max())))
+    files["resid_histograms.parquet"] = rundir.write_table(out, "resid_histograms.parquet", pa.Table.from_pylist(hist_rows))
+    files["resid_summary.parquet"] = rundir.write_table(out, "resid_summary.parquet", pa.Table.from_pylist(summ))
+
+    feats = {sae: _features(rng, sae, n_features, n_vocab, n_tokens, thresholds, n_features if two_saes else None) for sae in saes}
+
+    # examples: streamed, sorted by (sae, feature_id)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".examples.parquet.", suffix=".tmp")
+    os.close(fd)
+    n_rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema.EXAMPLES, compression="zstd") as writer:
+            for sae in saes:
+                for f0 in range(0, n_features, chunk_features):
+                    table, top = _examples_chunk(rng, sae, f0, min(n_features, f0 + chunk_features), feats[sae], n_vocab, n_sequences, context, ex, vocab)
+                    if table is None:
+                        continue
+                    writer.write_table(table, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE)
+                    n_rows += table.num_rows
+                    for fid, toks in top.items():
+                        feats[sae]["top_tokens"][fid] = " ".join(toks)
+        files["examples.parquet"] = {"rows": n_rows, "bytes": os.path.getsize(tmp), "sha256": rundir.sha256_file(Path(tmp))}
+        os.replace(tmp, out / "examples.parquet")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+    ftable = pa.concat_tables([pa.table({k: v for k, v in feats[s].items()}) .select(schema.FEATURES.names).cast(schema.FEATURES) for s in saes])
+    files["features.parquet"] = rundir.write_table(out, "features.parquet", ftable)
+    if two_saes:
+        b = feats["base_sae"]
+        files["matches.parquet"] = rundir.write_table(
+            out, "matches.parquet",
+            pa.table({"base_feature_id": np.arange(n_features, dtype=np.int32), "finetuned_feature_id": np.asarray(b["match_feature_id"].to_numpy(zero_copy_only=False), dtype=np.int32),
+                      "act_corr": b["match_act_corr"], "dec_cos": b["match_dec_cos"], "score": b["match_score"], "assigned": rng.random(n_features) < 0.8}),
+        )
+    spec = lambda p: {"name": None, "hf_model": None, "path": p}  # noqa: E731
+    manifest = {
+        "run_id": run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "complete": True,
+        "synthetic": True,
+        "config": {
+            "run_id": run_id,
+            "hook": "blocks.1.hook_resid_pre",
+            "models": {"base": spec("synthetic/base"), "finetuned": spec("synthetic/finetuned")},
+            "saes": {s: {"release": None, "sae_id": None, "path": f"synthetic/saes/{s}"} for s in saes},
+            "corpus": {"path": "synthetic/corpus.parquet"},
+            "sample": {"n_tokens": n_tokens, "context_size": context, "batch_size": 8, "seed": seed},
+            "thresholds": thresholds,
+            "examples": ex,
+        },
+        "packages": {"synthetic": "1"},
+        "tokenizer_check": compare_vocabularies({t: i for i, t in enumerate(vocab)}, {t: i for i, t in enumerate(vocab)}).to_dict(),
+        "n_tokens": n_tokens,
+        "n_sequences": n_sequences,
+        "saes": saes,
+        "d_sae": {s: n_features for s in saes},
+        "act_hist_edges": schema.ACT_HIST_EDGES.tolist(),
+        "files": files,
+    }
+    rundir.write_manifest(out, manifest)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--features", type=int, default=200)
+    p.add_argument("--run-id")
+    p.add_argument("--one-sae", action="store_true")
+    p.add_argument("--n-top", type=int, default=20)
+    p.add_argument("--quantile-bins", type=int, default=10)
+    p.add_argument("--per-bin", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    make_run(a.out, a.features, a.run_id, two_saes=not a.one_sae, n_top=a.n_top, n_quantile_bins=a.quantile_bins, n_per_quantile_bin=a.per_bin, seed=a.seed)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

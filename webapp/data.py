@@ -1,0 +1,135 @@
+"""Cached store queries for the pages: st.cache_data keyed on (run, sae, feature_id, ...).
+
+Each wrapper takes a `webapp.state.Run` (hashed by its identity and manifest version, never its
+contents), takes a fresh DuckDB cursor from the run's cached connection, and calls the pure
+query in explorer/store.py. Pages call these and nothing else for data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from explorer import store
+from webapp.state import HASH_FUNCS, Run, connection
+
+_cache = lambda **kw: st.cache_data(show_spinner=False, hash_funcs=HASH_FUNCS, **kw)  # noqa: E731
+
+
+def _cur(run: Run):
+    return connection(run).cursor()
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _examples_index(path: str, token: tuple[int, int]) -> store.ExamplesIndex:
+    return store.ExamplesIndex.open(path)
+
+
+def examples_index(run: Run) -> store.ExamplesIndex:
+    return _examples_index(run.path, run.token)
+
+
+@_cache(max_entries=32)
+def metrics(run: Run) -> pd.DataFrame:
+    return store.metrics(_cur(run), run.dir)
+
+
+@_cache(max_entries=32)
+def resid(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    cur = _cur(run)
+    return store.resid_position(cur, run.dir), store.resid_histograms(cur, run.dir), store.resid_summary(cur, run.dir)
+
+
+@_cache(max_entries=32)
+def status_counts(run: Run) -> pd.DataFrame:
+    return store.status_counts(_cur(run), run.dir)
+
+
+@_cache(max_entries=32)
+def cross_class_counts(run: Run, sae: str = "base_sae") -> dict[str, int]:
+    return store.cross_class_counts(_cur(run), run.dir, sae)
+
+
+@_cache(max_entries=256)
+def born_lost_counts(run: Run, threshold: float) -> dict[str, int]:
+    return store.born_lost_counts(_cur(run), run.dir, threshold)
+
+
+@_cache(max_entries=512)
+def features_page(run: Run, sae: str, flt: store.FeatureFilter, sort_by: str, descending: bool, limit: int, offset: int) -> pd.DataFrame:
+    return store.features_page(_cur(run), run.dir, sae, flt, sort_by, descending, limit, offset)
+
+
+@_cache(max_entries=256)
+def count_features(run: Run, sae: str, flt: store.FeatureFilter) -> int:
+    return store.count_features(_cur(run), run.dir, sae, flt)
+
+
+@_cache(max_entries=4)
+def features_csv(run: Run, sae: str, flt: store.FeatureFilter, sort_by: str, descending: bool) -> bytes:
+    return store.features_csv(_cur(run), run.dir, sae, flt, sort_by, descending)
+
+
+@_cache(max_entries=1024)
+def feature(run: Run, sae: str, feature_id: int) -> dict[str, Any] | None:
+    return store.feature(_cur(run), run.dir, sae, feature_id)
+
+
+@_cache(max_entries=1024)
+def feature_examples(run: Run, sae: str, feature_id: int) -> pd.DataFrame:
+    return store.feature_examples(examples_index(run), sae, feature_id)
+
+
+@_cache(max_entries=512)
+def top_examples(run: Run, sae: str, ids: tuple[int, ...], model: str | None = None) -> pd.DataFrame:
+    return store.top_examples(examples_index(run), sae, list(ids), model)
+
+
+@_cache(max_entries=1024)
+def features_by_ids(run: Run, sae: str, ids: tuple[int, ...], columns: tuple[str, ...] = store.TABLE_COLUMNS) -> pd.DataFrame:
+    return store.features_by_ids(_cur(run), run.dir, sae, ids, columns)
+
+
+@_cache(max_entries=1024)
+def candidate_matches(run: Run, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
+    return store.candidate_matches(_cur(run), run.dir, sae, feature_id, limit)
+
+
+@_cache(max_entries=256)
+def class_page(run: Run, sae: str, cross_class: str, limit: int, offset: int) -> tuple[pd.DataFrame, int]:
+    return store.class_page(_cur(run), run.dir, sae, cross_class, limit, offset)
+
+
+@_cache(max_entries=256)
+def born_lost_page(run: Run, which: str, threshold: float, limit: int, offset: int) -> tuple[pd.DataFrame, int]:
+    return store.born_lost_page(_cur(run), run.dir, which, threshold, limit, offset)
+
+
+@_cache(max_entries=128)
+def histogram(run: Run, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
+    return store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density)
+
+
+@_cache(max_entries=64)
+def density_regression(run: Run, sae: str, alive_on_both: bool = False) -> dict[str, float]:
+    return store.density_regression(_cur(run), run.dir, sae, alive_on_both)
+
+
+@_cache(max_entries=16)
+def scatter_sample(run: Run, sae: str, max_points: int = 20000) -> pd.DataFrame:
+    return store.scatter_sample(_cur(run), run.dir, sae, max_points)
+
+
+@_cache(max_entries=16)
+def sequences(run: Run, limit: int = 200, offset: int = 0) -> pd.DataFrame:
+    return store.sequences(_cur(run), run.dir, limit, offset)
+
+
+def token_strings(run: Run, ids: Sequence[int]) -> list[str]:
+    """Token ids -> their (unescaped) strings; unknown ids -> '<id N>'."""
+    from webapp.state import vocab
+
+    v = vocab(run)
+    return [v[i] if 0 <= i < len(v) else f"<id {i}>" for i in (int(x) for x in ids)]
