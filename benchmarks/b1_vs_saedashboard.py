@@ -1,0 +1,393 @@
+"""B1: our precompute against SAEDashboard, on the same model, SAE and tokens, side by side.
+
+    python benchmarks/b1_vs_saedashboard.py                    # ~50k tokens, 3 repetitions
+    python benchmarks/b1_vs_saedashboard.py --reps 5 --n-tokens 50000
+    python benchmarks/b1_vs_saedashboard.py --smoke            # tiny: 2 sequences, 1 repetition
+
+What runs (all on CPU, one process at a time, in alternating order each repetition):
+  * SAEDashboard 0.8.0 (`_saedashboard_runner.py`, in its own venv built by
+    `saedashboard_venv.sh`): its Neuronpedia all-features path on the demo BASE model with the
+    BASE SAE, one model;
+  * ours, `python -m precompute run --config <cfg>`: the same tokens on BOTH models, with the
+    base SAE ("ours_base_sae"), and again with both SAEs ("ours_both_saes": twice the features,
+    plus the two-SAE matching).
+
+The tokens: the first N sequences of the demo's eval corpus, written to a corpus file of their
+own under benchmarks/_work/b1/, which both tools read whole (our precompute permutes its sample,
+so the set of tokens is identical, the order is not). The script checks that our run's tokens
+are that set and that the venv's hand-loaded model and SAE give the activations our loaders give.
+
+Measured per run: wall seconds of the whole subprocess (interpreter start, imports, loading,
+computing, writing the output) and of the tool's own compute region where it reports one;
+output bytes (SAEDashboard: its JSON; ours: the run directory). Derived: seconds per
+feature-token (wall / (SAE features x tokens): ours covers both models in that time) and output
+bytes per feature. Ratios are taken per repetition, between runs made back to back in the same
+invocation, and the median of those is reported; the machine is shared and noisy.
+
+Results: a table on stdout and `benchmarks/results/b1.json` (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+WORK = BENCH / "_work"
+VENV = WORK / "saedash-venv"
+VENV_SCRIPT = BENCH / "saedashboard_venv.sh"
+RUNNER = BENCH / "_saedashboard_runner.py"
+DEFAULT_OUT = BENCH / "results" / "b1.json"
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------
+# Setup
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def venv_ready() -> bool:
+    return (VENV / ".b1-complete").is_file() and venv_python().exists()
+
+
+def ensure_venv() -> Path:
+    """Build (or reuse) the SAEDashboard venv; its log goes to benchmarks/_work/saedash-venv.log."""
+    log = WORK / "saedash-venv.log"
+    WORK.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        proc = subprocess.run(["bash", str(VENV_SCRIPT)], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"Building the SAEDashboard venv failed (exit {proc.returncode}); see {log}.")
+    return venv_python()
+
+
+def make_corpus(demo: Path, n_sequences: int, out: Path) -> tuple[int, int]:
+    """The first n_sequences rows of the demo eval corpus (token_ids, source) -> out. Returns (rows, context)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(demo / "eval_corpus.parquet", columns=["token_ids", "source"])
+    if table.num_rows < n_sequences:
+        raise SystemExit(f"{demo / 'eval_corpus.parquet'} has {table.num_rows} sequences; {n_sequences} were asked for.")
+    table = table.slice(0, n_sequences)
+    lengths = {len(r) for r in table.column("token_ids").to_pylist()}
+    if len(lengths) != 1:
+        raise SystemExit(f"eval corpus rows have different lengths {sorted(lengths)[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return n_sequences, lengths.pop()
+
+
+def write_config(path: Path, run_id: str, demo: Path, corpus: Path, n_tokens: int, context: int, both_saes: bool) -> None:
+    """A precompute config (TOML, the shared contract) for the demo pair on `corpus`; defaults elsewhere."""
+    q = lambda p: json.dumps(str(p))  # noqa: E731  (a JSON string is a valid TOML basic string)
+    lines = [
+        f"run_id = {json.dumps(run_id)}",
+        "[models.base]", f"path = {q(demo / 'base')}",
+        "[models.finetuned]", f"path = {q(demo / 'finetuned')}",
+        "[saes.base_sae]", f"path = {q(demo / 'saes' / 'base_sae')}",
+    ]
+    if both_saes:
+        lines += ["[saes.finetuned_sae]", f"path = {q(demo / 'saes' / 'finetuned_sae')}"]
+    lines += ["[corpus]", f"path = {q(corpus)}", "[sample]", f"n_tokens = {n_tokens}", f"context_size = {context}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# The two tools
+
+
+def _timed(cmd: list[str], log: Path) -> tuple[float, int]:
+    env = {**os.environ, **CHILD_ENV}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t0
+    return wall, proc.returncode
+
+
+def _tail(log: Path, n: int = 25) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: Path, n_features: int | None, check_out: Path | None) -> dict:
+    cmd = [str(py), str(RUNNER), "--demo", str(demo), "--corpus", str(corpus), "--n-sequences", str(n_sequences), "--out", str(out)]
+    if n_features is not None:
+        cmd += ["--n-features", str(n_features)]
+    if check_out is not None:
+        cmd += ["--check-out", str(check_out)]
+    log = out.with_suffix(".log")
+    wall, rc = _timed(cmd, log)
+    if rc != 0:
+        raise SystemExit(f"SAEDashboard runner failed (exit {rc}); last lines of {log}:\n{_tail(log)}")
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{") and '"tool": "sae-dashboard"' in ln]
+    if not lines:
+        raise SystemExit(f"SAEDashboard runner printed no result line; see {log}.")
+    res = json.loads(lines[-1])
+    n_ft = res["n_features"] * res["n_tokens"]
+    return {
+        **res,
+        "inner_seconds": res["wall_seconds"],
+        "wall_seconds": wall,
+        "seconds_per_feature_token": wall / n_ft,
+        "inner_seconds_per_feature_token": res["wall_seconds"] / n_ft,
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def our_command(config: Path, runs_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "precompute", "run", "--config", str(config), "--runs-dir", str(runs_dir)]
+
+
+def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
+    import shutil
+
+    run_dir = runs_dir / run_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    log = runs_dir / f"{run_id}.log"
+    wall, rc = _timed(our_command(config, runs_dir), log)
+    if rc != 0:
+        raise SystemExit(f"our precompute ({label}) failed (exit {rc}); last lines of {log}:\n{_tail(log)}")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if not manifest.get("complete"):
+        raise SystemExit(f"our precompute ({label}) left an incomplete manifest in {run_dir}.")
+    d_sae = {k: int(v) for k, v in manifest["d_sae"].items()}
+    n_features = sum(d_sae.values())
+    n_tokens = int(manifest["n_tokens"])
+    output_bytes = dir_bytes(run_dir)
+    return {
+        "tool": label,
+        "run_dir": str(run_dir),
+        "n_tokens": n_tokens,
+        "n_sequences": int(manifest["n_sequences"]),
+        "n_features": n_features,
+        "d_sae": d_sae,
+        "models": 2,
+        "wall_seconds": wall,
+        "output_bytes": output_bytes,
+        "output_bytes_per_feature": output_bytes / n_features,
+        "output_bytes_per_feature_per_model": output_bytes / n_features / 2,
+        "seconds_per_feature_token": wall / (n_features * n_tokens),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Checks: the same tokens, the same model and SAE
+
+
+def check_same_tokens(run_dir: Path, corpus: Path) -> dict:
+    """Our run's token sample is exactly the corpus file's rows (as a multiset: we permute)."""
+    import pyarrow.parquet as pq
+
+    from explorer.schema import TOKENS
+
+    ours = pq.read_table(run_dir / "tokens.parquet", columns=[TOKENS.field("token_ids").name]).column(0).to_pylist()
+    theirs = pq.read_table(corpus, columns=["token_ids"]).column(0).to_pylist()
+    same = sorted(map(tuple, ours)) == sorted(map(tuple, theirs))
+    if not same:
+        raise SystemExit(f"our run {run_dir} used other tokens than {corpus}: the comparison would be unfair.")
+    return {"sequences": len(ours), "identical_set": same}
+
+
+def check_same_model(check_file: Path, demo: Path) -> dict:
+    """The venv's hand-loaded model + SAE agree with explorer.models' loaders on the runner's tokens."""
+    import torch
+    from safetensors.torch import load_file
+
+    from explorer.models import SAESpec, ModelSpec, load_model, load_sae, sae_hook_name
+
+    got = load_file(str(check_file))
+    model = load_model(ModelSpec(path=str(demo / "base")))
+    sae = load_sae(SAESpec(path=str(demo / "saes" / "base_sae")))
+    hook = sae_hook_name(sae)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(got["tokens"].long(), names_filter=hook)
+        x = cache[hook]
+        f = sae.encode(x)
+    d_x = float((x - got["hook_acts"]).abs().max())
+    d_f = float((f - got["feature_acts"]).abs().max())
+    ok = torch.allclose(x, got["hook_acts"], atol=1e-4, rtol=1e-4) and torch.allclose(f, got["feature_acts"], atol=1e-4, rtol=1e-4)
+    if not ok:
+        raise SystemExit(f"the SAEDashboard venv's model/SAE disagree with ours (max |d hook| {d_x:.3g}, |d features| {d_f:.3g}).")
+    return {"tokens": int(got["tokens"].numel()), "max_abs_diff_hook": d_x, "max_abs_diff_features": d_f}
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch_main_env": torch.__version__,
+        "torch_threads_main_env": torch.get_num_threads(),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def summarize(reps: list[dict], tools: list[str]) -> dict:
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    out: dict = {"median": {}, "ratio_vs_saedashboard": {}}
+    for tool in tools:
+        rows = [r[tool] for r in reps if tool in r]
+        out["median"][tool] = {
+            k: med([r[k] for r in rows])
+            for k in ("wall_seconds", "inner_seconds", "seconds_per_feature_token", "inner_seconds_per_feature_token", "output_bytes", "output_bytes_per_feature", "output_bytes_per_feature_per_model")
+            if rows and k in rows[0]
+        }
+        out["median"][tool]["runs"] = len(rows)
+    if "saedashboard" in tools:
+        for tool in tools:
+            if tool == "saedashboard":
+                continue
+            pairs = [(r["saedashboard"], r[tool]) for r in reps if "saedashboard" in r and tool in r]
+            if not pairs:
+                continue
+            per_rep = [sd["seconds_per_feature_token"] / us["seconds_per_feature_token"] for sd, us in pairs]
+            bytes_ratio = [sd["output_bytes_per_feature"] / us["output_bytes_per_feature"] for sd, us in pairs]
+            out["ratio_vs_saedashboard"][tool] = {
+                "throughput_per_feature_token_each_rep": per_rep,
+                "throughput_per_feature_token_median": med(per_rep),
+                "output_bytes_per_feature_sd_over_ours_median": med(bytes_ratio),
+            }
+    return out
+
+
+def print_table(result: dict) -> None:
+    s = result["summary"]
+    print()
+    print(f"B1 on {result['settings']['n_tokens']:,} tokens, {result['settings']['reps']} repetition(s), median per tool:")
+    hdr = f"{'tool':<18}{'models':>7}{'features':>9}{'wall s':>10}{'s/feature-token':>17}{'out bytes':>13}{'B/feature':>11}{'x SAEDash':>11}"
+    print(hdr)
+    print("-" * len(hdr))
+    for tool, m in s["median"].items():
+        last = next(r[tool] for r in reversed(result["reps"]) if tool in r)
+        ratio = s["ratio_vs_saedashboard"].get(tool, {}).get("throughput_per_feature_token_median")
+        print(
+            f"{tool:<18}{last.get('models', 1):>7}{last['n_features']:>9}{m['wall_seconds']:>10.2f}{m['seconds_per_feature_token']:>17.3e}"
+            f"{m['output_bytes']:>13,.0f}{m['output_bytes_per_feature']:>11,.0f}{'' if ratio is None else f'{ratio:.1f}x':>11}"
+        )
+    print("(x SAEDash: SAEDashboard's seconds per feature-token over ours, median of the per-repetition ratios.)")
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=REPO / "data" / "demo", help="demo pair directory (default data/demo)")
+    parser.add_argument("--n-tokens", type=int, default=50_000, help="about this many tokens, rounded up to whole sequences (default 50000)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions, each tool once per repetition, order alternating (default 3)")
+    parser.add_argument("--work", type=Path, default=WORK / "b1", help="scratch directory (default benchmarks/_work/b1)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result JSON (default benchmarks/results/b1.json)")
+    parser.add_argument("--smoke", action="store_true", help="tiny run: 2 sequences, 8 SAEDashboard features, 1 repetition; skips SAEDashboard if its venv is not built")
+    parser.add_argument("--skip-saedashboard", action="store_true", help="run only our side")
+    parser.add_argument("--skip-ours", action="store_true", help="run only SAEDashboard")
+    parser.add_argument("--no-both-saes", action="store_true", help="skip our two-SAE variant")
+    args = parser.parse_args(argv)
+
+    demo = args.demo.resolve()
+    work = args.work.resolve()
+    reps = 1 if args.smoke else args.reps
+    sd_features = 8 if args.smoke else None
+
+    run_sd = not args.skip_saedashboard
+    if run_sd:
+        if args.smoke and not venv_ready():
+            print("[b1] smoke: the SAEDashboard venv is not built; skipping its side.", flush=True)
+            run_sd = False
+        else:
+            print("[b1] ensuring the SAEDashboard venv ...", flush=True)
+            ensure_venv()
+    run_us = not args.skip_ours
+    if not (run_sd or run_us):
+        raise SystemExit("nothing to run: both sides skipped.")
+
+    import pyarrow.parquet as pq
+
+    context = len(pq.read_table(demo / "eval_corpus.parquet", columns=["token_ids"]).slice(0, 1).column(0)[0])
+    n_sequences = 2 if args.smoke else -(-args.n_tokens // context)
+    corpus = work / "corpus.parquet"
+    make_corpus(demo, n_sequences, corpus)
+    n_tokens = n_sequences * context
+
+    variants: list[tuple[str, bool]] = [("ours_base_sae", False)]
+    if not args.no_both_saes and (demo / "saes" / "finetuned_sae").is_dir():
+        variants.append(("ours_both_saes", True))
+    configs = {}
+    for label, both in variants:
+        cfg = work / f"{label}.toml"
+        write_config(cfg, f"b1-{label.replace('_', '-')}", demo, corpus, n_tokens, context, both)
+        configs[label] = cfg
+
+    tools = (["saedashboard"] if run_sd else []) + ([v[0] for v in variants] if run_us else [])
+    result: dict = {
+        "benchmark": "B1: precompute vs SAEDashboard",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO))] + list(sys.argv[1:] if argv is None else argv)),
+        "machine": machine(),
+        "settings": {"demo": str(demo), "n_sequences": n_sequences, "context_size": context, "n_tokens": n_tokens, "reps": reps, "smoke": args.smoke, "saedashboard_features": sd_features or "all"},
+        "checks": {},
+        "reps": [],
+    }
+    for rep in range(reps):
+        order = tools if rep % 2 == 0 else list(reversed(tools))
+        row: dict = {"order": order}
+        for tool in order:
+            print(f"[b1] rep {rep + 1}/{reps}: {tool} ...", flush=True)
+            if tool == "saedashboard":
+                check_out = work / "sd_check.safetensors" if rep == 0 else None
+                row[tool] = run_saedashboard(venv_python(), demo, corpus, n_sequences, work / "saedashboard", sd_features, check_out)
+                if check_out is not None:
+                    result["checks"]["venv_model_sae_vs_explorer_loaders"] = check_same_model(check_out, demo)
+                    result["checks"]["saedashboard_output_vs_hand_encode"] = row[tool]["output_check"]
+                    result["checks"]["saedashboard_sae_vs_hand_encode"] = row[tool]["sae_check"]
+            else:
+                row[tool] = run_ours(configs[tool], work / "runs", f"b1-{tool.replace('_', '-')}", tool)
+                if rep == 0:
+                    result["checks"][f"{tool}_tokens_vs_corpus"] = check_same_tokens(Path(row[tool]["run_dir"]), corpus)
+            print(f"[b1]   {row[tool]['wall_seconds']:.2f} s, {row[tool]['output_bytes']:,} bytes", flush=True)
+        result["reps"].append(row)
+        result["machine"]["loadavg_at_end"] = os.getloadavg()
+        result["summary"] = summarize(result["reps"], tools)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")  # after every repetition
+
+    print_table(result)
+    print(f"[b1] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

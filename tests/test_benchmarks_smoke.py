@@ -1,0 +1,134 @@
+"""Smoke runs of the benchmark scripts: they keep working; speed is never asserted here.
+
+B1's SAEDashboard side needs its own venv (benchmarks/saedashboard_venv.sh), which CI does not
+build: the smoke test runs our side, and the SAEDashboard side only where the venv exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_b1_config_is_a_valid_precompute_config(tiny_demo, tmp_path):
+    """The config the B1 driver writes reads back through the precompute's own config loader."""
+    from precompute.config import RunConfig
+
+    b1 = _load("b1_vs_saedashboard")
+    corpus = tmp_path / "corpus.parquet"
+    rows, context = b1.make_corpus(tiny_demo, 3, corpus)
+    assert (rows, context) == (3, 32)
+    cfg_path = tmp_path / "c.toml"
+    b1.write_config(cfg_path, "b1-x", tiny_demo, corpus, rows * context, context, both_saes=True)
+    cfg = RunConfig.from_toml(cfg_path)
+    assert cfg.run_id == "b1-x"
+    assert set(cfg.saes) == {"base_sae", "finetuned_sae"}
+    assert Path(cfg.models["base"].path) == tiny_demo / "base"
+    assert cfg.sample.n_tokens == 3 * 32 and cfg.sample.context_size == 32
+
+    import pyarrow.parquet as pq
+
+    got = pq.read_table(corpus).column("token_ids").to_pylist()
+    want = pq.read_table(tiny_demo / "eval_corpus.parquet").column("token_ids").to_pylist()[:3]
+    assert got == want
+
+
+def test_b1_runner_hand_encode_matches_sae_lens(tiny_demo):
+    """The runner's reference encode (used to check SAEDashboard's output) equals sae_lens's encode."""
+    import torch
+    from safetensors.torch import load_file
+
+    from explorer.models import ModelSpec, SAESpec, load_model, load_sae, sae_hook_name
+
+    runner = _load("_saedashboard_runner")
+    sae = load_sae(SAESpec(path=str(tiny_demo / "saes" / "base_sae")))
+    model = load_model(ModelSpec(path=str(tiny_demo / "base")))
+    tokens = runner.load_tokens(tiny_demo / "eval_corpus.parquet", 4)
+    assert tokens.shape == (4, 32)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=sae_hook_name(sae))
+        x = cache[sae_hook_name(sae)]
+        want = sae.encode(x)
+    got = runner.hand_encode(x, load_file(str(tiny_demo / "saes" / "base_sae" / "sae_weights.safetensors")))
+    assert (want > 0).any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_b1_summary_ratios():
+    b1 = _load("b1_vs_saedashboard")
+    reps = [
+        {"saedashboard": {"seconds_per_feature_token": 10.0, "wall_seconds": 100.0, "output_bytes": 1000, "output_bytes_per_feature": 100.0},
+         "ours_base_sae": {"seconds_per_feature_token": 0.5, "wall_seconds": 5.0, "output_bytes": 200, "output_bytes_per_feature": 20.0}},
+        {"saedashboard": {"seconds_per_feature_token": 12.0, "wall_seconds": 120.0, "output_bytes": 1000, "output_bytes_per_feature": 100.0},
+         "ours_base_sae": {"seconds_per_feature_token": 2.0, "wall_seconds": 20.0, "output_bytes": 200, "output_bytes_per_feature": 25.0}},
+        {"saedashboard": {"seconds_per_feature_token": 9.0, "wall_seconds": 90.0, "output_bytes": 1000, "output_bytes_per_feature": 100.0},
+         "ours_base_sae": {"seconds_per_feature_token": 1.0, "wall_seconds": 10.0, "output_bytes": 200, "output_bytes_per_feature": 50.0}},
+    ]
+    s = b1.summarize(reps, ["saedashboard", "ours_base_sae"])
+    r = s["ratio_vs_saedashboard"]["ours_base_sae"]
+    assert r["throughput_per_feature_token_each_rep"] == [20.0, 6.0, 9.0]
+    assert r["throughput_per_feature_token_median"] == 9.0  # median of per-rep ratios, not ratio of medians (10/1)
+    assert r["output_bytes_per_feature_sd_over_ours_median"] == 4.0
+    assert s["median"]["saedashboard"]["wall_seconds"] == 100.0
+    assert s["median"]["ours_base_sae"]["runs"] == 3
+
+
+def _check_ours(rep: dict, tool: str, n_tokens: int) -> None:
+    from explorer.rundir import open_run
+
+    row = rep[tool]
+    run_dir = Path(row["run_dir"])
+    manifest = open_run(run_dir)
+    assert row["n_tokens"] == manifest["n_tokens"] == n_tokens
+    assert row["n_features"] == sum(manifest["d_sae"].values())
+    assert row["output_bytes"] == sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    assert row["seconds_per_feature_token"] == pytest.approx(row["wall_seconds"] / (row["n_features"] * n_tokens))
+
+
+def test_b1_smoke(tiny_demo, tmp_path):
+    """Our side of `b1_vs_saedashboard.py --smoke` on the tiny demo: both variants, checked numbers."""
+    b1 = _load("b1_vs_saedashboard")
+    out = tmp_path / "b1.json"
+    assert b1.main(["--demo", str(tiny_demo), "--smoke", "--skip-saedashboard", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["n_tokens"] == 2 * 32
+    assert len(result["reps"]) == 1
+    rep = result["reps"][0]
+    assert set(rep) == {"order", "ours_base_sae", "ours_both_saes"}
+    _check_ours(rep, "ours_base_sae", 64)
+    _check_ours(rep, "ours_both_saes", 64)
+    assert rep["ours_base_sae"]["d_sae"] == {"base_sae": 64}
+    assert rep["ours_both_saes"]["d_sae"] == {"base_sae": 64, "finetuned_sae": 64}
+    for tool in ("ours_base_sae", "ours_both_saes"):
+        assert result["checks"][f"{tool}_tokens_vs_corpus"] == {"sequences": 2, "identical_set": True}
+        assert result["summary"]["median"][tool]["wall_seconds"] == rep[tool]["wall_seconds"]
+
+
+def test_b1_smoke_saedashboard_side(tiny_demo, tmp_path):
+    """SAEDashboard's side of the smoke, where its venv has been built (not in CI)."""
+    b1 = _load("b1_vs_saedashboard")
+    if not b1.venv_ready():
+        pytest.skip("the SAEDashboard venv is not built (bash benchmarks/saedashboard_venv.sh)")
+    out = tmp_path / "b1.json"
+    assert b1.main(["--demo", str(tiny_demo), "--smoke", "--skip-ours", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    sd = result["reps"][0]["saedashboard"]
+    assert sd["n_features"] == 8 and sd["n_tokens"] == 64
+    assert sd["output_check"] == {"features_checked": 8, "density_mismatches": 0, "top_activation_mismatches": 0, "n_alive": sd["output_check"]["n_alive"]}
+    assert result["checks"]["venv_model_sae_vs_explorer_loaders"]["max_abs_diff_features"] < 1e-4
+    assert sd["output_bytes"] > 0 and sd["versions"]["sae-dashboard"] == "0.8.0"
