@@ -1,0 +1,102 @@
+"""B5: latency of the live probe on the demo pair.
+
+    python -m benchmarks.probe_latency                     # data/demo, 64 tokens, 30 repetitions
+    python -m benchmarks.probe_latency --demo /tmp/demo --tokens 32 --n 50
+
+Measures, after warm-up, the median and p95 wall time of:
+  - prepare: sanitise + tokenize a typed prompt (BOS, cut to n_ctx);
+  - probe:   `explorer.probe.probe` on a fixed n-token prompt: both models, every SAE's encode,
+             spliced and zero-ablated CE, next-token predictions (one batched forward per model);
+  - clean:   for reference, two plain `run_with_cache` forwards (one per model) on the same tokens;
+  - steer:   `explorer.probe.steer`, `--new` greedy tokens, steered + unsteered, both models.
+Prints a Markdown table. Timings depend on the machine and its load; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _time(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+def _p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", default=str(REPO / "data" / "demo"), help="demo pair directory (base/, finetuned/, saes/, eval_corpus.parquet)")
+    parser.add_argument("--tokens", type=int, default=64, help="prompt length in tokens, BOS included")
+    parser.add_argument("--n", type=int, default=30, help="timed repetitions")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--new", type=int, default=20, help="new tokens per steering call")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from explorer.models import ModelSpec, SAESpec, load_pair
+    from explorer.probe import prepare_prompt, prepare_token_ids, probe, steer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    demo = Path(args.demo)
+    saes = demo / "saes"
+    t0 = time.perf_counter()
+    pair = load_pair(
+        ModelSpec(path=str(demo / "base")),
+        ModelSpec(path=str(demo / "finetuned")),
+        SAESpec(path=str(saes / "base_sae")),
+        SAESpec(path=str(saes / "finetuned_sae")) if (saes / "finetuned_sae").exists() else None,
+    )
+    load_s = time.perf_counter() - t0
+    corpus = pq.read_table(demo / "eval_corpus.parquet", columns=["token_ids", "text"]).to_pylist()
+    ids = corpus[0]["token_ids"][: args.tokens]
+    prompt = prepare_token_ids(pair, ids)
+    text = corpus[-1]["text"][:2000]
+
+    def run_clean():
+        with torch.inference_mode():
+            t = torch.tensor([prompt.token_ids])
+            for m in (pair.base, pair.finetuned):
+                m.run_with_cache(t, names_filter=[pair.hook])
+
+    stages = {
+        "prepare (tokenize a typed prompt)": lambda: prepare_prompt(pair, text),
+        f"probe ({prompt.n_tokens} tokens, 2 models, {len(pair.saes)} SAEs, spliced + zero CE)": lambda: probe(pair, prompt),
+        "clean forward x2 (reference)": run_clean,
+        f"steer ({args.new} new tokens, steered + unsteered, 2 models)": lambda: steer(pair, prompt, sae="base_sae", feature_id=0, coef=4.0, n_new_tokens=args.new),
+    }
+    cfg = pair.base.cfg
+    print(f"# Live probe latency (B5)\n")
+    print(f"demo: {demo} (d_model {cfg.d_model}, {cfg.n_layers} layers, n_ctx {cfg.n_ctx}, d_vocab {cfg.d_vocab}; "
+          f"SAEs {', '.join(f'{k} d_sae={int(v.cfg.d_sae)}' for k, v in pair.saes.items())})")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; pair loaded in {load_s:.1f} s; "
+          f"{args.warmup} warm-up + {args.n} timed runs\n")
+    print("| stage | median ms | p95 ms | min ms |")
+    print("|---|---|---|---|")
+    for name, fn in stages.items():
+        _time(fn, args.warmup)
+        xs = _time(fn, args.n)
+        print(f"| {name} | {statistics.median(xs):.1f} | {_p95(xs):.1f} | {min(xs):.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
