@@ -1,0 +1,117 @@
+"""Command line: python -m precompute {run,merge,schema}.
+
+    python -m precompute run --config configs/demo.toml              # writes data/runs/<run_id>/
+    python -m precompute run --config X --shard 0/4                   # one slice of the token stream
+    python -m precompute merge RUN_ID                                 # combine the shards of a run
+    python -m precompute schema --write docs/SCHEMA.md                # the run schema as Markdown
+
+A run that is stopped (Ctrl-C, kill -9, a crash) resumes from its last checkpoint when the same
+command is run again. Problems with a config or an input are printed as one message (no
+traceback) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from explorer.errors import ConfigError, ExplorerError
+from explorer.rundir import DEFAULT_RUNS_DIR
+
+EXIT_USER_ERROR = 2
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise ConfigError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}.")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m precompute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="compute a run (or one shard) from a config")
+    r.add_argument("--config", required=True, help="TOML config (see configs/demo.toml)")
+    r.add_argument("--shard", default=None, help="I/N: compute only slice I of N of the token stream")
+    r.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR), help="where runs live (default data/runs)")
+    r.add_argument("--checkpoint-every", type=int, default=25, help="save the accumulator state every N batches (default 25)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run (or checkpoint) with the same run_id")
+    _common(r)
+    # Throttle for tests of interruption and resume; not for normal use.
+    r.add_argument("--batch-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+
+    m = sub.add_parser("merge", help="merge the shards of a run into the run")
+    m.add_argument("run_id")
+    m.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR))
+    _common(m)
+
+    s = sub.add_parser("schema", help="print the run schema as Markdown (docs/SCHEMA.md)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--write", metavar="PATH", help="write it to PATH")
+    g.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the current schema")
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "schema":
+            return _schema(args)
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from precompute import run as run_mod
+
+        if args.command == "run":
+            from precompute.config import RunConfig
+
+            if args.checkpoint_every < 1:
+                raise ConfigError("--checkpoint-every must be at least 1.")
+            shard = _shard(args.shard) if args.shard else None
+            cfg = RunConfig.from_toml(args.config)
+            run_mod.run(
+                cfg, runs_dir=args.runs_dir, shard=shard, checkpoint_every=args.checkpoint_every, device=args.device,
+                overwrite=args.overwrite, progress=not args.no_progress, batch_delay=args.batch_delay,
+            )
+        elif args.command == "merge":
+            run_mod.merge(args.run_id, runs_dir=args.runs_dir, device=args.device)
+        return 0
+    except ExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        return 130
+
+
+def _schema(args) -> int:
+    from explorer.schema import describe
+
+    text = describe() + "\n" if not describe().endswith("\n") else describe()
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(text, encoding="utf-8")
+    elif args.check:
+        path = Path(args.check)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            print(f"{path} is out of date: run `python -m precompute schema --write {path}`", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""Mergeable accumulators: everything a run needs, kept without holding the activations.
+
+Pure numpy (no model, no torch). Every accumulator has the same shape (STYLE.md, after sae_vis's
+RollingCorrCoef):
+
+    acc.update(...)          fold one batch in
+    acc.merge(other)         fold in another accumulator of the same kind (a shard)
+    acc.finalize(...)        the statistics
+    acc.state() / load(d)    its state as a flat dict of numpy arrays (saved with safetensors
+                             for checkpoints and shards; never pickle)
+
+Sums are float64 (in float32 `n*sum(x^2) - sum(x)^2` cancels). Counts are int64. Merging is
+associative and, for counts, top-k and the quantile sample, exact: a sharded run merges to the
+same numbers as one pass (sums agree to float64 rounding).
+
+Feature activations arrive as `SparseActs`: the positive entries of one (sae, model) batch as
+(global token index, feature id, value), where the global token index is
+`seq_id * context_size + position` and identifies a token across shards.
+
+Top-k examples (`TopK`): per feature, the k largest activations; ties are broken by the smaller
+global token index, so the selection does not depend on batch or shard order.
+
+Quantile examples (`QuantileSample`): every (token, feature) pair with a positive activation gets
+a pseudo-random priority, a 64-bit integer hash of (seed, global token index, feature id)
+(`priority`). Per feature we keep the `size` smallest priorities: a bottom-k sketch, which is a
+uniform random sample without replacement of the feature's firing tokens, and which merges
+exactly (the bottom-k of a union is the bottom-k of the bottom-ks). At finalize the sample is
+sorted by activation and cut into `n_bins` equal-count bins (quantile bins of the sample, which
+estimate the feature's activation quantiles); in each bin the `n_per_bin` smallest priorities are
+the examples. With `size` about 3x n_bins * n_per_bin every bin is full whenever the feature fired
+on at least `size` tokens; a feature that fired on m < size tokens gets min(n_bins, m // n_per_bin)
+bins (at least one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT64_MAX = np.iinfo(np.int64).max
+_MASK64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class SparseActs:
+    """The positive feature activations of one (sae, model) batch, on the counted tokens only."""
+
+    token: np.ndarray  # [nnz] int64 global token index, sorted (row-major order of [token, feature])
+    feature: np.ndarray  # [nnz] int64
+    value: np.ndarray  # [nnz] float32, > 0
+    n_tokens: int  # counted tokens in the batch (the denominator of densities)
+
+    @staticmethod
+    def from_dense(acts: np.ndarray, token_index: np.ndarray, counted: np.ndarray) -> "SparseActs":
+        """acts [T, d_sae]; token_index [T] global indices; counted [T] bool. For tests and references."""
+        acts = np.where(counted[:, None], acts, 0)
+        t, f = np.nonzero(acts > 0)
+        return SparseActs(token_index[t].astype(np.int64), f.astype(np.int64), acts[t, f].astype(np.float32), int(counted.sum()))
+
+
+def priority(seed: int, token: np.ndarray, feature: np.ndarray) -> np.ndarray:
+    """A deterministic pseudo-random int64 priority per (token, feature): splitmix64 of the pair.
+
+    The key (token << 32 | feature) + seed * golden is unique per pair for token < 2**31, and the
+    splitmix64 finalizer is a bijection, so priorities are distinct up to the final 1-bit shift.
+    """
+    z = (token.astype(np.uint64) << np.uint64(32)) | feature.astype(np.uint64)
+    z = z + np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+def hist_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin index of each value on `edges`: [e_i, e_i+1); below the first edge -> 0, above the last -> last."""
+    idx = np.searchsorted(edges, values.astype(np.float64), side="right") - 1
+    return np.clip(idx, 0, len(edges) - 2)
+
+
+class _Stateful:
+    """State as a flat dict of arrays; subclasses list their array attributes in FIELDS."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(getattr(self, name)) for name in self.FIELDS}
+
+    def load(self, state: dict[str, np.ndarray]) -> "_Stateful":
+        for name in self.FIELDS:
+            current = getattr(self, name)
+            value = state[name]
+            if value.shape != current.shape or value.dtype != current.dtype:
+                raise ValueError(f"{type(self).__name__}.{name}: state has {value.shape}/{value.dtype}, expected {current.shape}/{current.dtype}")
+            setattr(self, name, value.copy())
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Per (sae, model): density, moments, histogram
+
+
+class FeatureStats(_Stateful):
+    FIELDS = ("n_tokens", "count", "sum", "sumsq", "hist")
+
+    def __init__(self, d_sae: int, edges: np.ndarray):
+        self.d_sae = d_sae
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.n_bins = len(self.edges) - 1
+        self.n_tokens = np.zeros((), np.int64)
+        self.count = np.zeros(d_sae, np.int64)
+        self.sum = np.zeros(d_sae, np.float64)
+        self.sumsq = np.zeros(d_sae, np.float64)
+        self.hist = np.zeros((d_sae, self.n_bins), np.int64)
+
+    def update(self, acts: SparseActs) -> None:
+        f, v = acts.feature, acts.value.astype(np.float64)
+        self.n_tokens += acts.n_tokens
+        self.count += np.bincount(f, minlength=self.d_sae)
+        self.sum += np.bincount(f, weights=v, minlength=self.d_sae)
+        self.sumsq += np.bincount(f, weights=v * v, minlength=self.d_sae)
+        b = hist_bins(v, self.edges)
+        self.hist += np.bincount(f * self.n_bins + b, minlength=self.d_sae * self.n_bins).reshape(self.d_sae, self.n_bins)
+
+    def merge(self, other: "FeatureStats") -> None:
+        self.n_tokens += other.n_tokens
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.hist += other.hist
+
+    def finalize(self) -> dict[str, np.ndarray]:
+        n = int(self.n_tokens)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "density": self.count / n if n else np.full(self.d_sae, np.nan),
+                "mean_act": self.sum / n if n else np.full(self.d_sae, np.nan),
+                "mean_active_act": np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan),
+            }
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k per feature
+
+
+class TopK(_Stateful):
+    """Per feature, the k largest activations (ties: smaller global token index first)."""
+
+    FIELDS = ("value", "token")
+
+    def __init__(self, d_sae: int, k: int):
+        self.d_sae, self.k = d_sae, k
+        self.value = np.full((d_sae, k), -np.inf, np.float32)
+        self.token = np.full((d_sae, k), -1, np.int64)
+
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f, r = np.nonzero(self.token >= 0)
+        return f.astype(np.int64), self.value[f, r], self.token[f, r]
+
+    def _select(self, f: np.ndarray, v: np.ndarray, g: np.ndarray) -> None:
+        order = np.lexsort((g, -v, f))  # feature asc, value desc, token asc
+        f, v, g = f[order], v[order], g[order]
+        rank = np.arange(len(f)) - np.searchsorted(f, f, side="left")
+        keep = rank < self.k
+        self.value = np.full((self.d_sae, self.k), -np.inf, np.float32)
+        self.token = np.full((self.d_sae, self.k), -1, np.int64)
+        self.value[f[keep], rank[keep]] = v[keep]
+        self.token[f[keep], rank[keep]] = g[keep]
+
+    def update(self, acts: SparseActs) -> None:
+        f, v, g = acts.feature, acts.value, acts.token
+        # Only entries that can enter: >= the current k-th value of their feature (-inf when not full).
+        keep = v >= self.value[f, self.k - 1]
+        if not keep.any():
+            return
+        sf, sv, sg = self._entries()
+        self._select(np.concatenate([sf, f[keep]]), np.concatenate([sv, v[keep]]), np.concatenate([sg, g[keep]]))
+
+    def merge(self, other: "TopK") -> None:
+        a, b = self._entries(), other._entries()
+        self._select(*(np.concatenate([x, y]) for x, y in zip(a, b)))
+
+    def max(self) -> np.ndarray:
+        """Max activation per feature (0 where the feature never fired)."""
+        return np.where(self.token[:, 0] >= 0, self.value[:, 0], 0).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantile examples: a bottom-k (by hash priority) uniform sample per feature
+
+
+@dataclass
+class QuantileExample:
+    feature: np.ndarray  # int64
+    bin: np.ndarray  # int16
+    bin_low: np.ndarray  # float32
+    bin_high: np.ndarray  # float32
+    rank: np.ndarray  # int16
+    token: np.ndarray  # int64
+    value: np.ndarray  # float32
+
+
+class QuantileSample(_Stateful):
+    FIELDS = ("priority", "token", "value")
+
+    def __init__(self, d_sae: int, size: int, seed: int):
+        self.d_sae, self.size, self.seed = d_sae, size, seed
+        self.priority = np.full((d_sae, size), INT64_MAX, np.int64)
+        self.token = np.full((d_sae, size), -1, np.int64)
+        self.value = np.zeros((d_sae, size), np.float32)
+
+    def _entries(self):
+        f, r = np.nonzero(self.token >= 0)
+        return f.astype(np.int64), self.priority[f, r], self.token[f, r], self.value[f, r]
+
+    def _select(self, f, p, g, v) -> None:
+        order = np.lexsort((g, p, f))
+        f, p, g, v = f[order], p[order], g[order], v[order]
+        rank = np.arange(len(f)) - np.searchsorted(f, f, side="left")
+        keep = rank < self.size
+        self.priority = np.full((self.d_sae, self.size), INT64_MAX, np.int64)
+        self.token = np.full((self.d_sae, self.size), -1, np.int64)
+        self.value = np.zeros((self.d_sae, self.size), np.float32)
+        fk, rk = f[keep], rank[keep]
+        self.priority[fk, rk], self.token[fk, rk], self.value[fk, rk] = p[keep], g[keep], v[keep]
+
+    def update(self, acts: SparseActs) -> None:
+        f, g, v = acts.feature, acts.token, acts.value
+        p = priority(self.seed, g, f)
+        keep = p < self.priority[f, self.size - 1]
+        if not keep.any():
+            return
+        s = self._entries()
+        self._select(*(np.concatenate([x, y]) for x, y in zip(s, (f[keep], p[keep], g[keep], v[keep]))))
+
+    def merge(self, other: "QuantileSample") -> None:
+        a, b = self._entries(), other._entries()
+        self._select(*(np.concatenate([x, y]) for x, y in zip(a, b)))
+
+    def finalize(self, n_bins: int, n_per_bin: int) -> QuantileExample:
+        """Cut each feature's sample into equal-count activation bins; n_per_bin smallest priorities in each."""
+        out: dict[str, list] = {k: [] for k in ("feature", "bin", "bin_low", "bin_high", "rank", "token", "value")}
+        filled = (self.token >= 0).sum(axis=1)
+        for feat in np.nonzero(filled)[0]:
+            m = int(filled[feat])
+            pr, tk, va = self.priority[feat, :m], self.token[feat, :m], self.value[feat, :m]
+            by_act = np.lexsort((tk, va))  # activation asc, token asc
+            n_eff = max(1, min(n_bins, m // n_per_bin))
+            for b, idx in enumerate(np.array_split(by_act, n_eff)):
+                low, high = va[idx[0]], va[idx[-1]]
+                pick = idx[np.lexsort((tk[idx], pr[idx]))][:n_per_bin]
+                for rank, j in enumerate(pick):
+                    out["feature"].append(feat)
+                    out["bin"].append(b)
+                    out["bin_low"].append(low)
+                    out["bin_high"].append(high)
+                    out["rank"].append(rank)
+                    out["token"].append(tk[j])
+                    out["value"].append(va[j])
+        return QuantileExample(
+            feature=np.asarray(out["feature"], np.int64), bin=np.asarray(out["bin"], np.int16),
+            bin_low=np.asarray(out["bin_low"], np.float32), bin_high=np.asarray(out["bin_high"], np.float32),
+            rank=np.asarray(out["rank"], np.int16), token=np.asarray(out["token"], np.int64), value=np.asarray(out["value"], np.float32),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Same SAE on both models: activation similarity and activation error
+
+
+def pearson(n, sx, sy, sxx, syy, sxy) -> np.ndarray:
+    """Pearson correlation from float64 sums; NaN where either variance is not positive."""
+    n = np.asarray(n, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = n * sxy - sx * sy
+        vx = n * sxx - sx * sx
+        vy = n * syy - sy * sy
+        r = cov / np.sqrt(vx * vy)
+    r = np.where((vx > 0) & (vy > 0), r, np.nan)
+    return np.clip(r, -1.0, 1.0)
+
+
+class PairStats(_Stateful):
+    """Per feature of one SAE: sum f(x_base) f(x_finetuned) and sum |log10(f_B+eps) - log10(f_F+eps)|."""
+
+    FIELDS = ("sum_xy", "sum_log_err")
+
+    def __init__(self, d_sae: int, eps: float):
+        self.d_sae, self.eps = d_sae, eps
+        self.sum_xy = np.zeros(d_sae, np.float64)
+        self.sum_log_err = np.zeros(d_sae, np.float64)
+
+    def update(self, base: SparseActs, finetuned: SparseActs) -> None:
+        d = self.d_sae
+        kb = base.token * d + base.feature
+        kf = finetuned.token * d + finetuned.feature
+        _, ib, jf = np.intersect1d(kb, kf, assume_unique=True, return_indices=True)
+        self.sum_xy += np.bincount(base.feature[ib], weights=base.value[ib].astype(np.float64) * finetuned.value[jf], minlength=d)
+        # Where both are 0 the log error is exactly 0: sum over the union of firing entries only.
+        union = np.union1d(kb, kf)
+        vb = np.zeros(len(union))
+        vf = np.zeros(len(union))
+        vb[np.searchsorted(union, kb)] = base.value
+        vf[np.searchsorted(union, kf)] = finetuned.value
+        err = np.abs(np.log10(vb + self.eps) - np.log10(vf + self.eps))
+        self.sum_log_err += np.bincount(union % d, weights=err, minlength=d)
+
+    def merge(self, other: "PairStats") -> None:
+        self.sum_xy += other.sum_xy
+        self.sum_log_err += other.sum_log_err
+
+    def finalize(self, base: FeatureStats, finetuned: FeatureStats) -> dict[str, np.ndarray]:
+        n = int(base.n_tokens)
+        sim = pearson(n, base.sum, finetuned.sum, base.sumsq, finetuned.sumsq, self.sum_xy)
+        err = self.sum_log_err / n if n else np.full(self.d_sae, np.nan)
+        return {"act_similarity": sim, "act_error": err}
+
+
+# ----------------------------------------------------------------------------------------------
+# Two SAEs: activation cross-products for matching
+
+
+class CrossProducts(_Stateful):
+    """sum over tokens of f_i(A, x_B) * f_j(A', x_F): all pairs (dense d_a x d_b) or given candidate pairs.
+
+    Candidate pairs are given as sorted keys i * d_b + j.
+    """
+
+    FIELDS = ("sum_xy",)
+
+    def __init__(self, d_a: int, d_b: int, pair_keys: np.ndarray | None = None):
+        self.d_a, self.d_b = d_a, d_b
+        self.pair_keys = None if pair_keys is None else np.asarray(pair_keys, np.int64)
+        if self.pair_keys is not None and np.any(np.diff(self.pair_keys) <= 0):
+            raise ValueError("pair_keys must be sorted and unique")
+        self.sum_xy = np.zeros((d_a, d_b) if pair_keys is None else len(self.pair_keys), np.float64)
+
+    def update(self, a: SparseActs, b: SparseActs) -> None:
+        import scipy.sparse as sp
+
+        tokens, inv = np.unique(np.concatenate([a.token, b.token]), return_inverse=True)
+        ta, tb = inv[: len(a.token)], inv[len(a.token):]
+        n = len(tokens)
+        ma = sp.csr_matrix((a.value.astype(np.float64), (a.feature, ta)), shape=(self.d_a, n))
+        mb = sp.csr_matrix((b.value.astype(np.float64), (tb, b.feature)), shape=(n, self.d_b))
+        prod = ma @ mb
+        prod.sum_duplicates()
+        prod = prod.tocoo()
+        if self.pair_keys is None:
+            self.sum_xy[prod.row, prod.col] += prod.data  # coo of a product has no duplicate entries
+        else:
+            keys = prod.row.astype(np.int64) * self.d_b + prod.col
+            pos = np.searchsorted(self.pair_keys, keys)
+            pos_ok = np.minimum(pos, len(self.pair_keys) - 1)
+            hit = (pos < len(self.pair_keys)) & (self.pair_keys[pos_ok] == keys)
+            np.add.at(self.sum_xy, pos[hit], prod.data[hit])
+
+    def merge(self, other: "CrossProducts") -> None:
+        self.sum_xy += other.sum_xy
+
+    def correlation(self, fa: FeatureStats, fb: FeatureStats) -> np.ndarray:
+        """Pearson per pair: a dense [d_a, d_b] matrix, or one value per candidate pair."""
+        n = int(fa.n_tokens)
+        if self.pair_keys is None:
+            return pearson(n, fa.sum[:, None], fb.sum[None, :], fa.sumsq[:, None], fb.sumsq[None, :], self.sum_xy)
+        i, j = self.pair_keys // self.d_b, self.pair_keys % self.d_b
+        return pearson(n, fa.sum[i], fb.sum[j], fa.sumsq[i], fb.sumsq[j], self.sum_xy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual-stream similarity (METHODS.md section 1)
+
+
+class Moments(_Stateful):
+    """n, sum, sum of squares, min, max of a scalar stream, for several named metrics at once."""
+
+    FIELDS = ("n", "sum", "sumsq", "min", "max")
+
+    def __init__(self, k: int):
+        self.n = np.zeros(k, np.int64)
+        self.sum = np.zeros(k, np.float64)
+        self.sumsq = np.zeros(k, np.float64)
+        self.min = np.full(k, np.inf)
+        self.max = np.full(k, -np.inf)
+
+    def update(self, i: int, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64).ravel()
+        if values.size == 0:
+            return
+        self.n[i] += values.size
+        self.sum[i] += values.sum()
+        self.sumsq[i] += (values * values).sum()
+        self.min[i] = min(self.min[i], values.min())
+        self.max[i] = max(self.max[i], values.max())
+
+    def merge(self, other: "Moments") -> None:
+        self.n += other.n
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.min = np.minimum(self.min, other.min)
+        self.max = np.maximum(self.max, other.max)
+
+    def finalize(self) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.sum / self.n
+            var = np.maximum(self.sumsq / self.n - mean * mean, 0.0)
+        return {"n": self.n, "mean": mean, "std": np.sqrt(var), "min": self.min, "max": self.max}
+
+
+def fixed_hist(values: np.ndarray, low: float, high: float, n_bins: int) -> tuple[np.ndarray, int]:
+    """Counts on n_bins equal bins of [low, high]; values outside are clipped into the end bins.
+
+    Returns (counts, number clipped). The last bin includes `high` (numpy's convention).
+    """
+    values = np.asarray(values, np.float64).ravel()
+    clipped = int(((values < low) | (values > high)).sum())
+    idx = np.floor((np.clip(values, low, high) - low) / (high - low) * n_bins).astype(np.int64)
+    idx = np.clip(idx, 0, n_bins - 1)
+    return np.bincount(idx, minlength=n_bins).astype(np.int64), clipped
+
+
+RESID_METRIC_ORDER = ("cosine", "l2", "seq_mean_cosine", "seq_mean_l2")
+
+
+class ResidStats(_Stateful):
+    """Per-token cosine and L2 between x_base and x_finetuned: histograms, per position, per sequence."""
+
+    FIELDS = ("hist", "clipped", "pos_n", "pos_cos", "pos_l2") + tuple(f"mom_{f}" for f in Moments.FIELDS)
+
+    def __init__(self, context_size: int, l2_max: float, n_bins: int, cos_range=(-1.0, 1.0)):
+        self.context_size, self.l2_max, self.n_bins, self.cos_range = context_size, float(l2_max), n_bins, cos_range
+        self.hist = np.zeros((4, n_bins), np.int64)  # RESID_METRIC_ORDER
+        self.clipped = np.zeros(4, np.int64)
+        self.pos_n = np.zeros(context_size, np.int64)
+        self.pos_cos = np.zeros(context_size, np.float64)
+        self.pos_l2 = np.zeros(context_size, np.float64)
+        self.moments = Moments(4)
+
+    def range(self, i: int) -> tuple[float, float]:
+        return self.cos_range if i in (0, 2) else (0.0, self.l2_max)
+
+    def update(self, cos: np.ndarray, l2: np.ndarray) -> None:
+        """cos, l2: [n_sequences_in_batch, context_size] (every token, BOS included)."""
+        cos = np.asarray(cos, np.float64)
+        l2 = np.asarray(l2, np.float64)
+        series = (cos, l2, cos.mean(axis=1), l2.mean(axis=1))
+        for i, values in enumerate(series):
+            counts, clipped = fixed_hist(values, *self.range(i), self.n_bins)
+            self.hist[i] += counts
+            self.clipped[i] += clipped
+            self.moments.update(i, values)
+        self.pos_n += cos.shape[0]
+        self.pos_cos += cos.sum(axis=0)
+        self.pos_l2 += l2.sum(axis=0)
+
+    def merge(self, other: "ResidStats") -> None:
+        self.hist += other.hist
+        self.clipped += other.clipped
+        self.pos_n += other.pos_n
+        self.pos_cos += other.pos_cos
+        self.pos_l2 += other.pos_l2
+        self.moments.merge(other.moments)
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {k: np.ascontiguousarray(getattr(self, k)) for k in ("hist", "clipped", "pos_n", "pos_cos", "pos_l2")}
+        out.update({f"mom_{k}": v for k, v in self.moments.state().items()})
+        return out
+
+    def load(self, state: dict[str, np.ndarray]) -> "ResidStats":
+        for k in ("hist", "clipped", "pos_n", "pos_cos", "pos_l2"):
+            setattr(self, k, state[k].copy())
+        self.moments.load({k[4:]: v for k, v in state.items() if k.startswith("mom_")})
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# SAE quality per (sae, model), with and without outliers (METHODS.md section 2)
+
+OUTLIER_VARIANTS = ("included", "excluded")
+CE_KINDS = ("clean", "spliced", "zero_ablated")
+
+
+class QualityStats(_Stateful):
+    """L0, MSE, explained variance (per token and pooled), CE losses; variant 0 all counted tokens,
+    variant 1 without outlier tokens.
+
+    Explained variance follows SAELens's per-token formula (`explained_variance_legacy` in
+    sae_lens.evals): 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2, where the mean is over the
+    batch's tokens of that variant; non-finite values are counted and left out of the mean.
+    Pooled R^2 (Study T, torcheval R2Score on flattened activations) is 1 - SSE / SST with SST
+    about the mean of all scalar elements. CE: `losses[kind]` is the next-token loss at each
+    position but the last; position p counts when its input token counts (SAELens's convention).
+    """
+
+    FIELDS = (
+        "n_tokens", "n_outliers", "sum_l0", "sum_sqerr", "sum_ev", "n_ev_nonfinite", "sum_elem", "sum_elem_sq", "n_elem",
+        "ce_sum", "ce_n", "ce_nonfinite",
+    )
+
+    def __init__(self):
+        v = len(OUTLIER_VARIANTS)
+        self.n_tokens = np.zeros(v, np.int64)
+        self.n_outliers = np.zeros((), np.int64)
+        self.sum_l0 = np.zeros(v, np.float64)
+        self.sum_sqerr = np.zeros(v, np.float64)
+        self.sum_ev = np.zeros(v, np.float64)
+        self.n_ev_nonfinite = np.zeros(v, np.int64)
+        self.sum_elem = np.zeros(v, np.float64)
+        self.sum_elem_sq = np.zeros(v, np.float64)
+        self.n_elem = np.zeros(v, np.int64)
+        self.ce_sum = np.zeros((len(CE_KINDS), v), np.float64)
+        self.ce_n = np.zeros((len(CE_KINDS), v), np.int64)
+        self.ce_nonfinite = np.zeros((len(CE_KINDS), v), np.int64)
+
+    def update(
+        self,
+        x: np.ndarray,  # [T, d] activations at the hook (T = batch * context, flattened)
+        x_hat: np.ndarray,  # [T, d] SAE reconstruction
+        l0: np.ndarray,  # [T] active features per token
+        counted: np.ndarray,  # [B, C] bool
+        outlier: np.ndarray,  # [B, C] bool
+        losses: dict[str, tuple[np.ndarray, np.ndarray]],  # kind -> (loss with variant 0, loss with variant 1), each [B, C-1]
+    ) -> None:
+        masks = (counted, counted & ~outlier)
+        self.n_outliers += int((counted & outlier).sum())
+        x = x.astype(np.float64)
+        sqerr = ((x - x_hat.astype(np.float64)) ** 2).sum(axis=1)
+        for v, mask2d in enumerate(masks):
+            m = mask2d.reshape(-1)
+            xm = x[m]
+            self.n_tokens[v] += int(m.sum())
+            if xm.shape[0]:
+                self.sum_l0[v] += float(l0[m].sum())
+                self.sum_sqerr[v] += float(sqerr[m].sum())
+                var = ((xm - xm.mean(axis=0)) ** 2).sum(axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    ev = 1.0 - sqerr[m] / var
+                finite = np.isfinite(ev)
+                self.sum_ev[v] += float(ev[finite].sum())
+                self.n_ev_nonfinite[v] += int((~finite).sum())
+                self.sum_elem[v] += float(xm.sum())
+                self.sum_elem_sq[v] += float((xm * xm).sum())
+                self.n_elem[v] += xm.size
+            ce_mask = mask2d[:, :-1]
+            for k, kind in enumerate(CE_KINDS):
+                loss = np.asarray(losses[kind][v], np.float64)[ce_mask]
+                finite = np.isfinite(loss)
+                self.ce_sum[k, v] += float(loss[finite].sum())
+                self.ce_n[k, v] += int(finite.sum())
+                self.ce_nonfinite[k, v] += int((~finite).sum())
+
+    def merge(self, other: "QualityStats") -> None:
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def finalize(self) -> list[dict]:
+        rows = []
+        for v, variant in enumerate(OUTLIER_VARIANTS):
+            n = int(self.n_tokens[v])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                n_ev = n - int(self.n_ev_nonfinite[v])
+                sse = self.sum_sqerr[v]
+                ne = self.n_elem[v]
+                sst = self.sum_elem_sq[v] - self.sum_elem[v] ** 2 / ne if ne else np.nan
+                ce = {kind: self.ce_sum[k, v] / self.ce_n[k, v] if self.ce_n[k, v] else np.nan for k, kind in enumerate(CE_KINDS)}
+            denom = ce["zero_ablated"] - ce["clean"]
+            recovered = (ce["zero_ablated"] - ce["spliced"]) / denom if np.isfinite(denom) and abs(denom) >= 1e-4 else np.nan
+            n_counted = int(self.n_tokens[0])
+            rows.append(
+                {
+                    "outliers": variant,
+                    "n_tokens": n,
+                    "l0": self.sum_l0[v] / n if n else np.nan,
+                    "mse": sse / n if n else np.nan,
+                    "explained_variance": self.sum_ev[v] / n_ev if n_ev else np.nan,
+                    "pooled_r2": 1.0 - sse / sst if ne and sst > 0 else np.nan,
+                    "ce_clean": ce["clean"],
+                    "ce_spliced": ce["spliced"],
+                    "ce_zero_ablated": ce["zero_ablated"],
+                    "ce_delta": ce["spliced"] - ce["clean"],
+                    "ce_recovered": recovered,
+                    "outlier_fraction": int(self.n_outliers) / n_counted if n_counted else np.nan,
+                    "n_nonfinite_clean": int(self.ce_nonfinite[0, v]),
+                    "n_nonfinite_spliced": int(self.ce_nonfinite[1, v]),
+                    "n_nonfinite_zero_ablated": int(self.ce_nonfinite[2, v]),
+                    "n_ev_nonfinite": int(self.n_ev_nonfinite[v]),
+                }
+            )
+        return rows

@@ -1,0 +1,332 @@
+"""The precompute config: typed, frozen, validated; read from TOML, saved in the manifest.
+
+    run_id = "demo"
+    hook = "blocks.1.hook_resid_pre"     # optional: defaults to the base SAE's hook
+    [models.base]        path = "data/demo/base"            (a ModelSpec: name / hf_model / path)
+    [models.finetuned]   path = "data/demo/finetuned"
+    [saes.base_sae]      path = "data/demo/saes/base_sae"   (an SAESpec: release + sae_id, or path)
+    [saes.finetuned_sae] path = ...                         (optional: enables two-SAE matching)
+    [corpus]     path = "data/demo/eval_corpus.parquet"
+    [sample]     n_tokens, context_size, batch_size, seed
+    [thresholds] ultralow_density, dense_density, outlier_norm | outlier_norm_factor, match,
+                 min_matching_id_share, act_error_eps
+    [examples]   n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample, window_before, window_after
+    [matching]   max_all_pairs_d_sae, n_candidates, n_kept_per_feature
+
+Relative paths are resolved against the repository root (the directory holding app.py), so a
+config and the run it produced work from any clone. Unknown keys and wrong types are
+`ConfigError`s: a typo never falls back to a default. `RunConfig.to_dict()` is the normalized
+config (every default filled in) that the manifest stores, and `RunConfig.from_dict` reads it
+back: the two round-trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from explorer.errors import ConfigError, MissingPathError
+from explorer.models import DEFAULT_MIN_MATCHING_ID_SHARE, ModelSpec, SAESpec
+from explorer.rundir import validate_run_id
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Bumped when the accumulator state layout changes, so that an old checkpoint is refused.
+STATE_VERSION = 1
+
+
+def _typecheck(section: str, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    """`kind` is int, float, str or bool; ints are accepted for floats; bools are never ints."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"[{section}] {name}: expected {_kind_name(kinds)}, got the boolean {value!r}.")
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kinds):
+        raise ConfigError(f"[{section}] {name}: expected {_kind_name(kinds)}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false"}[k] for k in kinds)
+
+
+def _section(cls, section: str, data: Any) -> Any:
+    """Build dataclass `cls` from a TOML table, checking keys and types against its fields."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{section}] must be a table, got {type(data).__name__}.")
+    types = cls.FIELD_TYPES
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown key(s) {unknown}; allowed keys are {sorted(types)}.")
+    missing = [k for k in getattr(cls, "REQUIRED", ()) if k not in data]
+    if missing:
+        raise ConfigError(f"[{section}]: missing required key(s) {missing}.")
+    kwargs = {}
+    for name, kind in types.items():
+        if name in data:
+            value = data[name]
+            if value is None:
+                kwargs[name] = None
+            else:
+                kwargs[name] = _typecheck(section, name, value, kind)
+    return cls(**kwargs)
+
+
+def _positive(section: str, name: str, value: float | int, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"[{section}] {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """A Parquet file with a `token_ids` (list<int>) or `text` column, and an optional `source` column."""
+
+    path: str = ""
+
+    FIELD_TYPES = {"path": str}
+    REQUIRED = ("path",)
+
+    def __post_init__(self) -> None:
+        if not self.path.strip():
+            raise ConfigError("[corpus] path is required: a Parquet file with a token_ids or text column.")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The ONE token sample every statistic is computed on: n_tokens // context_size sequences."""
+
+    n_tokens: int = 0
+    context_size: int = 0
+    batch_size: int = 32
+    seed: int = 0
+
+    FIELD_TYPES = {"n_tokens": int, "context_size": int, "batch_size": int, "seed": int}
+    REQUIRED = ("n_tokens", "context_size")
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "context_size", "batch_size"):
+            _positive("sample", name, getattr(self, name))
+        _positive("sample", "seed", self.seed, allow_zero=True)
+        if self.context_size < 2:
+            raise ConfigError("[sample] context_size must be at least 2 (the loss needs a next token).")
+        if self.n_tokens < self.context_size:
+            raise ConfigError(
+                f"[sample] n_tokens ({self.n_tokens}) is smaller than one context ({self.context_size}); "
+                "the sample is n_tokens // context_size whole sequences."
+            )
+
+    @property
+    def n_sequences(self) -> int:
+        return self.n_tokens // self.context_size
+
+
+@dataclass(frozen=True)
+class ThresholdsConfig:
+    """Status thresholds (METHODS.md sections 2-5). Exactly one of outlier_norm / outlier_norm_factor."""
+
+    ultralow_density: float = 1e-5
+    dense_density: float = 0.1
+    outlier_norm: float | None = None
+    outlier_norm_factor: float | None = 2.0
+    match: float = 0.5
+    min_matching_id_share: float = DEFAULT_MIN_MATCHING_ID_SHARE
+    act_error_eps: float = 1e-10
+
+    FIELD_TYPES = {
+        "ultralow_density": float, "dense_density": float, "outlier_norm": float, "outlier_norm_factor": float,
+        "match": float, "min_matching_id_share": float, "act_error_eps": float,
+    }
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ultralow_density < self.dense_density <= 1:
+            raise ConfigError(
+                f"[thresholds] need 0 < ultralow_density < dense_density <= 1, got {self.ultralow_density} and {self.dense_density}."
+            )
+        if (self.outlier_norm is None) == (self.outlier_norm_factor is None):
+            raise ConfigError(
+                "[thresholds] give exactly one of outlier_norm (an absolute activation norm) or outlier_norm_factor "
+                "(a multiple of the mean activation norm, Study T's 2*sqrt(d_model) after scaling is factor 2)."
+            )
+        for name in ("outlier_norm", "outlier_norm_factor", "act_error_eps"):
+            if getattr(self, name) is not None:
+                _positive("thresholds", name, getattr(self, name))
+        if not -1 <= self.match <= 1:
+            raise ConfigError(f"[thresholds] match is a combined score in [-1, 1], got {self.match}.")
+        if not 0 <= self.min_matching_id_share <= 1:
+            raise ConfigError(f"[thresholds] min_matching_id_share must be in [0, 1], got {self.min_matching_id_share}.")
+
+    @classmethod
+    def from_table(cls, data: Any) -> "ThresholdsConfig":
+        # Giving outlier_norm replaces the default factor (and vice versa): one rule, no merging.
+        if isinstance(data, dict) and "outlier_norm" in data and "outlier_norm_factor" not in data:
+            data = {**data, "outlier_norm_factor": None}
+        return _section(cls, "thresholds", data)
+
+
+@dataclass(frozen=True)
+class ExamplesConfig:
+    """Top examples and quantile examples per (sae, feature, model); windows around the token."""
+
+    n_top: int = 20
+    n_quantile_bins: int = 10
+    n_per_quantile_bin: int = 5
+    quantile_sample: int = 150
+    window_before: int = 12
+    window_after: int = 4
+
+    FIELD_TYPES = {
+        "n_top": int, "n_quantile_bins": int, "n_per_quantile_bin": int, "quantile_sample": int,
+        "window_before": int, "window_after": int,
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("n_top", "n_quantile_bins", "n_per_quantile_bin", "quantile_sample"):
+            _positive("examples", name, getattr(self, name))
+        for name in ("window_before", "window_after"):
+            _positive("examples", name, getattr(self, name), allow_zero=True)
+        if self.quantile_sample < self.n_quantile_bins * self.n_per_quantile_bin:
+            raise ConfigError(
+                f"[examples] quantile_sample ({self.quantile_sample}) must be at least n_quantile_bins * n_per_quantile_bin "
+                f"({self.n_quantile_bins * self.n_per_quantile_bin}); about 3x that keeps every bin full."
+            )
+        if self.n_top > 32767 or self.quantile_sample > 32767:
+            raise ConfigError("[examples] n_top and quantile_sample must be below 32768.")
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    """Two-SAE matching: all pairs up to max_all_pairs_d_sae, else candidates from decoder cosine."""
+
+    max_all_pairs_d_sae: int = 4096
+    n_candidates: int = 10
+    n_kept_per_feature: int = 5
+
+    FIELD_TYPES = {"max_all_pairs_d_sae": int, "n_candidates": int, "n_kept_per_feature": int}
+
+    def __post_init__(self) -> None:
+        for name in ("max_all_pairs_d_sae", "n_candidates", "n_kept_per_feature"):
+            _positive("matching", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str
+    models: dict[str, ModelSpec]
+    saes: dict[str, SAESpec]
+    corpus: CorpusConfig
+    sample: SampleConfig
+    hook: str | None = None
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+
+    TOP_KEYS = ("run_id", "hook", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching")
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
+        if set(self.models) != {"base", "finetuned"}:
+            raise ConfigError(f"[models] needs exactly [models.base] and [models.finetuned], got {sorted(self.models)}.")
+        if "base_sae" not in self.saes or not set(self.saes) <= {"base_sae", "finetuned_sae"}:
+            raise ConfigError(f"[saes] needs [saes.base_sae] and optionally [saes.finetuned_sae], got {sorted(self.saes)}.")
+        if self.hook is not None and not self.hook.strip():
+            raise ConfigError("hook must be a non-empty hook name such as 'blocks.6.hook_resid_post', or left out.")
+
+    # -- dict / TOML -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"A precompute config must be a table, got {type(data).__name__}.")
+        unknown = sorted(set(data) - set(cls.TOP_KEYS))
+        if unknown:
+            raise ConfigError(f"Config: unknown top-level key(s) {unknown}; allowed keys are {sorted(cls.TOP_KEYS)}.")
+        for required in ("run_id", "models", "saes", "corpus", "sample"):
+            if required not in data:
+                raise ConfigError(f"Config: `{required}` is required (see configs/demo.toml for a complete example).")
+        run_id = _typecheck("top level", "run_id", data["run_id"], str)
+        hook = data.get("hook")
+        if hook is not None:
+            hook = _typecheck("top level", "hook", hook, str)
+        models = _specs("models", data["models"], ("base", "finetuned"), ModelSpec)
+        saes = _specs("saes", data["saes"], ("base_sae", "finetuned_sae"), SAESpec)
+        return cls(
+            run_id=run_id,
+            hook=hook,
+            models=models,
+            saes=saes,
+            corpus=_section(CorpusConfig, "corpus", data["corpus"]),
+            sample=_section(SampleConfig, "sample", data["sample"]),
+            thresholds=ThresholdsConfig.from_table(data.get("thresholds")),
+            examples=_section(ExamplesConfig, "examples", data.get("examples")),
+            matching=_section(MatchingConfig, "matching", data.get("matching")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run_id": self.run_id}
+        if self.hook is not None:
+            out["hook"] = self.hook
+        out["models"] = {k: v.to_dict() for k, v in self.models.items()}
+        out["saes"] = {k: v.to_dict() for k, v in self.saes.items()}
+        for name in ("corpus", "sample", "thresholds", "examples", "matching"):
+            section = getattr(self, name)
+            out[name] = {f.name: getattr(section, f.name) for f in fields(section)}
+        return out
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise MissingPathError(f"Config file {path} does not exist. See configs/demo.toml for an example.")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file.") from None
+        return cls.from_dict(data)
+
+    # -- derived -----------------------------------------------------------------------------
+
+    def with_hook(self, hook: str) -> "RunConfig":
+        return replace(self, hook=hook)
+
+    def with_run_id(self, run_id: str) -> "RunConfig":
+        return replace(self, run_id=run_id)
+
+    @property
+    def sae_names(self) -> list[str]:
+        return [s for s in ("base_sae", "finetuned_sae") if s in self.saes]
+
+    def hash(self) -> str:
+        """What makes two runs the same computation: the normalized config (run_id excluded)."""
+        d = self.to_dict()
+        d.pop("run_id")
+        blob = json.dumps({"state_version": STATE_VERSION, "config": d}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _specs(section: str, data: Any, allowed: tuple[str, ...], spec_cls) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{section}] must be a table of {', '.join(allowed)} entries.")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown entry(ies) {unknown}; allowed are {list(allowed)}.")
+    out = {}
+    for name in allowed:
+        if name in data:
+            try:
+                out[name] = spec_cls.from_dict(data[name])
+            except ConfigError as exc:
+                raise ConfigError(f"[{section}.{name}] {exc}") from None
+    return out

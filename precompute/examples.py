@@ -1,0 +1,141 @@
+"""Top and quantile examples: which tokens (from the accumulators) and their windows (one short pass).
+
+The stream keeps, per (sae, feature, model), only (activation, global token index) of the top-k
+tokens and of the quantile sample. The windows (the tokens around each example and the feature's
+activation on every window token, on BOTH models) are filled at finalize by one pass that runs
+each model only up to the hook (`stop_at_layer`) on the stream batches that hold an example, and
+encodes with the SAEs. Storing windows in the stream instead would cost
+(n_top + quantile_sample) x window x 3 values per feature and model in every checkpoint (about
+200 MB for the demo's four (sae, model) pairs); this pass costs a fraction of one stream pass.
+Batches are the stream's own batches, so the activations are the ones the stream saw.
+
+Activations at special tokens (BOS/EOS/PAD) are reported as 0 in windows: special tokens are
+excluded from every statistic of a run (see precompute/run.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from explorer import schema
+
+
+@dataclass
+class ExampleSet:
+    sae: np.ndarray  # object (str)
+    feature: np.ndarray  # int64
+    model: np.ndarray  # object (str)
+    kind: np.ndarray  # object (str)
+    bin: np.ndarray  # float (NaN = null) -> int16
+    bin_low: np.ndarray  # float32 (NaN = null)
+    bin_high: np.ndarray
+    rank: np.ndarray  # int16
+    token: np.ndarray  # int64 global token index
+    value: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.feature)
+
+
+def collect(state, n_quantile_bins: int, n_per_bin: int) -> ExampleSet:
+    """All selected examples of a finalized pass state, sorted by (sae, feature, model, kind, bin, rank)."""
+    parts = []
+    for (sae, model), topk in state.topk.items():
+        f, r = np.nonzero(topk.token >= 0)
+        n = len(f)
+        parts.append(
+            dict(
+                sae=np.full(n, sae, object), feature=f.astype(np.int64), model=np.full(n, model, object), kind=np.full(n, "top", object),
+                bin=np.full(n, -1, np.int64), bin_low=np.full(n, np.nan, np.float32), bin_high=np.full(n, np.nan, np.float32),
+                rank=r.astype(np.int16), token=topk.token[f, r], value=topk.value[f, r],
+            )
+        )
+        q = state.quantile[(sae, model)].finalize(n_quantile_bins, n_per_bin)
+        n = len(q.feature)
+        parts.append(
+            dict(
+                sae=np.full(n, sae, object), feature=q.feature, model=np.full(n, model, object), kind=np.full(n, "quantile", object),
+                bin=q.bin.astype(np.int64), bin_low=q.bin_low, bin_high=q.bin_high, rank=q.rank, token=q.token, value=q.value,
+            )
+        )
+    cat = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in parts[0]}
+    sae_rank = np.array([schema.SAES.index(s) for s in cat["sae"]])
+    model_rank = np.array([schema.MODELS.index(m) for m in cat["model"]])
+    kind_rank = np.array([schema.EXAMPLE_KINDS.index(k) for k in cat["kind"]])
+    order = np.lexsort((cat["rank"], cat["bin"], kind_rank, model_rank, cat["feature"], sae_rank))
+    cat = {k: v[order] for k, v in cat.items()}
+    return ExampleSet(**cat)
+
+
+@dataclass
+class Windows:
+    start: np.ndarray  # [n] int64 window_start
+    length: np.ndarray  # [n] int64
+    token_ids: np.ndarray  # [n, W] int32 (valid up to length)
+    acts: dict[str, np.ndarray]  # model -> [n, W] float32
+
+
+def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, before: int, after: int, encode_batch) -> Windows:
+    """Windows of every example. `encode_batch(batch_index) -> {sae: {model: acts [B, C, d_sae] numpy}}`
+    gives the activations of one stream batch with special tokens already zeroed."""
+    n_seq, ctx = sample_tokens.shape
+    width = before + 1 + after
+    seq = ex.token // ctx
+    pos = ex.token % ctx
+    start = np.maximum(pos - before, 0)
+    end = np.minimum(pos + after + 1, ctx)
+    length = end - start
+    cols = start[:, None] + np.arange(width)[None, :]
+    valid = cols < end[:, None]
+    cols_c = np.minimum(cols, ctx - 1)
+    token_ids = np.where(valid, sample_tokens[seq[:, None], cols_c], 0).astype(np.int32)
+    acts = {m: np.zeros((len(ex), width), np.float32) for m in schema.MODELS}
+    batch_of = seq // batch_size
+    order = np.argsort(batch_of, kind="stable")
+    bounds = np.searchsorted(batch_of[order], np.arange(batch_of.max() + 2 if len(ex) else 1))
+    for b in np.unique(batch_of):
+        idx = order[bounds[b] : bounds[b + 1]]
+        enc = encode_batch(int(b))
+        for sae, per_model in enc.items():
+            sel = idx[ex.sae[idx] == sae]
+            if len(sel) == 0:
+                continue
+            loc = seq[sel] - b * batch_size
+            for m, a in per_model.items():
+                vals = a[loc[:, None], cols_c[sel], ex.feature[sel][:, None]]
+                acts[m][sel] = np.where(valid[sel], vals, 0)
+    return Windows(start=start, length=length, token_ids=token_ids, acts=acts)
+
+
+def _ragged(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
+    lengths = valid.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[valid], typ))
+
+
+def table(ex: ExampleSet, win: Windows, context_size: int) -> pa.Table:
+    width = win.token_ids.shape[1] if len(ex) else 0
+    valid = np.arange(width)[None, :] < win.length[:, None]
+    top = ex.kind == "top"
+    return pa.table(
+        {
+            "sae": pa.array(ex.sae.astype(str), pa.string()),
+            "feature_id": pa.array(ex.feature.astype(np.int32)),
+            "model": pa.array(ex.model.astype(str), pa.string()),
+            "kind": pa.array(ex.kind.astype(str), pa.string()),
+            "bin": pa.array(ex.bin.astype(np.int16), mask=top),
+            "bin_low": pa.array(ex.bin_low.astype(np.float32), mask=top),
+            "bin_high": pa.array(ex.bin_high.astype(np.float32), mask=top),
+            "rank": pa.array(ex.rank.astype(np.int16)),
+            "seq_id": pa.array((ex.token // context_size).astype(np.int32)),
+            "position": pa.array((ex.token % context_size).astype(np.int16)),
+            "activation": pa.array(ex.value.astype(np.float32)),
+            "window_start": pa.array(win.start.astype(np.int16)),
+            "token_ids": _ragged(win.token_ids, valid, pa.int32()),
+            "acts_base": _ragged(win.acts["base"], valid, pa.float32()),
+            "acts_finetuned": _ragged(win.acts["finetuned"], valid, pa.float32()),
+        }
+    )

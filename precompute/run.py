@@ -1,0 +1,888 @@
+"""The precompute pipeline: one pass over ONE token sample into mergeable accumulators, then a run directory.
+
+    prepare(cfg)      load and check everything (models, SAEs, hook, d_in, tokenizers, corpus,
+                      sample) BEFORE a run directory is touched: a bad config leaves nothing.
+    run(...)          stream the batches (or one shard's slice of them), checkpointing the
+                      accumulator state every N batches; then finalize (or, for a shard, save).
+    merge(...)        combine the shard states of a run and finalize.
+    finalize(...)     weights-only statistics, examples' windows, tables, and the manifest last.
+
+Which tokens count. Special tokens of either tokenizer (BOS, EOS, PAD, as SAELens's
+`get_special_token_ids` lists them) are excluded from every SAE and feature statistic, as SAELens's
+`run_evals(exclude_special_tokens=True)` does: L0, MSE, explained variance, densities,
+activation similarity and examples cover the other ("counted") tokens; a CE loss at position p
+counts when the token at p counts; the spliced pass replaces the activation only at counted
+tokens (the special tokens keep theirs), and the zero-ablated pass zeros every position (both
+SAELens's conventions). Residual-stream similarity covers every token, BOS included, so that its
+by-position curve starts at position 0.
+
+Outliers (METHODS.md section 2): a counted token whose activation norm at the hook exceeds the
+threshold: `outlier_norm`, or `outlier_norm_factor` x the mean norm of the model's counted
+tokens in the calibration sequences (Study T's 2*sqrt(d_model) after scaling the mean norm to
+sqrt(d_model) is factor 2). The "excluded" rows of metrics.parquet leave outlier tokens out of
+every mean and do not splice the SAE in at them (a second spliced pass, run only for batches
+that contain an outlier).
+
+Calibration: the first min(64, n_sequences) sequences of the sample fix, before the stream,
+the outlier thresholds and the upper end of the L2 histogram range (1.5 x the largest L2 seen,
+rounded up); every shard computes the same values. L2 values above the range are counted in the
+last bin, and the number clipped is in the manifest.
+
+Per-token explained variance uses the mean of the batch (SAELens's convention), so it depends on
+the batch size; shards are cut at batch boundaries, so it does not depend on sharding.
+
+Speed: for `hook_resid_pre` / `hook_resid_post` hooks the spliced and zero-ablated losses run
+the model from the hook's layer on (`start_at_layer`) with the replaced residual, instead of a
+full hooked forward; tests check both give the same loss. Other hooks use the hooked forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from explorer import rundir, schema
+from explorer.errors import ConfigError, CorpusError, RunError
+from precompute import examples as ex_mod
+from precompute.accumulators import (
+    CrossProducts,
+    FeatureStats,
+    PairStats,
+    QualityStats,
+    QuantileSample,
+    ResidStats,
+    SparseActs,
+    TopK,
+    _Stateful,
+)
+from precompute.config import REPO_ROOT, STATE_VERSION, RunConfig
+from precompute.corpus import TokenSample, check_token_ids, read_corpus, sample_sequences
+
+MODELS = schema.MODELS
+CALIBRATION_SEQUENCES = 64
+CHECKPOINT_DIR = ".checkpoint"
+SHARDS_DIR = "shards"
+STATE_FILE = "state.safetensors"
+COMPLETE_MARKER = "COMPLETE.json"
+PACKAGES = ("torch", "sae-lens", "transformer-lens", "transformers", "numpy", "scipy", "pyarrow", "safetensors")
+
+
+def log(msg: str) -> None:
+    print(f"[precompute] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig  # hook resolved
+    pair: Any  # explorer.models.LoadedPair
+    sample: TokenSample
+    special_ids: np.ndarray
+    device: str
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.sample.n_sequences / self.cfg.sample.batch_size)
+
+    def batch_seq_ids(self, b: int) -> np.ndarray:
+        bs = self.cfg.sample.batch_size
+        return np.arange(b * bs, min((b + 1) * bs, self.sample.n_sequences))
+
+
+def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
+    """Load and check models, SAEs, hook, tokenizers and the corpus; raise an ExplorerError on any problem."""
+    from sae_lens.util import get_special_token_ids
+
+    from explorer.models import load_pair
+
+    corpus_path = cfg.resolve(cfg.corpus.path)
+    if not corpus_path.is_file():
+        raise CorpusError(f"Corpus file {corpus_path} does not exist. Point [corpus] path at a Parquet file with a token_ids or text column.")
+    pair = load_pair(
+        cfg.models["base"], cfg.models["finetuned"], cfg.saes["base_sae"], cfg.saes.get("finetuned_sae"),
+        hook=cfg.hook, min_matching_id_share=cfg.thresholds.min_matching_id_share, device=device, root=REPO_ROOT,
+    )
+    ctx = cfg.sample.context_size
+    for label, model in (("base", pair.base), ("finetuned", pair.finetuned)):
+        if ctx > model.cfg.n_ctx:
+            raise ConfigError(f"[sample] context_size={ctx} exceeds the {label} model's context length n_ctx={model.cfg.n_ctx}.")
+    vocab = min(pair.base.cfg.d_vocab, pair.finetuned.cfg.d_vocab)
+    seqs, sources = read_corpus(corpus_path, ctx, pair.base.tokenizer)
+    check_token_ids(seqs, vocab, corpus_path)
+    sample = sample_sequences(seqs, sources, cfg.sample.n_sequences, cfg.sample.seed, corpus_path)
+    special = sorted(set(get_special_token_ids(pair.base.tokenizer)) | set(get_special_token_ids(pair.finetuned.tokenizer)))
+    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward passes
+
+
+def _hook_start_layer(hook: str, n_layers: int) -> int | None:
+    """The layer whose input residual IS the hook's activation (resid_pre L -> L, resid_post L -> L+1)."""
+    parts = hook.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        layer = int(parts[1])
+        if parts[2] == "hook_resid_pre":
+            return layer
+        if parts[2] == "hook_resid_post":
+            return layer + 1
+    return None
+
+
+class ModelRunner:
+    """Clean, spliced and zero-ablated losses of one model, and its activation at the hook."""
+
+    def __init__(self, model, hook: str, fast: bool = True):
+        from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+        self.model, self.hook = model, hook
+        self.start_layer = _hook_start_layer(hook, model.cfg.n_layers)
+        tok = model.tokenizer
+        self.fast = (
+            fast
+            and self.start_layer is not None
+            and model.cfg.positional_embedding_type != "shortformer"
+            and not (tok is not None and getattr(tok, "padding_side", "right") == "left")
+        )
+        self.stop_at = extract_stop_at_layer_from_tlens_hook_name(hook)
+
+    def clean(self, tokens):
+        """(per-token loss [B, C-1], activation at the hook [B, C, d])."""
+        store = {}
+
+        def grab(act, hook):  # noqa: ARG001
+            store["x"] = act.detach().clone()
+            return act
+
+        loss = self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, grab)])
+        return loss, store["x"]
+
+    def loss_with(self, tokens, x_new):
+        """Per-token loss with the activation at the hook replaced by x_new."""
+        if self.fast:
+            return self.model(x_new, start_at_layer=self.start_layer, tokens=tokens, return_type="loss", loss_per_token=True)
+
+        def replace(act, hook):  # noqa: ARG001
+            return x_new
+
+        return self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, replace)])
+
+    def acts(self, tokens):
+        """The activation at the hook only (the model stops after the hook's layer)."""
+        store = {}
+
+        def grab(act, hook):  # noqa: ARG001
+            store["x"] = act.detach().clone()
+            return act
+
+        self.model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.stop_at)
+        return store["x"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    n_sequences: int
+    mean_norm: dict[str, float]
+    outlier_threshold: dict[str, float]
+    l2_max: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_sequences": self.n_sequences, "mean_norm": self.mean_norm, "outlier_threshold": self.outlier_threshold, "l2_max": self.l2_max}
+
+
+def _ceil_2sig(x: float) -> float:
+    if not np.isfinite(x) or x <= 0:
+        return 1.0
+    e = math.floor(math.log10(x)) - 1
+    return math.ceil(x / 10**e) * 10**e
+
+
+def calibrate(prep: Prepared, runners: dict[str, ModelRunner]) -> Calibration:
+    import torch
+
+    n = min(CALIBRATION_SEQUENCES, prep.sample.n_sequences)
+    bs = prep.cfg.sample.batch_size
+    norms = {m: [] for m in MODELS}
+    l2s = []
+    with torch.inference_mode():
+        for i in range(0, n, bs):
+            tok_np = prep.sample.tokens[i : min(i + bs, n)]
+            tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
+            counted = ~np.isin(tok_np, prep.special_ids)
+            xs = {m: runners[m].acts(tokens) for m in MODELS}
+            for m in MODELS:
+                norms[m].append(xs[m].norm(dim=-1).cpu().numpy()[counted])
+            l2s.append((xs["base"] - xs["finetuned"]).norm(dim=-1).cpu().numpy().ravel())
+    mean_norm = {m: float(np.concatenate(norms[m]).astype(np.float64).mean()) if sum(len(a) for a in norms[m]) else float("nan") for m in MODELS}
+    th = prep.cfg.thresholds
+    if th.outlier_norm is not None:
+        thr = {m: float(th.outlier_norm) for m in MODELS}
+    else:
+        thr = {m: float(th.outlier_norm_factor * mean_norm[m]) if np.isfinite(mean_norm[m]) else float("inf") for m in MODELS}
+    l2_max = _ceil_2sig(1.5 * float(np.concatenate(l2s).max()))
+    return Calibration(n, mean_norm, thr, l2_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass state: every accumulator of a run
+
+
+class PassState:
+    def __init__(self, prep: Prepared, calib: Calibration, pair_keys: np.ndarray | None, batch_range: tuple[int, int]):
+        cfg = prep.cfg
+        self.sae_names = cfg.sae_names
+        self.d_sae = {s: int(prep.pair.saes[s].cfg.d_sae) for s in self.sae_names}
+        ex = cfg.examples
+        self.features = {(s, m): FeatureStats(self.d_sae[s], schema.ACT_HIST_EDGES) for s in self.sae_names for m in MODELS}
+        self.topk = {(s, m): TopK(self.d_sae[s], ex.n_top) for s in self.sae_names for m in MODELS}
+        self.quantile = {(s, m): QuantileSample(self.d_sae[s], ex.quantile_sample, cfg.sample.seed) for s in self.sae_names for m in MODELS}
+        self.quality = {(s, m): QualityStats() for s in self.sae_names for m in MODELS}
+        self.pairs = {s: PairStats(self.d_sae[s], cfg.thresholds.act_error_eps) for s in self.sae_names}
+        self.cross = (
+            CrossProducts(self.d_sae["base_sae"], self.d_sae["finetuned_sae"], pair_keys) if "finetuned_sae" in self.sae_names else None
+        )
+        self.resid = ResidStats(cfg.sample.context_size, calib.l2_max, schema.RESID_HIST_BINS, schema.COSINE_RANGE)
+        self.batch_start, self.batch_end = batch_range
+        self.next_batch = self.batch_start
+
+    def accumulators(self) -> dict[str, _Stateful]:
+        out: dict[str, _Stateful] = {}
+        for kind in ("features", "topk", "quantile", "quality"):
+            for (s, m), acc in getattr(self, kind).items():
+                out[f"{kind}.{s}.{m}"] = acc
+        for s, acc in self.pairs.items():
+            out[f"pairs.{s}"] = acc
+        if self.cross is not None:
+            out["cross"] = self.cross
+        out["resid"] = self.resid
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"{name}/{k}": v for name, acc in self.accumulators().items() for k, v in acc.state().items()}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, acc in self.accumulators().items():
+            prefix = f"{name}/"
+            acc.load({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+
+    def merge(self, other: "PassState") -> None:
+        mine, theirs = self.accumulators(), other.accumulators()
+        for name, acc in mine.items():
+            acc.merge(theirs[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# One batch
+
+
+def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int) -> None:
+    import torch
+
+    saes = prep.pair.saes
+    seq_ids = prep.batch_seq_ids(b)
+    tok_np = prep.sample.tokens[seq_ids]
+    n_b, ctx = tok_np.shape
+    tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
+    counted = ~np.isin(tok_np, prep.special_ids)  # [B, C]
+    counted_flat = counted.reshape(-1)
+    counted_t = torch.from_numpy(counted).to(prep.device)
+    gidx = (seq_ids[:, None].astype(np.int64) * ctx + np.arange(ctx)[None, :]).reshape(-1)
+    n_counted = int(counted.sum())
+    xs = {}
+    sparse: dict[str, dict[str, SparseActs]] = {s: {} for s in state.sae_names}
+    with torch.inference_mode():
+        for m in MODELS:
+            r = runners[m]
+            clean_loss, x = r.clean(tokens)
+            zero_loss = r.loss_with(tokens, torch.zeros_like(x))
+            xs[m] = x
+            outlier = (x.norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
+            any_outlier = bool((counted & outlier).any())
+            clean_np, zero_np = clean_loss.cpu().numpy(), zero_loss.cpu().numpy()
+            x_flat = x.reshape(n_b * ctx, -1)
+            for s in state.sae_names:
+                sae = saes[s]
+                acts = sae.encode(x)  # [B, C, d_sae]
+                x_hat = sae.decode(acts).to(x.dtype)
+                spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).cpu().numpy()
+                if any_outlier:
+                    keep = torch.from_numpy(counted & ~outlier).to(prep.device)[..., None]
+                    spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).cpu().numpy()
+                else:
+                    spliced_ex = spliced
+                a = acts.reshape(n_b * ctx, -1)
+                l0 = (a > 0).sum(dim=-1).cpu().numpy()
+                state.quality[(s, m)].update(
+                    x_flat.cpu().numpy(), x_hat.reshape(n_b * ctx, -1).cpu().numpy(), l0, counted, outlier,
+                    {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)},
+                )
+                a = a * torch.from_numpy(counted_flat).to(a.device, a.dtype)[:, None]
+                nz = torch.nonzero(a > 0)
+                t, f = nz[:, 0], nz[:, 1]
+                sa = SparseActs(gidx[t.cpu().numpy()], f.cpu().numpy().astype(np.int64), a[t, f].cpu().numpy().astype(np.float32), n_counted)
+                state.features[(s, m)].update(sa)
+                state.topk[(s, m)].update(sa)
+                state.quantile[(s, m)].update(sa)
+                sparse[s][m] = sa
+        xb, xf = xs["base"], xs["finetuned"]
+        cos = torch.nn.functional.cosine_similarity(xb, xf, dim=-1).cpu().numpy()
+        l2 = (xb - xf).norm(dim=-1).cpu().numpy()
+    state.resid.update(cos, l2)
+    for s in state.sae_names:
+        state.pairs[s].update(sparse[s]["base"], sparse[s]["finetuned"])
+    if state.cross is not None:
+        state.cross.update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and shard states (safetensors + JSON metadata; no pickle)
+
+
+def save_state(path: Path, state: PassState, meta: dict[str, Any]) -> None:
+    """Write atomically: a kill at any moment leaves the previous file or the new one."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state.arrays(), str(tmp), metadata={"meta": json.dumps(meta, sort_keys=True)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    rundir._fsync_dir(path.parent)
+
+
+def read_state_meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as fh:
+            return json.loads((fh.metadata() or {})["meta"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise RunError(f"The saved state {path} is unreadable ({type(exc).__name__}: {exc}). Delete it and run again.") from None
+
+
+def load_state_arrays(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _state_meta(prep: Prepared, calib: Calibration, state: PassState, shard: tuple[int, int] | None, complete: bool) -> dict[str, Any]:
+    return {
+        "state_version": STATE_VERSION,
+        "config_hash": prep.cfg.hash(),
+        "config": prep.cfg.to_dict(),
+        "calibration": calib.to_dict(),
+        "batch_start": state.batch_start,
+        "batch_end": state.batch_end,
+        "next_batch": state.next_batch,
+        "n_batches": prep.n_batches,
+        "shard": list(shard) if shard else None,
+        "complete": complete,
+    }
+
+
+def _check_meta(meta: dict[str, Any], prep: Prepared, path: Path) -> None:
+    if meta.get("state_version") != STATE_VERSION:
+        raise RunError(f"{path} was written by another version of the precompute (state version {meta.get('state_version')}). Delete it and run again.")
+    if meta.get("config_hash") != prep.cfg.hash():
+        raise ConfigError(
+            f"{path} holds the state of a run with a different config under the same run id {prep.cfg.run_id!r}. "
+            "Use another run_id, restore the original config, or pass --overwrite to start this run from scratch."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Run, shards, merge
+
+
+def _runners(prep: Prepared) -> dict[str, ModelRunner]:
+    return {"base": ModelRunner(prep.pair.base, prep.cfg.hook), "finetuned": ModelRunner(prep.pair.finetuned, prep.cfg.hook)}
+
+
+def _pair_keys(prep: Prepared) -> np.ndarray | None:
+    from precompute.weights import candidate_pair_keys, unit_rows
+
+    saes = prep.pair.saes
+    if "finetuned_sae" not in saes:
+        return None
+    d_a, d_b = int(saes["base_sae"].cfg.d_sae), int(saes["finetuned_sae"].cfg.d_sae)
+    if max(d_a, d_b) <= prep.cfg.matching.max_all_pairs_d_sae:
+        return None
+    return candidate_pair_keys(unit_rows(saes["base_sae"].W_dec), unit_rows(saes["finetuned_sae"].W_dec), prep.cfg.matching.n_candidates)
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove what a precompute writes in a run directory (for --overwrite): the manifest first."""
+    (run_dir / schema.MANIFEST).unlink(missing_ok=True)
+    for name in schema.TABLES:
+        (run_dir / name).unlink(missing_ok=True)
+    for sub in (CHECKPOINT_DIR, SHARDS_DIR):
+        if (run_dir / sub).is_dir():
+            shutil.rmtree(run_dir / sub)
+
+
+def _existing_run(run_dir: Path, prep: Prepared, overwrite: bool) -> bool:
+    """True when the run is already complete with this config (nothing to do)."""
+    manifest = run_dir / schema.MANIFEST
+    if not manifest.exists():
+        return False
+    try:
+        old = json.loads(manifest.read_text())
+        same = RunConfig.from_dict(old.get("config")).hash() == prep.cfg.hash()
+    except Exception:  # noqa: BLE001 - an unreadable old manifest is just "different"
+        same = False
+    if same and not overwrite:
+        return True
+    if not overwrite:
+        raise RunError(
+            f"Run {prep.cfg.run_id!r} already exists at {run_dir} with a different config. Choose another run_id, "
+            "or pass --overwrite to replace it."
+        )
+    return False
+
+
+def run(
+    cfg: RunConfig,
+    runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR,
+    shard: tuple[int, int] | None = None,
+    checkpoint_every: int = 25,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_delay: float = 0.0,
+) -> Path:
+    """Compute a run (or one shard of it). Returns the run directory."""
+    prep = prepare(cfg, device)
+    run_dir = rundir.run_path(prep.cfg.run_id, runs_dir)
+    if run_dir.exists() and overwrite:
+        _clear_run_dir(run_dir)
+    if run_dir.exists() and _existing_run(run_dir, prep, overwrite):
+        log(f"run {prep.cfg.run_id!r} is already complete at {run_dir}; nothing to do.")
+        return run_dir
+    n_batches = prep.n_batches
+    if shard is not None:
+        i, n = shard
+        if n > n_batches:
+            raise ConfigError(f"--shard {i}/{n}: the sample has only {n_batches} batches; use at most {n_batches} shards.")
+        batch_range = (i * n_batches // n, (i + 1) * n_batches // n)
+        work = run_dir / SHARDS_DIR / f"{i}-of-{n}"
+        if (work / COMPLETE_MARKER).exists():
+            _check_meta(read_state_meta(work / STATE_FILE), prep, work / STATE_FILE)
+            log(f"shard {i}/{n} of {prep.cfg.run_id!r} is already complete; run `python -m precompute merge {prep.cfg.run_id}` when all are.")
+            return run_dir
+        ckpt = work / CHECKPOINT_DIR / STATE_FILE
+    else:
+        batch_range = (0, n_batches)
+        ckpt = run_dir / CHECKPOINT_DIR / STATE_FILE
+
+    runners = _runners(prep)
+    calib = calibrate(prep, runners)
+    state = PassState(prep, calib, _pair_keys(prep), batch_range)
+    if ckpt.exists():
+        meta = read_state_meta(ckpt)
+        _check_meta(meta, prep, ckpt)
+        if meta["calibration"] != json.loads(json.dumps(calib.to_dict())) or (meta["batch_start"], meta["batch_end"]) != batch_range:
+            raise RunError(f"The checkpoint {ckpt} does not fit this run (calibration or batch range differ). Delete it and run again.")
+        state.load_arrays(load_state_arrays(ckpt))
+        state.next_batch = int(meta["next_batch"])
+        log(f"resuming {prep.cfg.run_id!r} from its checkpoint at batch {state.next_batch}/{batch_range[1]}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    processed = _stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay)
+    stream_s = time.time() - t0
+    timing = {"stream_seconds": stream_s, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
+    if shard is not None:
+        work = ckpt.parent.parent
+        save_state(work / STATE_FILE, state, {**_state_meta(prep, calib, state, shard, True), "timing": timing})
+        rundir.atomic_write_bytes(work / COMPLETE_MARKER, json.dumps({"config_hash": prep.cfg.hash(), "shard": list(shard)}).encode())
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
+        log(f"shard {shard[0]}/{shard[1]} done ({processed:,} tokens in {stream_s:.0f} s)")
+        return run_dir
+    finalize(prep, runners, state, calib, run_dir, timing)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return run_dir
+
+
+def _stream(prep, runners, state: PassState, calib, ckpt: Path, shard, checkpoint_every: int, progress: bool, batch_delay: float) -> int:
+    from tqdm import tqdm
+
+    ctx = prep.cfg.sample.context_size
+    tokens_in = lambda lo, hi: int(sum(len(prep.batch_seq_ids(b)) for b in range(lo, hi))) * ctx  # noqa: E731
+    total = tokens_in(state.batch_start, state.batch_end)
+    done = tokens_in(state.batch_start, state.next_batch)
+    bar = tqdm(
+        total=total, initial=done, unit="tok", unit_scale=True, desc=f"precompute {prep.cfg.run_id}", disable=not progress,
+        mininterval=1.0, smoothing=0.3, file=sys.stderr,
+    )
+    processed = 0
+    since = 0
+    for b in range(state.next_batch, state.batch_end):
+        process_batch(prep, runners, state, calib, b)
+        state.next_batch = b + 1
+        n = len(prep.batch_seq_ids(b)) * ctx
+        processed += n
+        bar.update(n)
+        since += 1
+        if batch_delay:
+            time.sleep(batch_delay)
+        if since >= checkpoint_every or state.next_batch == state.batch_end:
+            save_state(ckpt, state, _state_meta(prep, calib, state, shard, False))
+            since = 0
+    bar.close()
+    return processed
+
+
+def _shard_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / SHARDS_DIR
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def merge(run_id: str, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, device: str = "cpu") -> Path:
+    """Merge the complete shard states of a run into the run directory."""
+    run_dir = rundir.run_path(run_id, runs_dir)
+    shards = _shard_dirs(run_dir)
+    if not shards:
+        raise RunError(f"Run {run_id!r} has no shards in {run_dir / SHARDS_DIR}. Run `python -m precompute run --config X --shard I/N` first.")
+    metas = []
+    for d in shards:
+        if not (d / COMPLETE_MARKER).exists():
+            raise RunError(f"Shard {d.name} of run {run_id!r} is not complete. Run it again (it resumes), then merge.")
+        metas.append((d, read_state_meta(d / STATE_FILE)))
+    counts = {tuple(m["shard"])[1] for _, m in metas}
+    hashes = {m["config_hash"] for _, m in metas}
+    if len(counts) != 1 or len(hashes) != 1:
+        raise RunError(f"The shards of run {run_id!r} come from different configs or shard counts ({sorted(d.name for d in shards)}). Delete the stray ones.")
+    n = counts.pop()
+    have = sorted(m["shard"][0] for _, m in metas)
+    if have != list(range(n)):
+        missing = sorted(set(range(n)) - set(have))
+        raise RunError(f"Run {run_id!r} has shards {have} of {n}; missing {missing}. Run them, then merge.")
+    metas.sort(key=lambda dm: dm[1]["shard"][0])
+    cfg = RunConfig.from_dict(metas[0][1]["config"])
+    prep = prepare(cfg, device)
+    if prep.cfg.hash() != metas[0][1]["config_hash"]:
+        raise RunError(f"The shards of run {run_id!r} were computed with another version of the inputs or code. Rerun the shards.")
+    if (run_dir / schema.MANIFEST).exists():
+        log(f"run {run_id!r} is already complete at {run_dir}; nothing to do.")
+        return run_dir
+    calib = Calibration(**{k: v for k, v in metas[0][1]["calibration"].items()})
+    runners = _runners(prep)
+    state = PassState(prep, calib, _pair_keys(prep), (0, prep.n_batches))
+    expected = 0
+    stream_s, stream_tokens = 0.0, 0
+    for i, (d, meta) in enumerate(metas):
+        if meta["calibration"] != metas[0][1]["calibration"]:
+            raise RunError(f"Shard {d.name} was calibrated differently from shard 0 (different hardware or code?). Rerun the shards on one setup.")
+        if meta["batch_start"] != expected or meta["next_batch"] != meta["batch_end"]:
+            raise RunError(f"Shard {d.name} covers batches {meta['batch_start']}..{meta['next_batch']}, expected to start at {expected}.")
+        expected = meta["batch_end"]
+        part = PassState(prep, calib, _pair_keys(prep) if state.cross is not None and state.cross.pair_keys is not None else None, (meta["batch_start"], meta["batch_end"]))
+        part.load_arrays(load_state_arrays(d / STATE_FILE))
+        if i == 0:
+            state = part
+        else:
+            state.merge(part)
+        stream_s += meta.get("timing", {}).get("stream_seconds", 0.0)
+        stream_tokens += meta.get("timing", {}).get("stream_tokens", 0)
+    if expected != prep.n_batches:
+        raise RunError(f"The shards of run {run_id!r} cover batches 0..{expected}, not all {prep.n_batches}.")
+    state.batch_start, state.batch_end, state.next_batch = 0, prep.n_batches, prep.n_batches
+    timing = {"stream_seconds": stream_s, "stream_tokens": stream_tokens, "tokens_per_second": stream_tokens / stream_s if stream_s else None, "merged_shards": n}
+    finalize(prep, runners, state, calib, run_dir, timing)
+    shutil.rmtree(run_dir / SHARDS_DIR, ignore_errors=True)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Finalize: tables and manifest
+
+
+def _status(count: np.ndarray, density: np.ndarray, ultralow: float, dense: float) -> np.ndarray:
+    return np.select([count == 0, density < ultralow, density > dense], ["dead", "ultralow", "dense"], "regular").astype(object)
+
+
+def _cross_class(alive_b: np.ndarray, alive_f: np.ndarray) -> np.ndarray:
+    return np.select(
+        [alive_b & alive_f, alive_b & ~alive_f, ~alive_b & alive_f], ["both_alive", "died", "woke"], "both_dead"
+    ).astype(object)
+
+
+def _list_col(arr2d: np.ndarray, typ):
+    import pyarrow as pa
+
+    n, k = arr2d.shape
+    offsets = np.arange(0, n * k + 1, k, dtype=np.int32) if n else np.zeros(1, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(np.ascontiguousarray(arr2d).reshape(-1), typ))
+
+
+def _nullable(values: np.ndarray, valid: np.ndarray, typ):
+    import pyarrow as pa
+
+    return pa.array(np.where(valid, values, 0).astype(typ.to_pandas_dtype()), typ, mask=~valid)
+
+
+def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
+    n = len(tokenizer) if tokenizer is not None else 0
+    strs = tokenizer.batch_decode([[i] for i in range(min(n, d_vocab))]) if n else []
+    return strs + [f"<id {i}>" for i in range(len(strs), d_vocab)]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _jsonable(obj):
+    """NaN/inf -> None, numpy -> python, recursively (the manifest is strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
+def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, run_dir: Path, timing: dict) -> dict:
+    """Compute the weights-only statistics and the examples' windows, write every table, then the manifest."""
+    import pyarrow as pa
+    import torch
+
+    from precompute import weights as W
+
+    t0 = time.time()
+    cfg, sample = prep.cfg, prep.sample
+    ctx = sample.context_size
+    saes = prep.pair.saes
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict] = {}
+    summary: dict[str, Any] = {}
+
+    # metrics.parquet
+    rows = [{"sae": s, "model": m, **row} for s in state.sae_names for m in MODELS for row in state.quality[(s, m)].finalize()]
+    summary["explained_variance_nonfinite"] = {f"{r['sae']}/{r['model']}/{r['outliers']}": r["n_ev_nonfinite"] for r in rows}
+    files["metrics.parquet"] = rundir.write_table(run_dir, "metrics.parquet", pa.Table.from_pylist(rows))
+
+    # resid_*.parquet
+    from precompute.accumulators import RESID_METRIC_ORDER
+
+    res = state.resid
+    pos_n = res.pos_n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        files["resid_position.parquet"] = rundir.write_table(
+            run_dir, "resid_position.parquet",
+            pa.table({"position": np.arange(ctx, dtype=np.int32), "n_tokens": pos_n, "mean_cosine": res.pos_cos / pos_n, "mean_l2": res.pos_l2 / pos_n}),
+        )
+    hist_rows = {"metric": [], "bin_left": [], "bin_right": [], "count": []}
+    for i, metric in enumerate(RESID_METRIC_ORDER):
+        lo, hi = res.range(i)
+        edges = np.linspace(lo, hi, res.n_bins + 1)
+        hist_rows["metric"] += [metric] * res.n_bins
+        hist_rows["bin_left"] += edges[:-1].tolist()
+        hist_rows["bin_right"] += edges[1:].tolist()
+        hist_rows["count"] += res.hist[i].tolist()
+    files["resid_histograms.parquet"] = rundir.write_table(run_dir, "resid_histograms.parquet", pa.table(hist_rows))
+    mom = res.moments.finalize()
+    files["resid_summary.parquet"] = rundir.write_table(
+        run_dir, "resid_summary.parquet", pa.table({"metric": list(RESID_METRIC_ORDER), **{k: mom[k] for k in ("n", "mean", "std", "min", "max")}})
+    )
+
+    # matching
+    match = None
+    units = {s: W.unit_rows(saes[s].W_dec) for s in state.sae_names}
+    if state.cross is not None:
+        fa, fb = state.features[("base_sae", "base")], state.features[("finetuned_sae", "finetuned")]
+        corr = state.cross.correlation(fa, fb)
+        if state.cross.pair_keys is None:
+            match = W.match_all_pairs(corr, units["base_sae"], units["finetuned_sae"], cfg.matching.n_kept_per_feature)
+        else:
+            match = W.match_candidates(state.cross.pair_keys, corr, units["base_sae"], units["finetuned_sae"])
+        files["matches.parquet"] = rundir.write_table(
+            run_dir, "matches.parquet",
+            pa.table(
+                {
+                    "base_feature_id": match.pair_a.astype(np.int32), "finetuned_feature_id": match.pair_b.astype(np.int32),
+                    "act_corr": match.pair_corr, "dec_cos": match.pair_cos, "score": match.pair_score, "assigned": match.pair_assigned,
+                }
+            ),
+        )
+        thr = cfg.thresholds.match
+        summary["matching"] = {
+            "mode": match.mode,
+            "n_candidate_pairs": match.n_candidate_pairs,
+            "n_rows": int(len(match.pair_a)),
+            "n_assigned": int((match.assigned_b_for_a >= 0).sum()),
+            "threshold": thr,
+            "n_lost": int(np.sum(~(np.nan_to_num(match.best_score_a, nan=-np.inf) >= thr))),
+            "n_born": int(np.sum(~(np.nan_to_num(match.best_score_b, nan=-np.inf) >= thr))),
+            "act_corr_nan_pairs": int(np.isnan(match.pair_corr).sum()),
+        }
+
+    # features.parquet
+    vocab = vocab_strings(prep.pair.base.tokenizer, prep.pair.base.cfg.d_vocab)
+    flat_tokens = sample.tokens.reshape(-1)
+    th = cfg.thresholds
+    w_u = {"base": prep.pair.base.W_U, "finetuned": prep.pair.finetuned.W_U}
+    feature_tables = []
+    summary["status_counts"], summary["cross_class_counts"], summary["act_similarity_nan"], summary["logit_similarity_nan"] = {}, {}, {}, {}
+    for s in state.sae_names:
+        sae = saes[s]
+        d = state.d_sae[s]
+        cols: dict[str, Any] = {"sae": [s] * d, "feature_id": np.arange(d, dtype=np.int32)}
+        alive = {}
+        summary["status_counts"][s] = {}
+        for m in MODELS:
+            fs = state.features[(s, m)]
+            fin = fs.finalize()
+            cols[f"density_{m}"] = fin["density"]
+            cols[f"mean_act_{m}"] = fin["mean_act"]
+            cols[f"mean_active_act_{m}"] = fin["mean_active_act"]
+            cols[f"max_act_{m}"] = state.topk[(s, m)].max()
+            status = _status(fs.count, fin["density"], th.ultralow_density, th.dense_density)
+            cols[f"status_{m}"] = status.astype(str)
+            summary["status_counts"][s][m] = {k: int((status == k).sum()) for k in schema.STATUSES}
+            alive[m] = fs.count > 0
+        cc = _cross_class(alive["base"], alive["finetuned"])
+        cols["cross_class"] = cc.astype(str)
+        summary["cross_class_counts"][s] = {k: int((cc == k).sum()) for k in schema.CROSS_CLASSES}
+        pair = state.pairs[s].finalize(state.features[(s, "base")], state.features[(s, "finetuned")])
+        cols["act_similarity"], cols["act_error"] = pair["act_similarity"], pair["act_error"]
+        summary["act_similarity_nan"][s] = int(np.isnan(pair["act_similarity"]).sum())
+        d_model = int(prep.pair.base.cfg.d_model)
+        if int(sae.cfg.d_in) == d_model and _hook_start_layer(cfg.hook, prep.pair.base.cfg.n_layers) is not None:
+            ls = W.logit_stats(sae.W_dec, w_u)
+            cols["logit_similarity"] = ls.similarity
+            summary["logit_similarity_nan"][s] = int(np.isnan(ls.similarity).sum())
+            for m in MODELS:
+                cols[f"logit_pos_ids_{m}"] = _list_col(ls.pos_ids[m], pa.int32())
+                cols[f"logit_pos_values_{m}"] = _list_col(ls.pos_values[m], pa.float32())
+                cols[f"logit_neg_ids_{m}"] = _list_col(ls.neg_ids[m], pa.int32())
+                cols[f"logit_neg_values_{m}"] = _list_col(ls.neg_values[m], pa.float32())
+        else:  # the decoder does not write into the residual stream: no direct logits
+            cols["logit_similarity"] = np.full(d, np.nan)
+            for m in MODELS:
+                for sign in ("pos", "neg"):
+                    cols[f"logit_{sign}_ids_{m}"] = pa.nulls(d, pa.list_(pa.int32()))
+                    cols[f"logit_{sign}_values_{m}"] = pa.nulls(d, pa.list_(pa.float32()))
+        for m in MODELS:
+            cols[f"act_hist_{m}"] = _list_col(state.features[(s, m)].hist, pa.int64())
+        nn_ids, nn_cos = W.nearest_neighbours(units[s])
+        cols["nn_feature_ids"], cols["nn_cosines"] = _list_col(nn_ids, pa.int32()), _list_col(nn_cos, pa.float32())
+        if match is not None:
+            if s == "base_sae":
+                best, bs_, bc, bcos, asg, asc = (match.best_b_for_a, match.best_score_a, match.best_corr_a, match.best_cos_a, match.assigned_b_for_a, match.assigned_score_a)
+            else:
+                best, bs_, bc, bcos, asg, asc = (match.best_a_for_b, match.best_score_b, match.best_corr_b, match.best_cos_b, match.assigned_a_for_b, match.assigned_score_b)
+            cols["match_feature_id"] = _nullable(best, best >= 0, pa.int32())
+            cols["match_score"], cols["match_act_corr"], cols["match_dec_cos"] = bs_, bc, bcos
+            cols["assigned_feature_id"] = _nullable(asg, asg >= 0, pa.int32())
+            cols["assigned_score"] = asc
+        else:
+            for c, typ in (("match_feature_id", pa.int32()), ("match_score", pa.float64()), ("match_act_corr", pa.float64()),
+                           ("match_dec_cos", pa.float64()), ("assigned_feature_id", pa.int32()), ("assigned_score", pa.float64())):
+                cols[c] = pa.nulls(d, typ)
+        top_tok = []
+        tk = {m: state.topk[(s, m)].token for m in MODELS}
+        for i in range(d):
+            seen: dict[str, None] = {}
+            for m in MODELS:
+                for g in tk[m][i]:
+                    if g >= 0:
+                        seen.setdefault(vocab[int(flat_tokens[g])].strip() or repr(vocab[int(flat_tokens[g])]), None)
+            top_tok.append(" ".join(seen))
+        cols["top_tokens"] = top_tok
+        feature_tables.append(pa.table(cols))
+    features = pa.concat_tables([t.select(schema.FEATURES.names).cast(schema.FEATURES) for t in feature_tables])
+    files["features.parquet"] = rundir.write_table(run_dir, "features.parquet", features)
+
+    # examples.parquet
+    ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)
+
+    def encode_batch(b: int):
+        seq_ids = prep.batch_seq_ids(b)
+        tok_np = sample.tokens[seq_ids]
+        tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
+        keep = torch.from_numpy(~np.isin(tok_np, prep.special_ids)).to(prep.device)[..., None]
+        out = {}
+        with torch.inference_mode():
+            xs = {m: runners[m].acts(tokens) for m in MODELS}
+            for s in state.sae_names:
+                out[s] = {m: (saes[s].encode(xs[m]) * keep).cpu().numpy() for m in MODELS}
+        return out
+
+    win = ex_mod.fill_windows(ex, sample.tokens, cfg.sample.batch_size, cfg.examples.window_before, cfg.examples.window_after, encode_batch)
+    files["examples.parquet"] = rundir.write_table(
+        run_dir, "examples.parquet", ex_mod.table(ex, win, ctx), row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE
+    )
+
+    # tokens.parquet, vocab.parquet
+    files["tokens.parquet"] = rundir.write_table(
+        run_dir, "tokens.parquet",
+        pa.table({"seq_id": np.arange(sample.n_sequences, dtype=np.int32), "source": pa.array(sample.sources, pa.string()), "token_ids": _list_col(sample.tokens.astype(np.int32), pa.int32())}),
+    )
+    files["vocab.parquet"] = rundir.write_table(
+        run_dir, "vocab.parquet", pa.table({"token_id": np.arange(len(vocab), dtype=np.int32), "token_str": vocab})
+    )
+
+    timing = {**timing, "finalize_seconds": time.time() - t0}
+    manifest = {
+        "run_id": cfg.run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+        "config": cfg.to_dict(),
+        "packages": package_versions(),
+        "tokenizer_check": prep.pair.tokenizer_comparison.to_dict(),
+        "n_tokens": sample.n_tokens,
+        "n_sequences": sample.n_sequences,
+        "n_counted_tokens": int(state.features[(state.sae_names[0], "base")].n_tokens),
+        "special_token_ids": prep.special_ids.tolist(),
+        "saes": list(state.sae_names),
+        "d_sae": dict(state.d_sae),
+        "act_hist_edges": schema.ACT_HIST_EDGES.tolist(),
+        "calibration": calib.to_dict(),
+        "resid_l2_range": [0.0, calib.l2_max],
+        "resid_clipped": {m: int(c) for m, c in zip(RESID_METRIC_ORDER, res.clipped)},
+        "summary": summary,
+        "timing": timing,
+        "files": files,
+    }
+    manifest = _jsonable(manifest)
+    rundir.write_manifest(run_dir, manifest)
+    log(
+        f"wrote {run_dir}: {sample.n_tokens:,} tokens, {len(ex):,} examples"
+        + (f", stream {timing['tokens_per_second']:,.0f} tok/s" if timing.get("tokens_per_second") else "")
+        + f", finalize {timing['finalize_seconds']:.0f} s"
+    )
+    return manifest
