@@ -30,6 +30,9 @@ live-probe page relies on it):
     show_error(exc)
         Shows an ExplorerError (or any exception) as a friendly message, never a traceback.
 
+    fragment(func) / @fragment
+        st.fragment whose body runs under guard() (use it instead of st.fragment).
+
     guard()
         A context manager for a page body: ExplorerError -> show_error + st.stop(); any other
         exception -> logged on the server, a generic friendly message shown, page stopped.
@@ -46,11 +49,12 @@ live-probe page relies on it):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import streamlit as st
 
@@ -296,6 +300,21 @@ def guard() -> Iterator[None]:
         log.exception("unexpected error in a page")
         show_error(exc)
         st.stop()
+
+
+def fragment(func: Callable[..., Any] | None = None, **kwargs: Any):
+    """`st.fragment` whose body runs under guard(): an error inside a fragment gets the same
+    friendly message as one in the page (Streamlit would otherwise show its own error box)."""
+
+    def wrap(f: Callable[..., Any]):
+        @functools.wraps(f)
+        def body(*a: Any, **kw: Any) -> Any:
+            with guard():
+                return f(*a, **kw)
+
+        return st.fragment(body, **kwargs)
+
+    return wrap(func) if func is not None else wrap
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 from typing import Any, Sequence
@@ -48,7 +49,9 @@ def fmt(v: Any, spec: str = ".3g", nan: str = "n/a") -> str:
         f = float(v)
     except (TypeError, ValueError):
         return nan
-    return format(f, spec) if math.isfinite(f) else nan
+    if not math.isfinite(f):
+        return nan
+    return format(int(f), spec) if spec.endswith("d") else format(f, spec)
 
 
 def pct(v: Any, digits: int = 2) -> str:
@@ -85,12 +88,15 @@ def inline_example(run: Run, row: Any, max_value: float, model: str) -> str:
     return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus)}</div>'
 
 
-def pager(key: str, n_rows: int, page_size: int) -> int:
-    """Page controls; returns the 0-based offset. Widget state lives in session_state[key]."""
+def pager(key: str, n_rows: int, page_size: int, reset_on: object = None) -> int:
+    """Page controls (st.pagination); returns the 0-based row offset.
+
+    The widget's key includes a digest of `reset_on` (the filters, sort, page size), so a new
+    selection starts again at page 1 without writing widget state by hand.
+    """
     n_pages = max(1, math.ceil(n_rows / page_size))
     if n_pages == 1:
         return 0
-    if st.session_state.get(key, 1) > n_pages:
-        st.session_state[key] = 1
-    page = st.pagination(n_pages, key=key, max_visible_pages=7)
-    return (int(page or 1) - 1) * page_size
+    digest = hashlib.sha1(repr((reset_on, page_size, n_rows)).encode()).hexdigest()[:12]
+    page = st.pagination(n_pages, key=f"{key}_{digest}", max_visible_pages=7)
+    return (min(int(page or 1), n_pages) - 1) * page_size
