@@ -89,7 +89,7 @@ class _Stateful:
     FIELDS: tuple[str, ...] = ()
 
     def state(self) -> dict[str, np.ndarray]:
-        return {name: np.ascontiguousarray(getattr(self, name)) for name in self.FIELDS}
+        return {name: np.array(getattr(self, name), order="C", copy=True) for name in self.FIELDS}
 
     def load(self, state: dict[str, np.ndarray]) -> "_Stateful":
         for name in self.FIELDS:
@@ -467,7 +467,7 @@ class ResidStats(_Stateful):
         self.moments.merge(other.moments)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {k: np.ascontiguousarray(getattr(self, k)) for k in ("hist", "clipped", "pos_n", "pos_cos", "pos_l2")}
+        out = {k: np.array(getattr(self, k), order="C", copy=True) for k in ("hist", "clipped", "pos_n", "pos_cos", "pos_l2")}
         out.update({f"mom_{k}": v for k, v in self.moments.state().items()})
         return out
 
