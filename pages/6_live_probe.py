@@ -1,0 +1,301 @@
+"""Live probe: both models and the SAE(s) run on a prompt; features, reconstruction, predictions, steering.
+
+Thin: explorer.probe does the work (through webapp.live's caches), explorer.render the HTML.
+The prompt form reruns the page only on submit; the feature view, the prediction view and the
+steering panel are fragments, so changing them reruns only their panel.
+"""
+
+import html
+import math
+
+import pandas as pd
+import streamlit as st
+
+from explorer import render
+from explorer.errors import ExplorerError
+from explorer.figures import SAE_LABELS
+from explorer.probe import CLEAN, ZERO_ABLATED, spliced
+from webapp import data, live, state, ui
+
+DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n'
+TYPED, CORPUS = "Type a prompt", "Pick from the corpus"
+K_SOURCE, K_TEXT, K_SEQ, K_EXCL, K_SUBMITTED = "probe_source", "probe_text", "probe_seq", "probe_exclude_special", "probe_submitted"
+K_SAE, K_FID, K_DIFF_BY, K_POS = "probe_sae", "probe_feature", "probe_diff_by", "probe_position"
+K_STEER_MODE, K_STEER_FID, K_STEER_COEF, K_STEER_N, K_STEER_REQ = "steer_mode", "steer_feature", "steer_coef", "steer_n", "steer_request"
+RAW, SCALED = "raw decoder direction", "x the feature's max activation on the base model (from the run)"
+N_SEQUENCES = 200
+TOP_K = 5
+
+
+def _preview(text: str, n: int = 90) -> str:
+    shown = render.display_token(text[: n + 1])
+    return shown if len(shown) <= n else shown[:n] + "..."
+
+
+def _submit(seqs: pd.DataFrame | None) -> None:
+    exclude = bool(st.session_state.get(K_EXCL, True))
+    if st.session_state.get(K_SOURCE) == CORPUS and seqs is not None and st.session_state.get(K_SEQ) is not None:
+        row = seqs[seqs["seq_id"] == st.session_state[K_SEQ]]
+        if len(row):
+            st.session_state[K_SUBMITTED] = ("ids", tuple(int(i) for i in row.iloc[0]["token_ids"]), exclude)
+            return
+    st.session_state[K_SUBMITTED] = ("text", st.session_state.get(K_TEXT, ""), exclude)
+
+
+def _feature_table(df: pd.DataFrame, sae: str) -> pd.DataFrame:
+    out = df.copy()
+    out.insert(0, "open", [ui.feature_url(run, sae, int(f)) for f in out["feature_id"]])
+    if "token_str" in out:
+        out["token_str"] = out["token_str"].map(render.display_token)
+    return out
+
+
+run = state.run_picker()
+st.title("Live probe")
+st.caption(
+    "Both models and the SAE(s) run live on your prompt, on the same token ids (BOS first, as the models were trained). "
+    "Blue is the base model, orange the finetuned model, on every page."
+)
+
+with state.guard():
+    key = live.pair_key(run)
+    pair = live.get_pair(key)
+    saes = [s for s in run.saes if s in pair.saes] or list(pair.saes)
+
+    # ---------------------------------------------------------------- the prompt
+    st.session_state.setdefault(K_SOURCE, TYPED)
+    st.session_state.setdefault(K_TEXT, DEFAULT_PROMPT)
+    st.session_state.setdefault(K_EXCL, True)
+    source = st.radio("Prompt source", [TYPED, CORPUS], key=K_SOURCE, horizontal=True, label_visibility="collapsed")
+    seqs = None
+    with st.form("probe_form", border=True):
+        if source == TYPED:
+            st.text_area("Prompt", key=K_TEXT, height=140, help=f"Longer prompts are cut to the models' context ({pair.base.cfg.n_ctx} tokens).")
+        else:
+            seqs = data.sequences(run, limit=N_SEQUENCES)
+            if len(seqs) == 0:
+                st.info("This run's token sample is empty; type a prompt instead.")
+            else:
+                labels = {int(r.seq_id): f"#{int(r.seq_id)} · {r.source} · {_preview(live.decode(key, tuple(int(i) for i in r.token_ids[1:])))}" for r in seqs.itertuples()}
+                if st.session_state.get(K_SEQ) not in labels:
+                    st.session_state[K_SEQ] = next(iter(labels))
+                st.selectbox("Corpus sequence (from the run's token sample)", list(labels), key=K_SEQ, format_func=lambda i: labels.get(i, str(i)))
+        st.checkbox("Leave special tokens (BOS) out of the metrics, as sae_lens evals do", key=K_EXCL)
+        st.form_submit_button("Run probe", type="primary", on_click=_submit, args=(seqs,))
+
+    kind, value, exclude = st.session_state.get(K_SUBMITTED) or ("text", DEFAULT_PROMPT, True)
+    try:
+        result = live.probe(key, kind, value, exclude)
+    except ExplorerError as exc:
+        st.warning(str(exc), icon=":material/edit_note:")
+        st.stop()
+    prompt = result.prompt
+    for note in prompt.notices + result.notices:
+        (st.warning if "context" in note else st.info)(note, icon=":material/info:")
+    st.caption(f"{prompt.n_tokens} tokens · hook `{result.hook}` · {len(result.sae_names)} SAE(s) · probed in {1000 * result.seconds:.0f} ms")
+
+    # ---------------------------------------------------------------- SAE (drives every view below)
+    sae = state.sae_param(run)
+    if sae not in result.sae_names:
+        sae = result.sae_names[0]
+    st.session_state[K_SAE] = sae
+    st.selectbox(
+        "SAE", list(result.sae_names), key=K_SAE, format_func=lambda s: SAE_LABELS.get(s, s),
+        on_change=lambda: state.set_params(sae=st.session_state[K_SAE], feature=None),
+    )
+    d_sae = result.d_sae[sae]
+
+
+@st.fragment
+def feature_panel() -> None:
+    """The chosen feature's per-token activations on both models (reruns alone)."""
+    with state.guard():
+        fid = state.feature_param(run, sae)
+        if fid is None or fid >= d_sae:
+            acts = result.feature_acts[(sae, "base")][result.eval_mask] if result.eval_mask.any() else result.feature_acts[(sae, "base")]
+            fid = int(acts.max(axis=0).argmax())
+        st.session_state[K_FID] = fid
+        c1, c2 = st.columns([1, 3])
+        c1.number_input(
+            f"Feature (0 to {d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=K_FID,
+            on_change=lambda: state.set_params(sae=sae, feature=int(st.session_state[K_FID])),
+            help="Defaults to the feature most active on this prompt (base model); ?feature= in the URL picks one.",
+        )
+        with c2:
+            ui.feature_link(run, sae, fid, label=f"Open {SAE_LABELS.get(sae, sae)} feature {fid} (top examples from the run)")
+        df = result.feature_activations(sae, fid)
+        peak = max(float(df["act_base"].max()), float(df["act_finetuned"].max()))
+        focus = int(df[["act_base", "act_finetuned"]].max(axis=1).idxmax()) if peak > 0 else None
+        block = render.example_block(list(prompt.token_strs), {"base": df["act_base"].tolist(), "finetuned": df["act_finetuned"].tolist()}, peak if peak > 0 else 1.0, focus=focus)
+        st.html(render.examples_html([f'<div data-probe="feature-acts">{block}</div>']))
+        a, b, c = st.columns(3)
+        a.metric("max on base", ui.fmt(df["act_base"].max()))
+        b.metric("max on finetuned", ui.fmt(df["act_finetuned"].max()))
+        c.metric("tokens firing (base / finetuned)", f"{int((df['act_base'] > 0).sum())} / {int((df['act_finetuned'] > 0).sum())}")
+        if peak <= 0:
+            st.caption("This feature does not fire on this prompt on either model.")
+
+
+st.subheader("The chosen feature on both models")
+feature_panel()
+
+with state.guard():
+    # ---------------------------------------------------------------- top features per token
+    st.subheader("Top features per token")
+    st.caption(f"The {TOP_K} most active {SAE_LABELS.get(sae, sae)} features at each token, as feature (activation).")
+    tops = {m: result.top_features_per_token(sae, m, TOP_K) for m in ("base", "finetuned")}
+    table = pd.DataFrame({"position": range(prompt.n_tokens), "token": [render.display_token(t) for t in prompt.token_strs]})
+    for m, df in tops.items():
+        cell = df.assign(s=df["feature_id"].astype(str) + " (" + df["activation"].map(lambda v: f"{v:.3g}") + ")").groupby("position")["s"].agg(", ".join)
+        table[render.MODEL_LABELS[m]] = table["position"].map(cell).fillna("")
+    st.dataframe(table, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(table)))
+
+    # ---------------------------------------------------------------- differing features
+    st.subheader("Features that differ most between the models")
+    st.session_state.setdefault(K_DIFF_BY, "max")
+    by = st.radio("Rank by", ["max", "sum"], key=K_DIFF_BY, horizontal=True, format_func=lambda b: {"max": "largest |difference| at one token", "sum": "summed |difference| over the prompt"}[b])
+    diff = result.differing_features(sae, k=20, by=by)
+    if diff.empty:
+        st.caption("No feature's activation differs between the models on the counted tokens of this prompt.")
+    else:
+        st.dataframe(
+            _feature_table(diff, sae),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "open": st.column_config.LinkColumn("feature", display_text=r"feature=(\d+)$", help="open the feature page"),
+                "feature_id": None,
+                "max_abs_diff": st.column_config.NumberColumn("max |diff|", format="%.4g"),
+                "sum_abs_diff": st.column_config.NumberColumn("sum |diff|", format="%.4g"),
+                "position": "at position",
+                "token_str": "token",
+                "act_base": st.column_config.NumberColumn("base there", format="%.4g"),
+                "act_finetuned": st.column_config.NumberColumn("finetuned there", format="%.4g"),
+                "max_act_base": st.column_config.NumberColumn("max on base", format="%.4g"),
+                "max_act_finetuned": st.column_config.NumberColumn("max on finetuned", format="%.4g"),
+            },
+        )
+
+    # ---------------------------------------------------------------- reconstruction
+    st.subheader("Reconstruction on this prompt")
+    rec = result.reconstruction.copy()
+    rec["sae"] = rec["sae"].map(lambda s: SAE_LABELS.get(s, s))
+    rec["model"] = rec["model"].map(render.MODEL_LABELS)
+    st.dataframe(
+        rec[["sae", "model", "n_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered"]],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "n_tokens": st.column_config.NumberColumn("tokens", help="tokens counted (special tokens left out when the box above is ticked)"),
+            "l0": st.column_config.NumberColumn("L0", format="%.1f"),
+            "mse": st.column_config.NumberColumn("MSE", format="%.4g", help="squared error summed over dimensions, mean over tokens"),
+            "explained_variance": st.column_config.NumberColumn("explained var", format="%.3f", help="per token 1 - ||x_hat - x||^2 / ||x - mean(x)||^2, averaged (SAELens convention)"),
+            "pooled_r2": st.column_config.NumberColumn("pooled R²", format="%.3f", help="Study T's pooled R^2 over all scalar elements; can go far below 0"),
+            "ce_clean": st.column_config.NumberColumn("CE clean", format="%.3f"),
+            "ce_spliced": st.column_config.NumberColumn("CE spliced", format="%.3f", help="activation replaced by the SAE reconstruction"),
+            "ce_zero_ablated": st.column_config.NumberColumn("CE zero-abl.", format="%.3f", help="activation replaced by zeros"),
+            "ce_delta": st.column_config.NumberColumn("CE delta", format="%+.3f"),
+            "ce_recovered": st.column_config.NumberColumn("CE recovered", format="%.3f", help="(zero - spliced) / (zero - clean); n/a when |zero - clean| < 1e-4"),
+        },
+    )
+    st.caption("CE losses in nats per token, on this prompt only: a handful of tokens is noisy; the run's Overview has the sample-wide numbers.")
+
+
+@st.fragment
+def predictions_panel() -> None:
+    """Next-token predictions at one position, clean vs spliced (reruns alone)."""
+    with state.guard():
+        n = prompt.n_tokens
+        if st.session_state.get(K_POS, n - 1) >= n:
+            st.session_state[K_POS] = n - 1
+        st.session_state.setdefault(K_POS, n - 1)
+        pos = st.select_slider(
+            "Predict after position", options=list(range(n)), key=K_POS,
+            format_func=lambda i: f"{i}: {render.display_token(prompt.token_strs[i])[:16]}",
+        )
+        if pos < n - 1:
+            st.caption(f"The actual next token is {render.display_token(prompt.token_strs[pos + 1])!r}.")
+        variants = [CLEAN, *(spliced(s) for s in result.sae_names), ZERO_ABLATED]
+        names = {CLEAN: "clean", ZERO_ABLATED: "zero-ablated", **{spliced(s): f"spliced ({SAE_LABELS.get(s, s)})" for s in result.sae_names}}
+        cols = st.columns(2)
+        for col, m in zip(cols, ("base", "finetuned")):
+            p = result.next_token_predictions(m, pos)
+            wide = pd.DataFrame({"rank": sorted(p["rank"].unique() + 1)})
+            for v in variants:
+                q = p[p["variant"] == v].sort_values("rank")
+                wide[names[v]] = [f"{render.display_token(t)!r}  {100 * pr:.1f}%" for t, pr in zip(q["token_str"], q["prob"])]
+            with col:
+                st.markdown(f"**{render.MODEL_LABELS[m]}**")
+                st.dataframe(wide, hide_index=True, width="stretch")
+
+
+st.subheader("Next-token predictions: clean vs spliced")
+predictions_panel()
+
+
+def _continuation_html(tokens: list[str], first_diff: int | None, model: str, kind: str) -> str:
+    r, g, b = render.MODEL_RGB[model]
+    spans = []
+    for i, t in enumerate(tokens):
+        changed = first_diff is not None and i >= first_diff and kind == "steered"
+        style = f"background:rgba({r},{g},{b},0.35)" if changed else f"background:rgba({r},{g},{b},0.08)"
+        spans.append(f'<span class="sx-tok" style="{style}">{render.escape_token(t)}</span>')
+    return "".join(spans)
+
+
+@st.fragment
+def steering_panel() -> None:
+    """Add a feature's decoder direction at the hook on both models; greedy continuations (reruns alone)."""
+    with state.guard():
+        st.session_state.setdefault(K_STEER_MODE, RAW)
+        mode = st.radio("Steering vector", [RAW, SCALED], key=K_STEER_MODE, horizontal=True)
+        if st.session_state.get(K_STEER_FID) is None or st.session_state[K_STEER_FID] >= d_sae:
+            st.session_state[K_STEER_FID] = int(st.session_state.get(K_FID, 0) or 0)
+        st.session_state.setdefault(K_STEER_COEF, 10.0 if mode == RAW else 4.0)
+        st.session_state.setdefault(K_STEER_N, 20)
+        scale, label = None, ""
+        with st.form("steer_form", border=True):
+            c1, c2, c3 = st.columns([1, 2, 1])
+            c1.number_input(f"Feature of the {SAE_LABELS.get(sae, sae)}", min_value=0, max_value=d_sae - 1, step=1, key=K_STEER_FID)
+            c2.slider("Coefficient", min_value=-100.0, max_value=100.0, step=0.5, key=K_STEER_COEF, help="coef x W_dec[feature] is added to the activation at the hook, at every position, on both models")
+            c3.number_input("New tokens", min_value=1, max_value=64, step=1, key=K_STEER_N)
+            go = st.form_submit_button("Steer", type="primary")
+        fid = int(st.session_state[K_STEER_FID])
+        if mode == SCALED:
+            row = data.feature(run, sae, fid)
+            max_act = float(row["max_act_base"]) if row and row.get("max_act_base") is not None else float("nan")
+            if not (math.isfinite(max_act) and max_act > 0):
+                st.info(f"Feature {fid} never fired on the base model in the run (max activation {ui.fmt(max_act)}), so the raw decoder direction is used.")
+            else:
+                scale, label = max_act, "max activation on the base model (run)"
+        request = (prompt.token_ids, sae, fid, float(st.session_state[K_STEER_COEF]), int(st.session_state[K_STEER_N]), scale, label)
+        if go:
+            st.session_state[K_STEER_REQ] = request
+        req = st.session_state.get(K_STEER_REQ)
+        if not req or req[0] != prompt.token_ids or req[1] != sae:
+            st.caption("Choose a feature and a coefficient, then press Steer.")
+            return
+        res = live.steer(key, *req)
+        st.markdown(f"Added **{html.escape(res.description)}** (norm {res.vector_norm:.3g}) at `{result.hook}`, every position; greedy decoding.")
+        for note in res.notices:
+            st.info(note)
+        tail = list(prompt.token_strs[-12:])
+        blocks = []
+        for r in res.continuations.itertuples(index=False):
+            lines = []
+            for kind, ids in (("unsteered", r.unsteered_ids), ("steered", r.steered_ids)):
+                toks = live.token_strs(key, tuple(ids))
+                prefix = "".join(f'<span class="sx-tok sx-ctrl">{render.escape_token(t)}</span>' for t in tail)
+                lines.append(
+                    f'<div class="sx-ex" data-probe="{kind}" data-model="{r.model}"><span class="sx-lbl">{kind}</span>'
+                    f"{prefix}{_continuation_html(toks, r.first_difference, r.model, kind)}</div>"
+                )
+            verdict = "unchanged" if not r.changed else f"diverges at new token {r.first_difference}"
+            blocks.append(f'<div class="sx-block" data-probe="steering-{r.model}"><h6>{html.escape(render.MODEL_LABELS[r.model])} · {verdict}</h6>{"".join(lines)}</div>')
+        st.html(render.examples_html(blocks))
+        ui.feature_link(run, sae, fid)
+
+
+st.subheader("Steering")
+st.caption("Add a feature's decoder direction to the activation at the hook on both models and compare greedy continuations with the unsteered ones.")
+steering_panel()

@@ -1,0 +1,127 @@
+"""AppTest of the Live probe page (pages/6_live_probe.py) on a run whose config names the tiny demo pair.
+
+The run's tables are synthetic (explorer.synthetic, 64 features, vocab 512, like the tiny demo);
+its manifest's config points at the tiny demo models and SAEs, so the page runs them live.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from explorer import rundir
+from explorer.synthetic import make_run
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = "pages/6_live_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe_runs(tiny_demo, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("probe_runs")
+    out = make_run(root / "probe", n_features=64, n_vocab=512, context=32)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["models"] = {m: {"path": str(tiny_demo / m)} for m in ("base", "finetuned")}
+    manifest["config"]["saes"] = {s: {"path": str(tiny_demo / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
+    manifest.pop("schema_version")
+    rundir.write_manifest(out, manifest)
+    make_run(root / "nomodels", n_features=64)  # its config names models that do not exist
+    return root
+
+
+def _open(monkeypatch, runs: Path, **params) -> AppTest:
+    monkeypatch.setenv("SAE_EXPLORER_RUNS_DIR", str(runs))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=240)
+    for k, v in {"run": "probe", **params}.items():
+        at.query_params[k] = v
+    at.run()
+    at.switch_page(PAGE)
+    at.run()
+    return at
+
+
+def _html(at: AppTest) -> str:
+    return "".join(str(e.proto.body) for e in at.get("html"))
+
+
+def test_probe_page_renders_its_panels(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs)
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Live probe"]
+    heads = [h.value for h in at.subheader]
+    for want in ("The chosen feature on both models", "Top features per token", "Features that differ most between the models", "Reconstruction on this prompt", "Next-token predictions: clean vs spliced", "Steering"):
+        assert want in heads
+    assert not at.error
+    body = _html(at)
+    assert 'data-probe="feature-acts"' in body and 'data-model="base"' in body and 'data-model="finetuned"' in body
+    assert "<script" not in body.replace("&lt;script", "")
+    # reconstruction table: one row per (SAE, model)
+    rec = next(df.value for df in at.dataframe if "ce_spliced" in df.value.columns)
+    assert len(rec) == 4 and rec["ce_clean"].notna().all()
+    assert [b.label for b in at.button] == ["Run probe", "Steer"]
+
+
+def test_empty_prompt_gets_a_friendly_message(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs)
+    at.text_area(key="probe_text").set_value("   \n ")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("empty" in w.value for w in at.warning)
+    assert "Top features per token" not in [h.value for h in at.subheader]
+
+
+def test_long_and_odd_prompt_gets_notices(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs)
+    at.text_area(key="probe_text").set_value("<script>alert(1)</script> \u202e\x07 😀 שלום " * 40)
+    at.button[0].click().run()
+    assert not at.exception
+    notes = " ".join(x.value for x in list(at.warning) + list(at.info))
+    assert "context" in notes and "control characters" in notes and "right-to-left" in notes
+    body = _html(at)
+    assert "<script" not in body and "&lt;" in body  # every token escaped (tokens split "<script>")
+
+
+def test_corpus_sequence_can_be_probed(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs)
+    at.radio(key="probe_source").set_value("Pick from the corpus").run()
+    assert at.selectbox(key="probe_seq").value == 0
+    at.selectbox(key="probe_seq").set_value(3)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert any("32 tokens" in c.value for c in at.caption)
+
+
+def test_feature_query_param_and_steering(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs, sae="finetuned_sae", feature="7")
+    assert at.number_input(key="probe_feature").value == 7
+    assert at.selectbox(key="probe_sae").value == "finetuned_sae"
+    at.slider(key="steer_coef").set_value(100.0)
+    at.button[1].click().run()
+    assert not at.exception
+    body = _html(at)
+    for m in ("base", "finetuned"):
+        assert f'data-probe="steering-{m}"' in body
+    assert body.count('data-probe="steered"') == 2 and body.count('data-probe="unsteered"') == 2
+    assert any("W_dec[7]" in md.value for md in at.markdown)
+
+
+@pytest.mark.parametrize("bad", ["abc", "-3", "99999", "1e3"])
+def test_bad_feature_param_is_a_friendly_error(monkeypatch, probe_runs, bad):
+    at = _open(monkeypatch, probe_runs, feature=bad)
+    assert not at.exception
+    assert at.error and "eature" in at.error[0].value
+    assert "Top features per token" in [h.value for h in at.subheader]  # the rest of the page still works
+
+
+def test_run_without_loadable_models_is_a_friendly_error(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs)
+    at.switch_page(PAGE)
+    at.query_params["run"] = "nomodels"
+    at.run()
+    assert not at.exception
+    assert at.error and "cannot load" in at.error[0].value

@@ -1,0 +1,110 @@
+"""Live models for the probe page: the run's pair loaded once per process, probe results cached.
+
+    key = pair_key(run)              # the run's model/SAE specs + hook, as canonical JSON
+    pair = get_pair(key)             # st.cache_resource: loaded once per server process
+    result = probe(key, "text", "def f(x):")      # st.cache_data on (key, prompt, ...)
+    result = probe(key, "ids", (0, 17, 42))
+    steered = steer(key, token_ids, "base_sae", 12, coef=8.0, n_new_tokens=20)
+
+The specs come from the run's manifest: `config.models.{base,finetuned}` (ModelSpec dicts),
+`config.saes.{base_sae,finetuned_sae}` (SAESpec dicts), `config.hook`. Relative paths resolve
+against the repository root (the directory holding app.py), as in the precompute config.
+Two runs over the same models share one loaded pair. torch is imported only when a pair loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import streamlit as st
+
+from explorer.errors import ConfigError, ExplorerError
+from explorer.schema import MODELS, SAES
+
+if TYPE_CHECKING:
+    from explorer.models import LoadedPair
+    from explorer.probe import ProbeResult, SteeringResult
+    from webapp.state import Run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _clean(spec: Any, what: str) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"The run's manifest has no usable {what} spec, so its models cannot be loaded for live probing. Re-run its precompute.")
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def pair_key(run: "Run | dict[str, Any]") -> str:
+    """Canonical JSON of what `get_pair` loads for this run (its cache key)."""
+    manifest = run if isinstance(run, dict) else run.manifest
+    config = manifest.get("config") or {}
+    models = config.get("models") or {}
+    saes = config.get("saes") or {}
+    if "base_sae" not in saes:
+        raise ConfigError("The run's manifest names no base SAE, so the live probe has nothing to run. Re-run its precompute.")
+    thresholds = config.get("thresholds") or {}
+    key = {
+        "models": {m: _clean(models.get(m), f"{m} model") for m in MODELS},
+        "saes": {s: _clean(saes[s], s) for s in SAES if saes.get(s)},
+        "hook": config.get("hook"),
+        "min_matching_id_share": thresholds.get("min_matching_id_share"),
+        "root": str(REPO),
+    }
+    return json.dumps(key, sort_keys=True)
+
+
+@st.cache_resource(show_spinner="Loading both models and the SAEs (once per server)...", max_entries=4)
+def get_pair(key: str) -> "LoadedPair":
+    """Load the pair described by `pair_key` (shared by every session; never mutated)."""
+    from explorer.models import DEFAULT_MIN_MATCHING_ID_SHARE, ModelSpec, SAESpec, load_pair
+
+    spec = json.loads(key)
+    saes = spec["saes"]
+    try:
+        return load_pair(
+            ModelSpec.from_dict(spec["models"]["base"]),
+            ModelSpec.from_dict(spec["models"]["finetuned"]),
+            SAESpec.from_dict(saes["base_sae"]),
+            SAESpec.from_dict(saes["finetuned_sae"]) if "finetuned_sae" in saes else None,
+            hook=spec.get("hook"),
+            min_matching_id_share=spec.get("min_matching_id_share") or DEFAULT_MIN_MATCHING_ID_SHARE,
+            root=spec["root"],
+        )
+    except ExplorerError as exc:
+        raise type(exc)(f"The live probe cannot load this run's models: {exc}") from None
+
+
+@st.cache_data(show_spinner="Running both models and the SAEs...", max_entries=32)
+def probe(key: str, kind: str, value: Any, exclude_special_tokens: bool = True) -> "ProbeResult":
+    """Probe a typed prompt (kind "text", value str) or stored token ids (kind "ids", value tuple)."""
+    from explorer import probe as P
+
+    pair = get_pair(key)
+    prompt = P.prepare_prompt(pair, value) if kind == "text" else P.prepare_token_ids(pair, value)
+    return P.probe(pair, prompt, exclude_special_tokens=exclude_special_tokens)
+
+
+@st.cache_data(show_spinner="Generating steered and unsteered continuations...", max_entries=64)
+def steer(key: str, token_ids: tuple[int, ...], sae: str, feature_id: int, coef: float, n_new_tokens: int, scale: float | None = None, scale_label: str = "") -> "SteeringResult":
+    from explorer import probe as P
+
+    pair = get_pair(key)
+    prompt = P.prepare_token_ids(pair, token_ids)
+    return P.steer(pair, prompt, sae=sae, feature_id=feature_id, coef=coef, n_new_tokens=n_new_tokens, scale=scale, scale_label=scale_label)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def decode(key: str, token_ids: tuple[int, ...]) -> str:
+    from explorer import probe as P
+
+    return P.decode_text(get_pair(key), token_ids)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def token_strs(key: str, token_ids: tuple[int, ...]) -> list[str]:
+    from explorer import probe as P
+
+    return P.decode_tokens(get_pair(key).base.tokenizer, token_ids)
