@@ -31,13 +31,14 @@ _VISIBLE = {"\n": "\u21b5", "\r": "\u240d", "\t": "\u2192", "\x00": "\u2400"}
 
 CSS = """
 <style>
-.sx-ex{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:0.86rem;line-height:1.9;
-  direction:ltr;unicode-bidi:isolate;white-space:pre-wrap;word-break:break-all;margin:0 0 2px 0}
-.sx-tok{unicode-bidi:isolate;border-radius:3px;padding:1px 0;white-space:pre}
-.sx-focus{outline:1.5px solid #333;outline-offset:0}
-.sx-lbl{display:inline-block;min-width:5.5em;font-size:0.72rem;color:#555;font-family:sans-serif}
-.sx-act{font-size:0.72rem;color:#555;font-family:sans-serif;margin-left:6px}
-.sx-ctrl{color:#999}
+.sx-ex{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:0.84rem;line-height:1.55;
+  direction:ltr;unicode-bidi:isolate;display:flex;flex-wrap:wrap;align-items:baseline;row-gap:2px;margin:0 0 1px 0}
+.sx-tok{unicode-bidi:isolate;border-radius:3px;padding:0 1px;white-space:pre;min-width:0.4em}
+.sx-focus{outline:1.5px solid #333;outline-offset:-1px}
+.sx-lbl{flex:0 0 5.4em;font-size:0.7rem;color:#666;font-family:sans-serif}
+.sx-act{font-size:0.7rem;color:#666;font-family:sans-serif;margin-left:8px;white-space:nowrap}
+.sx-cap{font-size:0.72rem;color:#666;font-family:sans-serif;margin:0 0 1px 0}
+.sx-block{margin:0 0 10px 0;padding:3px 0 0 6px;border-left:2px solid #e3e3e3}
 </style>
 """
 
@@ -101,14 +102,14 @@ def example_block(
             continue
         vals = [float(v) for v in values]
         peak = max(vals) if vals else 0.0
-        label = html.escape(MODEL_LABELS.get(model, str(model)))
+        label = html.escape(str(model))
         lines.append(
             f'<div class="sx-ex" data-model="{html.escape(str(model), quote=True)}"><span class="sx-lbl">{label}</span>'
             f"{highlight(tokens, vals, max_value, model, focus)}"
             f'<span class="sx-act">max {peak:.3g}</span></div>'
         )
-    cap = f'<div class="sx-act">{html.escape(caption)}</div>' if caption else ""
-    return f'<div class="sx-block" style="margin-bottom:8px">{cap}{"".join(lines)}</div>'
+    cap = f'<div class="sx-cap">{html.escape(caption)}</div>' if caption else ""
+    return f'<div class="sx-block">{cap}{"".join(lines)}</div>'
 
 
 def examples_html(blocks: Iterable[str], title: str | None = None) -> str:
@@ -124,6 +125,6 @@ def token_list_html(tokens: Sequence[str], values: Sequence[float], model: str, 
     for t, v in zip(tokens, values):
         items.append(
             f'<span class="sx-tok" style="background:rgba({r},{g},{b},0.15);margin-right:6px">{escape_token(t)}</span>'
-            f'<span class="sx-act">{html.escape(fmt.format(float(v)))}</span><br>'
+            f'<span class="sx-act">{html.escape(fmt.format(float(v)))}</span>'
         )
-    return CSS + f'<div class="sx-ex">{"".join(items)}</div>'
+    return CSS + "".join(f'<div class="sx-ex">{item}</div>' for item in items)

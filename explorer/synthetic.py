@@ -119,7 +119,11 @@ def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: di
         cols[f"logit_neg_ids_{m}"] = _list_array(neg_ids, pa.int32())
         cols[f"logit_neg_values_{m}"] = _list_array(neg_v, pa.float32())
         d = cols[f"density_{m}"]
-        counts = (rng.dirichlet(np.ones(schema.N_ACT_HIST_BINS) * 0.3, n) * (d * n_tokens)[:, None]).astype(np.int64)
+        # a bump of activations around the feature's typical size (bins are log-spaced)
+        centre = np.clip(np.searchsorted(schema.ACT_HIST_EDGES, np.nan_to_num(cols[f"mean_active_act_{m}"], nan=1.0)), 3, schema.N_ACT_HIST_BINS - 4)
+        shape = np.exp(-0.5 * ((np.arange(schema.N_ACT_HIST_BINS)[None, :] - centre[:, None]) / 2.5) ** 2)
+        total = np.round(d * max(n_tokens, 100_000))
+        counts = np.round(shape / shape.sum(axis=1, keepdims=True) * total[:, None]).astype(np.int64)
         cols[f"act_hist_{m}"] = _list_array(counts, pa.int64())
     nn = (np.arange(n)[:, None] + rng.integers(1, max(2, n - 1), (n, 10))) % max(n, 1)
     cols["nn_feature_ids"] = _list_array(nn.astype(np.int32), pa.int32())

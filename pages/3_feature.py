@@ -51,7 +51,7 @@ with state.guard():
             a, b, c = st.columns(3)
             a.metric("density", ui.pct(row[f"density_{m}"], 4), help="share of tokens where the feature fires (> 0)")
             b.metric("max activation", ui.fmt(row[f"max_act_{m}"]))
-            c.metric("mean activation (firing)", ui.fmt(row[f"mean_active_act_{m}"]), help="mean over the tokens where it fires")
+            c.metric("mean when firing", ui.fmt(row[f"mean_active_act_{m}"]), help="mean over the tokens where it fires")
 
     # ---- across models
     st.markdown("**Across the two models** (same tokens)")

@@ -183,10 +183,12 @@ def run_picker() -> Run:
             chosen = requested
         else:
             try:
-                rundir.validate_run_id(requested)
+                path = rundir.run_path(requested, runs_dir())
+                if path.is_dir():  # there, but no manifest: incomplete (precompute running or stopped)
+                    rundir.open_run(path, verify_hashes=False)
                 problem = f"There is no run called {_clip(requested)!r}. Pick one of the runs in the sidebar."
             except RunError as exc:
-                problem = str(exc) + " Pick one of the runs in the sidebar."
+                problem = str(exc) + " Or pick one of the runs in the sidebar."
     else:
         remembered = st.session_state.get(_RUN_STATE)
         if remembered in runs:

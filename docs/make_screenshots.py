@@ -1,0 +1,90 @@
+"""Screenshots of every page, taken in Debian's Chromium with Playwright.
+
+    python docs/make_screenshots.py [--runs-dir DIR] [--run demo] [--out docs] [--pages overview,feature,...]
+
+Starts `streamlit run app.py` on 127.0.0.1 (tests/browser_utils.streamlit_server), opens each
+page, waits for Streamlit to finish, and writes docs/<page>.png. The live probe page gets a
+prompt and a steering call first, so its screenshot shows results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.browser_utils import CHROMIUM_ARGS, CHROMIUM_PATH, streamlit_server, wait_idle  # noqa: E402
+
+
+def pages(run: str, sae: str, feature: int) -> dict[str, str]:
+    return {
+        "overview": f"/overview?run={run}",
+        "features": f"/features?run={run}&sae={sae}",
+        "feature": f"/feature?run={run}&sae={sae}&feature={feature}",
+        "dead_born": f"/dead-born?run={run}",
+        "similarity": f"/similarity?run={run}&sae={sae}",
+        "live_probe": f"/probe?run={run}",
+    }
+
+
+def _probe(page) -> None:
+    """Best effort: type a prompt and press the page's run / steer buttons, if present."""
+    area = page.locator("textarea").first
+    if area.count():
+        area.fill("def add(a, b):\n    return a + b\n\nThe cat sat on the mat.")
+        area.press("Control+Enter")
+        wait_idle(page, 180000)
+    for label in ("Run", "Probe", "Steer"):
+        btn = page.get_by_role("button", name=label, exact=False)
+        if btn.count():
+            btn.first.click()
+            wait_idle(page, 180000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs-dir", type=Path, default=None)
+    p.add_argument("--run", default="demo")
+    p.add_argument("--sae", default="base_sae")
+    p.add_argument("--feature", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "docs")
+    p.add_argument("--pages", default="")
+    p.add_argument("--width", type=int, default=1400)
+    a = p.parse_args(argv)
+    from playwright.sync_api import sync_playwright
+
+    wanted = [x for x in a.pages.split(",") if x] or list(pages(a.run, a.sae, a.feature))
+    a.out.mkdir(parents=True, exist_ok=True)
+    with streamlit_server(runs_dir=a.runs_dir) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM_PATH, args=CHROMIUM_ARGS)
+        ctx = browser.new_context(viewport={"width": a.width, "height": 1000}, device_scale_factor=1)
+        page = ctx.new_page()
+        for name, path in pages(a.run, a.sae, a.feature).items():
+            if name not in wanted:
+                continue
+            page.goto(url + path)
+            wait_idle(page, 120000)
+            if name == "live_probe":
+                _probe(page)
+            page.wait_for_timeout(1500)  # let plotly finish drawing
+            wait_idle(page, 120000)
+            # Streamlit scrolls inside its main container: grow the viewport to the content
+            height = page.evaluate(
+                """() => Math.max(1000, ...['[data-testid="stMain"]', '[data-testid="stMainBlockContainer"]', 'section.main']
+                    .map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))"""
+            )
+            page.set_viewport_size({"width": a.width, "height": min(int(height) + 40, 12000)})
+            page.wait_for_timeout(800)
+            out = a.out / f"{name}.png"
+            page.screenshot(path=str(out), full_page=True)
+            page.set_viewport_size({"width": a.width, "height": 1000})
+            print(out)
+        browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
