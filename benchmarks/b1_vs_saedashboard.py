@@ -48,6 +48,8 @@ VENV = WORK / "saedash-venv"
 VENV_SCRIPT = BENCH / "saedashboard_venv.sh"
 RUNNER = BENCH / "_saedashboard_runner.py"
 DEFAULT_OUT = BENCH / "results" / "b1.json"
+if str(REPO) not in sys.path:  # run as a script: make `explorer` importable
+    sys.path.insert(0, str(REPO))
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
