@@ -155,7 +155,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def our_command(config: Path, runs_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "precompute", "run", "--config", str(config), "--runs-dir", str(runs_dir)]
+    return [sys.executable, "-m", "precompute", "run", "--config", str(config), "--runs-dir", str(runs_dir), "--no-progress"]
 
 
 def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
@@ -175,6 +175,10 @@ def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
     n_features = sum(d_sae.values())
     n_tokens = int(manifest["n_tokens"])
     output_bytes = dir_bytes(run_dir)
+    timing = manifest.get("timing") or {}
+    inner = None
+    if "stream_seconds" in timing and "finalize_seconds" in timing:
+        inner = float(timing["stream_seconds"]) + float(timing["finalize_seconds"])  # excludes loading and calibration
     return {
         "tool": label,
         "run_dir": str(run_dir),
@@ -188,6 +192,9 @@ def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
         "output_bytes_per_feature": output_bytes / n_features,
         "output_bytes_per_feature_per_model": output_bytes / n_features / 2,
         "seconds_per_feature_token": wall / (n_features * n_tokens),
+        "inner_seconds": inner,
+        "inner_seconds_per_feature_token": None if inner is None else inner / (n_features * n_tokens),
+        "manifest_timing": timing,
     }
 
 
@@ -264,7 +271,7 @@ def summarize(reps: list[dict], tools: list[str]) -> dict:
     for tool in tools:
         rows = [r[tool] for r in reps if tool in r]
         out["median"][tool] = {
-            k: med([r[k] for r in rows])
+            k: med([r[k] for r in rows if r.get(k) is not None])
             for k in ("wall_seconds", "inner_seconds", "seconds_per_feature_token", "inner_seconds_per_feature_token", "output_bytes", "output_bytes_per_feature", "output_bytes_per_feature_per_model")
             if rows and k in rows[0]
         }
