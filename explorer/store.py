@@ -69,11 +69,12 @@ def connect():
     import duckdb
 
     con = duckdb.connect(":memory:")
+    # GLOBAL: a plain SET is local to one connection, and `.cursor()` opens another one.
     con.execute("SET enable_progress_bar = false")
     # pyarrow writes min/max statistics that exclude NaN and no nan_count; without this DuckDB
     # assumes such columns hold no NaN and prunes/folds `isnan(x)` to false (wrong answers).
-    con.execute("SET parquet_can_have_nan = true")
-    con.execute("SET parquet_metadata_cache = true")
+    con.execute("SET GLOBAL parquet_can_have_nan = true")
+    con.execute("SET GLOBAL parquet_metadata_cache = true")
     return con
 
 

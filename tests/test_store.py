@@ -30,7 +30,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def con():
-    return store.connect()
+    # a cursor, as the app uses it: settings must reach it too
+    return store.connect().cursor()
 
 
 @pytest.fixture(scope="module")

@@ -107,9 +107,23 @@ def born_lost_page(run: Run, which: str, threshold: float, limit: int, offset: i
     return store.born_lost_page(_cur(run), run.dir, which, threshold, limit, offset)
 
 
+def _with_attrs(pair: tuple[pd.DataFrame, dict]) -> pd.DataFrame:
+    # DataFrame.attrs do not survive st.cache_data's pickling: cache them alongside
+    df, attrs = pair
+    df = df.copy(deep=False)
+    df.attrs.update(attrs)
+    return df
+
+
 @_cache(max_entries=128)
+def _histogram(run: Run, sae: str, column: str, bins: int, lo: float | None, hi: float | None, log_density: bool) -> tuple[pd.DataFrame, dict]:
+    df = store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density)
+    return df, dict(df.attrs)
+
+
 def histogram(run: Run, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
-    return store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density)
+    """Binned column (attrs: n, n_nan)."""
+    return _with_attrs(_histogram(run, sae, column, bins, lo, hi, log_density))
 
 
 @_cache(max_entries=64)
@@ -118,8 +132,14 @@ def density_regression(run: Run, sae: str, alive_on_both: bool = False) -> dict[
 
 
 @_cache(max_entries=16)
+def _scatter_sample(run: Run, sae: str, max_points: int) -> tuple[pd.DataFrame, dict]:
+    df = store.scatter_sample(_cur(run), run.dir, sae, max_points)
+    return df, dict(df.attrs)
+
+
 def scatter_sample(run: Run, sae: str, max_points: int = 20000) -> pd.DataFrame:
-    return store.scatter_sample(_cur(run), run.dir, sae, max_points)
+    """Per-feature points (attrs: n_total)."""
+    return _with_attrs(_scatter_sample(run, sae, max_points))
 
 
 @_cache(max_entries=16)
