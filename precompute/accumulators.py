@@ -377,38 +377,49 @@ class CrossProducts(_Stateful):
 
 
 class Moments(_Stateful):
-    """n, sum, sum of squares, min, max of a scalar stream, for several named metrics at once."""
+    """n, mean, M2 (sum of squared deviations), min, max of scalar streams, for several metrics at once.
 
-    FIELDS = ("n", "sum", "sumsq", "min", "max")
+    Chan et al.'s pairwise update keeps the variance stable where sum(x^2)/n - mean^2 would cancel
+    (cosines of 0.99996 +- 2e-5), and merges shards the same way.
+    """
+
+    FIELDS = ("n", "mean", "m2", "min", "max")
 
     def __init__(self, k: int):
         self.n = np.zeros(k, np.int64)
-        self.sum = np.zeros(k, np.float64)
-        self.sumsq = np.zeros(k, np.float64)
+        self.mean = np.zeros(k, np.float64)
+        self.m2 = np.zeros(k, np.float64)
         self.min = np.full(k, np.inf)
         self.max = np.full(k, -np.inf)
+
+    def _combine(self, i, n_b: int, mean_b: float, m2_b: float) -> None:
+        n_a = int(self.n[i])
+        n = n_a + n_b
+        delta = mean_b - self.mean[i]
+        self.mean[i] += delta * n_b / n
+        self.m2[i] += m2_b + delta * delta * n_a * n_b / n
+        self.n[i] = n
 
     def update(self, i: int, values: np.ndarray) -> None:
         values = np.asarray(values, np.float64).ravel()
         if values.size == 0:
             return
-        self.n[i] += values.size
-        self.sum[i] += values.sum()
-        self.sumsq[i] += (values * values).sum()
+        mean_b = values.mean()
+        self._combine(i, values.size, mean_b, float(((values - mean_b) ** 2).sum()))
         self.min[i] = min(self.min[i], values.min())
         self.max[i] = max(self.max[i], values.max())
 
     def merge(self, other: "Moments") -> None:
-        self.n += other.n
-        self.sum += other.sum
-        self.sumsq += other.sumsq
+        for i in range(len(self.n)):
+            if other.n[i]:
+                self._combine(i, int(other.n[i]), float(other.mean[i]), float(other.m2[i]))
         self.min = np.minimum(self.min, other.min)
         self.max = np.maximum(self.max, other.max)
 
     def finalize(self) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self.sum / self.n
-            var = np.maximum(self.sumsq / self.n - mean * mean, 0.0)
+            var = np.where(self.n > 0, self.m2 / self.n, np.nan)
+            mean = np.where(self.n > 0, self.mean, np.nan)
         return {"n": self.n, "mean": mean, "std": np.sqrt(var), "min": self.min, "max": self.max}
 
 

@@ -311,7 +311,8 @@ def test_resid_stats_match_numpy(tmp_path):
         assert (mom["min"][i], mom["max"][i], mom["n"][i]) == (v.min(), v.max(), v.size)
     parts[0].merge(parts[1])
     np.testing.assert_array_equal(parts[0].hist, one.hist)
-    np.testing.assert_allclose(parts[0].moments.sum, one.moments.sum)
+    np.testing.assert_allclose(parts[0].moments.mean, one.moments.mean, rtol=1e-14)
+    np.testing.assert_allclose(parts[0].moments.m2, one.moments.m2, rtol=1e-12)
     back = _roundtrip(one, tmp_path, ResidStats(CTX, l2_max, 10))
     np.testing.assert_array_equal(back.moments.max, one.moments.max)
 
@@ -385,3 +386,20 @@ def test_ce_recovered_guard():
     same = np.full((1, 1), 2.0)
     acc.update(x, x, np.ones(2), np.ones((1, 2), bool), np.zeros((1, 2), bool), {k: (same, same) for k in ("clean", "spliced", "zero_ablated")})
     assert np.isnan(acc.finalize()[0]["ce_recovered"])  # |zero - clean| < 1e-4
+
+
+def test_moments_are_stable_for_nearly_constant_values():
+    from precompute.accumulators import Moments
+
+    rng = np.random.default_rng(0)
+    chunks = [0.99996 + 2e-5 * rng.standard_normal(rng.integers(1, 500)) for _ in range(40)]
+    one, a, b = Moments(1), Moments(1), Moments(1)
+    for i, c in enumerate(chunks):
+        one.update(0, c)
+        (a if i % 3 else b).update(0, c)
+    b.merge(a)
+    v = np.concatenate(chunks)
+    for acc in (one, b):
+        fin = acc.finalize()
+        assert fin["std"][0] == pytest.approx(v.std(), rel=1e-9)
+        assert fin["mean"][0] == pytest.approx(v.mean(), rel=1e-14)

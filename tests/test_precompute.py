@@ -1,0 +1,566 @@
+"""Integration tests of the precompute on a tiny real demo pair: every table against a naive
+recomputation (all activations of the sample held at once, plain TransformerLens hooked forwards,
+numpy), against SAELens's own `run_evals`, and sharded / merged against one pass.
+
+Interrupt-and-resume is in test_precompute_resume.py; bad configs in test_precompute_errors.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from explorer import rundir, schema
+from precompute import run as run_mod
+from precompute.accumulators import priority
+from precompute.config import RunConfig
+
+N_SEQ = 96
+CTX = 32
+BATCH = 16
+N_TOP = 6
+N_QBINS, N_PER, Q_SAMPLE = 4, 3, 20
+BEFORE, AFTER = 5, 2
+OUTLIER_FACTOR = 1.25  # low, so that the tiny models have outlier tokens and the "excluded" path runs
+
+
+def write_tiny_corpus(tiny_demo: Path, out: Path, n_seq: int = 150, ctx: int = CTX) -> Path:
+    """A token_ids corpus of stdlib source ('python') and module docstrings ('english'), packed with BOS."""
+    import importlib
+
+    from precompute.demo import pack
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_demo / "base" / "tokenizer"), local_files_only=True)
+    names = ["textwrap", "json.decoder", "string", "shlex", "fractions", "difflib", "calendar", "heapq", "bisect", "pprint", "glob", "fnmatch"]
+    mods = [importlib.import_module(n) for n in names]
+    import inspect
+
+    english = [(n, m.__doc__ or "") for n, m in zip(names, mods)] + [(f"doc{i}", (f.__doc__ or "")) for i, f in enumerate(vars(str).values()) if callable(f)]
+    python = [(n, inspect.getsource(m)) for n, m in zip(names, mods)]
+    en = pack(tok, english * 3, ctx)[: n_seq // 2]
+    py = pack(tok, python, ctx)[: n_seq - len(en)]
+    rows = [("english", s) for s in en] + [("python", s) for s in py]
+    assert len(rows) == n_seq
+    pq.write_table(
+        pa.table({"source": [r[0] for r in rows], "token_ids": pa.array([r[1] for r in rows], pa.list_(pa.int32()))}), out
+    )
+    return out
+
+
+def tiny_config_text(tiny_demo: Path, corpus: Path, run_id: str = "ref", n_seq: int = N_SEQ, extra: str = "", two_saes: bool = True) -> str:
+    fin = f'[saes.finetuned_sae]\npath = "{tiny_demo}/saes/finetuned_sae"\n' if two_saes else ""
+    return f"""run_id = "{run_id}"
+[models.base]
+path = "{tiny_demo}/base"
+[models.finetuned]
+path = "{tiny_demo}/finetuned"
+[saes.base_sae]
+path = "{tiny_demo}/saes/base_sae"
+{fin}[corpus]
+path = "{corpus}"
+[sample]
+n_tokens = {n_seq * CTX}
+context_size = {CTX}
+batch_size = {BATCH}
+seed = 3
+[thresholds]
+outlier_norm_factor = {OUTLIER_FACTOR}
+[examples]
+n_top = {N_TOP}
+n_quantile_bins = {N_QBINS}
+n_per_quantile_bin = {N_PER}
+quantile_sample = {Q_SAMPLE}
+window_before = {BEFORE}
+window_after = {AFTER}
+{extra}"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_demo, tmp_path_factory) -> Path:
+    return write_tiny_corpus(tiny_demo, tmp_path_factory.mktemp("corpus") / "corpus.parquet")
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_demo, corpus, tmp_path_factory):
+    """One uninterrupted single-pass run, and its prepared inputs."""
+    torch.set_num_threads(os.cpu_count() or 1)  # as the CLI does, so that runs in subprocesses compare exactly
+    d = tmp_path_factory.mktemp("ref")
+    cfg_path = d / "ref.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus))
+    cfg = RunConfig.from_toml(cfg_path)
+    run_dir = run_mod.run(cfg, runs_dir=d / "runs", progress=False, checkpoint_every=2)
+    prep = run_mod.prepare(cfg)
+    return {"dir": run_dir, "prep": prep, "cfg_path": cfg_path, "manifest": rundir.open_run(run_dir)}
+
+
+def table(run_dir: Path, name: str):
+    return pq.read_table(run_dir / name).to_pandas()
+
+
+# ----------------------------------------------------------------------------------------------
+# The naive reference: every activation of the sample at once, plain hooked forwards.
+
+
+@pytest.fixture(scope="module")
+def naive(ref):
+    prep = ref["prep"]
+    hook = prep.cfg.hook
+    tokens_np = prep.sample.tokens
+    counted = ~np.isin(tokens_np, prep.special_ids)
+    thr = ref["manifest"]["calibration"]["outlier_threshold"]
+    out = {"counted": counted, "tokens": tokens_np, "x": {}, "acts": {}, "loss": {}, "outlier": {}}
+    models = {"base": prep.pair.base, "finetuned": prep.pair.finetuned}
+    with torch.inference_mode():
+        for m, model in models.items():
+            xs, clean, zero = [], [], []
+            for b in range(prep.n_batches):  # the stream's batches, so activations are bitwise comparable
+                tok = torch.from_numpy(tokens_np[b * BATCH : (b + 1) * BATCH].astype(np.int64))
+                _, cache = model.run_with_cache(tok, names_filter=[hook])
+                xs.append(cache[hook])
+                clean.append(model(tok, return_type="loss", loss_per_token=True))
+                zero.append(model.run_with_hooks(tok, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))]))
+            x = torch.cat(xs)
+            out["x"][m] = x.numpy().astype(np.float64)
+            out["loss"][(m, "clean")] = torch.cat(clean).numpy()
+            out["loss"][(m, "zero")] = torch.cat(zero).numpy()
+            outlier = np.linalg.norm(out["x"][m], axis=-1) > thr[m]
+            out["outlier"][m] = outlier
+            for s, sae in prep.pair.saes.items():
+                acts = torch.cat([sae.encode(xs[b]) for b in range(len(xs))])
+                x_hat = torch.cat([sae.decode(sae.encode(xs[b])) for b in range(len(xs))])
+                out["acts"][(s, m)] = (acts.numpy() * counted[..., None]).reshape(-1, acts.shape[-1]).astype(np.float64)
+                out["x_hat", s, m] = x_hat.numpy().astype(np.float64)
+                for variant, keep in (("included", counted), ("excluded", counted & ~outlier)):
+                    keep_t = torch.from_numpy(keep)[..., None]
+                    losses = []
+                    for b in range(len(xs)):
+                        sl = slice(b * BATCH, (b + 1) * BATCH)
+                        new = torch.where(keep_t[sl], x_hat[sl], xs[b])
+                        tok = torch.from_numpy(tokens_np[sl].astype(np.int64))
+                        losses.append(model.run_with_hooks(tok, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, lambda a, hook, new=new: new)]))
+                    out["loss"][(s, m, variant)] = torch.cat(losses).numpy()
+    g = (np.arange(N_SEQ)[:, None] * CTX + np.arange(CTX)[None, :]).reshape(-1)
+    out["g"] = g
+    out["counted_flat"] = counted.reshape(-1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_run_is_complete_and_valid(ref):
+    man = ref["manifest"]
+    assert man["schema_version"] == schema.SCHEMA_VERSION and man["complete"] is True
+    assert set(man["files"]) == set(schema.TABLES)
+    assert man["n_tokens"] == N_SEQ * CTX and man["n_sequences"] == N_SEQ
+    assert man["config"] == ref["prep"].cfg.to_dict()
+    assert man["act_hist_edges"] == schema.ACT_HIST_EDGES.tolist()
+    assert man["tokenizer_check"]["matching_id_share"] == 1.0
+    for pkg in ("torch", "sae-lens", "transformer-lens"):
+        assert man["packages"][pkg]
+    assert not (ref["dir"] / run_mod.CHECKPOINT_DIR).exists()
+    # every file's rows as in the manifest, every column as in the schema
+    for name, entry in man["files"].items():
+        t = pq.read_table(ref["dir"] / name)
+        assert t.num_rows == entry["rows"] and t.schema.names == schema.TABLES[name].names
+
+
+def test_tokens_are_the_sample(ref, naive):
+    t = table(ref["dir"], "tokens.parquet")
+    assert t.seq_id.tolist() == list(range(N_SEQ))
+    np.testing.assert_array_equal(np.stack(t.token_ids.to_numpy()), naive["tokens"])
+    assert set(t.source) == {"english", "python"}
+
+
+def test_calibration_matches_naive(ref, naive):
+    cal = ref["manifest"]["calibration"]
+    n = min(run_mod.CALIBRATION_SEQUENCES, N_SEQ)
+    for m in ("base", "finetuned"):
+        norms = np.linalg.norm(naive["x"][m][:n], axis=-1)[naive["counted"][:n]]
+        assert cal["mean_norm"][m] == pytest.approx(norms.mean(), rel=1e-6)
+        assert cal["outlier_threshold"][m] == pytest.approx(OUTLIER_FACTOR * norms.mean(), rel=1e-6)
+    assert naive["outlier"]["base"][naive["counted"]].any(), "the test needs outlier tokens"
+
+
+def test_metrics_match_naive(ref, naive):
+    met = table(ref["dir"], "metrics.parquet").set_index(["sae", "model", "outliers"])
+    counted = naive["counted"]
+    for (s, m, variant), row in met.iterrows():
+        mask = counted if variant == "included" else counted & ~naive["outlier"][m]
+        x = naive["x"][m]
+        x_hat = naive["x_hat", s, m]
+        acts = naive["acts"][(s, m)].reshape(N_SEQ, CTX, -1)
+        err = ((x - x_hat) ** 2).sum(-1)
+        assert row.n_tokens == mask.sum()
+        assert row.l0 == pytest.approx((acts > 0).sum(-1)[mask].mean(), rel=1e-12)
+        assert row.mse == pytest.approx(err[mask].mean(), rel=1e-5)
+        evs = []
+        for b in range(N_SEQ // BATCH):  # SAELens: the mean is over the batch's tokens
+            sl = slice(b * BATCH, (b + 1) * BATCH)
+            xm, em = x[sl][mask[sl]], err[sl][mask[sl]]
+            evs.append(1 - em / ((xm - xm.mean(0)) ** 2).sum(-1))
+        assert row.explained_variance == pytest.approx(np.concatenate(evs).mean(), rel=1e-5)
+        xa = x[mask]
+        assert row.pooled_r2 == pytest.approx(1 - err[mask].sum() / ((xa - xa.mean()) ** 2).sum(), rel=1e-5)
+        ce_mask = mask[:, :-1]
+        clean = naive["loss"][(m, "clean")][ce_mask].mean()
+        zero = naive["loss"][(m, "zero")][ce_mask].mean()
+        spliced = naive["loss"][(s, m, variant)][ce_mask].mean()
+        # the spliced/zero losses here come from full hooked forwards, the run's from start_at_layer
+        assert row.ce_clean == pytest.approx(clean, abs=1e-5)
+        assert row.ce_zero_ablated == pytest.approx(zero, abs=1e-5)
+        assert row.ce_spliced == pytest.approx(spliced, abs=1e-5)
+        assert row.ce_delta == pytest.approx(spliced - clean, abs=2e-5)
+        assert row.ce_recovered == pytest.approx((zero - spliced) / (zero - clean), abs=1e-3 / abs(zero - clean))
+        assert row.outlier_fraction == pytest.approx((counted & naive["outlier"][m]).sum() / counted.sum())
+        assert row.n_nonfinite_clean == row.n_nonfinite_spliced == row.n_nonfinite_zero_ablated == 0
+    # outliers change the excluded rows
+    assert (met.xs("excluded", level="outliers").n_tokens < met.xs("included", level="outliers").n_tokens).all()
+
+
+def test_resid_similarity_matches_naive(ref, naive):
+    xb, xf = naive["x"]["base"], naive["x"]["finetuned"]
+    cos = (xb * xf).sum(-1) / (np.linalg.norm(xb, axis=-1) * np.linalg.norm(xf, axis=-1))
+    l2 = np.linalg.norm(xb - xf, axis=-1)
+    pos = table(ref["dir"], "resid_position.parquet")
+    np.testing.assert_allclose(pos.mean_cosine, cos.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(pos.mean_l2, l2.mean(0), rtol=1e-5)
+    assert pos.n_tokens.tolist() == [N_SEQ] * CTX
+    summ = table(ref["dir"], "resid_summary.parquet").set_index("metric")
+    for metric, v in (("cosine", cos), ("l2", l2), ("seq_mean_cosine", cos.mean(1)), ("seq_mean_l2", l2.mean(1))):
+        assert summ.loc[metric, "n"] == v.size
+        assert summ.loc[metric, "mean"] == pytest.approx(v.mean(), rel=1e-5)
+        assert summ.loc[metric, "std"] == pytest.approx(v.std(), rel=1e-3, abs=1e-7)
+        assert summ.loc[metric, "max"] == pytest.approx(v.max(), rel=1e-5)
+    hist = table(ref["dir"], "resid_histograms.parquet")
+    l2_max = ref["manifest"]["resid_l2_range"][1]
+    for metric, v, rng in (("cosine", cos, (-1, 1)), ("l2", l2, (0, l2_max)), ("seq_mean_l2", l2.mean(1), (0, l2_max))):
+        h = hist[hist.metric == metric]
+        assert len(h) == schema.RESID_HIST_BINS
+        counts, edges = np.histogram(np.clip(v, *rng), bins=schema.RESID_HIST_BINS, range=rng)
+        np.testing.assert_allclose(h.bin_left, edges[:-1])
+        # values within float32 rounding of a bin edge may fall on either side: allow that much
+        assert np.abs(h["count"].to_numpy() - counts).sum() <= 2
+        assert h["count"].sum() == v.size
+
+
+def _naive_hist(values: np.ndarray) -> np.ndarray:
+    e = schema.ACT_HIST_EDGES
+    pos = values[values > 0]
+    idx = np.clip(np.searchsorted(e, pos, side="right") - 1, 0, len(e) - 2)
+    return np.bincount(idx, minlength=len(e) - 1)
+
+
+def test_features_match_naive(ref, naive):
+    feats = table(ref["dir"], "features.parquet")
+    cf = naive["counted_flat"]
+    eps = ref["prep"].cfg.thresholds.act_error_eps
+    for s in ("base_sae", "finetuned_sae"):
+        f = feats[feats.sae == s].set_index("feature_id")
+        d = len(f)
+        a = {m: naive["acts"][(s, m)][cf] for m in ("base", "finetuned")}
+        for m in ("base", "finetuned"):
+            acts = a[m]
+            np.testing.assert_allclose(f[f"density_{m}"], (acts > 0).mean(0), rtol=1e-12)
+            np.testing.assert_allclose(f[f"mean_act_{m}"], acts.mean(0), rtol=1e-6)
+            np.testing.assert_allclose(f[f"max_act_{m}"], acts.max(0), rtol=1e-7)
+            with np.errstate(invalid="ignore"):
+                np.testing.assert_allclose(f[f"mean_active_act_{m}"], acts.sum(0) / (acts > 0).sum(0), rtol=1e-6)
+            dens = (acts > 0).mean(0)
+            status = np.where((acts > 0).sum(0) == 0, "dead", np.where(dens < 1e-5, "ultralow", np.where(dens > 0.1, "dense", "regular")))
+            assert f[f"status_{m}"].tolist() == status.tolist()
+            for i in range(d):
+                np.testing.assert_array_equal(f[f"act_hist_{m}"].iloc[i], _naive_hist(acts[:, i]))
+        alive_b, alive_f = (a["base"] > 0).any(0), (a["finetuned"] > 0).any(0)
+        expected = np.where(alive_b & alive_f, "both_alive", np.where(alive_b, "died", np.where(alive_f, "woke", "both_dead")))
+        assert f.cross_class.tolist() == expected.tolist()
+        for i in range(d):
+            x, y = a["base"][:, i], a["finetuned"][:, i]
+            if x.std() == 0 or y.std() == 0:
+                assert np.isnan(f.act_similarity.iloc[i])
+            else:
+                assert f.act_similarity.iloc[i] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+            assert f.act_error.iloc[i] == pytest.approx(np.abs(np.log10(x + eps) - np.log10(y + eps)).mean(), rel=1e-5, abs=1e-9)
+
+
+def test_logits_and_neighbours_match_direct_computation(ref):
+    prep = ref["prep"]
+    feats = table(ref["dir"], "features.parquet")
+    rng = np.random.default_rng(0)
+    for s, sae in prep.pair.saes.items():
+        f = feats[feats.sae == s].set_index("feature_id")
+        w = sae.W_dec.detach().numpy().astype(np.float64)
+        lb = w @ prep.pair.base.W_U.detach().numpy().astype(np.float64)
+        lf = w @ prep.pair.finetuned.W_U.detach().numpy().astype(np.float64)
+        for i in rng.choice(len(f), 10, replace=False):
+            assert f.logit_similarity.iloc[i] == pytest.approx(np.corrcoef(lb[i], lf[i])[0, 1], abs=1e-6)
+            for m, lg in (("base", lb), ("finetuned", lf)):
+                assert list(f[f"logit_pos_ids_{m}"].iloc[i]) == np.argsort(-lg[i], kind="stable")[:10].tolist()
+                assert list(f[f"logit_neg_ids_{m}"].iloc[i]) == np.argsort(lg[i], kind="stable")[:10].tolist()
+                np.testing.assert_allclose(f[f"logit_pos_values_{m}"].iloc[i], np.sort(lg[i])[::-1][:10], rtol=1e-5)
+        unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+        cos = unit @ unit.T
+        np.fill_diagonal(cos, -np.inf)
+        for i in rng.choice(len(f), 10, replace=False):
+            assert list(f.nn_feature_ids.iloc[i]) == np.argsort(-cos[i], kind="stable")[:10].tolist()
+            np.testing.assert_allclose(f.nn_cosines.iloc[i], np.sort(cos[i])[::-1][:10], rtol=1e-5)
+
+
+def test_top_examples_match_naive(ref, naive):
+    ex = table(ref["dir"], "examples.parquet")
+    top = ex[ex.kind == "top"]
+    cf, g = naive["counted_flat"], naive["g"]
+    for (s, m), acts in naive["acts"].items():
+        sub = top[(top.sae == s) & (top.model == m)]
+        for i in range(acts.shape[1]):
+            firing = np.nonzero((acts[:, i] > 0) & cf)[0]
+            order = sorted(firing, key=lambda t: (-acts[t, i], g[t]))[:N_TOP]
+            rows = sub[sub.feature_id == i].sort_values("rank")
+            assert (rows.seq_id * CTX + rows.position).tolist() == [int(g[t]) for t in order]
+            np.testing.assert_array_equal(rows.activation.to_numpy(), acts[order, i].astype(np.float32))
+
+
+def test_quantile_examples_match_naive(ref, naive):
+    ex = table(ref["dir"], "examples.parquet")
+    q = ex[ex.kind == "quantile"]
+    cf, g = naive["counted_flat"], naive["g"]
+    seed = ref["prep"].cfg.sample.seed
+    for (s, m), acts in naive["acts"].items():
+        sub = q[(q.sae == s) & (q.model == m)]
+        for i in range(acts.shape[1]):
+            firing = np.nonzero((acts[:, i] > 0) & cf)[0]
+            pri = dict(zip(firing.tolist(), priority(seed, g[firing], np.full(len(firing), i)).tolist()))
+            sample = sorted(firing, key=lambda t: (pri[t], g[t]))[:Q_SAMPLE]
+            by_act = sorted(sample, key=lambda t: (np.float32(acts[t, i]), g[t]))
+            expected = []
+            if by_act:
+                n_eff = max(1, min(N_QBINS, len(by_act) // N_PER))
+                for b, chunk in enumerate(np.array_split(np.array(by_act), n_eff)):
+                    picks = sorted(chunk.tolist(), key=lambda t: (pri[t], g[t]))[:N_PER]
+                    expected += [(b, r, int(g[t])) for r, t in enumerate(picks)]
+            rows = sub[sub.feature_id == i]
+            got = list(zip(rows.bin.astype(int), rows["rank"].astype(int), (rows.seq_id * CTX + rows.position).astype(int)))
+            assert got == expected
+
+
+def test_example_windows_hold_both_models_activations(ref, naive):
+    ex = table(ref["dir"], "examples.parquet")
+    assert ex.token_ids.map(len).max() <= BEFORE + 1 + AFTER
+    rng = np.random.default_rng(1)
+    for j in rng.choice(len(ex), 300, replace=False):
+        r = ex.iloc[j]
+        ws, n = int(r.window_start), len(r.token_ids)
+        assert ws == max(0, r.position - BEFORE) and ws + n == min(CTX, r.position + AFTER + 1)
+        np.testing.assert_array_equal(r.token_ids, naive["tokens"][r.seq_id, ws : ws + n])
+        for m in ("base", "finetuned"):
+            acts = naive["acts"][(r.sae, m)].reshape(N_SEQ, CTX, -1)
+            np.testing.assert_allclose(r[f"acts_{m}"], acts[r.seq_id, ws : ws + n, r.feature_id], rtol=1e-6, atol=1e-9)
+        assert r[f"acts_{r.model}"][r.position - ws] == pytest.approx(r.activation, rel=1e-6)
+    # sorted by (sae, feature_id) so one feature's rows sit in few row groups
+    key = list(zip(ex.sae.map(schema.SAES.index), ex.feature_id))
+    assert key == sorted(key)
+
+
+def test_matching_matches_naive(ref, naive):
+    from scipy.optimize import linear_sum_assignment
+
+    prep = ref["prep"]
+    cf = naive["counted_flat"]
+    a = naive["acts"][("base_sae", "base")][cf]
+    b = naive["acts"][("finetuned_sae", "finetuned")][cf]
+    da = a.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.corrcoef(a.T, b.T)[:da, da:]
+    wa = prep.pair.saes["base_sae"].W_dec.detach().numpy().astype(np.float64)
+    wb = prep.pair.saes["finetuned_sae"].W_dec.detach().numpy().astype(np.float64)
+    dec = (wa / np.linalg.norm(wa, axis=1, keepdims=True)) @ (wb / np.linalg.norm(wb, axis=1, keepdims=True)).T
+    score = 0.5 * np.nan_to_num(corr) + 0.5 * dec
+    feats = table(ref["dir"], "features.parquet")
+    fa = feats[feats.sae == "base_sae"].set_index("feature_id")
+    fb = feats[feats.sae == "finetuned_sae"].set_index("feature_id")
+    assert fa.match_feature_id.tolist() == score.argmax(1).tolist()
+    assert fb.match_feature_id.tolist() == score.argmax(0).tolist()
+    np.testing.assert_allclose(fa.match_score, score.max(1), atol=1e-6)
+    np.testing.assert_allclose(fa.match_act_corr, corr[np.arange(da), score.argmax(1)], atol=1e-6)
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    got_total = sum(score[i, int(j)] for i, j in zip(fa.index, fa.assigned_feature_id))
+    assert got_total == pytest.approx(score[rows, cols].sum(), abs=1e-6)  # an optimal assignment
+    assert sorted(fa.assigned_feature_id) == list(range(da))  # one-to-one
+    assert (fb.assigned_feature_id.iloc[fa.assigned_feature_id.to_numpy()].to_numpy() == fa.index.to_numpy()).all()
+    mt = table(ref["dir"], "matches.parquet")
+    np.testing.assert_allclose(mt.act_corr, corr[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
+    np.testing.assert_allclose(mt.dec_cos, dec[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
+    assert mt.assigned.sum() == da
+    lost = (score.max(1) < ref["manifest"]["config"]["thresholds"]["match"]).sum()
+    assert ref["manifest"]["summary"]["matching"]["n_lost"] == lost
+
+
+def test_start_at_layer_loss_equals_hooked_forward(ref):
+    prep = ref["prep"]
+    tok = torch.from_numpy(prep.sample.tokens[:8].astype(np.int64))
+    for hook in ("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        fast = run_mod.ModelRunner(prep.pair.finetuned, hook)
+        slow = run_mod.ModelRunner(prep.pair.finetuned, hook, fast=False)
+        assert fast.fast and not slow.fast
+        with torch.inference_mode():
+            _, x = fast.clean(tok)
+            new = x + torch.randn_like(x)
+            np.testing.assert_allclose(fast.loss_with(tok, new).numpy(), slow.loss_with(tok, new).numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(fast.acts(tok).numpy(), x.numpy(), rtol=0, atol=0)
+
+
+def test_sae_lens_run_evals_agree(ref):
+    """L0, explained variance and CE recovered against SAELens's own evals on the same tokens.
+
+    Same sequences, same batches (batch_size_prompts = our batch size), same special-token
+    exclusion. Tolerances: L0 is a mean of integer counts; SAELens takes it in float32 (relative
+rounding ~1e-8 over a few thousand tokens), we in float64, so 1e-6 relative. Explained
+    variance: SAELens computes it in float32 per batch, we in float64, 1e-4 absolute covers that.
+    CE: SAELens uses full hooked forwards, we start at the hook's layer; the losses agree to
+    ~1e-6, and CE recovered divides their differences by (zero - clean), so we allow
+    1e-4 / |zero - clean|.
+    """
+    import datasets
+    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.training.activations_store import ActivationsStore
+
+    prep = ref["prep"]
+    met = table(ref["dir"], "metrics.parquet").set_index(["sae", "model", "outliers"])
+    seqs = prep.sample.tokens.astype(np.int64).tolist()
+    n_batches = len(seqs) // BATCH
+    models = {"base": prep.pair.base, "finetuned": prep.pair.finetuned}
+    for (s, m) in [("base_sae", "base"), ("base_sae", "finetuned"), ("finetuned_sae", "finetuned")]:
+        sae = prep.pair.saes[s]
+        store = ActivationsStore.from_sae(
+            models[m], sae, dataset=datasets.Dataset.from_dict({"input_ids": seqs}), streaming=False, context_size=CTX,
+            store_batch_size_prompts=BATCH, n_batches_in_buffer=2, train_batch_size_tokens=BATCH * CTX, device="cpu",
+        )
+        first = store.get_batch_tokens(BATCH)
+        np.testing.assert_array_equal(first.numpy(), prep.sample.tokens[:BATCH])  # same tokens, same order
+        store.reset_input_dataset()
+        eval_cfg = EvalConfig(
+            batch_size_prompts=BATCH, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches,
+            compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True, compute_kl=False,
+            compute_l2_norms=False, compute_featurewise_density_statistics=False, compute_featurewise_weight_based_metrics=False,
+        )
+        got, _ = run_evals(sae, store, models[m], ActivationScaler(), eval_config=eval_cfg, exclude_special_tokens=True)
+        row = met.loc[(s, m, "included")]
+        assert row.l0 == pytest.approx(got["sparsity"]["l0"], rel=1e-6)
+        assert row.explained_variance == pytest.approx(got["reconstruction_quality"]["explained_variance_legacy"], abs=1e-4)
+        assert row.mse == pytest.approx(got["reconstruction_quality"]["mse"], rel=1e-5)
+        perf = got["model_performance_preservation"]
+        assert row.ce_clean == pytest.approx(perf["ce_loss_without_sae"], abs=1e-5)
+        assert row.ce_spliced == pytest.approx(perf["ce_loss_with_sae"], abs=1e-5)
+        assert row.ce_zero_ablated == pytest.approx(perf["ce_loss_with_ablation"], abs=1e-5)
+        assert row.ce_recovered == pytest.approx(perf["ce_loss_score"], abs=1e-4 / abs(row.ce_zero_ablated - row.ce_clean))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+
+
+def assert_runs_equal(a: Path, b: Path, exact_floats: bool = False) -> None:
+    """Every table equal: ints, strings, lists of ints and example selections exactly; floats to
+    float64 rounding (sums added in another order), or bitwise with exact_floats."""
+    for name in schema.TABLES:
+        if not (a / name).exists():
+            assert not (b / name).exists()
+            continue
+        ta, tb = pq.read_table(a / name), pq.read_table(b / name)
+        assert ta.schema == tb.schema and ta.num_rows == tb.num_rows, name
+        for col in ta.schema.names:
+            ca, cb = ta.column(col).combine_chunks(), tb.column(col).combine_chunks()
+            typ = ca.type.value_type if pa.types.is_list(ca.type) else ca.type
+            if pa.types.is_floating(typ) and not exact_floats:
+                va = np.array(ca.to_pylist() if not pa.types.is_list(ca.type) else [x for row in ca.to_pylist() for x in (row or [])], dtype=float)
+                vb = np.array(cb.to_pylist() if not pa.types.is_list(cb.type) else [x for row in cb.to_pylist() for x in (row or [])], dtype=float)
+                np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12, err_msg=f"{name}.{col}")
+                assert ca.null_count == cb.null_count
+            else:
+                assert ca.equals(cb), f"{name}.{col}"
+
+
+def test_shards_merge_to_the_single_pass(ref, tmp_path):
+    from precompute.__main__ import main
+
+    runs = tmp_path / "runs"
+    for i in range(3):
+        assert main(["run", "--config", str(ref["cfg_path"]), "--runs-dir", str(runs), "--shard", f"{i}/3", "--no-progress"]) == 0
+        assert not (runs / "ref" / schema.MANIFEST).exists()  # a shard alone is not a run
+    assert main(["merge", "ref", "--runs-dir", str(runs), "--no-progress"]) == 0
+    merged = runs / "ref"
+    rundir.open_run(merged)
+    assert not (merged / run_mod.SHARDS_DIR).exists()
+    assert_runs_equal(ref["dir"], merged)
+
+
+def test_merge_refuses_missing_shards(ref, tmp_path, capsys):
+    from precompute.__main__ import main
+
+    runs = tmp_path / "runs"
+    assert main(["run", "--config", str(ref["cfg_path"]), "--runs-dir", str(runs), "--shard", "1/2", "--no-progress"]) == 0
+    assert main(["merge", "ref", "--runs-dir", str(runs)]) == 2
+    assert "missing [0]" in capsys.readouterr().err
+    assert not (runs / "ref" / schema.MANIFEST).exists()
+
+
+def test_candidate_matching_mode(ref, tiny_demo, corpus, tmp_path):
+    """Beyond max_all_pairs_d_sae, correlations are accumulated for candidate pairs only; they equal
+    the all-pairs values for those pairs, and the assignment is one-to-one."""
+    cfg_path = tmp_path / "cand.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, run_id="cand", extra="[matching]\nmax_all_pairs_d_sae = 16\nn_candidates = 4\n"))
+    run_dir = run_mod.run(RunConfig.from_toml(cfg_path), runs_dir=tmp_path / "runs", progress=False)
+    man = rundir.open_run(run_dir)
+    assert man["summary"]["matching"]["mode"] == "candidates"
+    cand = table(run_dir, "matches.parquet")
+    full = table(ref["dir"], "matches.parquet")
+    d = 64
+    assert len(cand) <= 2 * 4 * d
+    # every candidate pair's correlation equals the all-pairs run's value for it
+    from precompute.weights import unit_rows
+
+    saes = ref["prep"].pair.saes
+    wa, wb = unit_rows(saes["base_sae"].W_dec).numpy(), unit_rows(saes["finetuned_sae"].W_dec).numpy()
+    top_a = np.argsort(-(wa @ wb.T), axis=1)[:, :4]
+    for i in range(d):
+        assert set(top_a[i]) <= set(cand[cand.base_feature_id == i].finetuned_feature_id)
+    both = cand.merge(full, on=["base_feature_id", "finetuned_feature_id"], suffixes=("", "_full"))
+    assert len(both) > 0
+    np.testing.assert_allclose(both.act_corr, both.act_corr_full, atol=1e-9)
+    assigned = cand[cand.assigned]
+    assert assigned.base_feature_id.is_unique and assigned.finetuned_feature_id.is_unique
+    feats = table(run_dir, "features.parquet")
+    fa = feats[feats.sae == "base_sae"]
+    assert (fa.match_feature_id.notna()).all()
+
+
+def test_single_sae_run_has_no_matching(tiny_demo, corpus, tmp_path):
+    cfg_path = tmp_path / "one.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, run_id="one", n_seq=32, two_saes=False))
+    run_dir = run_mod.run(RunConfig.from_toml(cfg_path), runs_dir=tmp_path / "runs", progress=False)
+    man = rundir.open_run(run_dir)
+    assert man["saes"] == ["base_sae"] and "matches.parquet" not in man["files"]
+    feats = table(run_dir, "features.parquet")
+    assert set(feats.sae) == {"base_sae"} and feats.match_feature_id.isna().all()
+
+
+def test_text_corpus_is_packed_with_bos(ref, tiny_demo, tmp_path):
+    from precompute.corpus import read_corpus
+
+    tok = ref["prep"].pair.base.tokenizer
+    path = tmp_path / "text.parquet"
+    texts = ["def f(x):\n    return x + 1\n" * 20, "The quick brown fox jumps over the lazy dog. " * 20]
+    pq.write_table(pa.table({"text": texts, "source": ["python", "english"]}), path)
+    seqs, sources = read_corpus(path, CTX, tok)
+    assert seqs.shape[1] == CTX and (seqs[:, 0] == tok.bos_token_id).all()
+    assert set(sources) == {"python", "english"}
+    first_py = tok.decode(seqs[0, 1:])
+    assert first_py.startswith("def f(x):")
