@@ -1,0 +1,83 @@
+"""The Live probe page in Debian's Chromium: type a prompt, probe, see highlighted activations; steer.
+
+The server is the app engineer's `streamlit_server` (tests/browser_utils.py) over a runs dir
+holding one run whose config names the tiny demo pair, so the models run live in the server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from explorer import rundir
+from explorer.synthetic import make_run
+from tests.browser_utils import browser, page, streamlit_server, wait_idle  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+PROMPT = 'The <b>cat</b> sat on the mat. <img src=x onerror="alert(1)"> 😀 done'
+
+
+@pytest.fixture(scope="module")
+def probe_app_url(tiny_demo, tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("browser_probe_runs")
+    out = make_run(root / "probe", n_features=64, n_vocab=512, context=32)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["models"] = {m: {"path": str(tiny_demo / m)} for m in ("base", "finetuned")}
+    manifest["config"]["saes"] = {s: {"path": str(tiny_demo / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
+    manifest.pop("schema_version")
+    rundir.write_manifest(out, manifest)
+    with streamlit_server(runs_dir=root) as url:
+        yield url
+
+
+def _alpha(style: str) -> float:
+    m = re.search(r"rgba\(\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*([0-9.]+)\s*\)", style or "")
+    return float(m.group(1)) if m else 0.0
+
+
+def test_live_probe_and_steering_in_chromium(page, probe_app_url):  # noqa: F811
+    # A fresh server answers its very first request in Streamlit's pages/-directory mode, where the
+    # probe page's url path differs (see webapp.state._leave_pages_dir_mode): open the app first.
+    page.goto(probe_app_url + "/?run=probe", wait_until="domcontentloaded")
+    wait_idle(page, timeout_ms=180_000)
+    page.goto(probe_app_url + "/probe?run=probe", wait_until="domcontentloaded")
+    wait_idle(page, timeout_ms=180_000)
+    assert page.get_by_text("Page not found").count() == 0
+    page.get_by_role("heading", name="Live probe").wait_for(timeout=60_000)
+
+    box = page.locator('[data-testid="stTextArea"] textarea')
+    box.fill(PROMPT)
+    page.get_by_role("button", name="Run probe").click()
+    wait_idle(page, timeout_ms=120_000)
+
+    panel = page.locator('[data-probe="feature-acts"]')
+    panel.wait_for(timeout=60_000)
+    for model in ("base", "finetuned"):
+        spans = panel.locator(f'[data-model="{model}"] .sx-tok')
+        n = spans.count()
+        assert n >= 10, f"{model}: {n} token spans"
+        alphas = [_alpha(spans.nth(i).get_attribute("style")) for i in range(n)]
+        assert max(alphas) > 0, f"{model}: no token is highlighted"
+    line = panel.locator('[data-model="base"]').text_content()
+    assert "The <b>cat</b> sat on the mat" in line  # the typed text, token by token, as text
+    # the prompt's markup is shown as text, never parsed
+    assert panel.locator("b, img").count() == 0
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+    page.get_by_role("button", name="Steer").click()
+    wait_idle(page, timeout_ms=120_000)
+    for model in ("base", "finetuned"):
+        block = page.locator(f'[data-probe="steering-{model}"]')
+        block.wait_for(timeout=60_000)
+        for kind in ("unsteered", "steered"):
+            cont = block.locator(f'[data-probe="{kind}"]')
+            assert cont.count() == 1
+            assert cont.locator(".sx-tok").count() > 12  # 12 prompt tokens of context + the continuation
+    assert page.get_by_text(re.compile(r"W_dec\[\d+\]")).count() >= 1
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert page.dialogs == []
