@@ -21,6 +21,10 @@ Vocabulary (STYLE.md): `feature_id` is the latent index, never a row position; `
 Units: activations are in the SAE's own units (the output of `sae.encode`); densities are
 fractions of tokens in [0, 1]; CE losses are nats per token; cosines and correlations are in
 [-1, 1]; L2 distances are in the residual stream's own units.
+
+Which tokens count (precompute/run.py): special tokens (BOS/EOS/PAD) are left out of every SAE
+and feature statistic, as SAELens's `run_evals` leaves them out; residual-stream similarity
+covers every token. The manifest's `n_counted_tokens` is the number of counted tokens.
 """
 
 from __future__ import annotations
@@ -225,18 +229,18 @@ EXAMPLES = _doc(
         "sae": "base_sae or finetuned_sae",
         "feature_id": "latent index",
         "model": "the model whose activations selected this example",
-        "kind": "top (highest activations) | quantile (sampled within an activation quantile bin)",
+        "kind": "top (highest activations) | quantile (a uniform sample of the firing tokens, cut into equal-count activation bins)",
         "bin": "quantile bin index (0 = lowest); null for top examples",
-        "bin_low": "lower activation bound of the quantile bin; null for top",
-        "bin_high": "upper activation bound of the quantile bin; null for top",
+        "bin_low": "lowest activation among the feature's sampled tokens in this quantile bin; null for top",
+        "bin_high": "highest activation among the feature's sampled tokens in this quantile bin; null for top",
         "rank": "0-based rank within (kind, bin): by activation for top, by sampling priority for quantile",
         "seq_id": "sequence in tokens.parquet",
         "position": "position of the selecting token in the sequence",
         "activation": "feature activation at (seq_id, position) on `model`",
         "window_start": "position of the first token of the window in the sequence",
         "token_ids": "the window's token ids",
-        "acts_base": "the feature's activation on each window token, base model",
-        "acts_finetuned": "the feature's activation on each window token, finetuned model",
+        "acts_base": "the feature's activation on each window token, base model (0 at special tokens)",
+        "acts_finetuned": "the feature's activation on each window token, finetuned model (0 at special tokens)",
     },
 )
 
@@ -280,9 +284,37 @@ OPTIONAL_TABLES = {"matches.parquet"}
 EXAMPLES_ROW_GROUP_SIZE = 2048
 
 
+# manifest.json keys (written by precompute/run.py::finalize via rundir.write_manifest, last)
+MANIFEST_DOCS = {
+    "schema_version": "this module's SCHEMA_VERSION when the run was written",
+    "run_id": "the run's id (its directory name)",
+    "created_at": "UTC time the manifest was written (ISO 8601)",
+    "complete": "true: every file listed under `files` is whole",
+    "config": "the normalized precompute config (precompute/config.py RunConfig.to_dict, hook resolved)",
+    "packages": "versions of python, torch, sae-lens, transformer-lens, transformers, numpy, scipy, pyarrow, safetensors",
+    "tokenizer_check": "explorer.models.TokenizerComparison.to_dict() of the two tokenizers (METHODS.md section 0)",
+    "n_tokens": "tokens in the sample (n_sequences x context_size)",
+    "n_sequences": "sequences in the sample (rows of tokens.parquet)",
+    "n_counted_tokens": "tokens that count for SAE and feature statistics (special tokens excluded)",
+    "special_token_ids": "the token ids excluded from SAE and feature statistics",
+    "saes": "SAE names present: [base_sae] or [base_sae, finetuned_sae]",
+    "d_sae": "dictionary size per SAE",
+    "act_hist_edges": "ACT_HIST_EDGES, the bins of features.act_hist_*",
+    "calibration": "outlier thresholds (and the mean norms they come from) per model, and l2_max, fixed on the first sequences",
+    "resid_l2_range": "[0, l2_max]: the range of the L2 histograms",
+    "resid_clipped": "per resid histogram metric, the values outside its range (counted in the end bins)",
+    "summary": "counts: status and cross-class per SAE, NaN similarities, non-finite explained variance, matching (mode, born/lost at the threshold)",
+    "timing": "stream seconds, tokens streamed, tokens per second, finalize seconds (of the invocation that finished the run)",
+    "files": "file name -> {rows, bytes, sha256}",
+}
+
+
 def describe() -> str:
     """The schema as Markdown (docs/SCHEMA.md is generated from this)."""
     out = [f"# Run schema, version {SCHEMA_VERSION}", "", (__doc__ or "").strip(), ""]
+    out += [f"## {MANIFEST}", "", "| key | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in MANIFEST_DOCS.items()]
+    out.append("")
     for name, schema in TABLES.items():
         out += [f"## {name}", "", "| column | type | meaning |", "|---|---|---|"]
         for f in schema:

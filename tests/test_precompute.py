@@ -159,6 +159,7 @@ def test_run_is_complete_and_valid(ref):
     man = ref["manifest"]
     assert man["schema_version"] == schema.SCHEMA_VERSION and man["complete"] is True
     assert set(man["files"]) == set(schema.TABLES)
+    assert set(man) == set(schema.MANIFEST_DOCS)  # every manifest key is documented
     assert man["n_tokens"] == N_SEQ * CTX and man["n_sequences"] == N_SEQ
     assert man["config"] == ref["prep"].cfg.to_dict()
     assert man["act_hist_edges"] == schema.ACT_HIST_EDGES.tolist()
