@@ -15,8 +15,9 @@ same token ids for both models (METHODS.md: x_B(t) and x_F(t) for the same token
 Conventions (the same as the run's metrics.parquet, see explorer/schema.py METRICS):
 - Tokens: BOS is prepended (every demo sequence starts with BOS; TransformerLens models are
   trained that way), then the prompt is cut to the models' context `n_ctx`.
-- Metric positions: like sae_lens `run_evals(..., exclude_special_tokens=True)`, positions
-  holding a special token (BOS/EOS/PAD, `sae_lens.util.get_special_token_ids`) are left out of
+- Metric positions: like sae_lens `run_evals(..., exclude_special_tokens=True)` and the precompute,
+  positions holding a special token of either tokenizer (BOS/EOS/PAD,
+  `sae_lens.util.get_special_token_ids`) are left out of
   L0 / MSE / explained variance, are NOT spliced, and their next-token loss is not counted.
   `probe(..., exclude_special_tokens=False)` counts and splices every position.
 - MSE: squared error summed over dimensions, mean over tokens. Explained variance: per token
@@ -490,7 +491,7 @@ def probe(pair: "LoadedPair", prompt: "PreparedPrompt | str", *, exclude_special
         _check_sae_supported(name, sae)
     tok = _tokenizer(pair)
     ids = np.asarray(prompt.token_ids, dtype=np.int64)
-    special = _special_ids(tok) if exclude_special_tokens else set()
+    special = (_special_ids(tok) | _special_ids(pair.finetuned.tokenizer)) if exclude_special_tokens else set()
     mask = ~np.isin(ids, list(special)) if special else np.ones(len(ids), dtype=bool)
     notices: list[str] = []
     if not mask.any():

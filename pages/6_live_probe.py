@@ -214,7 +214,7 @@ def predictions_panel() -> None:
             format_func=lambda i: f"{i}: {render.display_token(prompt.token_strs[i])[:16]}",
         )
         if pos < n - 1:
-            st.caption(f"The actual next token is {render.display_token(prompt.token_strs[pos + 1])!r}.")
+            st.caption(f"The actual next token is ‹{render.display_token(prompt.token_strs[pos + 1])}›.")
         variants = [CLEAN, *(spliced(s) for s in result.sae_names), ZERO_ABLATED]
         names = {CLEAN: "clean", ZERO_ABLATED: "zero-ablated", **{spliced(s): f"spliced ({SAE_LABELS.get(s, s)})" for s in result.sae_names}}
         cols = st.columns(2)
@@ -223,7 +223,7 @@ def predictions_panel() -> None:
             wide = pd.DataFrame({"rank": sorted(p["rank"].unique() + 1)})
             for v in variants:
                 q = p[p["variant"] == v].sort_values("rank")
-                wide[names[v]] = [f"{render.display_token(t)!r}  {100 * pr:.1f}%" for t, pr in zip(q["token_str"], q["prob"])]
+                wide[names[v]] = [f"‹{render.display_token(t)}›  {100 * pr:.1f}%" for t, pr in zip(q["token_str"], q["prob"])]
             with col:
                 st.markdown(f"**{render.MODEL_LABELS[m]}**")
                 st.dataframe(wide, hide_index=True, width="stretch")

@@ -57,7 +57,7 @@ def _ref_acts(model, ids, hook) -> torch.Tensor:
 def _special(pair) -> list[int]:
     from sae_lens.util import get_special_token_ids
 
-    return list(get_special_token_ids(pair.base.tokenizer))
+    return sorted(set(get_special_token_ids(pair.base.tokenizer)) | set(get_special_token_ids(pair.finetuned.tokenizer)))
 
 
 def _with_mid_bos(pair, corpus_ids) -> list[int]:
