@@ -144,7 +144,6 @@ def density_scatter(points: pd.DataFrame, regression: dict[str, float], title: s
         fig.add_trace(go.Scatter(x=xs, y=intercept + slope * xs, mode="lines", name=f"least squares (R = {r:.3f})", line=dict(color="#c0392b", width=2)))
     lims = [min(x.min(initial=-10), y.min(initial=-10)) - 0.3, 0.3]
     fig.add_trace(go.Scatter(x=lims, y=lims, mode="lines", name="y = x", line=dict(color="#999", dash="dash", width=1)))
-    fig.update_layout(dragmode="select", clickmode="event+select")
     return _layout(fig, title, "log10(density on base + 1e-10)", "log10(density on finetuned + 1e-10)", height=480)
 
 

@@ -101,8 +101,11 @@ def streamlit_server(runs_dir: Path | str | None = None, env: dict[str, str] | N
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
         log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(log.name)
+        if os.environ.get("SAE_EXPLORER_KEEP_LOG"):
+            print("streamlit log:", log.name)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(log.name)
 
 
 @pytest.fixture(scope="session")

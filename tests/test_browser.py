@@ -1,0 +1,156 @@
+"""The app in a real browser: `streamlit run app.py` on 127.0.0.1, Debian's Chromium via Playwright.
+
+* a feature page opened by deep link shows highlighted examples for both models (shipped demo run);
+* hostile vocabulary (`<script>`, `<img onerror>`, ...) renders as text and fires no dialog
+  (synthetic run);
+* selecting a row of the Features table and clicking a point of the Similarity scatter open the
+  feature page;
+* bad query params show a friendly message, never a traceback.
+
+The live probe and steering are driven in tests/test_browser_probe.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.browser_utils import app_url, browser, page, synthetic_app_url, synthetic_runs, wait_idle  # noqa: F401
+
+pytestmark = pytest.mark.browser
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _highlighted(page, model: str) -> int:
+    """Token spans with a non-zero background in the given model's example lines."""
+    return page.evaluate(
+        """(model) => Array.from(document.querySelectorAll(`.sx-ex[data-model="${model}"] .sx-tok`))
+              .filter(s => { const m = (s.getAttribute('style') || '').match(/rgba\\([^)]*,\\s*([0-9.]+)\\)/); return m && parseFloat(m[1]) > 0; }).length""",
+        model,
+    )
+
+
+def _no_traceback(page) -> None:
+    text = page.inner_text("body")
+    assert "Traceback" not in text and "File \"/" not in text
+
+
+def test_feature_deep_link_on_the_demo_run(app_url, page):
+    demo = REPO / "data" / "runs" / "demo"
+    feats = pd.read_parquet(demo / "features.parquet", columns=["sae", "feature_id", "cross_class", "density_base"])
+    alive = feats[(feats.sae == "base_sae") & (feats.cross_class == "both_alive")].sort_values("density_base", ascending=False)
+    fid = int(alive.feature_id.iloc[0])
+    page.goto(f"{app_url}/feature?run=demo&sae=base_sae&feature={fid}")
+    wait_idle(page)
+    page.wait_for_selector('.sx-ex[data-model="finetuned"]', timeout=60000)
+    assert page.locator("h3", has_text=f"feature {fid}").count() >= 1
+    # top examples on each model, each drawn on both models, with highlighted tokens
+    assert page.locator('.sx-ex[data-model="base"]').count() >= 2
+    assert page.locator('.sx-ex[data-model="finetuned"]').count() >= 2
+    assert _highlighted(page, "base") > 0 and _highlighted(page, "finetuned") > 0
+    # the navigation is the app's (app.py ran), not Streamlit's pages/ fallback
+    nav = page.inner_text('[data-testid="stSidebarNav"]')
+    assert "Dead & born" in nav and "Live probe" in nav
+    assert page.dialogs == []
+    _no_traceback(page)
+
+
+def test_hostile_tokens_render_as_text(synthetic_app_url, synthetic_runs, page):
+    feats = pd.read_parquet(synthetic_runs / "synth" / "features.parquet")
+    hit = feats[(feats.sae == "base_sae") & feats.top_tokens.str.contains("<script>alert(1)</script>", regex=False) & (feats.status_base != "dead")]
+    fid = int(hit.feature_id.iloc[0])
+    page.goto(f"{synthetic_app_url}/feature?run=synth&sae=base_sae&feature={fid}")
+    wait_idle(page)
+    page.wait_for_selector(".sx-tok", timeout=60000)
+    # hover every token (tooltips), scroll everything into view
+    for el in page.locator(".sx-tok").all()[:200]:
+        el.hover(timeout=5000)
+    page.wait_for_timeout(500)
+    assert page.dialogs == []
+    # shown as text ...
+    toks = page.eval_on_selector_all(".sx-tok", "els => els.map(e => e.textContent)")
+    assert "<script>alert(1)</script>" in toks
+    # ... and never parsed into elements
+    assert page.evaluate("() => Array.from(document.scripts).filter(s => s.textContent.includes('alert(')).length") == 0
+    assert page.locator(".sx-ex img, .sx-ex svg, .sx-ex script, .sx-ex b").count() == 0
+    assert page.locator('img[src="x"]').count() == 0
+
+
+def test_features_row_opens_the_feature_page(synthetic_app_url, page):
+    page.goto(f"{synthetic_app_url}/features?run=synth&sae=base_sae")
+    wait_idle(page)
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.wait_for(timeout=60000)
+    # sort by feature id (default): row 3 is feature 3; click its row-selection cell
+    box = grid.bounding_box()
+    assert box is not None
+    row_h = 35
+    page.mouse.click(box["x"] + 18, box["y"] + row_h * 4 + row_h / 2)  # header + 3 rows down
+    page.wait_for_url(re.compile(r".*/feature\?.*feature=\d+"), timeout=60000)
+    wait_idle(page)
+    fid = int(re.search(r"feature=(\d+)", page.url).group(1))
+    assert page.locator("h3", has_text=f"feature {fid}").count() >= 1
+    _no_traceback(page)
+
+
+def test_similarity_point_opens_the_feature_page(synthetic_app_url, page):
+    page.goto(f"{synthetic_app_url}/similarity?run=synth&sae=base_sae")
+    wait_idle(page)
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(p => p._fullData && p._fullData[0] && p._fullData[0].type === 'scattergl')",
+        timeout=60000,
+    )
+    # the scatter is the plot whose first trace holds one point per feature
+    idx = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.js-plotly-plot')).findIndex(p => p._fullData && p._fullData[0] && p._fullData[0].customdata && p._fullData[0].type === 'scattergl')"""
+    )
+    assert idx >= 0
+    plot = page.locator(".js-plotly-plot").nth(idx)
+    plot.scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)
+    # pixel position of a point with the plot's own axes
+    xy = page.evaluate(
+        """(i) => { const p = document.querySelectorAll('.js-plotly-plot')[i];
+                 const d = p._fullData[0]; const fl = p._fullLayout;
+                 const xs = d.x, ys = d.y; let k = 0;
+                 for (let j = 0; j < xs.length; j++) { if (xs[j] > -9 && ys[j] > -9) { k = j; break; } }
+                 const r = p.getBoundingClientRect();
+                 return [r.left + fl._size.l + fl.xaxis.l2p(xs[k]), r.top + fl._size.t + fl.yaxis.l2p(ys[k])]; }""",
+        idx,
+    )
+    page.mouse.click(xy[0], xy[1])
+    page.wait_for_url(re.compile(r".*/feature\?.*feature=\d+"), timeout=60000)
+    wait_idle(page)
+    assert "sae=base_sae" in page.url
+    _no_traceback(page)
+
+
+@pytest.mark.parametrize("query,message", [("feature=abc", "is not a feature number"), ("feature=-4", "is negative"), ("feature=99999999", "out of range")])
+def test_bad_params_in_the_browser(synthetic_app_url, page, query, message):
+    page.goto(f"{synthetic_app_url}/feature?run=synth&sae=base_sae&{query}")
+    wait_idle(page)
+    page.wait_for_selector('[data-testid="stAlertContentError"]', timeout=60000)
+    assert message in page.inner_text('[data-testid="stAlertContentError"]')
+    _no_traceback(page)
+
+
+def test_unknown_run_in_the_browser(synthetic_app_url, page):
+    page.goto(f"{synthetic_app_url}/overview?run=..%2F..%2Fetc")
+    wait_idle(page)
+    page.wait_for_selector('[data-testid="stAlertContentError"]', timeout=60000)
+    assert "not a valid run id" in page.inner_text('[data-testid="stAlertContentError"]')
+    _no_traceback(page)
+
+
+def test_no_outbound_requests(synthetic_app_url, page):
+    """The app runs offline: no page asks for anything outside 127.0.0.1."""
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(synthetic_app_url) and r.url.split(":", 1)[0] in ("http", "https", "ws", "wss") else None)
+    for path in ("/overview?run=synth", "/features?run=synth", "/feature?run=synth&feature=5", "/dead-born?run=synth", "/similarity?run=synth"):
+        page.goto(synthetic_app_url + path)
+        wait_idle(page)
+        page.wait_for_timeout(500)
+    assert outside == []
