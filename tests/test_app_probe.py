@@ -125,3 +125,15 @@ def test_run_without_loadable_models_is_a_friendly_error(monkeypatch, probe_runs
     at.run()
     assert not at.exception
     assert at.error and "cannot load" in at.error[0].value
+
+
+def test_feature_selection_writes_the_deep_link(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs)
+    at.number_input(key="probe_feature").set_value(5).run()
+    assert not at.exception
+    assert at.query_params["feature"] in ("5", ["5"])
+    labels = [str(p.proto.label) for p in at.get("page_link")]
+    assert any("feature 5" in label for label in labels)
+    at.selectbox(key="probe_sae").set_value("finetuned_sae").run()
+    assert not at.exception
+    assert "feature" not in at.query_params  # a feature id of one SAE means nothing in the other
