@@ -8,7 +8,6 @@ recomputation, and a hand-written greedy loop without a key-value cache.
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
