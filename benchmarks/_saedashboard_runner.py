@@ -21,7 +21,8 @@ that fetch from a hub (SAE/model `from_pretrained`, the streaming `ActivationsSt
 generation) are replaced; its `run()` is called unchanged, with its dataclass defaults.
 
 The timed region starts after imports and loading and ends when the last JSON is written;
-`process_seconds` is from interpreter start (the driver also times the whole subprocess).
+`process_seconds` is from interpreter start. `check_seconds` is the time spent in this script's
+own checks (not SAEDashboard's work): the driver subtracts it from the subprocess's wall time.
 The last stdout line is one JSON object (see `main`).
 
     benchmarks/_work/saedash-venv/bin/python benchmarks/_saedashboard_runner.py \
@@ -214,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     sae = SAE.load_from_disk(str(sae_dir), device="cpu")
     sae.eval()
     hook = sae.cfg.metadata.hook_name
+    t_check = time.time()
     sae_check = check_sae(model, sae, sae_dir, tokens[:2], hook, args.check_out)
-    load_seconds = time.time() - t_load
+    check_seconds = time.time() - t_check
+    load_seconds = time.time() - t_load - check_seconds
 
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     output_bytes = dir_bytes(args.out, exclude=cache_dir)
     cache_bytes = dir_bytes(cache_dir) if cache_dir.exists() else 0
 
+    t_check = time.time()
     feature_json: dict[int, dict] = {}
     for f in batch_files:
         for feat in json.loads(f.read_text())["features"]:
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check = check_outputs(model, load_file(str(sae_dir / "sae_weights.safetensors")), tokens, hook, feature_json, model.tokenizer.bos_token_id)
 
+    check_seconds += time.time() - t_check
     n_tokens = int(tokens.numel())
     result = {
         "tool": "sae-dashboard",
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_features": n_features,
         "wall_seconds": wall,
         "load_seconds": load_seconds,
+        "check_seconds": check_seconds,
         "process_seconds": time.time() - T_PROCESS,
         "output_bytes": output_bytes,
         "output_files": len(batch_files),
