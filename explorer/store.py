@@ -277,10 +277,12 @@ def features_csv(con, run_dir: Path | str, sae: str, flt: FeatureFilter = Featur
 
 def feature(con, run_dir: Path | str, sae: str, feature_id: int) -> dict[str, Any] | None:
     """Every column of one feature, lists as Python lists; None if the id is not in the run."""
-    t = pq.read_table(_path(run_dir, FEATURES_FILE), filters=[("sae", "=", sae), ("feature_id", "=", int(feature_id))])
-    if t.num_rows == 0:
+    cur = con.execute("SELECT * FROM read_parquet(?) WHERE sae = ? AND feature_id = ?", [_path(run_dir, FEATURES_FILE), sae, int(feature_id)])
+    row = cur.fetchone()
+    if row is None:
         return None
-    return {k: v[0] for k, v in t.to_pydict().items()}
+    names = [d[0] for d in cur.description]
+    return dict(zip(names, row))
 
 
 def features_by_ids(con, run_dir: Path | str, sae: str, ids: Iterable[int], columns: Sequence[str] = TABLE_COLUMNS) -> pd.DataFrame:

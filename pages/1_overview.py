@@ -131,6 +131,6 @@ with state.guard():
         ("seed", str(sample.get("seed", "?"))),
         ("thresholds", ", ".join(f"{k} = {v}" for k, v in thresholds.items())),
     ]
-    st.dataframe(pd.DataFrame(rows, columns=["", "value"]), hide_index=True, key="run_config")
+    st.table(pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting"))
     with st.expander("Full manifest"):
         st.json({k: v for k, v in run.manifest.items() if k != "files"}, expanded=False)

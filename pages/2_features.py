@@ -77,6 +77,7 @@ with state.guard():
             on_select="rerun",
             selection_mode="single-row",
             key=f"features_table_{offset}_{sort_by}_{descending}",
+            column_order=["feature_id", "top_tokens", *[c for c in page.columns if c not in ("feature_id", "top_tokens")]],
             column_config={
                 "feature_id": st.column_config.NumberColumn("feature", format="%d"),
                 "status_base": "status base",

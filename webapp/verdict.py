@@ -59,12 +59,15 @@ def verdict(metrics: pd.DataFrame, cross_counts: dict[str, int], outliers: str =
         return Verdict("unknown", "Not enough data for a verdict: CE recovered on the finetuned model is undefined (zero-ablation barely changes the loss).", facts)
     if r_ft < POOR_CE_RECOVERED:
         return Verdict("no", f"No: the base SAE does not transfer. Splicing its reconstruction into the finetuned model recovers only {r_ft:.0%} of the loss gap.", facts)
-    ok = (
-        r_ft >= GOOD_CE_RECOVERED
-        and (not math.isfinite(r_b) or r_ft >= r_b - MAX_CE_RECOVERED_DROP)
-        and (not (math.isfinite(ev_ft) and math.isfinite(ev_b)) or ev_ft >= ev_b - MAX_EV_DROP)
-        and (not math.isfinite(died_share) or died_share <= MAX_DIED_SHARE)
-    )
-    if ok:
-        return Verdict("yes", f"Yes: the base SAE transfers. On the finetuned model it recovers {r_ft:.0%} of the loss gap, close to its {r_b:.0%} on base.", facts)
-    return Verdict("partly", f"Partly: the base SAE still reconstructs the finetuned model ({r_ft:.0%} of the loss gap recovered), but worse than on base, or with many features dying.", facts)
+    reasons = []
+    if r_ft < GOOD_CE_RECOVERED:
+        reasons.append(f"CE recovered on the finetuned model is {r_ft:.3f}, below {GOOD_CE_RECOVERED}")
+    if math.isfinite(r_b) and r_ft < r_b - MAX_CE_RECOVERED_DROP:
+        reasons.append(f"it drops by {r_b - r_ft:.3f} from base (more than {MAX_CE_RECOVERED_DROP})")
+    if math.isfinite(ev_ft) and math.isfinite(ev_b) and ev_ft < ev_b - MAX_EV_DROP:
+        reasons.append(f"explained variance drops by {ev_b - ev_ft:.3f} (more than {MAX_EV_DROP})")
+    if math.isfinite(died_share) and died_share > MAX_DIED_SHARE:
+        reasons.append(f"{died_share:.1%} of the features alive on base die (more than {MAX_DIED_SHARE:.0%})")
+    if not reasons:
+        return Verdict("yes", f"Yes: the base SAE transfers. On the finetuned model it recovers {r_ft:.1%} of the loss gap (on base: {r_b:.1%}).", facts)
+    return Verdict("partly", f"Partly: the base SAE still reconstructs the finetuned model ({r_ft:.1%} of the loss gap recovered), but " + "; ".join(reasons) + ".", facts)
