@@ -296,19 +296,25 @@ class PairStats(_Stateful):
         self.sum_log_err = np.zeros(d_sae, np.float64)
 
     def update(self, base: SparseActs, finetuned: SparseActs) -> None:
-        d = self.d_sae
-        kb = base.token * d + base.feature
+        d, eps = self.d_sae, self.eps
+        kb = base.token * d + base.feature  # both sorted: SparseActs come in (token, feature) order
         kf = finetuned.token * d + finetuned.feature
-        _, ib, jf = np.intersect1d(kb, kf, assume_unique=True, return_indices=True)
-        self.sum_xy += np.bincount(base.feature[ib], weights=base.value[ib].astype(np.float64) * finetuned.value[jf], minlength=d)
-        # Where both are 0 the log error is exactly 0: sum over the union of firing entries only.
-        union = np.union1d(kb, kf)
-        vb = np.zeros(len(union))
-        vf = np.zeros(len(union))
-        vb[np.searchsorted(union, kb)] = base.value
-        vf[np.searchsorted(union, kf)] = finetuned.value
-        err = np.abs(np.log10(vb + self.eps) - np.log10(vf + self.eps))
-        self.sum_log_err += np.bincount(union % d, weights=err, minlength=d)
+        if np.any(np.diff(kb) <= 0) or np.any(np.diff(kf) <= 0):
+            raise ValueError("SparseActs must be sorted by (token, feature) without duplicates")
+        pos = np.minimum(np.searchsorted(kf, kb), max(len(kf) - 1, 0))
+        hit = (kf[pos] == kb) if len(kf) else np.zeros(len(kb), bool)
+        ib, jf = np.nonzero(hit)[0], pos[hit]
+        vb, vf = base.value.astype(np.float64), finetuned.value.astype(np.float64)
+        self.sum_xy += np.bincount(base.feature[ib], weights=vb[ib] * vf[jf], minlength=d)
+        # Where both are 0 the log error is exactly 0, so only firing entries contribute: each side's
+        # entries as if the other were 0, corrected where both fire.
+        log_eps = np.log10(eps)
+        lb, lf = np.log10(vb + eps), np.log10(vf + eps)
+        err = np.bincount(base.feature, weights=np.abs(lb - log_eps), minlength=d)
+        err += np.bincount(finetuned.feature, weights=np.abs(lf - log_eps), minlength=d)
+        both = np.abs(lb[ib] - lf[jf]) - np.abs(lb[ib] - log_eps) - np.abs(lf[jf] - log_eps)
+        err += np.bincount(base.feature[ib], weights=both, minlength=d)
+        self.sum_log_err += err
 
     def merge(self, other: "PairStats") -> None:
         self.sum_xy += other.sum_xy
@@ -343,9 +349,11 @@ class CrossProducts(_Stateful):
     def update(self, a: SparseActs, b: SparseActs) -> None:
         import scipy.sparse as sp
 
-        tokens, inv = np.unique(np.concatenate([a.token, b.token]), return_inverse=True)
-        ta, tb = inv[: len(a.token)], inv[len(a.token):]
-        n = len(tokens)
+        if len(a.token) == 0 or len(b.token) == 0:
+            return
+        lo = min(a.token.min(), b.token.min())  # a batch's tokens are a short range of global indices
+        ta, tb = a.token - lo, b.token - lo
+        n = int(max(ta.max(), tb.max())) + 1
         ma = sp.csr_matrix((a.value.astype(np.float64), (a.feature, ta)), shape=(self.d_a, n))
         mb = sp.csr_matrix((b.value.astype(np.float64), (tb, b.feature)), shape=(n, self.d_b))
         prod = ma @ mb

@@ -329,15 +329,17 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
                 else:
                     spliced_ex = spliced
                 a = acts.reshape(n_b * ctx, -1)
-                l0 = (a > 0).sum(dim=-1).cpu().numpy()
+                nz = torch.nonzero(a > 0)  # row-major: sorted by (token, feature)
+                vals = a[nz[:, 0], nz[:, 1]].cpu().numpy().astype(np.float32)
+                t, f = nz[:, 0].cpu().numpy(), nz[:, 1].cpu().numpy().astype(np.int64)
+                l0 = np.bincount(t, minlength=n_b * ctx)  # active features per token
+                keep = counted_flat[t]  # special tokens do not count
+                t, f, vals = t[keep], f[keep], vals[keep]
                 state.quality[(s, m)].update(
                     x_flat.cpu().numpy(), x_hat.reshape(n_b * ctx, -1).cpu().numpy(), l0, counted, outlier,
                     {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)},
                 )
-                a = a * torch.from_numpy(counted_flat).to(a.device, a.dtype)[:, None]
-                nz = torch.nonzero(a > 0)
-                t, f = nz[:, 0], nz[:, 1]
-                sa = SparseActs(gidx[t.cpu().numpy()], f.cpu().numpy().astype(np.int64), a[t, f].cpu().numpy().astype(np.float32), n_counted)
+                sa = SparseActs(gidx[t], f, vals, n_counted)
                 state.features[(s, m)].update(sa)
                 state.topk[(s, m)].update(sa)
                 state.quantile[(s, m)].update(sa)
