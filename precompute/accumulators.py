@@ -178,8 +178,18 @@ class TopK(_Stateful):
         keep = v >= self.value[f, self.k - 1]
         if not keep.any():
             return
+        f, v, g = f[keep], v[keep].astype(np.float32), g[keep]
+        if len(f) > 2 * self.k * self.d_sae:
+            # Pre-reduce to the batch's own top-k per feature with one stable sort: entries arrive in
+            # token order, and for positive float32 the bit pattern orders like the value.
+            key = (f.astype(np.int64) << 32) | (0x7FFFFFFF - v.view(np.int32).astype(np.int64))
+            order = np.argsort(key, kind="stable")
+            fo = f[order]
+            rank = np.arange(len(fo)) - np.searchsorted(fo, fo, side="left")
+            top = order[rank < self.k]
+            f, v, g = f[top], v[top], g[top]
         sf, sv, sg = self._entries()
-        self._select(np.concatenate([sf, f[keep]]), np.concatenate([sv, v[keep]]), np.concatenate([sg, g[keep]]))
+        self._select(np.concatenate([sf, f]), np.concatenate([sv, v]), np.concatenate([sg, g]))
 
     def merge(self, other: "TopK") -> None:
         a, b = self._entries(), other._entries()

@@ -111,8 +111,8 @@ def test_hist_bins_edges():
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_topk_matches_naive_with_tie_break_and_merges_exactly(tmp_path, ties):
-    k = 5
+@pytest.mark.parametrize("k", [1, 5])  # k=1: batches exceed 2*k*d entries, so the pre-reduction runs
+def test_topk_matches_naive_with_tie_break_and_merges_exactly(tmp_path, ties, k):
     batches = _batches(n_batches=5, ties=ties)
     one = TopK(D, k)
     parts = [TopK(D, k) for _ in range(3)]
