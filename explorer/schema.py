@@ -282,6 +282,10 @@ OPTIONAL_TABLES = {"matches.parquet"}
 # Row-group size of examples.parquet: small enough that one feature's rows are read by
 # row-group pruning on (sae, feature_id).
 EXAMPLES_ROW_GROUP_SIZE = 2048
+# Row-group size of features.parquet (sorted by (sae, feature_id)): one feature's row is then
+# read from one row group (measured on a synthetic 131k-feature run: 40 ms instead of 190 ms
+# with a single row group), while the table scans of the Features page stay as fast.
+FEATURES_ROW_GROUP_SIZE = 8192
 
 
 # manifest.json keys (written by precompute/run.py::finalize via rundir.write_manifest, last)

@@ -315,7 +315,7 @@ def make_run(
         raise
 
     ftable = pa.concat_tables([pa.table({k: v for k, v in feats[s].items()}) .select(schema.FEATURES.names).cast(schema.FEATURES) for s in saes])
-    files["features.parquet"] = rundir.write_table(out, "features.parquet", ftable)
+    files["features.parquet"] = rundir.write_table(out, "features.parquet", ftable, row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
     if two_saes:
         b = feats["base_sae"]
         files["matches.parquet"] = rundir.write_table(
