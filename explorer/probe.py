@@ -186,13 +186,20 @@ def char_budget(tokenizer, n_ctx: int) -> int:
     return min(MAX_PROMPT_CHARS, max(4096, 2 * (n_ctx + 16) * _longest_token(tokenizer)))
 
 
+_token_strs: "weakref.WeakKeyDictionary[Any, dict[int, str]]" = weakref.WeakKeyDictionary()
+
+
 def decode_tokens(tokenizer, ids) -> list[str]:
-    """Each id decoded on its own (the display string of a single token)."""
+    """Each id decoded on its own (the display string of a single token); memoised per tokenizer."""
     ids = [int(i) for i in ids]
     if not ids:
         return []
     with model_lock(tokenizer):
-        return list(tokenizer.batch_decode([[i] for i in ids]))
+        known = _token_strs.setdefault(tokenizer, {})
+        missing = sorted(set(ids) - known.keys())
+        if missing:
+            known.update(zip(missing, tokenizer.batch_decode([[i] for i in missing])))
+        return [known[i] for i in ids]
 
 
 def decode_text(pair: "LoadedPair", ids) -> str:
@@ -511,10 +518,13 @@ def probe(pair: "LoadedPair", prompt: "PreparedPrompt | str", *, exclude_special
         for m in MODELS:
             model = getattr(pair, m)
             logits, cap = _forward_variants(model, tokens.to(model.cfg.device), pair.hook, pair.saes, splice.to(model.cfg.device))
-            logp = torch.log_softmax(logits.float(), dim=-1)  # [V, pos, vocab]
-            nxt = tokens[0, 1:].to(logp.device)
-            tok_loss = -logp[:, :-1].gather(-1, nxt.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)  # [V, pos-1]
-            top_p, top_i = torch.topk(logp.exp(), k=min(N_PREDICTIONS, logp.shape[-1]), dim=-1)  # [V, pos, k]
+            logits = logits.float()  # [V, pos, vocab]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [V, pos, 1]
+            nxt = tokens[0, 1:].to(logits.device)
+            picked = logits[:, :-1].gather(-1, nxt.view(1, -1, 1).expand(logits.shape[0], -1, 1))
+            tok_loss = (lse[:, :-1] - picked).squeeze(-1)  # [V, pos-1]: -log p(next token)
+            top_l, top_i = torch.topk(logits, k=min(N_PREDICTIONS, logits.shape[-1]), dim=-1)  # [V, pos, k]
+            top_p = (top_l - lse).exp()
             loss_np = tok_loss.double().cpu().numpy()
             for v, name in enumerate(variants):
                 losses[(m, name)] = loss_np[v]
@@ -661,14 +671,15 @@ def greedy_continuation(
     fits = len(ids) + n_new_tokens - 1 <= n_ctx
     slid = False
     new: list[torch.Tensor] = []
-    with torch.inference_mode(), model_lock(model):
+    with torch.inference_mode(), model_lock(model), model.hooks(fwd_hooks=hooks):
+        # hooks() attaches once for the whole loop and removes them on exit, even on an exception
         if use_kv_cache and fits:
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
             cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, rows)
             step_in = seq
             for _ in range(n_new_tokens):
-                logits = model.run_with_hooks(step_in, return_type="logits", fwd_hooks=hooks, past_kv_cache=cache)
+                logits = model(step_in, return_type="logits", past_kv_cache=cache)
                 nxt = logits[:, -1].argmax(dim=-1)
                 new.append(nxt)
                 step_in = nxt.unsqueeze(1)
@@ -679,7 +690,7 @@ def greedy_continuation(
                     slid = True
                     head = seq[:, :1] if bos is not None and int(seq[0, 0]) == bos else seq[:, :0]
                     window = torch.cat([head, seq[:, -(n_ctx - head.shape[1]) :]], dim=1)
-                logits = model.run_with_hooks(window, return_type="logits", fwd_hooks=hooks)
+                logits = model(window, return_type="logits")
                 nxt = logits[:, -1].argmax(dim=-1)
                 new.append(nxt)
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
