@@ -57,6 +57,20 @@ def _bars(df: pd.DataFrame, color: str, name: str, opacity: float = 1.0) -> go.B
     )
 
 
+def _step(left: np.ndarray, right: np.ndarray, counts: np.ndarray, color: str, name: str, unit: str = "") -> go.Scatter:
+    """A histogram as an outlined step with a light fill: two models stay readable when overlaid."""
+    xs = np.empty(2 * len(left))
+    ys = np.empty(2 * len(left))
+    xs[0::2], xs[1::2] = left, right
+    ys[0::2], ys[1::2] = counts, counts
+    rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return go.Scatter(
+        x=xs, y=ys, mode="lines", name=name, line=dict(color=color, width=2), fill="tozeroy",
+        fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)",
+        hovertemplate="%{x:.3g}: %{y}" + unit + "<extra>" + _safe(name) + "</extra>",
+    )
+
+
 def binned_histogram(df: pd.DataFrame, title: str, x_title: str, y_title: str = "count", color: str = NEUTRAL, name: str = "", log_y: bool = False) -> go.Figure:
     """Bars from precomputed bins (bin_left, bin_right, count)."""
     fig = go.Figure(_bars(df, color, name or title))
@@ -96,28 +110,22 @@ def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Seque
             continue
         counts = np.asarray(counts)
         nz = np.flatnonzero(counts)
-        lo, hi = (nz[0], nz[-1] + 1) if len(nz) else (0, 0)
-        centers = np.sqrt(edges[:-1] * edges[1:])
-        fig.add_trace(
-            go.Bar(
-                x=centers[lo:hi],
-                y=counts[lo:hi],
-                name=MODEL_LABELS[m],
-                marker_color=MODEL_COLORS[m],
-                opacity=0.65,
-                customdata=np.stack([edges[:-1][lo:hi], edges[1:][lo:hi]], axis=1) if hi > lo else None,
-                hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y} tokens<extra>" + MODEL_LABELS[m] + "</extra>",
-            )
-        )
-    fig.update_layout(barmode="overlay", bargap=0)
+        if not len(nz):
+            continue
+        lo, hi = max(nz[0] - 1, 0), min(nz[-1] + 2, len(counts))
+        fig.add_trace(_step(edges[:-1][lo:hi], edges[1:][lo:hi], counts[lo:hi], MODEL_COLORS[m], MODEL_LABELS[m], " tokens"))
     fig.update_xaxes(type="log")
     return _layout(fig, title, "activation (SAE units, log scale)", "tokens", height=280)
 
 
 def two_model_histogram(hists: dict[str, pd.DataFrame], title: str, x_title: str, y_title: str = "features") -> go.Figure:
-    """Two binned histograms (model -> bins) overlaid in the model colours."""
-    fig = go.Figure([_bars(df, MODEL_COLORS[m], MODEL_LABELS[m], 0.6) for m, df in hists.items()])
-    fig.update_layout(barmode="overlay", bargap=0)
+    """Two binned histograms (model -> bins) overlaid as steps in the model colours."""
+    fig = go.Figure(
+        [
+            _step(df["bin_left"].to_numpy(dtype=float), df["bin_right"].to_numpy(dtype=float), df["count"].to_numpy(), MODEL_COLORS[m], MODEL_LABELS[m])
+            for m, df in hists.items()
+        ]
+    )
     return _layout(fig, title, x_title, y_title)
 
 

@@ -49,7 +49,7 @@ with state.guard():
         with col:
             st.markdown(f"**On the {render.MODEL_LABELS[m]}** · status `{row[f'status_{m}']}`")
             a, b, c = st.columns(3)
-            a.metric("density", ui.pct(row[f"density_{m}"], 4), help="share of tokens where the feature fires (> 0)")
+            a.metric("density", ui.density(row[f"density_{m}"]), help="share of tokens where the feature fires (> 0)")
             b.metric("max activation", ui.fmt(row[f"max_act_{m}"]))
             c.metric("mean when firing", ui.fmt(row[f"mean_active_act_{m}"]), help="mean over the tokens where it fires")
 
@@ -129,7 +129,7 @@ with state.guard():
             info = {int(r.feature_id): r for r in nn.itertuples(index=False)}
             for j, c in zip(nn_ids, nn_cos):
                 r = info.get(int(j))
-                extra = f" · density {ui.pct(r.density_base, 3)} / {ui.pct(r.density_finetuned, 3)}" if r is not None else ""
+                extra = f" · density {ui.density(r.density_base)} / {ui.density(r.density_finetuned)}" if r is not None else ""
                 ui.feature_link(run, sae, int(j), label=f"feature {int(j)} · cos {float(c):.3f}{extra}")
         else:
             st.caption("No neighbours stored.")

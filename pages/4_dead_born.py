@@ -47,7 +47,7 @@ def class_list(cross_class: str, title: str, explain: str, example_model: str) -
         offset = ui.pager(f"dead_born_{cross_class}", n, PAGE_SIZE, reset_on=run.cache_key)
         df, _ = data.class_page(run, "base_sae", cross_class, PAGE_SIZE, offset)
         live = "base" if cross_class == "died" else "finetuned"
-        feature_rows(df, "base_sae", example_model, lambda r: f"density on {live}: {ui.pct(getattr(r, f'density_{live}'), 4)} · max act {ui.fmt(getattr(r, f'max_act_{live}'))}")
+        feature_rows(df, "base_sae", example_model, lambda r: f"density on {live}: {ui.density(getattr(r, f'density_{live}'))} · max act {ui.fmt(getattr(r, f'max_act_{live}'))}")
 
     body()
 

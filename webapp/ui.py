@@ -62,6 +62,17 @@ def pct(v: Any, digits: int = 2) -> str:
     return f"{100 * f:.{digits}f}%" if math.isfinite(f) else "n/a"
 
 
+def density(v: Any) -> str:
+    """A density as a percentage with 3 significant digits (0 -> '0 (never fires)')."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    if not math.isfinite(f):
+        return "n/a"
+    return "0 (never)" if f == 0 else f"{100 * f:.3g}%"
+
+
 def example_blocks(run: Run, rows: pd.DataFrame, max_value: float, models: Sequence[str] = ("base", "finetuned"), caption_fn=None) -> list[str]:
     """HTML blocks of example windows: the same tokens on each model, highlighted."""
     blocks = []
