@@ -154,3 +154,15 @@ def test_no_outbound_requests(synthetic_app_url, page):
         wait_idle(page)
         page.wait_for_timeout(500)
     assert outside == []
+
+
+def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
+    page.goto(f"{synthetic_app_url}/features?run=synth&sae=finetuned_sae")
+    wait_idle(page)
+    with page.expect_download(timeout=60000) as dl:
+        page.get_by_role("button", name=re.compile("Download the .* matching rows as CSV")).click()
+    got = pd.read_csv(dl.value.path())
+    feats = pd.read_parquet(synthetic_runs / "synth" / "features.parquet")
+    want = feats[feats.sae == "finetuned_sae"].sort_values("feature_id")
+    assert got.feature_id.tolist() == want.feature_id.tolist()
+    assert got.top_tokens.fillna("").tolist() == want.top_tokens.fillna("").tolist()  # hostile strings intact, as data
