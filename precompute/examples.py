@@ -86,27 +86,30 @@ def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, bef
     seq = ex.token // ctx
     pos = ex.token % ctx
     start = np.maximum(pos - before, 0)
-    end = np.minimum(pos + after + 1, ctx)
-    length = end - start
-    cols = start[:, None] + np.arange(width)[None, :]
-    valid = cols < end[:, None]
-    cols_c = np.minimum(cols, ctx - 1)
-    token_ids = np.where(valid, sample_tokens[seq[:, None], cols_c], 0).astype(np.int32)
+    length = np.minimum(pos + after + 1, ctx) - start
+    token_ids = np.zeros((len(ex), width), np.int32)
     acts = {m: np.zeros((len(ex), width), np.float32) for m in schema.MODELS}
+    if len(ex) == 0:
+        return Windows(start=start, length=length, token_ids=token_ids, acts=acts)
     batch_of = seq // batch_size
     order = np.argsort(batch_of, kind="stable")
-    bounds = np.searchsorted(batch_of[order], np.arange(batch_of.max() + 2 if len(ex) else 1))
+    bounds = np.searchsorted(batch_of[order], np.arange(batch_of.max() + 2))
+    offsets = np.arange(width)[None, :]
     for b in np.unique(batch_of):
         idx = order[bounds[b] : bounds[b + 1]]
+        cols = start[idx, None] + offsets  # [n, W] positions in the sequence
+        valid = offsets < length[idx, None]
+        cols = np.minimum(cols, ctx - 1)
+        token_ids[idx] = np.where(valid, sample_tokens[seq[idx, None], cols], 0)
         enc = encode_batch(int(b))
         for sae, per_model in enc.items():
-            sel = idx[ex.sae[idx] == sae]
-            if len(sel) == 0:
+            in_sae = ex.sae[idx] == sae
+            if not in_sae.any():
                 continue
-            loc = seq[sel] - b * batch_size
+            sel = idx[in_sae]
+            loc = (seq[sel] - b * batch_size)[:, None]
             for m, a in per_model.items():
-                vals = a[loc[:, None], cols_c[sel], ex.feature[sel][:, None]]
-                acts[m][sel] = np.where(valid[sel], vals, 0)
+                acts[m][sel] = np.where(valid[in_sae], a[loc, cols[in_sae], ex.feature[sel][:, None]], 0)
     return Windows(start=start, length=length, token_ids=token_ids, acts=acts)
 
 

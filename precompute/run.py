@@ -592,18 +592,19 @@ def merge(run_id: str, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, device: s
         return run_dir
     calib = Calibration(**{k: v for k, v in metas[0][1]["calibration"].items()})
     runners = _runners(prep)
-    state = PassState(prep, calib, _pair_keys(prep), (0, prep.n_batches))
+    pair_keys = _pair_keys(prep)
+    state = None
     expected = 0
     stream_s, stream_tokens = 0.0, 0
-    for i, (d, meta) in enumerate(metas):
+    for d, meta in metas:
         if meta["calibration"] != metas[0][1]["calibration"]:
             raise RunError(f"Shard {d.name} was calibrated differently from shard 0 (different hardware or code?). Rerun the shards on one setup.")
         if meta["batch_start"] != expected or meta["next_batch"] != meta["batch_end"]:
             raise RunError(f"Shard {d.name} covers batches {meta['batch_start']}..{meta['next_batch']}, expected to start at {expected}.")
         expected = meta["batch_end"]
-        part = PassState(prep, calib, _pair_keys(prep) if state.cross is not None and state.cross.pair_keys is not None else None, (meta["batch_start"], meta["batch_end"]))
+        part = PassState(prep, calib, pair_keys, (meta["batch_start"], meta["batch_end"]))
         part.load_arrays(load_state_arrays(d / STATE_FILE))
-        if i == 0:
+        if state is None:
             state = part
         else:
             state.merge(part)
