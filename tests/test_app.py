@@ -340,3 +340,42 @@ def test_pages_on_the_demo_run(demo_run, monkeypatch, page):
     if page == "feature":
         body = _html(at)
         assert 'data-model="base"' in body and 'data-model="finetuned"' in body
+
+
+# ---------------------------------------------------------------- the error guard
+
+
+def _guarded_page():
+    import streamlit as st
+
+    from explorer.errors import RunError
+    from webapp import state
+
+    kind = st.query_params.get("kind")
+
+    @state.fragment
+    def panel():
+        if kind == "fragment":
+            raise ZeroDivisionError("secret internals")
+        st.write("panel ok")
+
+    with state.guard():
+        if kind == "explorer":
+            raise RunError("Run 'x' is damaged: re-run its precompute.")
+        if kind == "other":
+            raise KeyError("secret internals")
+        panel()
+    st.write("after")
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [("explorer", "Run 'x' is damaged"), ("other", "Something went wrong"), ("fragment", "Something went wrong")],
+)
+def test_guard_turns_errors_into_friendly_messages(kind, message):
+    at = AppTest.from_function(_guarded_page, default_timeout=30)
+    at.query_params["kind"] = kind
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and message in errors[0] and "secret internals" not in errors[0]

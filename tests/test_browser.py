@@ -166,3 +166,18 @@ def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
     want = feats[feats.sae == "finetuned_sae"].sort_values("feature_id")
     assert got.feature_id.tolist() == want.feature_id.tolist()
     assert got.top_tokens.fillna("").tolist() == want.top_tokens.fillna("").tolist()  # hostile strings intact, as data
+
+
+def test_deep_link_is_the_first_request_of_a_fresh_server(synthetic_runs, page):
+    """Streamlit runs a fresh server's first request in pages/-directory mode (without app.py);
+    webapp.state leaves that mode, so a deep link still gets the app's navigation and page."""
+    from tests.browser_utils import streamlit_server
+
+    with streamlit_server(runs_dir=synthetic_runs) as url:
+        page.goto(f"{url}/feature?run=synth&sae=finetuned_sae&feature=7")
+        wait_idle(page)
+        page.wait_for_selector(".sx-ex", timeout=60000)
+        nav = page.inner_text('[data-testid="stSidebarNav"]')
+        assert "Dead & born" in nav and "Live probe" in nav  # app.py's st.navigation, not the pages/ listing
+        assert page.locator("h3", has_text="feature 7").count() >= 1
+        assert "sae=finetuned_sae" in page.url and "feature=7" in page.url
