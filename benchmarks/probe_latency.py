@@ -9,6 +9,8 @@ Measures, after warm-up, the median and p95 wall time of:
              spliced and zero-ablated CE, next-token predictions (one batched forward per model);
   - clean:   for reference, two plain `run_with_cache` forwards (one per model) on the same tokens;
   - steer:   `explorer.probe.steer`, `--new` greedy tokens, steered + unsteered, both models.
+Each stage is measured with 1 torch thread and with torch's default (the CPU count): on a CPU
+shared with other work, intra-op threads oversubscribe it and one thread is often much faster.
 Prints a Markdown table. Timings depend on the machine and its load; nothing is asserted.
 """
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=30, help="timed repetitions")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--new", type=int, default=20, help="new tokens per steering call")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", default=None, help="comma-separated torch thread counts to measure, e.g. 1,2 (default: 1 and torch's own default)")
     args = parser.parse_args(argv)
 
     import pyarrow.parquet as pq
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from explorer.models import ModelSpec, SAESpec, load_pair
     from explorer.probe import prepare_prompt, prepare_token_ids, probe, steer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, default_threads})
     demo = Path(args.demo)
     saes = demo / "saes"
     t0 = time.perf_counter()
@@ -87,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Live probe latency (B5)\n")
     print(f"demo: {demo} (d_model {cfg.d_model}, {cfg.n_layers} layers, n_ctx {cfg.n_ctx}, d_vocab {cfg.d_vocab}; "
           f"SAEs {', '.join(f'{k} d_sae={int(v.cfg.d_sae)}' for k, v in pair.saes.items())})")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; pair loaded in {load_s:.1f} s; "
-          f"{args.warmup} warm-up + {args.n} timed runs\n")
-    print("| stage | median ms | p95 ms | min ms |")
-    print("|---|---|---|---|")
-    for name, fn in stages.items():
-        _time(fn, args.warmup)
-        xs = _time(fn, args.n)
-        print(f"| {name} | {statistics.median(xs):.1f} | {_p95(xs):.1f} | {min(xs):.1f} |", flush=True)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; pair loaded in {load_s:.1f} s; "
+          f"{args.warmup} warm-up + {args.n} timed runs per stage\n")
+    print("| torch threads | stage | median ms | p95 ms | min ms |")
+    print("|---|---|---|---|---|")
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for name, fn in stages.items():
+            _time(fn, args.warmup)
+            xs = _time(fn, args.n)
+            print(f"| {n_threads} | {name} | {statistics.median(xs):.1f} | {_p95(xs):.1f} | {min(xs):.1f} |", flush=True)
+    torch.set_num_threads(default_threads)
     return 0
 
 

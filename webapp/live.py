@@ -10,11 +10,14 @@ The specs come from the run's manifest: `config.models.{base,finetuned}` (ModelS
 `config.saes.{base_sae,finetuned_sae}` (SAESpec dicts), `config.hook`. Relative paths resolve
 against the repository root (the directory holding app.py), as in the precompute config.
 Two runs over the same models share one loaded pair. torch is imported only when a pair loads.
+`SAE_EXPLORER_TORCH_THREADS=N` sets torch's intra-op threads when the first pair loads (on a
+busy shared CPU, 1 thread avoids oversubscription; see benchmarks/probe_latency.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from webapp.state import Run
 
 REPO = Path(__file__).resolve().parent.parent
+THREADS_ENV = "SAE_EXPLORER_TORCH_THREADS"
 
 
 def _clean(spec: Any, what: str) -> dict[str, Any]:
@@ -61,6 +65,14 @@ def get_pair(key: str) -> "LoadedPair":
     """Load the pair described by `pair_key` (shared by every session; never mutated)."""
     from explorer.models import DEFAULT_MIN_MATCHING_ID_SHARE, ModelSpec, SAESpec, load_pair
 
+    threads = os.environ.get(THREADS_ENV, "").strip()
+    if threads:
+        import torch
+
+        try:
+            torch.set_num_threads(max(1, int(threads)))
+        except ValueError:
+            raise ConfigError(f"{THREADS_ENV} must be a whole number of threads, got {threads[:20]!r}.") from None
     spec = json.loads(key)
     saes = spec["saes"]
     try:
