@@ -225,7 +225,7 @@ def test_feature_page_bad_feature_param(app, raw, message):
 def test_unknown_sae_falls_back_with_a_warning(app):
     at = app("feature", run="synth", sae="nope", feature=2)
     _no_traceback(at)
-    assert any("SAE 'nope' is not in run" in w.value for w in at.warning)
+    assert any("SAE ‘nope’ is not in run" in w.value for w in at.warning)
     assert any("feature 2" in s.value for s in at.subheader)
 
 
@@ -233,7 +233,7 @@ def test_unknown_sae_falls_back_with_a_warning(app):
 @pytest.mark.parametrize(
     "run,message",
     [
-        ("nope", "There is no run called 'nope'"),
+        ("nope", "There is no run called ‘nope’"),
         ("../../etc", "is not a valid run id"),
         ("incomplete", "marked incomplete"),
         ("oldschema", "schema version 0"),
@@ -246,6 +246,22 @@ def test_bad_runs_get_a_friendly_message(app, page, run, message):
     _no_traceback(at)
     errors = [e.value for e in at.error]
     assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("param", ["run", "feature", "sae"])
+def test_url_values_are_shown_as_text_not_markdown(app, param):
+    hostile = "[click](javascript:alert(1))<img src=x onerror=alert(2)>**b**"
+    params = {"run": "synth", "sae": "base_sae", "feature": "1", param: hostile}
+    at = app("feature", **params)
+    _no_traceback(at)
+    shown = [e.value for e in list(at.error) + list(at.warning)]
+    assert len(shown) >= 1
+    import re
+
+    for text in shown:
+        assert "[click](" not in text
+        assert re.search(r"(?<!\\)[<>\[\]()*]", text.split("’")[0]) is None  # every special char of the value escaped
+    assert any("\\[click\\]" in t for t in shown)
 
 
 def test_no_runs_at_all(tmp_path, monkeypatch):

@@ -136,9 +136,17 @@ def open_run(run_id: str) -> Run:
     return Run(run_id=run_id, path=str(path), token=token, manifest=manifest)
 
 
+_MD_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$&:")
+
+
 def _clip(raw: Any) -> str:
+    """A value from the URL, safe to put in a Markdown message: clipped, quoted, non-printing
+    characters replaced, and every Markdown/HTML-special character backslash-escaped (so
+    `[x](javascript:...)` or `<img ...>` in a URL is shown as text, never as a link or tag)."""
     text = str(raw)
-    return text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS] + "..."
+    text = text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS] + "…"
+    text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
+    return "‘" + "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text) + "’"
 
 
 def _on_run_change() -> None:
@@ -181,12 +189,17 @@ def run_picker() -> Run:
     if requested is not None:
         if requested in runs:
             chosen = requested
+        elif not rundir.RUN_ID_PATTERN.match(requested) or ".." in requested:
+            problem = (
+                f"{_clip(requested)} is not a valid run id: use letters, digits, '.', '_' and '-' "
+                "(no path separators). Pick one of the runs in the sidebar."
+            )
         else:
             try:
                 path = rundir.run_path(requested, runs_dir())
                 if path.is_dir():  # there, but no manifest: incomplete (precompute running or stopped)
                     rundir.open_run(path, verify_hashes=False)
-                problem = f"There is no run called {_clip(requested)!r}. Pick one of the runs in the sidebar."
+                problem = f"There is no run called {_clip(requested)}. Pick one of the runs in the sidebar."
             except RunError as exc:
                 problem = str(exc) + " Or pick one of the runs in the sidebar."
     else:
@@ -242,7 +255,7 @@ def parse_feature_id(raw: Any, d_sae: int) -> int | None:
         return None
     digits = text[1:] if text[:1] in "+-" else text
     if not (digits.isascii() and digits.isdigit()):
-        raise QueryParamError(f"Feature {_clip(raw)!r} is not a feature number: use a whole number from 0 to {d_sae - 1}.")
+        raise QueryParamError(f"Feature {_clip(raw)} is not a feature number: use a whole number from 0 to {d_sae - 1}.")
     if text.startswith("-") and digits.strip("0"):
         raise QueryParamError(f"Feature {_clip(text)} is negative: feature numbers run from 0 to {d_sae - 1}.")
     value = int(digits) if len(digits) <= 18 else 10**18
@@ -258,7 +271,7 @@ def sae_param(run: Run, key: str = SAE_PARAM, default: str = "base_sae") -> str:
     if raw is None or raw == "":
         return fallback
     if raw not in saes:
-        st.warning(f"SAE {_clip(raw)!r} is not in run {run.run_id!r} (it has {', '.join(saes)}); showing {fallback}.")
+        st.warning(f"SAE {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(saes)}); showing {fallback}.")
         return fallback
     return raw
 
