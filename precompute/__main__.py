@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: half the cores, at least 1; on a busy 2-core machine 1 thread streamed 3x faster than 2)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return _schema(args)
         import torch
 
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from precompute import run as run_mod
 
