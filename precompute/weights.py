@@ -34,7 +34,7 @@ CHUNK = 1024
 
 
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
-    w = w.detach().to(torch.float32)
+    w = w.detach().to("cpu", torch.float32)
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -87,7 +87,8 @@ class LogitStats:
 
 def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LOGITS, chunk: int = 512) -> LogitStats:
     """W_dec @ W_U for each model, in chunks of features: similarity and top +/- k tokens."""
-    w_dec = w_dec.detach().to(torch.float32)
+    w_dec = w_dec.detach().to("cpu", torch.float32)
+    w_u = {m: w.detach().to("cpu", torch.float32) for m, w in w_u.items()}
     d = w_dec.shape[0]
     models = list(w_u)
     sim = np.zeros(d, np.float64)
@@ -100,7 +101,7 @@ def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LO
         out["neg_values"][m] = np.zeros((d, k_m), np.float32)
     for start in range(0, d, chunk):
         sl = slice(start, start + chunk)
-        logits = {m: (w_dec[sl] @ w_u[m].detach().to(torch.float32)).to(torch.float64) for m in models}
+        logits = {m: (w_dec[sl] @ w_u[m]).to(torch.float64) for m in models}
         for m in models:
             k_m = out["pos_ids"][m].shape[1]
             v, i = logits[m].topk(k_m, dim=1)
