@@ -92,6 +92,7 @@ class Prepared:
     sample: TokenSample
     special_ids: np.ndarray
     device: str
+    inputs: dict[str, Any]
 
     @property
     def n_batches(self) -> int:
@@ -100,6 +101,35 @@ class Prepared:
     def batch_seq_ids(self, b: int) -> np.ndarray:
         bs = self.cfg.sample.batch_size
         return np.arange(b * bs, min((b + 1) * bs, self.sample.n_sequences))
+
+
+def _file_fingerprint(path: Path, chunk: int = 16 << 20) -> dict[str, Any]:
+    """Size and sha256 of the first and last 16 MiB: cheap even for large weights, and it changes
+    whenever a retrained model or SAE, or another corpus, is written at the same path."""
+    import hashlib
+
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(chunk))
+        if size > 2 * chunk:
+            fh.seek(size - chunk)
+        h.update(fh.read(chunk))
+    return {"bytes": size, "sha256_head_tail": h.hexdigest()}
+
+
+def input_fingerprints(cfg: RunConfig) -> dict[str, Any]:
+    """Fingerprints of the local files a run reads (hub models and SAEs are named by their ids)."""
+    from explorer.models import LOCAL_MODEL_WEIGHTS, SAE_WEIGHTS
+
+    out: dict[str, Any] = {"corpus": _file_fingerprint(cfg.resolve(cfg.corpus.path))}
+    for name, spec in cfg.models.items():
+        if spec.path is not None:
+            out[name] = _file_fingerprint(cfg.resolve(spec.path) / LOCAL_MODEL_WEIGHTS)
+    for name, spec in cfg.saes.items():
+        if spec.path is not None:
+            out[name] = _file_fingerprint(cfg.resolve(spec.path) / SAE_WEIGHTS)
+    return out
 
 
 def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
@@ -124,7 +154,7 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     check_token_ids(seqs, vocab, corpus_path)
     sample = sample_sequences(seqs, sources, cfg.sample.n_sequences, cfg.sample.seed, corpus_path)
     special = sorted(set(get_special_token_ids(pair.base.tokenizer)) | set(get_special_token_ids(pair.finetuned.tokenizer)))
-    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device)
+    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +425,7 @@ def _state_meta(prep: Prepared, calib: Calibration, state: PassState, shard: tup
         "state_version": STATE_VERSION,
         "config_hash": prep.cfg.hash(),
         "config": prep.cfg.to_dict(),
+        "inputs": prep.inputs,
         "calibration": calib.to_dict(),
         "batch_start": state.batch_start,
         "batch_end": state.batch_end,
@@ -412,6 +443,12 @@ def _check_meta(meta: dict[str, Any], prep: Prepared, path: Path) -> None:
         raise ConfigError(
             f"{path} holds the state of a run with a different config under the same run id {prep.cfg.run_id!r}. "
             "Use another run_id, restore the original config, or pass --overwrite to start this run from scratch."
+        )
+    if meta.get("inputs") != prep.inputs:
+        changed = sorted(k for k in set(meta.get("inputs") or {}) | set(prep.inputs) if (meta.get("inputs") or {}).get(k) != prep.inputs.get(k))
+        raise RunError(
+            f"{path} was computed from other input files: {changed} changed since. Pass --overwrite to start "
+            "this run from scratch (mixing the two would give wrong statistics)."
         )
 
 
@@ -585,8 +622,8 @@ def merge(run_id: str, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, device: s
     metas.sort(key=lambda dm: dm[1]["shard"][0])
     cfg = RunConfig.from_dict(metas[0][1]["config"])
     prep = prepare(cfg, device)
-    if prep.cfg.hash() != metas[0][1]["config_hash"]:
-        raise RunError(f"The shards of run {run_id!r} were computed with another version of the inputs or code. Rerun the shards.")
+    for d, meta in metas:
+        _check_meta(meta, prep, d / STATE_FILE)
     if (run_dir / schema.MANIFEST).exists():
         log(f"run {run_id!r} is already complete at {run_dir}; nothing to do.")
         return run_dir
@@ -867,6 +904,7 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
         "config": cfg.to_dict(),
         "packages": package_versions(),
         "tokenizer_check": prep.pair.tokenizer_comparison.to_dict(),
+        "inputs": prep.inputs,
         "n_tokens": sample.n_tokens,
         "n_sequences": sample.n_sequences,
         "n_counted_tokens": int(state.features[(state.sae_names[0], "base")].n_tokens),

@@ -148,3 +148,25 @@ def _toml(text: str) -> dict:
     import tomllib
 
     return tomllib.loads(text)
+
+
+def test_checkpoint_from_other_input_files_is_refused(setup, tmp_path, capsys):
+    """A shard (or checkpoint) computed from other weights is never merged with new ones."""
+    demo = tmp_path / "demo"
+    shutil.copytree(setup["demo"], demo)
+    corpus = setup["corpus"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_config_text(demo, corpus, run_id="fp", n_seq=32))
+    runs = tmp_path / "runs"
+    assert main(["run", "--config", str(cfg), "--runs-dir", str(runs), "--shard", "0/2", "--no-progress"]) == 0
+    # retrain the base SAE at the same path: here, perturb its weights
+    from safetensors.torch import load_file, save_file
+
+    w = demo / "saes" / "base_sae" / "sae_weights.safetensors"
+    state = load_file(str(w))
+    state["W_dec"] = state["W_dec"] * 1.01
+    save_file(state, str(w))
+    assert main(["run", "--config", str(cfg), "--runs-dir", str(runs), "--shard", "1/2", "--no-progress"]) == 0
+    assert main(["merge", "fp", "--runs-dir", str(runs)]) == 2
+    assert "['base_sae'] changed" in capsys.readouterr().err
+    assert not (runs / "fp" / schema.MANIFEST).exists()
