@@ -10,8 +10,9 @@ The specs come from the run's manifest: `config.models.{base,finetuned}` (ModelS
 `config.saes.{base_sae,finetuned_sae}` (SAESpec dicts), `config.hook`. Relative paths resolve
 against the repository root (the directory holding app.py), as in the precompute config.
 Two runs over the same models share one loaded pair. torch is imported only when a pair loads.
-`SAE_EXPLORER_TORCH_THREADS=N` sets torch's intra-op threads when the first pair loads (on a
-busy shared CPU, 1 thread avoids oversubscription; see benchmarks/probe_latency.py).
+Torch threads: when a pair loads, torch's intra-op threads are set to $SAE_EXPLORER_TORCH_THREADS,
+else to half the cores (at least 1), as the precompute CLI does: on a busy 2-core machine the
+64-token probe takes ~45 ms with 1 thread and ~300+ ms with 2 (benchmarks/probe_latency.py).
 """
 
 from __future__ import annotations
@@ -63,16 +64,15 @@ def pair_key(run: "Run | dict[str, Any]") -> str:
 @st.cache_resource(show_spinner="Loading both models and the SAEs (once per server)...", max_entries=4)
 def get_pair(key: str) -> "LoadedPair":
     """Load the pair described by `pair_key` (shared by every session; never mutated)."""
+    import torch
+
     from explorer.models import DEFAULT_MIN_MATCHING_ID_SHARE, ModelSpec, SAESpec, load_pair
 
     threads = os.environ.get(THREADS_ENV, "").strip()
-    if threads:
-        import torch
-
-        try:
-            torch.set_num_threads(max(1, int(threads)))
-        except ValueError:
-            raise ConfigError(f"{THREADS_ENV} must be a whole number of threads, got {threads[:20]!r}.") from None
+    try:
+        torch.set_num_threads(max(1, int(threads)) if threads else max(1, (os.cpu_count() or 1) // 2))
+    except ValueError:
+        raise ConfigError(f"{THREADS_ENV} must be a whole number of threads, got {threads[:20]!r}.") from None
     spec = json.loads(key)
     saes = spec["saes"]
     try:
