@@ -372,7 +372,7 @@ def write_report(out: Path, report: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def build(out: Path, cfg: DemoConfig) -> dict:
+def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -383,7 +383,7 @@ def build(out: Path, cfg: DemoConfig) -> dict:
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("DEMO_THREADS", os.cpu_count() or 1)))
     english = english_documents(cfg.corpus_chars)
     python = python_documents(cfg.corpus_chars)
     if not english:
@@ -393,13 +393,30 @@ def build(out: Path, cfg: DemoConfig) -> dict:
     py_train, py_eval = split_documents(python, cfg.eval_share, cfg.seed)
 
     tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    stage_file = tmp / "_stages.json"
+    stages: dict = {}
+    if resume and stage_file.exists() and json.loads(stage_file.read_text()).get("config") == asdict(cfg):
+        stages = json.loads(stage_file.read_text())
+        print(f"[demo] resuming: finished stages {sorted(k for k in stages if k != 'config')}", flush=True)
+    else:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        stages = {"config": asdict(cfg)}
 
-    half = cfg.tokenizer_chars // 2
-    tok_texts = [t for _, t in _cap(en_train, half)] + [t for _, t in _cap(py_train, half)]
-    tokenizer = train_tokenizer(tok_texts, cfg.vocab_size, tmp / "_tokenizer")
+    def done(stage: str, value=True) -> None:
+        stages[stage] = value
+        stage_file.write_text(json.dumps(stages))
+
+    if "tokenizer" in stages:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp / "_tokenizer"), local_files_only=True)
+    else:
+        half = cfg.tokenizer_chars // 2
+        tok_texts = [t for _, t in _cap(en_train, half)] + [t for _, t in _cap(py_train, half)]
+        tokenizer = train_tokenizer(tok_texts, cfg.vocab_size, tmp / "_tokenizer")
+        done("tokenizer")
     print(f"[demo] tokenizer: {len(tokenizer)} tokens", flush=True)
 
     ctx = cfg.context_size
@@ -414,22 +431,32 @@ def build(out: Path, cfg: DemoConfig) -> dict:
     py_eval_seqs = pack(tokenizer, [py_eval[i] for i in rng.permutation(len(py_eval))], ctx, cfg.eval_sequences_per_source)
     print(f"[demo] sequences: {len(en_seqs)} English, {len(py_seqs)} Python train; {len(en_eval_seqs)} + {len(py_eval_seqs)} eval", flush=True)
 
+    from explorer.models import ModelSpec, load_model
+
     tlc = tl_config(cfg)
-    model = HookedTransformer(HookedTransformerConfig(**tlc), tokenizer=tokenizer)
     ln_vocab = math.log(cfg.vocab_size)
     # Epochs beyond the data repeat it; say so rather than hide it.
     base_epochs = cfg.base_tokens / max(1, len(en_seqs) * ctx)
-    train_lm(model, en_seqs, cfg.base_tokens, cfg.base_lr, cfg.batch_size, cfg.seed, "base")
-    save_local_model(model, tmp / "base", tlc, {"trained_on": "English prose (Debian packages)", "train_tokens": cfg.base_tokens})
-    base_loss = {"english": heldout_loss(model, en_eval_seqs), "python": heldout_loss(model, py_eval_seqs)}
+    if "base" in stages:
+        model = load_model(ModelSpec(path=str(tmp / "base")))
+        base_loss = stages["base"]
+    else:
+        model = HookedTransformer(HookedTransformerConfig(**tlc), tokenizer=tokenizer)
+        train_lm(model, en_seqs, cfg.base_tokens, cfg.base_lr, cfg.batch_size, cfg.seed, "base")
+        save_local_model(model, tmp / "base", tlc, {"trained_on": "English prose (Debian packages)", "train_tokens": cfg.base_tokens})
+        base_loss = {"english": heldout_loss(model, en_eval_seqs), "python": heldout_loss(model, py_eval_seqs)}
+        done("base", base_loss)
     print(f"[demo] base held-out loss {base_loss}", flush=True)
 
-    train_lm(model, py_seqs, cfg.finetune_tokens, cfg.finetune_lr, cfg.batch_size, cfg.seed + 1, "finetune", warmup=20)
-    save_local_model(model, tmp / "finetuned", tlc, {"trained_on": "base + Python standard library", "train_tokens": cfg.finetune_tokens})
-    ft_loss = {"english": heldout_loss(model, en_eval_seqs), "python": heldout_loss(model, py_eval_seqs)}
+    if "finetuned" in stages:
+        ft_loss = stages["finetuned"]
+    else:
+        model.train()
+        train_lm(model, py_seqs, cfg.finetune_tokens, cfg.finetune_lr, cfg.batch_size, cfg.seed + 1, "finetune", warmup=20)
+        save_local_model(model, tmp / "finetuned", tlc, {"trained_on": "base + Python standard library", "train_tokens": cfg.finetune_tokens})
+        ft_loss = {"english": heldout_loss(model, en_eval_seqs), "python": heldout_loss(model, py_eval_seqs)}
+        done("finetuned", ft_loss)
     print(f"[demo] finetuned held-out loss {ft_loss}", flush=True)
-
-    from explorer.models import ModelSpec, load_model
 
     base = load_model(ModelSpec(path=str(tmp / "base")))
     finetuned = load_model(ModelSpec(path=str(tmp / "finetuned")))
@@ -439,10 +466,15 @@ def build(out: Path, cfg: DemoConfig) -> dict:
     base_sae_seqs = [en_seqs[i] for i in sae_rng.permutation(len(en_seqs))[:n_sae]]
     mix = [en_seqs[i] for i in sae_rng.permutation(len(en_seqs))[: n_sae // 2]] + [py_seqs[i] for i in sae_rng.permutation(len(py_seqs))[: n_sae - n_sae // 2]]
     mix = [mix[i] for i in sae_rng.permutation(len(mix))]
-    saes = {
-        "base_sae": train_sae(base, base_sae_seqs, cfg, tmp / "saes" / "base_sae", "base"),
-        "finetuned_sae": train_sae(finetuned, mix, cfg, tmp / "saes" / "finetuned_sae", "finetuned"),
-    }
+    saes = {}
+    for sae_name, sae_model, sae_seqs in (("base_sae", base, base_sae_seqs), ("finetuned_sae", finetuned, mix)):
+        if sae_name in stages:
+            from sae_lens import SAE
+
+            saes[sae_name] = SAE.load_from_disk(str(tmp / "saes" / sae_name))
+        else:
+            saes[sae_name] = train_sae(sae_model, sae_seqs, cfg, tmp / "saes" / sae_name, sae_name.removesuffix("_sae"))
+            done(sae_name)
 
     # Evaluation corpus: held-out documents only, each sequence labelled with its source.
     rows = [("english", s) for s in en_eval_seqs] + [("python", s) for s in py_eval_seqs]
@@ -462,6 +494,7 @@ def build(out: Path, cfg: DemoConfig) -> dict:
             for source, seqs in (("english", en_eval_seqs), ("python", py_eval_seqs)):
                 evals.append({"sae": sae_name, "model": model_name, "source": source, **sae_evals(sae, m, seqs, cfg)})
     shutil.rmtree(tmp / "_tokenizer")
+    stage_file.unlink()
     import platform
 
     report = {
@@ -491,11 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="data/demo", help="output directory (default data/demo)")
     parser.add_argument("--tiny", action="store_true", help="a few steps on a tiny corpus (for tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="reuse the finished stages of an interrupted build (same config)")
     args = parser.parse_args(argv)
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
     cfg = DemoConfig(**{**asdict(cfg), "seed": args.seed})
     print(f"[demo] English prose comes from Debian packages: apt-get install {' '.join(APT_PACKAGES)}", flush=True)
-    build(Path(args.out), cfg)
+    build(Path(args.out), cfg, resume=args.resume)
     return 0
 
 
