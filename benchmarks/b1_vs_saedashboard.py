@@ -247,6 +247,18 @@ def check_same_model(check_file: Path, demo: Path) -> dict:
 # Report
 
 
+def git_state() -> dict:
+    """The commit measured, and which tracked files of the measured code differ from it."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip("\n")
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "precompute", "explorer", "benchmarks").splitlines() if ln]
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_changes": dirty}
+
+
 def machine() -> dict:
     cpu = ""
     try:
@@ -370,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO))] + list(sys.argv[1:] if argv is None else argv)),
         "machine": machine(),
+        "git": git_state(),
         "settings": {"demo": str(demo), "n_sequences": n_sequences, "context_size": context, "n_tokens": n_tokens, "reps": reps, "smoke": args.smoke, "saedashboard_features": sd_features or "all"},
         "checks": {},
         "reps": [],
