@@ -193,3 +193,31 @@ def test_corrupt_local_config(tiny_demo, tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         M.load_model(M.ModelSpec(path=str(bad)))
+
+
+# ------------------------------------------------------------------ the shipped demo pair
+
+
+def test_shipped_demo_learned_and_is_small(shipped_demo):
+    report = json.loads((shipped_demo / "REPORT.json").read_text())
+    loss = report["heldout_loss"]
+    ln_vocab = math.log(report["config"]["vocab_size"])
+    assert loss["base"]["english"] < 0.6 * ln_vocab  # far below the untrained ln(vocab)
+    assert loss["finetuned"]["python"] < loss["base"]["python"] - 0.5  # the finetune learned Python
+    total = sum(p.stat().st_size for p in shipped_demo.rglob("*") if p.is_file())
+    assert total < 30 * 2**20
+    for row in report["sae_evals"]:
+        assert 0 < row["l0"] < 100 and row["explained_variance"] > 0.5
+
+
+def test_shipped_demo_report_loss_is_reproducible(shipped_demo):
+    """Recompute the base model's held-out English loss from the shipped weights and corpus."""
+    import numpy as np
+
+    from precompute.demo import heldout_loss
+
+    model = M.load_model(M.ModelSpec(path=str(shipped_demo / "base")))
+    corpus = pq.read_table(shipped_demo / "eval_corpus.parquet").to_pandas()
+    seqs = [list(t) for t in corpus.loc[corpus["source"] == "english", "token_ids"]]
+    report = json.loads((shipped_demo / "REPORT.json").read_text())
+    assert np.isclose(heldout_loss(model, seqs), report["heldout_loss"]["base"]["english"], atol=2e-3)
