@@ -31,17 +31,16 @@ def pages(run: str, sae: str, feature: int) -> dict[str, str]:
 
 
 def _probe(page) -> None:
-    """Best effort: type a prompt and press the page's run / steer buttons, if present."""
-    area = page.locator("textarea").first
-    if area.count():
-        area.fill("def add(a, b):\n    return a + b\n\nThe cat sat on the mat.")
-        area.press("Control+Enter")
-        wait_idle(page, 180000)
-    for label in ("Run", "Probe", "Steer"):
-        btn = page.get_by_role("button", name=label, exact=False)
-        if btn.count():
-            btn.first.click()
-            wait_idle(page, 180000)
+    """Type a prompt, run the probe, then steer (the Live probe page's own buttons)."""
+    box = page.locator('[data-testid="stTextArea"] textarea').first
+    box.wait_for(timeout=120000)
+    box.fill("def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n\nThe meeting was moved to Friday.")
+    page.get_by_role("button", name="Run probe").click()
+    wait_idle(page, 300000)
+    page.locator('[data-probe="feature-acts"]').wait_for(timeout=300000)
+    page.get_by_role("button", name="Steer").click()
+    wait_idle(page, 300000)
+    page.locator('[data-probe="steering-finetuned"]').wait_for(timeout=300000)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,8 @@ def display_token(token: str) -> str:
     """The visible form of a token (unescaped): whitespace and control characters shown."""
     if token is None:
         return "\u2205"
+    if token and set(str(token)) == {" "}:
+        return "\u00b7" * len(token)  # a run of spaces alone would be an empty box
     out = []
     for ch in str(token):
         if ch in _VISIBLE:

@@ -80,6 +80,7 @@ def test_display_token_makes_whitespace_and_controls_visible():
     assert render.display_token("\n") == "\u21b5"
     assert render.display_token("\t") == "\u2192"
     assert render.display_token(" a") == " a"
+    assert render.display_token("   ") == "\u00b7\u00b7\u00b7"
     assert render.display_token("\x07") == "\\x07"
     assert render.display_token("\u202e") == "\\u202e"  # bidi override shown, not applied
     assert render.display_token("\U0001f642") == "\U0001f642"
