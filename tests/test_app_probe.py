@@ -137,3 +137,26 @@ def test_feature_selection_writes_the_deep_link(monkeypatch, probe_runs):
     at.selectbox(key="probe_sae").set_value("finetuned_sae").run()
     assert not at.exception
     assert "feature" not in at.query_params  # a feature id of one SAE means nothing in the other
+
+
+def test_probe_page_on_the_shipped_demo_run(monkeypatch):
+    """The shipped run (data/runs/demo) over the shipped demo pair: a deep link, a corpus sequence, steering."""
+    if not (REPO / "data" / "runs" / "demo" / "manifest.json").exists():
+        pytest.fail("data/runs/demo is missing: the demo run ships with the repository")
+    monkeypatch.delenv("SAE_EXPLORER_RUNS_DIR", raising=False)
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=240)
+    at.query_params.update({"run": "demo", "sae": "base_sae", "feature": "12"})
+    at.run()
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception and not at.error
+    assert at.number_input(key="probe_feature").value == 12
+    rec = next(df.value for df in at.dataframe if "ce_spliced" in df.value.columns)
+    assert len(rec) == 4 and (rec["ce_zero_ablated"] > rec["ce_clean"]).all()  # zero-ablating the residual hurts
+    at.radio(key="probe_source").set_value("Pick from the corpus").run()
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert any("128 tokens" in c.value for c in at.caption)
+    at.button[1].click().run()
+    assert not at.exception
+    assert _html(at).count('data-probe="steered"') == 2

@@ -14,7 +14,7 @@ import pytest
 
 from explorer import rundir
 from explorer.synthetic import make_run
-from tests.browser_utils import browser, page, streamlit_server, wait_idle  # noqa: F401 - fixtures
+from tests.browser_utils import app_url, browser, page, streamlit_server, wait_idle  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def test_live_probe_and_steering_in_chromium(page, probe_app_url):  # noqa: F811
         assert n >= 10, f"{model}: {n} token spans"
         alphas = [_alpha(spans.nth(i).get_attribute("style")) for i in range(n)]
         assert max(alphas) > 0, f"{model}: no token is highlighted"
-    line = panel.locator('[data-model="base"]').text_content()
+    line = panel.locator('[data-model="base"]').text_content().replace("\u00b7", " ")  # render shows all-space tokens as dots
     assert "The <b>cat</b> sat on the mat" in line  # the typed text, token by token, as text
     # the prompt's markup is shown as text, never parsed
     assert panel.locator("b, img").count() == 0
@@ -78,5 +78,26 @@ def test_live_probe_and_steering_in_chromium(page, probe_app_url):  # noqa: F811
             assert cont.count() == 1
             assert cont.locator(".sx-tok").count() > 12  # 12 prompt tokens of context + the continuation
     assert page.get_by_text(re.compile(r"W_dec\[\d+\]")).count() >= 1
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert page.dialogs == []
+
+
+def test_live_probe_deep_link_on_the_shipped_demo(page, app_url):  # noqa: F811
+    """The shipped demo run: ?feature= picks the feature, the default prompt is probed, steering runs."""
+    page.goto(app_url + "/?run=demo", wait_until="domcontentloaded")
+    wait_idle(page, timeout_ms=180_000)
+    page.goto(app_url + "/probe?run=demo&sae=finetuned_sae&feature=7", wait_until="domcontentloaded")
+    wait_idle(page, timeout_ms=180_000)
+    panel = page.locator('[data-probe="feature-acts"]')
+    panel.wait_for(timeout=120_000)
+    assert page.get_by_text("finetuned SAE feature 7").count() >= 1
+    for model in ("base", "finetuned"):
+        assert panel.locator(f'[data-model="{model}"] .sx-tok').count() > 20
+    link = page.locator('a[href*="feature=7"]').first
+    assert "sae=finetuned_sae" in (link.get_attribute("href") or "")
+    page.get_by_role("button", name="Steer").click()
+    wait_idle(page, timeout_ms=120_000)
+    for model in ("base", "finetuned"):
+        page.locator(f'[data-probe="steering-{model}"] [data-probe="steered"]').wait_for(timeout=60_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     assert page.dialogs == []
