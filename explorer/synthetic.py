@@ -83,6 +83,22 @@ def _status(density: np.ndarray, low: float, dense: float) -> np.ndarray:
     return out
 
 
+def _act_hist(density: np.ndarray, mean_active: np.ndarray, n_tokens: int, chunk: int = 65536) -> pa.Array:
+    """A bump of activations around each feature's typical size (bins are log-spaced), as
+    list<int64>. Built `chunk` features at a time: the float [n, bins] temporaries of the whole
+    SAE at once need gigabytes at 1M features."""
+    nb = schema.N_ACT_HIST_BINS
+    counts = np.empty((len(density), nb), dtype=np.int64)
+    bins = np.arange(nb)[None, :]
+    for i in range(0, len(density), chunk):
+        d, ma = density[i : i + chunk], mean_active[i : i + chunk]
+        centre = np.clip(np.searchsorted(schema.ACT_HIST_EDGES, np.nan_to_num(ma, nan=1.0)), 3, nb - 4)
+        shape = np.exp(-0.5 * ((bins - centre[:, None]) / 2.5) ** 2)
+        total = np.round(d * max(n_tokens, 100_000))
+        counts[i : i + chunk] = np.round(shape / shape.sum(axis=1, keepdims=True) * total[:, None])
+    return _list_array(counts, pa.int64())
+
+
 def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: dict, other_n: int | None) -> dict[str, Any]:
     cols: dict[str, Any] = {"sae": np.full(n, sae, dtype=object), "feature_id": np.arange(n, dtype=np.int32)}
     log_d = rng.normal(-3.0, 1.0, n)
@@ -118,13 +134,7 @@ def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: di
         cols[f"logit_pos_values_{m}"] = _list_array(pos_v, pa.float32())
         cols[f"logit_neg_ids_{m}"] = _list_array(neg_ids, pa.int32())
         cols[f"logit_neg_values_{m}"] = _list_array(neg_v, pa.float32())
-        d = cols[f"density_{m}"]
-        # a bump of activations around the feature's typical size (bins are log-spaced)
-        centre = np.clip(np.searchsorted(schema.ACT_HIST_EDGES, np.nan_to_num(cols[f"mean_active_act_{m}"], nan=1.0)), 3, schema.N_ACT_HIST_BINS - 4)
-        shape = np.exp(-0.5 * ((np.arange(schema.N_ACT_HIST_BINS)[None, :] - centre[:, None]) / 2.5) ** 2)
-        total = np.round(d * max(n_tokens, 100_000))
-        counts = np.round(shape / shape.sum(axis=1, keepdims=True) * total[:, None]).astype(np.int64)
-        cols[f"act_hist_{m}"] = _list_array(counts, pa.int64())
+        cols[f"act_hist_{m}"] = _act_hist(cols[f"density_{m}"], cols[f"mean_active_act_{m}"], n_tokens)
     nn = (np.arange(n)[:, None] + rng.integers(1, max(2, n - 1), (n, 10))) % max(n, 1)
     cols["nn_feature_ids"] = _list_array(nn.astype(np.int32), pa.int32())
     cols["nn_cosines"] = _list_array(-np.sort(-rng.uniform(0.05, 0.9, (n, 10)), axis=1).astype(np.float32), pa.float32())
@@ -177,8 +187,8 @@ def _examples_chunk(rng, sae: str, f0: int, f1: int, feats: dict, n_vocab: int, 
     max_act = np.where(model == "base", feats["max_act_base"][fid], feats["max_act_finetuned"][fid])
     is_top = kind == "top"
     top_act = max_act * (1.0 - 0.02 * rank)
-    lo = max_act * bins / n_bins
-    hi = max_act * (bins + 1) / n_bins
+    lo = max_act * bins / max(n_bins, 1)  # top rows (bin -1) are masked out below
+    hi = max_act * (bins + 1) / max(n_bins, 1)
     q_act = lo + (hi - lo) * rng.random(n)
     act = np.where(is_top, top_act, q_act).astype(np.float32)
     seq = rng.integers(0, n_seq, n).astype(np.int32)
