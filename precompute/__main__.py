@@ -66,11 +66,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc to reuse freed large buffers instead of unmapping them.
+
+    Every forward pass allocates and frees [batch, context, vocab] logits (64 MiB in the demo);
+    by default glibc returns each to the OS and the next one page-faults in again: on a 2-core
+    machine that was a third of the precompute's time (system time), and this halves the wall
+    time. Memory stays at its per-batch high-water mark, which does not grow with n_tokens.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "schema":
             return _schema(args)
+        _keep_freed_memory()
         import torch
 
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
