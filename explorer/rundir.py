@@ -130,7 +130,11 @@ def list_runs(runs_dir: Path | str = DEFAULT_RUNS_DIR) -> list[str]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and RUN_ID_PATTERN.match(p.name) and (p / schema.MANIFEST).exists())
+    real = root.resolve()
+    return sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and RUN_ID_PATTERN.match(p.name) and p.resolve().parent == real and (p / schema.MANIFEST).exists()
+    )  # a symlink pointing outside the runs dir is not offered (run_path refuses it too)
 
 
 _verified: dict[tuple[str, int, int], str] = {}
