@@ -83,7 +83,21 @@ def machine() -> dict:
 
 def gen_settings(n: int, full_max: int, large_n_top: int) -> dict:
     full = n <= full_max
-    return {"n_features": n, "two_saes": True, "n_top": 20 if full else large_n_top, "n_quantile_bins": 10 if full else 0, "n_per_quantile_bin": 5, "seed": 0, "realistic_examples": full}
+    return {"n_features": n, "two_saes": True, "n_top": 20 if full else large_n_top, "n_quantile_bins": 10 if full else 0, "n_per_quantile_bin": 5, "seed": 0, "realistic_examples": full,
+            "features_row_group_size": schema.FEATURES_ROW_GROUP_SIZE}
+
+
+def rewrite_features(out: Path) -> None:
+    """Re-write features.parquet with the schema's current row-group size (and its manifest entry)."""
+    import pyarrow.parquet as pq
+
+    from explorer import rundir
+
+    table = pq.read_table(out / "features.parquet")
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"]["features.parquet"] = rundir.write_table(out, "features.parquet", table, row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    m.pop("schema_version", None)
+    rundir.write_manifest(out, m)
 
 
 def ensure_run(work: Path, settings: dict) -> tuple[Path, float | None]:
@@ -93,6 +107,10 @@ def ensure_run(work: Path, settings: dict) -> tuple[Path, float | None]:
     if (out / "manifest.json").exists() and stamp.exists():
         old = json.loads(stamp.read_text())
         if old.get("settings") == settings:
+            return out, old.get("seconds")
+        if {k: v for k, v in old.get("settings", {}).items() if k != "features_row_group_size"} == {k: v for k, v in settings.items() if k != "features_row_group_size"}:
+            rewrite_features(out)  # the same run, with features.parquet's row groups re-cut
+            stamp.write_text(json.dumps({"settings": settings, "seconds": old.get("seconds")}) + "\n")
             return out, old.get("seconds")
     if out.exists():
         import shutil

@@ -284,8 +284,11 @@ OPTIONAL_TABLES = {"matches.parquet"}
 EXAMPLES_ROW_GROUP_SIZE = 2048
 # Row-group size of features.parquet (sorted by (sae, feature_id)): one feature's row is then
 # read from one row group (measured on a synthetic 131k-feature run: 40 ms instead of 190 ms
-# with a single row group), while the table scans of the Features page stay as fast.
-FEATURES_ROW_GROUP_SIZE = 8192
+# with a single row group), while the table scans of the Features page stay as fast. B4
+# (benchmarks/b4_store_latency.py, 16k features, interleaved, same load): 1024 rows took the
+# feature-page row lookup from p50 115 ms (8192) to 54 ms, the nearest-neighbour rows from 50 to
+# 20 ms, and a filtered sorted page from 44 to 31 ms; 512 was no better.
+FEATURES_ROW_GROUP_SIZE = 1024
 
 
 # manifest.json keys (written by precompute/run.py::finalize via rundir.write_manifest, last)
