@@ -79,8 +79,9 @@ class Windows:
 
 
 def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, before: int, after: int, encode_batch) -> Windows:
-    """Windows of every example. `encode_batch(batch_index) -> {sae: {model: acts [B, C, d_sae] numpy}}`
-    gives the activations of one stream batch with special tokens already zeroed."""
+    """Windows of every example. `encode_batch(batch_index, sae) -> {model: acts [B, C, d_sae] numpy}`
+    gives one SAE's activations on one stream batch, special tokens already zeroed (one SAE at a
+    time, so memory holds 2 x batch x context x d_sae values at most)."""
     n_seq, ctx = sample_tokens.shape
     width = before + 1 + after
     seq = ex.token // ctx
@@ -101,14 +102,13 @@ def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, bef
         valid = offsets < length[idx, None]
         cols = np.minimum(cols, ctx - 1)
         token_ids[idx] = np.where(valid, sample_tokens[seq[idx, None], cols], 0)
-        enc = encode_batch(int(b))
-        for sae, per_model in enc.items():
+        for sae in schema.SAES:
             in_sae = ex.sae[idx] == sae
             if not in_sae.any():
                 continue
             sel = idx[in_sae]
             loc = (seq[sel] - b * batch_size)[:, None]
-            for m, a in per_model.items():
+            for m, a in encode_batch(int(b), sae).items():
                 acts[m][sel] = np.where(valid[in_sae], a[loc, cols[in_sae], ex.feature[sel][:, None]], 0)
     return Windows(start=start, length=length, token_ids=token_ids, acts=acts)
 

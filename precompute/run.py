@@ -870,17 +870,17 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     # examples.parquet
     ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)
 
-    def encode_batch(b: int):
-        seq_ids = prep.batch_seq_ids(b)
-        tok_np = sample.tokens[seq_ids]
-        tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
-        keep = torch.from_numpy(~np.isin(tok_np, prep.special_ids)).to(prep.device)[..., None]
-        out = {}
+    cache: dict[str, Any] = {}
+
+    def encode_batch(b: int, sae_name: str):
+        if cache.get("batch") != b:  # the models run once per batch, the SAEs one at a time
+            tok_np = sample.tokens[prep.batch_seq_ids(b)]
+            tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
+            with torch.inference_mode():
+                cache.update(batch=b, xs={m: runners[m].acts(tokens) for m in MODELS})
+            cache["keep"] = torch.from_numpy(~np.isin(tok_np, prep.special_ids)).to(prep.device)[..., None]
         with torch.inference_mode():
-            xs = {m: runners[m].acts(tokens) for m in MODELS}
-            for s in state.sae_names:
-                out[s] = {m: (saes[s].encode(xs[m]) * keep).cpu().numpy() for m in MODELS}
-        return out
+            return {m: (saes[sae_name].encode(cache["xs"][m]) * cache["keep"]).cpu().numpy() for m in MODELS}
 
     win = ex_mod.fill_windows(ex, sample.tokens, cfg.sample.batch_size, cfg.examples.window_before, cfg.examples.window_after, encode_batch)
     files["examples.parquet"] = rundir.write_table(

@@ -85,12 +85,16 @@ class LogitStats:
     neg_values: dict[str, np.ndarray]  # ascending
 
 
-def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LOGITS, chunk: int = 512) -> LogitStats:
-    """W_dec @ W_U for each model, in chunks of features: similarity and top +/- k tokens."""
+def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LOGITS, chunk: int | None = None) -> LogitStats:
+    """W_dec @ W_U for each model, in chunks of features: similarity and top +/- k tokens.
+
+    A chunk holds at most 2**24 float64 logits per model (128 MiB), whatever the vocabulary."""
     w_dec = w_dec.detach().to("cpu", torch.float32)
     w_u = {m: w.detach().to("cpu", torch.float32) for m, w in w_u.items()}
     d = w_dec.shape[0]
     models = list(w_u)
+    if chunk is None:
+        chunk = max(8, min(512, (1 << 24) // max(w.shape[1] for w in w_u.values())))
     sim = np.zeros(d, np.float64)
     out = {name: {m: None for m in models} for name in ("pos_ids", "pos_values", "neg_ids", "neg_values")}
     for m in models:
