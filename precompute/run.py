@@ -560,6 +560,8 @@ def run(
         shutil.rmtree(ckpt.parent, ignore_errors=True)
         log(f"shard {shard[0]}/{shard[1]} done ({processed:,} tokens in {stream_s:.0f} s)")
         return run_dir
+    for stale in run_dir.glob(".*.tmp"):  # temporary table/manifest files of a process killed mid-write
+        stale.unlink(missing_ok=True)
     finalize(prep, runners, state, calib, run_dir, timing)
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     return run_dir
