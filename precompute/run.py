@@ -686,6 +686,11 @@ def _nullable(values: np.ndarray, valid: np.ndarray, typ):
     return pa.array(np.where(valid, values, 0).astype(typ.to_pandas_dtype()), typ, mask=~valid)
 
 
+def _search_form(token: str) -> str:
+    """A token as one space-free word for features.top_tokens: stripped, or whitespace made visible."""
+    return token.strip().replace(" ", "\u2423") or token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423")
+
+
 def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
     n = len(tokenizer) if tokenizer is not None else 0
     strs = tokenizer.batch_decode([[i] for i in range(min(n, d_vocab))]) if n else []
@@ -862,12 +867,12 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
             for m in MODELS:
                 for g in tk[m][i]:
                     if g >= 0:
-                        seen.setdefault(vocab[int(flat_tokens[g])].strip() or repr(vocab[int(flat_tokens[g])]), None)
+                        seen.setdefault(_search_form(vocab[int(flat_tokens[g])]), None)
             top_tok.append(" ".join(seen))
         cols["top_tokens"] = top_tok
         feature_tables.append(pa.table(cols))
     features = pa.concat_tables([t.select(schema.FEATURES.names).cast(schema.FEATURES) for t in feature_tables])
-    files["features.parquet"] = rundir.write_table(run_dir, "features.parquet", features)
+    files["features.parquet"] = rundir.write_table(run_dir, "features.parquet", features, row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
 
     # examples.parquet
     ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)

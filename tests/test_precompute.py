@@ -171,6 +171,9 @@ def test_run_is_complete_and_valid(ref):
     for name, entry in man["files"].items():
         t = pq.read_table(ref["dir"] / name)
         assert t.num_rows == entry["rows"] and t.schema.names == schema.TABLES[name].names
+    for name, size in (("features.parquet", schema.FEATURES_ROW_GROUP_SIZE), ("examples.parquet", schema.EXAMPLES_ROW_GROUP_SIZE)):
+        md = pq.ParquetFile(ref["dir"] / name).metadata
+        assert md.row_group(0).num_rows == min(size, md.num_rows)
 
 
 def test_tokens_are_the_sample(ref, naive):
@@ -565,3 +568,22 @@ def test_text_corpus_is_packed_with_bos(ref, tiny_demo, tmp_path):
     assert set(sources) == {"python", "english"}
     first_py = tok.decode(seqs[0, 1:])
     assert first_py.startswith("def f(x):")
+
+
+def test_top_tokens_are_the_tokens_at_the_top_examples(ref):
+    from precompute.run import _search_form
+
+    ex = table(ref["dir"], "examples.parquet")
+    top = ex[ex.kind == "top"]
+    vocab = table(ref["dir"], "vocab.parquet").token_str.tolist()
+    feats = table(ref["dir"], "features.parquet")
+    for _, f in feats.sample(20, random_state=0).iterrows():
+        words = []
+        for m in ("base", "finetuned"):
+            rows = top[(top.sae == f.sae) & (top.feature_id == f.feature_id) & (top.model == m)].sort_values("rank")
+            for _, r in rows.iterrows():
+                w = _search_form(vocab[r.token_ids[r.position - r.window_start]])
+                if w not in words:
+                    words.append(w)
+        assert f.top_tokens == " ".join(words)
+        assert all(" " not in w for w in words)
