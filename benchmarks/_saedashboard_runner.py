@@ -215,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     sae = SAE.load_from_disk(str(sae_dir), device="cpu")
     sae.eval()
     hook = sae.cfg.metadata.hook_name
-    t_check = time.time()
+    t_check, c_check = time.time(), time.process_time()
     sae_check = check_sae(model, sae, sae_dir, tokens[:2], hook, args.check_out)
     check_seconds = time.time() - t_check
+    check_cpu_seconds = time.process_time() - c_check
     load_seconds = time.time() - t_load - check_seconds
 
     if args.out.exists():
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     output_bytes = dir_bytes(args.out, exclude=cache_dir)
     cache_bytes = dir_bytes(cache_dir) if cache_dir.exists() else 0
 
-    t_check = time.time()
+    t_check, c_check = time.time(), time.process_time()
     feature_json: dict[int, dict] = {}
     for f in batch_files:
         for feat in json.loads(f.read_text())["features"]:
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         check = check_outputs(model, load_file(str(sae_dir / "sae_weights.safetensors")), tokens, hook, feature_json, model.tokenizer.bos_token_id)
 
     check_seconds += time.time() - t_check
+    check_cpu_seconds += time.process_time() - c_check
     n_tokens = int(tokens.numel())
     result = {
         "tool": "sae-dashboard",
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": wall,
         "load_seconds": load_seconds,
         "check_seconds": check_seconds,
+        "check_cpu_seconds": check_cpu_seconds,
         "process_seconds": time.time() - T_PROCESS,
         "output_bytes": output_bytes,
         "output_files": len(batch_files),

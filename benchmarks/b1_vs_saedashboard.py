@@ -113,14 +113,22 @@ def write_config(path: Path, run_id: str, demo: Path, corpus: Path, n_tokens: in
 # The two tools
 
 
-def _timed(cmd: list[str], log: Path) -> tuple[float, int]:
+def _timed(cmd: list[str], log: Path) -> tuple[float, int, dict]:
+    """Run `cmd`, output to `log`. Returns (wall seconds, exit status, its CPU seconds and peak RSS).
+
+    CPU seconds (user + system, from wait4) are less sensitive than wall time to other jobs on
+    a shared machine; both are recorded, wall time is the headline.
+    """
     env = {**os.environ, **CHILD_ENV}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    return wall, proc.returncode
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    res = {"cpu_seconds": usage.ru_utime + usage.ru_stime, "max_rss_bytes": usage.ru_maxrss * 1024}
+    return wall, proc.returncode, res
 
 
 def _tail(log: Path, n: int = 25) -> str:
@@ -134,7 +142,7 @@ def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: 
     if check_out is not None:
         cmd += ["--check-out", str(check_out)]
     log = out.with_suffix(".log")
-    wall, rc = _timed(cmd, log)
+    wall, rc, usage = _timed(cmd, log)
     if rc != 0:
         raise SystemExit(f"SAEDashboard runner failed (exit {rc}); last lines of {log}:\n{_tail(log)}")
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{") and '"tool": "sae-dashboard"' in ln]
@@ -144,10 +152,13 @@ def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: 
     n_ft = res["n_features"] * res["n_tokens"]
     # The runner's own correctness checks are not SAEDashboard's work: take them out of the wall time.
     wall_tool = wall - res["check_seconds"]
+    usage = {**usage, "cpu_seconds": usage["cpu_seconds"] - res.get("check_cpu_seconds", 0.0)}
     return {
         **res,
         "inner_seconds": res["wall_seconds"],
         "subprocess_seconds": wall,
+        **usage,
+        "cpu_seconds_per_feature_token": usage["cpu_seconds"] / n_ft,
         "wall_seconds": wall_tool,
         "seconds_per_feature_token": wall_tool / n_ft,
         "inner_seconds_per_feature_token": res["wall_seconds"] / n_ft,
@@ -169,7 +180,7 @@ def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     log = runs_dir / f"{run_id}.log"
-    wall, rc = _timed(our_command(config, runs_dir), log)
+    wall, rc, usage = _timed(our_command(config, runs_dir), log)
     if rc != 0:
         raise SystemExit(f"our precompute ({label}) failed (exit {rc}); last lines of {log}:\n{_tail(log)}")
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -196,6 +207,8 @@ def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
         "output_bytes_per_feature": output_bytes / n_features,
         "output_bytes_per_feature_per_model": output_bytes / n_features / 2,
         "seconds_per_feature_token": wall / (n_features * n_tokens),
+        **usage,
+        "cpu_seconds_per_feature_token": usage["cpu_seconds"] / (n_features * n_tokens),
         "inner_seconds": inner,
         "inner_seconds_per_feature_token": None if inner is None else inner / (n_features * n_tokens),
         "manifest_timing": timing,
@@ -288,7 +301,7 @@ def summarize(reps: list[dict], tools: list[str]) -> dict:
         rows = [r[tool] for r in reps if tool in r]
         out["median"][tool] = {
             k: med([r[k] for r in rows if r.get(k) is not None])
-            for k in ("wall_seconds", "inner_seconds", "seconds_per_feature_token", "inner_seconds_per_feature_token", "output_bytes", "output_bytes_per_feature", "output_bytes_per_feature_per_model")
+            for k in ("wall_seconds", "inner_seconds", "cpu_seconds", "max_rss_bytes", "seconds_per_feature_token", "cpu_seconds_per_feature_token", "inner_seconds_per_feature_token", "output_bytes", "output_bytes_per_feature", "output_bytes_per_feature_per_model")
             if rows and k in rows[0]
         }
         out["median"][tool]["runs"] = len(rows)
@@ -301,10 +314,13 @@ def summarize(reps: list[dict], tools: list[str]) -> dict:
                 continue
             per_rep = [sd["seconds_per_feature_token"] / us["seconds_per_feature_token"] for sd, us in pairs]
             bytes_ratio = [sd["output_bytes_per_feature"] / us["output_bytes_per_feature"] for sd, us in pairs]
+            cpu_ratio = [sd["cpu_seconds_per_feature_token"] / us["cpu_seconds_per_feature_token"] for sd, us in pairs if "cpu_seconds_per_feature_token" in sd and "cpu_seconds_per_feature_token" in us]
             out["ratio_vs_saedashboard"][tool] = {
                 "throughput_per_feature_token_each_rep": per_rep,
                 "throughput_per_feature_token_median": med(per_rep),
                 "output_bytes_per_feature_sd_over_ours_median": med(bytes_ratio),
+                "cpu_time_per_feature_token_each_rep": cpu_ratio,
+                "cpu_time_per_feature_token_median": med(cpu_ratio),
             }
     return out
 
@@ -313,17 +329,21 @@ def print_table(result: dict) -> None:
     s = result["summary"]
     print()
     print(f"B1 on {result['settings']['n_tokens']:,} tokens, {result['settings']['reps']} repetition(s), median per tool:")
-    hdr = f"{'tool':<18}{'models':>7}{'features':>9}{'wall s':>10}{'s/feature-token':>17}{'out bytes':>13}{'B/feature':>11}{'x SAEDash':>11}"
+    hdr = f"{'tool':<18}{'models':>7}{'features':>9}{'wall s':>10}{'cpu s':>9}{'s/feature-token':>17}{'out bytes':>13}{'B/feature':>11}{'x SAEDash':>11}{'x (cpu)':>9}"
     print(hdr)
     print("-" * len(hdr))
     for tool, m in s["median"].items():
         last = next(r[tool] for r in reversed(result["reps"]) if tool in r)
-        ratio = s["ratio_vs_saedashboard"].get(tool, {}).get("throughput_per_feature_token_median")
+        ratios = s["ratio_vs_saedashboard"].get(tool, {})
+        ratio, cpu_ratio = ratios.get("throughput_per_feature_token_median"), ratios.get("cpu_time_per_feature_token_median")
+        cpu = m.get("cpu_seconds")
         print(
-            f"{tool:<18}{last.get('models', 1):>7}{last['n_features']:>9}{m['wall_seconds']:>10.2f}{m['seconds_per_feature_token']:>17.3e}"
-            f"{m['output_bytes']:>13,.0f}{m['output_bytes_per_feature']:>11,.0f}{'' if ratio is None else f'{ratio:.1f}x':>11}"
+            f"{tool:<18}{last.get('models', 1):>7}{last['n_features']:>9}{m['wall_seconds']:>10.2f}{'' if cpu is None else f'{cpu:.1f}':>9}"
+            f"{m['seconds_per_feature_token']:>17.3e}{m['output_bytes']:>13,.0f}{m['output_bytes_per_feature']:>11,.0f}"
+            f"{'' if ratio is None else f'{ratio:.1f}x':>11}{'' if cpu_ratio is None else f'{cpu_ratio:.1f}x':>9}"
         )
-    print("(x SAEDash: SAEDashboard's seconds per feature-token over ours, median of the per-repetition ratios.)")
+    print("(x SAEDash: SAEDashboard's wall seconds per feature-token over ours, median of the per-repetition ratios;")
+    print(" x (cpu): the same with CPU seconds, user + system, which other jobs on the machine disturb less.)")
 
 
 # ------------------------------------------------------------------------------------------
