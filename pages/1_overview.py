@@ -42,7 +42,7 @@ with state.guard():
     else:
         cols[3].metric("born", "n/a", help="needs a finetuned SAE in the run")
         cols[4].metric("lost", "n/a", help="needs a finetuned SAE in the run")
-    st.page_link("pages/4_dead_born.py", label="Browse dead and born features", icon=":material/arrow_forward:")
+    st.page_link("pages/4_dead-born.py", label="Browse dead and born features", icon=":material/arrow_forward:")
 
     # ---- SAE quality
     st.subheader("SAE quality per (SAE, model)")

@@ -25,7 +25,7 @@ PAGES = {
     "overview": "pages/1_overview.py",
     "features": "pages/2_features.py",
     "feature": "pages/3_feature.py",
-    "dead_born": "pages/4_dead_born.py",
+    "dead_born": "pages/4_dead-born.py",
     "similarity": "pages/5_similarity.py",
 }
 N = 120
