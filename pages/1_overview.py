@@ -116,8 +116,8 @@ with state.guard():
     sample = cfg.get("sample", {})
 
     def _spec(s: dict) -> str:
-        s = s or {}
-        return s.get("path") or " + ".join(x for x in (s.get("name"), s.get("hf_model"), s.get("release"), s.get("sae_id")) if x) or "?"
+        s = s if isinstance(s, dict) else {}  # a hand-edited manifest may hold anything here
+        return str(s.get("path") or "") or " + ".join(str(x) for x in (s.get("name"), s.get("hf_model"), s.get("release"), s.get("sae_id")) if x) or "?"
 
     rows = [
         ("run id", run.run_id),

@@ -320,7 +320,7 @@ class PairStats(_Stateful):
         # entries as if the other were 0, corrected where both fire.
         log_eps = np.log10(eps)
         lb, lf = np.log10(vb + eps), np.log10(vf + eps)
-        err = np.bincount(base.feature, weights=np.abs(lb - log_eps), minlength=d)
+        err = np.bincount(base.feature, weights=np.abs(lb - log_eps), minlength=d).astype(np.float64)  # int64 when empty
         err += np.bincount(finetuned.feature, weights=np.abs(lf - log_eps), minlength=d)
         both = np.abs(lb[ib] - lf[jf]) - np.abs(lb[ib] - log_eps) - np.abs(lf[jf] - log_eps)
         err += np.bincount(base.feature[ib], weights=both, minlength=d)
@@ -445,9 +445,14 @@ def fixed_hist(values: np.ndarray, low: float, high: float, n_bins: int) -> tupl
     """Counts on n_bins equal bins of [low, high]; values outside are clipped into the end bins.
 
     Returns (counts, number clipped). The last bin includes `high` (numpy's convention).
+    Non-finite values (NaN, inf from a broken model or SAE) are in no bin; they are counted in
+    the returned number with the clipped ones (never silently binned as the lowest value).
     """
     values = np.asarray(values, np.float64).ravel()
-    clipped = int(((values < low) | (values > high)).sum())
+    finite = np.isfinite(values)
+    n_nonfinite = int((~finite).sum())
+    values = values[finite] if n_nonfinite else values
+    clipped = int(((values < low) | (values > high)).sum()) + n_nonfinite
     idx = np.floor((np.clip(values, low, high) - low) / (high - low) * n_bins).astype(np.int64)
     idx = np.clip(idx, 0, n_bins - 1)
     return np.bincount(idx, minlength=n_bins).astype(np.int64), clipped
