@@ -37,6 +37,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what a plain open() would create (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -56,6 +63,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,6 +85,7 @@ def write_table(run_dir: Path, name: str, table: pa.Table, row_group_size: int |
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         entry = {"rows": table.num_rows, "bytes": os.path.getsize(tmp), "sha256": sha256_file(Path(tmp))}
         os.replace(tmp, run_dir / name)
     except BaseException:

@@ -110,3 +110,15 @@ def test_run_ids_cannot_escape(tmp_path, bad):
 
 def test_run_path_inside_root(tmp_path):
     assert rundir.run_path("demo", tmp_path) == (tmp_path / "demo").resolve()
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """mkstemp creates 0600; a run shared with colleagues (or served by another user) must not be."""
+    import os
+    import stat
+
+    _write_minimal_run(tmp_path / "r")
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (tmp_path / "r").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
