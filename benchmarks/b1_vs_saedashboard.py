@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for rep in range(reps):
         order = tools if rep % 2 == 0 else list(reversed(tools))
-        row: dict = {"order": order}
+        row: dict = {"order": order, "git": git_state()}  # the working tree may change between repetitions
         for tool in order:
             print(f"[b1] rep {rep + 1}/{reps}: {tool} ...", flush=True)
             if tool == "saedashboard":

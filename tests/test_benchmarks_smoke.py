@@ -109,7 +109,7 @@ def test_b1_smoke(tiny_demo, tmp_path):
     assert result["settings"]["n_tokens"] == 2 * 32
     assert len(result["reps"]) == 1
     rep = result["reps"][0]
-    assert set(rep) == {"order", "ours_base_sae", "ours_both_saes"}
+    assert set(rep) == {"order", "git", "ours_base_sae", "ours_both_saes"}
     _check_ours(rep, "ours_base_sae", 64)
     _check_ours(rep, "ours_both_saes", 64)
     assert rep["ours_base_sae"]["d_sae"] == {"base_sae": 64}
