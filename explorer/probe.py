@@ -537,6 +537,14 @@ def probe(pair: "LoadedPair", prompt: "PreparedPrompt | str", *, exclude_special
                 feature_acts[(s, m)] = f
                 r = recon.reshape(len(ids), -1).double().cpu().numpy()
                 metric_rows.append(_metrics(s, m, x, r, f, mask, loss_np[0], loss_np[variants.index(spliced(s))], loss_np[-1]))
+    for m in MODELS:  # a broken model or SAE (NaN/inf weights, overflow): say so, never crash
+        bad = int((~np.isfinite(hook_acts[m]).all(axis=1)).sum())
+        if bad:
+            notices.append(
+                f"The {m} model's activations at {pair.hook} are not finite (NaN or inf) on {bad} of {len(ids)} tokens "
+                "(broken or overflowing weights?): feature activations and metrics there are not meaningful; the "
+                "n_nonfinite_* columns of the reconstruction table count them."
+            )
     reconstruction = pd.DataFrame(metric_rows)
     predictions = _predictions_frame(tok, variants, pred_parts)
     return ProbeResult(

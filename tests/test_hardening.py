@@ -385,7 +385,14 @@ def test_nan_activations_in_the_probe(world, monkeypatch):
     tok = world["nan_token"]
     ids = [pair.base.tokenizer.bos_token_id or 0, 5, 6, tok, 7, 8]
     result = P.probe(pair, P.prepare_token_ids(pair, ids))
-    assert result is not None  # no exception; the metrics count the non-finite tokens
+    x = result.hook_acts["base"]
+    n_bad = int((~np.isfinite(x).all(axis=1)).sum())
+    # attention spreads the NaN over the sequence (0 * NaN in pattern @ V), so every token is hit
+    assert n_bad == len(ids) and np.isfinite(result.hook_acts["finetuned"]).all()
+    clean = P.probe(pair, P.prepare_token_ids(pair, [i for i in ids if i != tok]))
+    assert np.isfinite(clean.hook_acts["base"]).all() and not any("not finite" in n for n in clean.notices)
+    assert any(f"not finite (NaN or inf) on {n_bad} of {len(ids)} tokens" in n and "base model" in n for n in result.notices)
+    assert not any("finetuned model's activations" in n for n in result.notices)
     # through the app: a clear note, no crash
     text = pair.base.tokenizer.decode([5, 6, tok, 7, 8])
     at = _probe_app(monkeypatch, world["runs"], "nanprobe")
@@ -393,3 +400,6 @@ def test_nan_activations_in_the_probe(world, monkeypatch):
     at.text_area(key="probe_text").set_value(text)
     at.button[0].click().run()
     _no_traceback(at)
+    notes = " ".join(x.value for x in list(at.warning) + list(at.info))
+    assert "not finite (NaN or inf)" in notes, notes
+    assert 'data-probe="feature-acts"' in _html(at)
