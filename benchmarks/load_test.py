@@ -203,9 +203,10 @@ def synthetic_runs(pair: Path) -> Path:
     from explorer.synthetic import make_run
 
     pair = pair.resolve()
-    ctx = 64
+    tl = json.loads((pair / "base" / "config.json").read_text())["tl_config"]
+    d_sae = int(json.loads((pair / "saes" / "base_sae" / "cfg.json").read_text())["d_sae"])
     root = Path(tempfile.mkdtemp(prefix="load-runs-"))
-    out = make_run(root / "synth", n_features=2048, n_vocab=4096, context=ctx, n_sequences=64)
+    out = make_run(root / "synth", n_features=d_sae, n_vocab=int(tl["d_vocab"]), context=min(64, int(tl["n_ctx"])), n_sequences=64)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["config"]["models"] = {m: {"path": str(pair / m)} for m in ("base", "finetuned")}
     manifest["config"]["saes"] = {s: {"path": str(pair / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None, help="runs dir for the server (default: data/runs)")
     ap.add_argument("--run", default="demo", help="run id to drive")
     ap.add_argument("--synthetic", metavar="PAIR_DIR", default=None,
-                    help="instead of --runs-dir/--run: a synthetic run (explorer.synthetic, 2048 features, hostile "
+                    help="instead of --runs-dir/--run: a synthetic run (explorer.synthetic, the SAE's width, hostile "
                     "vocabulary) in a temp dir whose config names the demo pair in PAIR_DIR (e.g. data/demo) for live probes")
     ap.add_argument("--action-timeout", type=float, default=120.0, help="seconds before an action counts as a timeout")
     ap.add_argument("--seed", type=int, default=0)
