@@ -403,3 +403,45 @@ def test_nan_activations_in_the_probe(world, monkeypatch):
     notes = " ".join(x.value for x in list(at.warning) + list(at.info))
     assert "not finite (NaN or inf)" in notes, notes
     assert 'data-probe="feature-acts"' in _html(at)
+
+
+# ---------------------------------------------------------------- live inference shared between sessions
+
+
+def test_shared_live_pair_under_concurrency_equals_single_session(world):
+    """The app's path (webapp.live: one st.cache_resource pair for every session, st.cache_data
+    results) driven from many threads at once gives what one session alone gets; the library-level
+    variant is tests/test_probe.py::test_concurrent_calls_equal_sequential."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from explorer import probe as P
+    from webapp import live
+
+    manifest = json.loads((world["runs"] / "good" / schema.MANIFEST).read_text())
+    key = live.pair_key(manifest)
+    live.probe.clear()
+    live.steer.clear()
+    prompts = [f"def f{i}(x):\n    return x * {i} + 1" if i % 2 else f"The {i} cats sat on mat number {i}." for i in range(10)]
+    ref_pair = _pair(world["demo"])  # a separately loaded pair: the single-session reference
+
+    def single(p: str):
+        r = P.probe(ref_pair, P.prepare_prompt(ref_pair, p))
+        s = P.steer(ref_pair, r.prompt, sae="base_sae", feature_id=3, coef=20.0, n_new_tokens=5)
+        return r, s
+
+    def shared(p: str):
+        r = live.probe(key, "text", p)
+        s = live.steer(key, r.prompt.token_ids, "base_sae", 3, 20.0, 5)
+        return r, s
+
+    want = [single(p) for p in prompts]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(shared, prompts * 2))
+    assert len({id(live.get_pair(key))}) == 1
+    for i, (r, s) in enumerate(got):
+        wr, ws = want[i % len(prompts)]
+        assert r.prompt.token_ids == wr.prompt.token_ids
+        for k in wr.feature_acts:
+            np.testing.assert_allclose(r.feature_acts[k], wr.feature_acts[k], rtol=1e-5, atol=1e-6)
+        pd.testing.assert_frame_equal(r.reconstruction, wr.reconstruction, rtol=1e-5, atol=1e-7)
+        assert s.continuations[["steered_ids", "unsteered_ids"]].to_numpy().tolist() == ws.continuations[["steered_ids", "unsteered_ids"]].to_numpy().tolist()
