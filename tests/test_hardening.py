@@ -445,3 +445,17 @@ def test_shared_live_pair_under_concurrency_equals_single_session(world):
             np.testing.assert_allclose(r.feature_acts[k], wr.feature_acts[k], rtol=1e-5, atol=1e-6)
         pd.testing.assert_frame_equal(r.reconstruction, wr.reconstruction, rtol=1e-5, atol=1e-7)
         assert s.continuations[["steered_ids", "unsteered_ids"]].to_numpy().tolist() == ws.continuations[["steered_ids", "unsteered_ids"]].to_numpy().tolist()
+
+
+def test_nonfinite_values_are_counted_not_binned():
+    """precompute.accumulators.fixed_hist used to bin NaN as the lowest value (NaN -> int64 min ->
+    clipped to bin 0); and PairStats crashed on a batch where no feature fired on one model."""
+    from precompute.accumulators import PairStats, SparseActs, fixed_hist
+
+    counts, clipped = fixed_hist(np.array([np.nan, np.inf, -np.inf, 0.5, 0.1, 2.0]), 0.0, 1.0, 4)
+    assert counts.tolist() == [1, 0, 1, 1] and clipped == 4  # 2.0 clipped into the last bin; 3 non-finite in none
+    empty = SparseActs(token=np.zeros(0, np.int64), feature=np.zeros(0, np.int64), value=np.zeros(0, np.float32), n_tokens=1)
+    one = SparseActs(token=np.array([0]), feature=np.array([2]), value=np.array([1.5], np.float32), n_tokens=1)
+    ps = PairStats(4, 1e-10)
+    ps.update(empty, one)  # all-NaN base activations give no firing entries
+    assert ps.sum_log_err.dtype == np.float64 and ps.sum_log_err[2] > 0 and ps.sum_xy.sum() == 0
