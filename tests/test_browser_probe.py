@@ -34,6 +34,17 @@ def probe_app_url(tiny_demo, tmp_path_factory) -> Iterator[str]:
         yield url
 
 
+def _wait_for(page, locator, timeout_ms: int) -> None:
+    """Wait for `locator`; on a timeout, fail with what the page shows instead (for CI logs)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        locator.wait_for(timeout=timeout_ms)
+    except PlaywrightTimeout:
+        shown = page.locator("body").inner_text(timeout=5_000)[:3000]
+        raise AssertionError(f"timed out after {timeout_ms / 1000:.0f} s waiting for {locator}; the page shows:\n{shown}") from None
+
+
 def _alpha(style: str) -> float:
     m = re.search(r"rgba\(\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*([0-9.]+)\s*\)", style or "")
     return float(m.group(1)) if m else 0.0
@@ -55,7 +66,7 @@ def test_live_probe_and_steering_in_chromium(page, probe_app_url):  # noqa: F811
     wait_idle(page, timeout_ms=120_000)
 
     panel = page.locator('[data-probe="feature-acts"]')
-    panel.wait_for(timeout=60_000)
+    _wait_for(page, panel, 240_000)
     for model in ("base", "finetuned"):
         spans = panel.locator(f'[data-model="{model}"] .sx-tok')
         n = spans.count()
@@ -72,7 +83,7 @@ def test_live_probe_and_steering_in_chromium(page, probe_app_url):  # noqa: F811
     wait_idle(page, timeout_ms=120_000)
     for model in ("base", "finetuned"):
         block = page.locator(f'[data-probe="steering-{model}"]')
-        block.wait_for(timeout=60_000)
+        _wait_for(page, block, 120_000)
         for kind in ("unsteered", "steered"):
             cont = block.locator(f'[data-probe="{kind}"]')
             assert cont.count() == 1
@@ -89,7 +100,7 @@ def test_live_probe_deep_link_on_the_shipped_demo(page, app_url):  # noqa: F811
     page.goto(app_url + "/probe?run=demo&sae=finetuned_sae&feature=7", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
     panel = page.locator('[data-probe="feature-acts"]')
-    panel.wait_for(timeout=120_000)
+    _wait_for(page, panel, 240_000)
     assert page.get_by_text("finetuned SAE feature 7").count() >= 1
     for model in ("base", "finetuned"):
         assert panel.locator(f'[data-model="{model}"] .sx-tok').count() > 20
@@ -98,6 +109,6 @@ def test_live_probe_deep_link_on_the_shipped_demo(page, app_url):  # noqa: F811
     page.get_by_role("button", name="Steer").click()
     wait_idle(page, timeout_ms=120_000)
     for model in ("base", "finetuned"):
-        page.locator(f'[data-probe="steering-{model}"] [data-probe="steered"]').wait_for(timeout=60_000)
+        _wait_for(page, page.locator(f'[data-probe="steering-{model}"] [data-probe="steered"]'), 120_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     assert page.dialogs == []
