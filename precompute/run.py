@@ -34,6 +34,9 @@ the batch size; shards are cut at batch boundaries, so it does not depend on sha
 Speed: for `hook_resid_pre` / `hook_resid_post` hooks the spliced and zero-ablated losses run
 the model from the hook's layer on (`start_at_layer`) with the replaced residual, instead of a
 full hooked forward; tests check both give the same loss. Other hooks use the hooked forward.
+On that path the zero-ablated loss is one single-position forward from the hook on (a zero
+residual at every position makes every later position identical, so the logits are the same
+everywhere; `ModelRunner.zero_loss`), not a full-batch pass: B2 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -211,6 +214,26 @@ class ModelRunner:
 
         return self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, replace)])
 
+    def zero_loss(self, tokens, x):
+        """Per-token loss with the activation at the hook zeroed at every position.
+
+        Fast path: with every position's residual equal (zero) at the hook, and no positional
+        signal added after it (standard/rotary/ALiBi positions act at the embedding or only on
+        attention weights; shortformer and left padding are excluded from `fast`), each later
+        layer sees identical positions (attention averages identical values), so the logits are
+        the same at every position of every sequence: one single-position forward from the hook
+        on, then a gather. Equal to the full pass up to float rounding (tests compare it with
+        full hooked forwards and SAELens's run_evals); it saves one of the four CE passes per
+        model (clean, zero-ablated, spliced per SAE)."""
+        if not self.fast:
+            import torch
+
+            return self.loss_with(tokens, torch.zeros_like(x))
+
+        logits = self.model(x.new_zeros((1, 1, x.shape[-1])), start_at_layer=self.start_layer, return_type="logits")
+        log_probs = logits[0, 0].log_softmax(-1)
+        return -log_probs[tokens[:, 1:]]
+
     def acts(self, tokens):
         """The activation at the hook only (the model stops after the hook's layer)."""
         store = {}
@@ -342,7 +365,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
         for m in MODELS:
             r = runners[m]
             clean_loss, x = r.clean(tokens)
-            zero_loss = r.loss_with(tokens, torch.zeros_like(x))
+            zero_loss = r.zero_loss(tokens, x)
             xs[m] = x
             outlier = (x.norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
             any_outlier = bool((counted & outlier).any())
@@ -549,10 +572,10 @@ def run(
         log(f"resuming {prep.cfg.run_id!r} from its checkpoint at batch {state.next_batch}/{batch_range[1]}")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     processed = _stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay)
     stream_s = time.time() - t0
-    timing = {"stream_seconds": stream_s, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
+    timing = {"stream_seconds": stream_s, "stream_cpu_seconds": time.process_time() - c0, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
     if shard is not None:
         work = ckpt.parent.parent
         save_state(work / STATE_FILE, state, {**_state_meta(prep, calib, state, shard, True), "timing": timing})
