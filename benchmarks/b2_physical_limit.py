@@ -7,7 +7,7 @@
 Every measurement is its own child process with the same torch thread count, run interleaved
 (limit, ours, limit, ours, ... in alternating order per repetition); medians are reported.
 
-The limit child (`--_limit CFG`) loads the pair and the token sample exactly as the precompute
+The limit child (`--_limit CFG`) gets the CLI's glibc setting (`_keep_freed_memory`), loads the pair and the token sample exactly as the precompute
 does (`precompute.run.prepare`), then times, over the same batches (same batch size), three loops:
 
     stop    per model: a forward that stops after the hook's layer (`stop_at_layer`), grabbing
@@ -88,11 +88,14 @@ def write_config(path: Path, run_id: str, demo: Path, n_tokens: int, context: in
 
 
 def limit_child(cfg_path: Path, threads: int, out: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from precompute.__main__ import _keep_freed_memory
+
+    _keep_freed_memory()  # the CLI's glibc setting: without it every freed 64 MiB logits buffer page-faults back in
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(REPO))
     from precompute import run as run_mod
     from precompute.config import RunConfig
 
