@@ -168,6 +168,19 @@ def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
     assert got.top_tokens.fillna("").tolist() == want.top_tokens.fillna("").tolist()  # hostile strings intact, as data
 
 
+@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/probe?run=synth"])
+def test_every_page_url_is_found_as_a_fresh_servers_first_request(synthetic_runs, page, path):
+    """In Streamlit's pages/-directory mode a URL must match a page file's name (4_dead-born.py -> dead-born)."""
+    from tests.browser_utils import streamlit_server
+
+    with streamlit_server(runs_dir=synthetic_runs) as url:
+        page.goto(f"{url}{path}")
+        wait_idle(page)
+        page.wait_for_selector('[data-testid="stSidebarNav"]', timeout=60000)
+        page.wait_for_timeout(1000)
+        assert "Page not found" not in page.inner_text("body")
+
+
 def test_deep_link_is_the_first_request_of_a_fresh_server(synthetic_runs, page):
     """Streamlit runs a fresh server's first request in pages/-directory mode (without app.py);
     webapp.state leaves that mode, so a deep link still gets the app's navigation and page."""
