@@ -18,7 +18,7 @@ Stable API (test_browser.py and test_browser_probe.py use it):
 
     wait_idle(page, timeout_ms=60000)  waits until Streamlit has finished its current rerun
 
-Import the fixtures into a test module: `from tests.browser_utils import app_url, browser, page`.
+The fixtures are registered once in tests/conftest.py; test modules import only the helpers.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.browser_utils import app_url, browser, page, synthetic_app_url, synthetic_runs, wait_idle  # noqa: F401
+from tests.browser_utils import wait_idle
 
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import pytest
 
 from explorer import rundir
 from explorer.synthetic import make_run
-from tests.browser_utils import app_url, browser, page, streamlit_server, wait_idle  # noqa: F401 - fixtures
+from tests.browser_utils import streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -22,7 +22,7 @@ import pytest
 from explorer import rundir, schema
 from explorer.errors import RunError
 from explorer.synthetic import make_run
-from tests.browser_utils import browser, page, synthetic_app_url, synthetic_runs  # noqa: F401 - fixtures
+
 from tests.test_browser_probe import probe_app_url  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parent.parent
