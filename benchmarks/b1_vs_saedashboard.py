@@ -135,8 +135,10 @@ def _tail(log: Path, n: int = 25) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: Path, n_features: int | None, check_out: Path | None) -> dict:
+def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: Path, n_features: int | None, check_out: Path | None, threads: int | None = None) -> dict:
     cmd = [str(py), str(RUNNER), "--demo", str(demo), "--corpus", str(corpus), "--n-sequences", str(n_sequences), "--out", str(out)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     if n_features is not None:
         cmd += ["--n-features", str(n_features)]
     if check_out is not None:
@@ -169,18 +171,19 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def our_command(config: Path, runs_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "precompute", "run", "--config", str(config), "--runs-dir", str(runs_dir), "--no-progress"]
+def our_command(config: Path, runs_dir: Path, threads: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "precompute", "run", "--config", str(config), "--runs-dir", str(runs_dir), "--no-progress"]
+    return cmd + (["--threads", str(threads)] if threads is not None else [])
 
 
-def run_ours(config: Path, runs_dir: Path, run_id: str, label: str) -> dict:
+def run_ours(config: Path, runs_dir: Path, run_id: str, label: str, threads: int | None = None) -> dict:
     import shutil
 
     run_dir = runs_dir / run_id
     if run_dir.exists():
         shutil.rmtree(run_dir)
     log = runs_dir / f"{run_id}.log"
-    wall, rc, usage = _timed(our_command(config, runs_dir), log)
+    wall, rc, usage = _timed(our_command(config, runs_dir, threads), log)
     if rc != 0:
         raise SystemExit(f"our precompute ({label}) failed (exit {rc}); last lines of {log}:\n{_tail(log)}")
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -359,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny run: 2 sequences, 8 SAEDashboard features, 1 repetition; skips SAEDashboard if its venv is not built")
     parser.add_argument("--skip-saedashboard", action="store_true", help="run only our side")
     parser.add_argument("--skip-ours", action="store_true", help="run only SAEDashboard")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for BOTH tools (default: each tool's own: SAEDashboard all cores, our CLI half)")
     parser.add_argument("--no-both-saes", action="store_true", help="skip our two-SAE variant")
     args = parser.parse_args(argv)
 
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO))] + list(sys.argv[1:] if argv is None else argv)),
         "machine": machine(),
         "git": git_state(),
-        "settings": {"demo": str(demo), "n_sequences": n_sequences, "context_size": context, "n_tokens": n_tokens, "reps": reps, "smoke": args.smoke, "saedashboard_features": sd_features or "all"},
+        "settings": {"demo": str(demo), "n_sequences": n_sequences, "context_size": context, "n_tokens": n_tokens, "reps": reps, "smoke": args.smoke, "threads": args.threads or "each tool's default", "saedashboard_features": sd_features or "all"},
         "checks": {},
         "reps": [],
     }
@@ -414,13 +418,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[b1] rep {rep + 1}/{reps}: {tool} ...", flush=True)
             if tool == "saedashboard":
                 check_out = work / "sd_check.safetensors" if rep == 0 else None
-                row[tool] = run_saedashboard(venv_python(), demo, corpus, n_sequences, work / "saedashboard", sd_features, check_out)
+                row[tool] = run_saedashboard(venv_python(), demo, corpus, n_sequences, work / "saedashboard", sd_features, check_out, args.threads)
                 if check_out is not None:
                     result["checks"]["venv_model_sae_vs_explorer_loaders"] = check_same_model(check_out, demo)
                     result["checks"]["saedashboard_output_vs_hand_encode"] = row[tool]["output_check"]
                     result["checks"]["saedashboard_sae_vs_hand_encode"] = row[tool]["sae_check"]
             else:
-                row[tool] = run_ours(configs[tool], work / "runs", f"b1-{tool.replace('_', '-')}", tool)
+                row[tool] = run_ours(configs[tool], work / "runs", f"b1-{tool.replace('_', '-')}", tool, args.threads)
                 if rep == 0:
                     result["checks"][f"{tool}_tokens_vs_corpus"] = check_same_tokens(Path(row[tool]["run_dir"]), corpus)
             print(f"[b1]   {row[tool]['wall_seconds']:.2f} s, {row[tool]['output_bytes']:,} bytes", flush=True)
