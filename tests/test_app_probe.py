@@ -1,4 +1,4 @@
-"""AppTest of the Live probe page (pages/6_probe.py) on a run whose config names the tiny demo pair.
+"""AppTest of the Live probe page (pages/6_live_probe.py) on a run whose config names the tiny demo pair.
 
 The run's tables are synthetic (explorer.synthetic, 64 features, vocab 512, like the tiny demo);
 its manifest's config points at the tiny demo models and SAEs, so the page runs them live.
@@ -18,7 +18,7 @@ from explorer.synthetic import make_run
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-PAGE = "pages/6_probe.py"
+PAGE = "pages/6_live_probe.py"
 
 
 @pytest.fixture(scope="module")

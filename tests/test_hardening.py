@@ -40,7 +40,7 @@ from tests.test_precompute import tiny_config_text, write_tiny_corpus
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-PROBE_PAGE = "pages/6_probe.py"
+PROBE_PAGE = "pages/6_live_probe.py"
 LONE_SURROGATES = "a\ud800b \udfff c \ud83d"  # invalid UTF-16: no tokenizer or protobuf accepts them
 
 
