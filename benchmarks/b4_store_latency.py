@@ -21,10 +21,16 @@ query, the examples row-group index built once per run, no st.cache_data):
     store.feature_examples (both models, top and quantile), the token strings of every example
     window and of the logit lists, store.features_by_ids of its nearest neighbours,
     store.candidate_matches -- for --n random feature ids (seeded);
-  * features table: what pages/2_features.py fetches for one filtered, sorted page --
-    store.count_features + store.features_page (50 rows at a random offset) -- for --n random
-    (filter, sort column, direction) draws from a fixed set of realistic filters;
-  * once per run: the examples index build and the first (cold) feature page.
+  * features table: what pages/2_features.py fetches for one filtered, sorted page through
+    webapp/data.py -- store.FeatureTable's count + page (50 rows at a random offset), the filter
+    treated as new each time (its mask is computed, then re-used by the page; cached masks are
+    cleared before every sample), its sort orders built once per run (FeatureTable.warm, which the
+    app runs in a background thread after loading; timed apart) -- for --n random
+    (filter, sort column, direction) draws from a fixed set of realistic filters; and, side by
+    side, the same page by DuckDB over the parquet file (store.count_features +
+    store.features_page; the app's path before FeatureTable);
+  * once per run: the examples index build, the FeatureTable load and warm-up, the first (cold)
+    feature page.
 p50/p95 over the samples, after one untimed warm-up query: wall time (the goal), and the
 process CPU time of the same calls (all DuckDB/Arrow threads; far less sensitive to the other
 work on a shared machine). Sizes are measured in one
@@ -153,6 +159,12 @@ class Bench:
         t0 = time.perf_counter()
         self.index = store.ExamplesIndex.open(self.dir)
         self.index_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.table = store.FeatureTable.open(self.dir, "base_sae")
+        self.table_open_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.table.warm()  # the app does this in a background thread after loading
+        self.table_warm_seconds = time.perf_counter() - t0
         self.vocab = store.vocab(self.dir)
         self.d_sae = int(json.loads((self.dir / "manifest.json").read_text())["d_sae"]["base_sae"])
         self.rng = np.random.default_rng(seed)
@@ -178,9 +190,19 @@ class Bench:
         store.candidate_matches(self.con.cursor(), self.dir, sae, fid, 10)
         return len(ex)
 
-    def table_page(self, flt, sort_by: str, descending: bool, sae: str = "base_sae") -> int:
+    def table_page(self, flt, sort_by: str, descending: bool, offset_draw: float = 0.0) -> int:
+        """The app's path (store.FeatureTable, as webapp/data.py holds it): a changed filter, so
+        its mask is computed (count) and re-used (page); a sort order is built on its first use."""
+        with self.table._lock:
+            self.table._masks.clear()
+        n = self.table.count(flt)
+        offset = int(offset_draw * (n // 50)) * 50 if n else 0
+        return len(self.table.page(flt, sort_by, descending, 50, offset))
+
+    def table_page_duckdb(self, flt, sort_by: str, descending: bool, offset_draw: float = 0.0, sae: str = "base_sae") -> int:
+        """The same page by DuckDB over the parquet file (store.count_features + store.features_page)."""
         n = store.count_features(self.con.cursor(), self.dir, sae, flt)
-        offset = int(self.rng.integers(0, max(1, n // 50))) * 50 if n else 0
+        offset = int(offset_draw * (n // 50)) * 50 if n else 0
         page = store.features_page(self.con.cursor(), self.dir, sae, flt, sort_by, descending, 50, offset)
         return len(page)
 
@@ -191,8 +213,9 @@ def pct(xs: list[float], q: float) -> float:
 
 def measure(benches: dict[str, Bench], n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    times = {k: {"feature_page": [], "table_page": []} for k in benches}
-    cpu = {k: {"feature_page": [], "table_page": []} for k in benches}
+    kinds = ("feature_page", "table_page", "table_page_duckdb")
+    times = {k: {w: [] for w in kinds} for k in benches}
+    cpu = {k: {w: [] for w in kinds} for k in benches}
     rows = {k: [] for k in benches}
     loads = []
     # warm-up (untimed) and the cold first feature page
@@ -201,7 +224,8 @@ def measure(benches: dict[str, Bench], n: int, seed: int) -> dict:
         t0 = time.perf_counter()
         b.feature_page(0)
         cold[k] = (time.perf_counter() - t0) * 1000
-        b.table_page(FILTERS[0][1], "feature_id", False)
+        b.table_page(FILTERS[0][1], "feature_id", False, 0.0)
+        b.table_page_duckdb(FILTERS[0][1], "feature_id", False, 0.0)
     for i in range(n):
         if i % 20 == 0:
             loads.append(os.getloadavg()[0])
@@ -212,16 +236,18 @@ def measure(benches: dict[str, Bench], n: int, seed: int) -> dict:
             times[k]["feature_page"].append((time.perf_counter() - t0) * 1000)
             cpu[k]["feature_page"].append((time.process_time() - c0) * 1000)
             name, flt = FILTERS[int(rng.integers(0, len(FILTERS)))]
-            sort_by, desc = SORTS[int(rng.integers(0, len(SORTS)))], bool(rng.integers(0, 2))
-            t0, c0 = time.perf_counter(), time.process_time()
-            b.table_page(flt, sort_by, desc)
-            times[k]["table_page"].append((time.perf_counter() - t0) * 1000)
-            cpu[k]["table_page"].append((time.process_time() - c0) * 1000)
+            sort_by, desc, draw = SORTS[int(rng.integers(0, len(SORTS)))], bool(rng.integers(0, 2)), float(rng.random())
+            for what in ("table_page", "table_page_duckdb"):
+                t0, c0 = time.perf_counter(), time.process_time()
+                getattr(b, what)(flt, sort_by, desc, draw)
+                times[k][what].append((time.perf_counter() - t0) * 1000)
+                cpu[k][what].append((time.process_time() - c0) * 1000)
     out = {}
     for k, b in benches.items():
         out[k] = {"run_dir": str(b.dir), "d_sae": b.d_sae, "examples_index_build_ms": b.index_seconds * 1000, "index_row_groups": len(b.index.fid_min),
+                  "feature_table_open_ms": b.table_open_seconds * 1000, "feature_table_warm_ms": b.table_warm_seconds * 1000, "feature_table_mbytes": b.table.table.nbytes / 1e6,
                   "cold_first_feature_page_ms": cold[k], "mean_example_rows_per_feature": float(np.mean(rows[k]))}
-        for what in ("feature_page", "table_page"):
+        for what in kinds:
             xs = times[k][what]
             cs = cpu[k][what]
             out[k][what] = {"n": len(xs), "p50_ms": pct(xs, 50), "p95_ms": pct(xs, 95), "max_ms": max(xs), "mean_ms": statistics.fmean(xs),
@@ -272,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_1min_during": res["loadavg_1min_during"],
         "runs": {},
     }
-    print(f"{'run':<22} {'features':>9} {'page p50':>9} {'page p95':>9} {'(cpu p95)':>9} {'table p50':>10} {'table p95':>10} {'(cpu p95)':>9} {'B/feat/model':>13}  goal (wall p95)")
+    print(f"{'run':<22} {'features':>9} {'page p50':>9} {'page p95':>9} {'(cpu p95)':>9} {'table p50':>10} {'table p95':>10} {'(cpu p95)':>9} {'duckdb p95':>10} {'B/feat/model':>13}  goal (wall p95)")
     for k, path in runs.items():
         r = res["per_run"][k]
         r["disk"] = disk_bytes(path)
@@ -286,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         r["disk"]["representative"] = bytes_repr
         result["runs"][k] = r
         fp, tp = r["feature_page"], r["table_page"]
-        print(f"{k:<22} {n:>9} {fp['p50_ms']:>8.1f}m {fp['p95_ms']:>8.1f}m {fp['cpu_p95_ms']:>8.1f}m {tp['p50_ms']:>9.1f}m {tp['p95_ms']:>9.1f}m {tp['cpu_p95_ms']:>8.1f}m "
+        print(f"{k:<22} {n:>9} {fp['p50_ms']:>8.1f}m {fp['p95_ms']:>8.1f}m {fp['cpu_p95_ms']:>8.1f}m {tp['p50_ms']:>9.1f}m {tp['p95_ms']:>9.1f}m {tp['cpu_p95_ms']:>8.1f}m {r['table_page_duckdb']['p95_ms']:>9.1f}m "
               f"{r['disk']['bytes_per_feature_per_model']:>12.0f}{'' if bytes_repr else '*'}  {'' if goal is None else ('met' if goal['met'] else 'MISSED')}", flush=True)
     print(f"load average during: {res['loadavg_1min_during']}  (* reduced examples: bytes not representative)")
     if not a.smoke or a.out != DEFAULT_OUT:

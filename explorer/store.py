@@ -272,8 +272,205 @@ def features_page(
     sql = f"SELECT feature_id FROM read_parquet(?) WHERE {where} ORDER BY {_order(sort_by, descending)} LIMIT ? OFFSET ?"
     ids = [int(r[0]) for r in con.execute(sql, [_path(run_dir, FEATURES_FILE), *params, max(0, int(limit)), max(0, int(offset))]).fetchall()]
     if not ids:
-        return _df(con, f"SELECT {', '.join(cols)} FROM read_parquet(?) LIMIT 0", [_path(run_dir, FEATURES_FILE)])
+        return _empty_features(cols)
     return features_by_ids(con, run_dir, sae, ids, cols)[cols]
+
+
+class FeatureTable:
+    """The features table of one SAE in memory: counts and pages filters without a scan on disk.
+
+    What the features-table page runs on. Holds the table columns (TABLE_COLUMNS; statuses as
+    dictionary codes) of one SAE, about 140 MB at 1M features, read once per run. Answers
+    exactly what `count_features` / `features_page` answer in DuckDB (same filters, NaN as
+    missing, NULLS LAST, ties by feature_id; tests compare the two on every filter/sort), but
+    from numpy: a filter is a boolean mask (the last few are kept, so paging through one filter
+    evaluates it once), a sort is an argsort computed on the first use of (column, direction)
+    and kept. B4 at 1M features: DuckDB's count + page p95 was 336 ms on an idle machine.
+    Thread-safe: the app shares one per (run, SAE) between sessions.
+    """
+
+    MAX_MASKS = 16
+
+    def __init__(self, table: pa.Table):
+        import threading
+
+        self._lock = threading.Lock()
+        self.table = table
+        self.n = table.num_rows
+        self.feature_id = table.column("feature_id").to_numpy().astype(np.int64)
+        if self.n and np.any(np.diff(self.feature_id) < 0):  # keep rows in feature_id order: stable sorts then break ties by id
+            self.table = table = table.take(pa.array(np.argsort(self.feature_id, kind="stable")))
+            self.feature_id = table.column("feature_id").to_numpy().astype(np.int64)
+        self._codes: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for col in ("status_base", "status_finetuned", "cross_class"):
+            d = table.column(col).combine_chunks().dictionary_encode()
+            codes = pc.fill_null(d.indices, -1).to_numpy().astype(np.int64)  # -1: NULL
+            self._codes[col] = (codes, d.dictionary.to_pylist())
+        self._lower_tokens = None
+        self._floats: dict[str, np.ndarray] = {}
+        self._orders: dict[tuple[str, bool], np.ndarray] = {}
+        self._masks: dict[FeatureFilter, np.ndarray | None] = {}
+
+    @classmethod
+    def open(cls, run_dir: Path | str, sae: str) -> "FeatureTable":
+        """Read one SAE's table columns (row groups of other SAEs are skipped by their statistics)."""
+        cols = [c for c in TABLE_COLUMNS if c in _FEATURE_COLUMNS]
+        t = pq.read_table(_path(run_dir, FEATURES_FILE), columns=[*cols, "sae"], filters=[("sae", "=", sae)])
+        return cls(t.select(cols))
+
+    # -- columns as float64 numpy with NaN for missing (NULL or NaN)
+    def _float(self, col: str) -> np.ndarray:
+        v = self._floats.get(col)
+        if v is None:
+            c = self.table.column(col)
+            v = c.to_numpy().astype(np.float64) if c.null_count == 0 else pc.fill_null(pc.cast(c, pa.float64()), float("nan")).to_numpy()
+            self._floats[col] = v
+        return v
+
+    def _key(self, col: str) -> np.ndarray:
+        """A float64 sort key of `col`; NaN where the value is missing."""
+        if col in self._codes:  # strings sort by their bytes, as in DuckDB
+            codes, words = self._codes[col]
+            rank = np.argsort(np.argsort(np.array([w.encode() for w in words], dtype=object), kind="stable"), kind="stable")
+            return np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(words) else 0, np.nan).astype(np.float64)
+        return self._float(col)
+
+    def order(self, sort_by: str, descending: bool) -> np.ndarray:
+        """Row positions sorted by `sort_by` (NaN/NULL last in either direction, ties by feature_id)."""
+        _order(sort_by, descending)  # validates the column name
+        k = (sort_by, bool(descending))
+        o = self._orders.get(k)
+        if o is None:
+            asc, desc = self._sort_both(sort_by)
+            with self._lock:
+                self._orders[(sort_by, False)], self._orders[(sort_by, True)] = asc, desc
+            o = desc if descending else asc
+        return o
+
+    def _sort_both(self, col: str) -> tuple[np.ndarray, np.ndarray]:
+        """Ascending and descending row orders of `col` from one stable sort.
+
+        Rows are in feature_id order, so a stable sort breaks ties by id. The descending order
+        is the ascending one reversed with each run of equal values put back in id order:
+        the element at sorted position j of a run [s, e) goes to (m - e) + (j - s).
+        """
+        key = self._key(col)
+        missing = np.isnan(key)
+        present = np.flatnonzero(~missing)
+        vals = key[present]
+        o = present[np.argsort(vals, kind="stable")]  # -0.0 and 0.0 compare equal, as in DuckDB
+        m = len(o)
+        ks = key[o]
+        start = np.ones(m, dtype=bool)
+        start[1:] = ks[1:] != ks[:-1]
+        starts = np.flatnonzero(start)
+        group = np.cumsum(start) - 1
+        ends = np.append(starts[1:], m)
+        j = np.arange(m)
+        desc = np.empty(m, dtype=np.int64)
+        desc[(m - ends[group]) + (j - starts[group])] = o
+        tail = np.flatnonzero(missing)  # NULL/NaN last in either direction, by id
+        return np.concatenate([o, tail]).astype(np.int64), np.concatenate([desc, tail])
+
+    def warm(self, columns: Sequence[str] = SORTABLE) -> None:
+        """Build the sort orders of `columns` and the lowered search text now (the app runs this
+        in a background thread after loading, so the first sort or search does not pay it)."""
+        for c in columns:
+            self.order(c, False)
+        self._tokens_lower()
+
+    def _tokens_lower(self) -> pa.Array:
+        if self._lower_tokens is None:
+            low = pc.utf8_lower(pc.fill_null(self.table.column("top_tokens").combine_chunks(), ""))
+            with self._lock:
+                self._lower_tokens = low
+        return self._lower_tokens
+
+    def mask(self, flt: FeatureFilter) -> np.ndarray | None:
+        """Boolean mask of the rows `flt` keeps (None: every row)."""
+        with self._lock:
+            if flt in self._masks:
+                m = self._masks.pop(flt)
+                self._masks[flt] = m  # most recently used last
+                return m
+        m = self._compute_mask(flt)
+        with self._lock:
+            self._masks[flt] = m
+            while len(self._masks) > self.MAX_MASKS:
+                self._masks.pop(next(iter(self._masks)))
+        return m
+
+    def _compute_mask(self, flt: FeatureFilter) -> np.ndarray | None:
+        if flt.density_model not in schema.MODELS:
+            raise ValueError(f"density_model must be one of {schema.MODELS}")
+        m = None
+
+        def _and(x):
+            nonlocal m
+            m = x if m is None else (m & x)
+
+        for col, values, allowed in (
+            ("status_base", flt.status_base, schema.STATUSES),
+            ("status_finetuned", flt.status_finetuned, schema.STATUSES),
+            ("cross_class", flt.cross_class, schema.CROSS_CLASSES),
+        ):
+            if values:
+                codes, words = self._codes[col]
+                want = [i for i, w in enumerate(words) if w in set(values) & set(allowed)]
+                _and(np.isin(codes, want))
+        if flt.log_density_min is not None or flt.log_density_max is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                logd = np.log10(self._float(f"density_{flt.density_model}") + LOG_DENSITY_EPS)
+            if flt.log_density_min is not None:
+                _and(logd >= float(flt.log_density_min))
+            if flt.log_density_max is not None:
+                _and(logd <= float(flt.log_density_max))
+        sim = self._float("act_similarity")
+        missing = np.isnan(sim)
+        if flt.similarity_min is not None or flt.similarity_max is not None:
+            ok = ~missing
+            if flt.similarity_min is not None:
+                ok &= sim >= float(flt.similarity_min)
+            if flt.similarity_max is not None:
+                ok &= sim <= float(flt.similarity_max)
+            _and(ok | missing if flt.include_nan_similarity else ok)
+        elif not flt.include_nan_similarity:
+            _and(~missing)
+        if flt.search.strip():
+            needle = pc.utf8_lower(pa.scalar(flt.search.strip())).as_py()
+            _and(pc.match_substring(self._tokens_lower(), needle).to_numpy(zero_copy_only=False).astype(bool))
+        return m
+
+    def count(self, flt: FeatureFilter = FeatureFilter()) -> int:
+        m = self.mask(flt)
+        return self.n if m is None else int(np.count_nonzero(m))
+
+    def page_rows(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False, limit: int = 50, offset: int = 0) -> np.ndarray:
+        """Row positions of one page of the filtered, sorted table."""
+        o = self.order(sort_by, descending)
+        m = self.mask(flt)
+        lo, hi = max(0, int(offset)), max(0, int(offset)) + max(0, int(limit))
+        if m is None:
+            return o[lo:hi]
+        return o[np.flatnonzero(m[o])[lo:hi]]
+
+    def page(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False, limit: int = 50, offset: int = 0,
+             columns: Sequence[str] = TABLE_COLUMNS) -> pd.DataFrame:
+        """One page as `features_page` returns it."""
+        cols = [c for c in columns if c in _FEATURE_COLUMNS and c in self.table.column_names]
+        rows = self.page_rows(flt, sort_by, descending, limit, offset)
+        if len(rows) == 0:
+            return _empty_features(cols)
+        return self.table.select(cols).take(pa.array(rows, pa.int64())).to_pandas()
+
+    def ids(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> np.ndarray:
+        """Every matching feature id, in order."""
+        return self.feature_id[self.page_rows(flt, sort_by, descending, self.n, 0)]
+
+
+def _empty_features(columns: Sequence[str]) -> pd.DataFrame:
+    """No rows, with the dtypes a page with rows has."""
+    return pa.schema([schema.FEATURES.field(c) for c in columns]).empty_table().to_pandas()
 
 
 def features_csv(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:

@@ -1,5 +1,6 @@
-"""Features: every feature of one SAE, filtered, sorted and paged in DuckDB (one page of rows
-reaches the browser). Selecting a row opens its feature page."""
+"""Features: every feature of one SAE, filtered, sorted and paged in memory (store.FeatureTable,
+loaded once per run and SAE; one page of rows reaches the browser). Selecting a row opens its
+feature page."""
 
 import streamlit as st
 

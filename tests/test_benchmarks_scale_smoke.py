@@ -68,7 +68,7 @@ def test_b4_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["runs"]) == {"synthetic-300", "synthetic-600"}
     for name, r in res["runs"].items():
-        for what in ("feature_page", "table_page"):
+        for what in ("feature_page", "table_page", "table_page_duckdb"):
             assert r[what]["n"] == 20
             assert 0 < r[what]["p50_ms"] <= r[what]["p95_ms"] <= r[what]["max_ms"]
         d = r["disk"]
@@ -93,7 +93,10 @@ def test_b4_feature_page_fetches_what_the_page_shows(tmp_path):
     for fid in (0, 7, 49):
         want = int(((ex.sae == "base_sae") & (ex.feature_id == fid)).sum())
         assert bench.feature_page(fid) == want
-    assert bench.table_page(b4.FILTERS[1][1], "act_similarity", True) <= 50
+    for draw in (0.0, 0.5, 0.99):
+        n = bench.table_page(b4.FILTERS[1][1], "act_similarity", True, draw)
+        assert 0 < n <= 50
+        assert bench.table_page_duckdb(b4.FILTERS[1][1], "act_similarity", True, draw) == n
 
 
 @pytest.mark.browser

@@ -57,14 +57,30 @@ def born_lost_counts(run: Run, threshold: float) -> dict[str, int]:
     return store.born_lost_counts(_cur(run), run.dir, threshold)
 
 
+@st.cache_resource(show_spinner="Loading the features table…", max_entries=8)
+def _feature_table(path: str, token: tuple[int, int], sae: str) -> store.FeatureTable:
+    import threading
+
+    table = store.FeatureTable.open(path, sae)
+    # sort orders and search text are built in the background (about 1.5 s at 1M features), so
+    # the first sort by a column does not pay for it; until then a page builds what it needs
+    threading.Thread(target=table.warm, name=f"warm-{sae}", daemon=True).start()
+    return table
+
+
+def feature_table(run: Run, sae: str) -> store.FeatureTable:
+    """One SAE's features table in memory (filters and sorts without a scan; B4)."""
+    return _feature_table(run.path, run.token, sae)
+
+
 @_cache(max_entries=512)
 def features_page(run: Run, sae: str, flt: store.FeatureFilter, sort_by: str, descending: bool, limit: int, offset: int) -> pd.DataFrame:
-    return store.features_page(_cur(run), run.dir, sae, flt, sort_by, descending, limit, offset)
+    return feature_table(run, sae).page(flt, sort_by, descending, limit, offset)
 
 
 @_cache(max_entries=256)
 def count_features(run: Run, sae: str, flt: store.FeatureFilter) -> int:
-    return store.count_features(_cur(run), run.dir, sae, flt)
+    return feature_table(run, sae).count(flt)
 
 
 @_cache(max_entries=4)
