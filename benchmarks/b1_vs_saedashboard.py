@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -51,7 +50,9 @@ RUNNER = BENCH / "_saedashboard_runner.py"
 DEFAULT_OUT = BENCH / "results" / "b1.json"
 if str(REPO) not in sys.path:  # run as a script: make `explorer` importable
     sys.path.insert(0, str(REPO))
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+from benchmarks import _common  # noqa: E402
+CHILD_ENV = _common.CHILD_ENV
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,25 +277,9 @@ def git_state() -> dict:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch_main_env": torch.__version__,
-        "torch_threads_main_env": torch.get_num_threads(),
-        "loadavg_at_start": os.getloadavg(),
-    }
+    return {**_common.machine(), "torch_main_env": torch.__version__, "torch_threads_main_env": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
 
 
 def summarize(reps: list[dict], tools: list[str]) -> dict:

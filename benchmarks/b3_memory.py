@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -33,46 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "_work" / "b3"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "b3.json"
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+if str(REPO) not in sys.path:  # run as a script: make the repository importable
+    sys.path.insert(0, str(REPO))
 
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "nproc": os.cpu_count(), "mem_total_bytes": mem, "python": platform.python_version()}
-
-
-def corpus_info(demo: Path) -> tuple[int, int]:
-    """(rows, context) of the demo eval corpus."""
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(demo / "eval_corpus.parquet", columns=["token_ids"])
-    lengths = {len(r) for r in t.column("token_ids").to_pylist()}
-    if len(lengths) != 1:
-        raise SystemExit(f"eval corpus rows have different lengths {sorted(lengths)[:5]}")
-    return t.num_rows, lengths.pop()
-
-
-def write_config(path: Path, run_id: str, demo: Path, n_tokens: int, context: int) -> None:
-    """configs/demo.toml with absolute demo paths, our run_id, n_tokens and context_size."""
-    text = (REPO / "configs" / "demo.toml").read_text()
-    text = re.sub(r'(?m)^run_id\s*=.*$', f"run_id = {json.dumps(run_id)}", text)
-    text = re.sub(r'(?m)^path\s*=\s*"data/demo/([^"]*)"', lambda m: f"path = {json.dumps(str(demo / m.group(1)))}", text)
-    text = re.sub(r"(?m)^n_tokens\s*=\s*\d+", f"n_tokens = {n_tokens}", text)
-    text = re.sub(r"(?m)^context_size\s*=\s*\d+", f"context_size = {context}", text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config  # noqa: E402
 
 
 def run_once(cfg: Path, runs_dir: Path, log: Path, threads: int | None) -> dict:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -58,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make `explorer` importable
     sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine  # noqa: E402
 from explorer import schema, store  # noqa: E402
 from explorer.rundir import open_run  # noqa: E402
 from explorer.synthetic import make_run  # noqa: E402
@@ -76,18 +76,6 @@ FILTERS = (
     ("search 'def'", store.FeatureFilter(search="def")),
 )
 SORTS = ("feature_id", "density_base", "act_similarity", "max_act_finetuned", "act_error", "match_score")
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version()}
 
 
 def gen_settings(n: int, full_max: int, large_n_top: int, one_sae: bool = False) -> dict:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         f"steer ({args.new} new tokens, steered + unsteered, 2 models)": lambda: steer(pair, prompt, sae="base_sae", feature_id=0, coef=4.0, n_new_tokens=args.new),
     }
     cfg = pair.base.cfg
-    print(f"# Live probe latency (B5)\n")
+    print("# Live probe latency (B5)\n")
     print(f"demo: {demo} (d_model {cfg.d_model}, {cfg.n_layers} layers, n_ctx {cfg.n_ctx}, d_vocab {cfg.d_vocab}; "
           f"SAEs {', '.join(f'{k} d_sae={int(v.cfg.d_sae)}' for k, v in pair.saes.items())})")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; pair loaded in {load_s:.1f} s; "

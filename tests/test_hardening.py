@@ -36,6 +36,7 @@ from explorer import rundir, schema
 from explorer.errors import ExplorerError, RunError
 from explorer.synthetic import make_run
 from precompute.__main__ import main as cli
+from tests.bad_artifacts import write_narrow_sae, write_renumbered_tokenizer_model
 from tests.test_precompute import tiny_config_text, write_tiny_corpus
 
 pytestmark = pytest.mark.slow
@@ -84,21 +85,8 @@ def world(tiny_demo, tmp_path_factory):
     w["embed.W_E"][tok] = float("nan")
     save_file(w, str(nan_pair / "base" / "model.safetensors"))
     # an SAE whose d_in is not the width; a finetune with a differently numbered tokenizer
-    from sae_lens import SAE
-
-    sae = SAE.load_from_disk(str(tiny_demo / "saes" / "base_sae"))
-    c = sae.cfg.to_dict()
-    c["d_in"] = 16
-    type(sae)(type(sae.cfg).from_dict(c)).save_model(str(d / "narrow_sae"))
-    other = d / "other_tok"
-    shutil.copytree(tiny_demo / "finetuned", other)
-    tj = other / "tokenizer" / "tokenizer.json"
-    data = json.loads(tj.read_text())
-    vocab = data["model"]["vocab"]
-    ids = sorted(v for v in vocab.values() if v != 0)
-    shifted = {old: ids[(i + 7) % len(ids)] for i, old in enumerate(ids)}
-    data["model"]["vocab"] = {k: (v if v == 0 else shifted[v]) for k, v in vocab.items()}
-    tj.write_text(json.dumps(data))
+    write_narrow_sae(tiny_demo, d / "narrow_sae")
+    other = write_renumbered_tokenizer_model(tiny_demo, d / "other_tok")
 
     runs = d / "runs"
     good_models = {m: {"path": str(tiny_demo / m)} for m in ("base", "finetuned")}
@@ -150,7 +138,6 @@ PROMPTS = {
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_prompt_classes_in_the_library(world, case):
     from explorer import probe as P
-    from explorer.models import ModelSpec, SAESpec, load_pair
 
     pair = _pair(world["demo"])
     text, expect = PROMPTS[case]

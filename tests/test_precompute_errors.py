@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +13,7 @@ import pytest
 from explorer import schema
 from precompute.__main__ import main
 from precompute.config import RunConfig
+from tests.bad_artifacts import write_narrow_sae, write_renumbered_tokenizer_model
 from tests.test_precompute import CTX, tiny_config_text, write_tiny_corpus
 
 
@@ -22,22 +22,9 @@ def setup(tiny_demo, tmp_path_factory):
     d = tmp_path_factory.mktemp("errors")
     corpus = write_tiny_corpus(tiny_demo, d / "corpus.parquet", n_seq=40)
     # an SAE whose d_in (16) is not the models' width (32)
-    from sae_lens import SAE
-
-    sae = SAE.load_from_disk(str(tiny_demo / "saes" / "base_sae"))
-    cfg = sae.cfg.to_dict()
-    cfg["d_in"] = 16
-    type(sae)(type(sae.cfg).from_dict(cfg)).save_model(str(d / "narrow_sae"))
+    write_narrow_sae(tiny_demo, d / "narrow_sae")
     # a finetune whose tokenizer numbers the same strings differently
-    other = d / "other_tokenizer_model"
-    shutil.copytree(tiny_demo / "finetuned", other)
-    tj = other / "tokenizer" / "tokenizer.json"
-    data = json.loads(tj.read_text())
-    vocab = data["model"]["vocab"]
-    ids = sorted(v for v in vocab.values() if v != 0)
-    shifted = {old: ids[(i + 7) % len(ids)] for i, old in enumerate(ids)}
-    data["model"]["vocab"] = {k: (v if v == 0 else shifted[v]) for k, v in vocab.items()}
-    tj.write_text(json.dumps(data))
+    other = write_renumbered_tokenizer_model(tiny_demo, d / "other_tokenizer_model")
     # corpora: empty, and with ids beyond the vocabulary
     empty = d / "empty.parquet"
     pq.write_table(pa.table({"token_ids": pa.array([], pa.list_(pa.int32()))}), empty)
@@ -138,7 +125,7 @@ def test_config_round_trips_and_rejects_bad_values(setup):
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             RunConfig.from_dict(bad)
     # an absolute outlier norm replaces the default factor
-    t = _toml(_base(setup).replace(f"outlier_norm_factor = ", "outlier_norm = "))
+    t = _toml(_base(setup).replace("outlier_norm_factor = ", "outlier_norm = "))
     c = RunConfig.from_dict(t)
     assert c.thresholds.outlier_norm_factor is None and c.thresholds.outlier_norm is not None
     assert RunConfig.from_dict(c.to_dict()) == c
