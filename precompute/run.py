@@ -246,6 +246,60 @@ class ModelRunner:
         return store["x"]
 
 
+class SaeCodec:
+    """One SAE's encode, as the sparse positive entries, and its decode, for the stream.
+
+    `encode_decode(x_flat)` returns (token row, feature, value, x_hat) with the entries in
+    row-major (token, feature) order: the positive entries of `sae.encode(x)` and
+    `sae.decode(sae.encode(x))`. Fast path for plain ReLU and JumpReLU SAEs (SAELens's
+    StandardSAE / JumpReLUSAE with no activation normalization, no hook_z reshaping and no hooks
+    attached): the pre-activations are computed with the same torch ops as `encode` (so the
+    activations are bitwise those of `sae.encode`), the positive entries are read off
+    `hidden_pre > max(threshold, 0)` (JumpReLU's relu(h) * (h > threshold) is positive exactly
+    there, and equals h), and the decode sums only the active decoder rows (`embedding_bag`;
+    equal to the dense `acts @ W_dec + b_dec` up to float32 summation order). That skips four
+    elementwise passes over the dense [tokens, d_sae] activations and the dense decode matmul
+    (B2, benchmarks/RESULTS.md). Any other SAE goes through `sae.encode` / `sae.decode`."""
+
+    def __init__(self, sae):
+        import torch
+        from sae_lens.saes.jumprelu_sae import JumpReLUSAE
+        from sae_lens.saes.standard_sae import StandardSAE
+
+        self.sae = sae
+        kind = type(sae)
+        self.fast = (
+            kind in (JumpReLUSAE, StandardSAE)
+            and isinstance(getattr(sae, "activation_fn", None), torch.nn.ReLU)
+            and getattr(sae.cfg, "normalize_activations", "none") == "none"
+            and not getattr(sae, "hook_z_reshaping_mode", False)
+            and all(not m._forward_hooks and not m._forward_pre_hooks for m in sae.modules())
+        )
+        self.jumprelu = kind is JumpReLUSAE
+
+    def encode_decode(self, x_flat):
+        import torch
+
+        sae = self.sae
+        n_tok = x_flat.shape[0]
+        if not self.fast:
+            acts = sae.encode(x_flat)
+            x_hat = sae.decode(acts).to(x_flat.dtype)
+            nz = torch.nonzero(acts > 0)  # row-major: sorted by (token, feature)
+            t, f = nz[:, 0], nz[:, 1]
+            return t, f, acts[t, f], x_hat
+        sae_in = x_flat.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input  # SAE.process_sae_in
+        hidden_pre = sae_in @ sae.W_enc + sae.b_enc
+        positive = hidden_pre > sae.threshold.clamp_min(0) if self.jumprelu else hidden_pre > 0
+        nz = torch.nonzero(positive)  # row-major: sorted by (token, feature)
+        t, f = nz[:, 0], nz[:, 1]
+        vals = hidden_pre[t, f]
+        counts = torch.bincount(t, minlength=n_tok)
+        offsets = torch.cumsum(counts, 0) - counts
+        x_hat = torch.nn.functional.embedding_bag(f, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec
+        return t, f, vals, x_hat.to(x_flat.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Calibration
 
@@ -349,7 +403,7 @@ class PassState:
 def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int) -> None:
     import torch
 
-    saes = prep.pair.saes
+    codecs = {s: SaeCodec(prep.pair.saes[s]) for s in state.sae_names}
     seq_ids = prep.batch_seq_ids(b)
     tok_np = prep.sample.tokens[seq_ids]
     n_b, ctx = tok_np.shape
@@ -372,24 +426,21 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
             clean_np, zero_np = clean_loss.cpu().numpy(), zero_loss.cpu().numpy()
             x_flat = x.reshape(n_b * ctx, -1)
             for s in state.sae_names:
-                sae = saes[s]
-                acts = sae.encode(x)  # [B, C, d_sae]
-                x_hat = sae.decode(acts).to(x.dtype)
+                t, f, vals, x_hat_flat = codecs[s].encode_decode(x_flat)
+                x_hat = x_hat_flat.reshape(x.shape)
                 spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).cpu().numpy()
                 if any_outlier:
                     keep = torch.from_numpy(counted & ~outlier).to(prep.device)[..., None]
                     spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).cpu().numpy()
                 else:
                     spliced_ex = spliced
-                a = acts.reshape(n_b * ctx, -1)
-                nz = torch.nonzero(a > 0)  # row-major: sorted by (token, feature)
-                vals = a[nz[:, 0], nz[:, 1]].cpu().numpy().astype(np.float32)
-                t, f = nz[:, 0].cpu().numpy(), nz[:, 1].cpu().numpy().astype(np.int64)
+                vals = vals.cpu().numpy().astype(np.float32)
+                t, f = t.cpu().numpy(), f.cpu().numpy().astype(np.int64)
                 l0 = np.bincount(t, minlength=n_b * ctx)  # active features per token
                 keep = counted_flat[t]  # special tokens do not count
                 t, f, vals = t[keep], f[keep], vals[keep]
                 state.quality[(s, m)].update(
-                    x_flat.cpu().numpy(), x_hat.reshape(n_b * ctx, -1).cpu().numpy(), l0, counted, outlier,
+                    x_flat.cpu().numpy(), x_hat_flat.cpu().numpy(), l0, counted, outlier,
                     {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)},
                 )
                 sa = SparseActs(gidx[t], f, vals, n_counted)
