@@ -144,8 +144,8 @@ class Session:
         await page.get_by_text("features match").or_(page.get_by_text("No feature matches")).first.wait_for(timeout=self.timeout_ms)
 
     async def _probe(self, page) -> None:
-        if "/probe" not in page.url:
-            await page.goto(f"{self.url}/probe?run={self.run_id}", wait_until="domcontentloaded", timeout=self.timeout_ms)
+        if "/live_probe" not in page.url:
+            await page.goto(f"{self.url}/live_probe?run={self.run_id}", wait_until="domcontentloaded", timeout=self.timeout_ms)
             await wait_idle(page, self.timeout_ms)
         prompt = f"{self.rng.choice(PROMPTS)} {self.rng.randrange(10**6)}"  # fresh: never a cache hit
         await page.locator('[data-testid="stTextArea"] textarea').fill(prompt, timeout=self.timeout_ms)
@@ -180,7 +180,7 @@ async def drive(url: str, args, run_id: str, d_sae: dict[str, int]) -> tuple[lis
             page = await ctx.new_page()
             await page.goto(f"{url}/?run={run_id}", wait_until="domcontentloaded")
             await wait_idle(page, 300_000)
-            await page.goto(f"{url}/probe?run={run_id}", wait_until="domcontentloaded")
+            await page.goto(f"{url}/live_probe?run={run_id}", wait_until="domcontentloaded")
             await wait_idle(page, 300_000)
             await page.locator('[data-probe="feature-acts"]').first.wait_for(timeout=300_000)
             await ctx.close()

@@ -26,7 +26,7 @@ def pages(run: str, sae: str, feature: int) -> dict[str, str]:
         "feature": f"/feature?run={run}&sae={sae}&feature={feature}",
         "dead_born": f"/dead-born?run={run}",
         "similarity": f"/similarity?run={run}&sae={sae}",
-        "live_probe": f"/probe?run={run}",
+        "live_probe": f"/live_probe?run={run}",
     }
 
 

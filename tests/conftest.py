@@ -40,3 +40,26 @@ def shipped_demo() -> Path:
     if not (path / "REPORT.json").exists():
         pytest.fail("data/demo is missing: the demo pair ships with the repository")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _served_apps_pages_mode(monkeypatch):
+    """AppTests run the app as a served app runs after its first request: out of Streamlit's
+    pages/-directory mode.
+
+    Streamlit enters that mode when `pages/` exists, until st.navigation leaves it; a served app
+    leaves it once, on its first request (webapp.state._leave_pages_dir_mode, by a rerun; that
+    first request is tested in Chromium, tests/test_browser.py). AppTest resets the mode before
+    every run, so every AppTest run would pay that rerun, which drops a pressed form button:
+    a page whose url path equals its file's page name (6_live_probe.py at /live_probe) then
+    never sees its Steer button pressed.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    init = PagesManager.__init__
+
+    def __init__(self, *a, **kw):
+        init(self, *a, **kw)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", __init__)

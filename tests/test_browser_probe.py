@@ -55,7 +55,7 @@ def test_live_probe_and_steering_in_chromium(page, probe_app_url):  # noqa: F811
     # probe page's url path differs (see webapp.state._leave_pages_dir_mode): open the app first.
     page.goto(probe_app_url + "/?run=probe", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
-    page.goto(probe_app_url + "/probe?run=probe", wait_until="domcontentloaded")
+    page.goto(probe_app_url + "/live_probe?run=probe", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
     assert page.get_by_text("Page not found").count() == 0
     page.get_by_role("heading", name="Live probe").wait_for(timeout=60_000)
@@ -97,7 +97,7 @@ def test_live_probe_deep_link_on_the_shipped_demo(page, app_url):  # noqa: F811
     """The shipped demo run: ?feature= picks the feature, the default prompt is probed, steering runs."""
     page.goto(app_url + "/?run=demo", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
-    page.goto(app_url + "/probe?run=demo&sae=finetuned_sae&feature=7", wait_until="domcontentloaded")
+    page.goto(app_url + "/live_probe?run=demo&sae=finetuned_sae&feature=7", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
     panel = page.locator('[data-probe="feature-acts"]')
     _wait_for(page, panel, 240_000)

@@ -265,7 +265,7 @@ def test_hostile_prompt_in_the_live_probe_is_text(page, probe_app_url):  # noqa:
     page.add_init_script(PWN_PROBE)
     page.goto(probe_app_url + "/?run=probe", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
-    page.goto(probe_app_url + "/probe?run=probe", wait_until="domcontentloaded")
+    page.goto(probe_app_url + "/live_probe?run=probe", wait_until="domcontentloaded")
     wait_idle(page, timeout_ms=180_000)
     prompt = " ".join(HOSTILE) + ' <a href="javascript:alert(4)">x</a>'  # the tiny pair's context (32 tokens) keeps the first two
     page.locator('[data-testid="stTextArea"] textarea').fill(prompt)
