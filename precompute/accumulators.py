@@ -245,8 +245,51 @@ class QuantileSample(_Stateful):
         keep = p < self.priority[f, self.size - 1]
         if not keep.any():
             return
-        s = self._entries()
-        self._select(*(np.concatenate([x, y]) for x, y in zip(s, (f[keep], p[keep], g[keep], v[keep]))))
+        self._insert(f[keep], p[keep], g[keep], v[keep])
+
+    def _insert(self, f, p, g, v) -> None:
+        """Merge new entries (none already in the sample, every p < INT64_MAX) into the sorted rows.
+
+        The same rows as `_select` of the sample and the new entries (per feature the `size`
+        smallest (priority, token)), but touching only the rows of the features that got new
+        entries: each row is kept sorted, the new entries are sorted, and a merge by ranks puts
+        each where it belongs (B2: the full lexsort of every kept entry per batch was the stream's
+        largest accumulator cost)."""
+        size = self.size
+        order = np.lexsort((g, p, f))  # feature asc, priority asc, token asc
+        f, p, g, v = f[order], p[order], g[order], v[order]
+        n = len(f)
+        starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # first new entry of each feature
+        rows = f[starts]
+        row_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
+        rank_new = np.arange(n) - starts[row_of]  # rank among the feature's new entries
+        # rank among the feature's current entries: how many (P, G) < (p, g) (binary search per row;
+        # empty slots have P = INT64_MAX > p, so they come after every new entry)
+        P, G = self.priority.reshape(-1), self.token.reshape(-1)
+        base = f * size
+        lo, hi = np.zeros(n, np.int64), np.full(n, size, np.int64)
+        while True:
+            active = lo < hi
+            if not active.any():
+                break
+            mid = (lo + hi) // 2
+            idx = base + np.minimum(mid, size - 1)
+            pm, gm = P[idx], G[idx]
+            less = active & ((pm < p) | ((pm == p) & (gm < g)))
+            lo = np.where(less, mid + 1, lo)
+            hi = np.where(active & ~less, mid, hi)
+        pos = lo + rank_new  # slot in the merged row
+        ok = pos < size
+        r_ok, pos_ok = row_of[ok], pos[ok]
+        marked = np.zeros((len(rows), size), bool)
+        marked[r_ok, pos_ok] = True
+        # unmarked slots take the row's current entries in order
+        src = np.arange(size)[None, :] - np.cumsum(marked, axis=1)
+        np.clip(src, 0, size - 1, out=src)
+        ri = rows[:, None]
+        new_p, new_g, new_v = self.priority[ri, src], self.token[ri, src], self.value[ri, src]
+        new_p[r_ok, pos_ok], new_g[r_ok, pos_ok], new_v[r_ok, pos_ok] = p[ok], g[ok], v[ok]
+        self.priority[rows], self.token[rows], self.value[rows] = new_p, new_g, new_v
 
     def merge(self, other: "QuantileSample") -> None:
         a, b = self._entries(), other._entries()
@@ -560,33 +603,52 @@ class QualityStats(_Stateful):
         outlier: np.ndarray,  # [B, C] bool
         losses: dict[str, tuple[np.ndarray, np.ndarray]],  # kind -> (loss with variant 0, loss with variant 1), each [B, C-1]
     ) -> None:
+        n_out = int((counted & outlier).sum())
         masks = (counted, counted & ~outlier)
-        self.n_outliers += int((counted & outlier).sum())
+        self.n_outliers += n_out
         x = x.astype(np.float64)
         sqerr = ((x - x_hat.astype(np.float64)) ** 2).sum(axis=1)
+        done_x, done_ce = None, {}
         for v, mask2d in enumerate(masks):
-            m = mask2d.reshape(-1)
-            xm = x[m]
-            self.n_tokens[v] += int(m.sum())
-            if xm.shape[0]:
-                self.sum_l0[v] += float(l0[m].sum())
-                self.sum_sqerr[v] += float(sqerr[m].sum())
-                var = ((xm - xm.mean(axis=0)) ** 2).sum(axis=1)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    ev = 1.0 - sqerr[m] / var
-                finite = np.isfinite(ev)
-                self.sum_ev[v] += float(ev[finite].sum())
-                self.n_ev_nonfinite[v] += int((~finite).sum())
-                self.sum_elem[v] += float(xm.sum())
-                self.sum_elem_sq[v] += float((xm * xm).sum())
-                self.n_elem[v] += xm.size
+            # Without outlier tokens both variants cover the same tokens: the sums are computed once.
+            same = v == 1 and n_out == 0
+            if same:
+                dx = done_x
+            else:
+                m = mask2d.reshape(-1)
+                xm = x[m]
+                dx = None
+                if xm.shape[0]:
+                    var = ((xm - xm.mean(axis=0)) ** 2).sum(axis=1)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        ev = 1.0 - sqerr[m] / var
+                    finite = np.isfinite(ev)
+                    dx = (float(l0[m].sum()), float(sqerr[m].sum()), float(ev[finite].sum()), int((~finite).sum()),
+                          float(xm.sum()), float((xm * xm).sum()), xm.size)
+                done_x = (int(m.sum()), dx)
+                dx = done_x
+            self.n_tokens[v] += dx[0]
+            if dx[1] is not None:
+                l0_sum, sq_sum, ev_sum, ev_bad, e_sum, e_sq, e_n = dx[1]
+                self.sum_l0[v] += l0_sum
+                self.sum_sqerr[v] += sq_sum
+                self.sum_ev[v] += ev_sum
+                self.n_ev_nonfinite[v] += ev_bad
+                self.sum_elem[v] += e_sum
+                self.sum_elem_sq[v] += e_sq
+                self.n_elem[v] += e_n
             ce_mask = mask2d[:, :-1]
             for k, kind in enumerate(CE_KINDS):
-                loss = np.asarray(losses[kind][v], np.float64)[ce_mask]
-                finite = np.isfinite(loss)
-                self.ce_sum[k, v] += float(loss[finite].sum())
-                self.ce_n[k, v] += int(finite.sum())
-                self.ce_nonfinite[k, v] += int((~finite).sum())
+                arr = losses[kind][v]
+                if same and arr is losses[kind][0]:
+                    dce = done_ce[kind]
+                else:
+                    loss = np.asarray(arr, np.float64)[ce_mask]
+                    finite = np.isfinite(loss)
+                    dce = done_ce[kind] = (float(loss[finite].sum()), int(finite.sum()), int((~finite).sum()))
+                self.ce_sum[k, v] += dce[0]
+                self.ce_n[k, v] += dce[1]
+                self.ce_nonfinite[k, v] += dce[2]
 
     def merge(self, other: "QualityStats") -> None:
         for name in self.FIELDS:

@@ -73,6 +73,7 @@ from precompute.corpus import TokenSample, check_token_ids, read_corpus, sample_
 
 MODELS = schema.MODELS
 CALIBRATION_SEQUENCES = 64
+CE_CHUNK_BYTES = 1 << 20  # logits per chunk of the loss: 64 positions of a 4096-token vocabulary
 CHECKPOINT_DIR = ".checkpoint"
 SHARDS_DIR = "shards"
 STATE_FILE = "state.safetensors"
@@ -192,6 +193,32 @@ class ModelRunner:
             and not (tok is not None and getattr(tok, "padding_side", "right") == "left")
         )
         self.stop_at = extract_stop_at_layer_from_tlens_hook_name(hook)
+        # Our own head (ln_final, unembed, log-softmax, gather) on the blocks' output: only where
+        # the hook is in the blocks and the logits are not soft-capped (TL's loss otherwise).
+        cap = getattr(model.cfg, "output_logits_soft_cap", None)
+        self.own_head = self.fast and not (cap is not None and cap > 0)
+
+    def head_loss(self, resid, tokens):
+        """Per-token loss [B, C-1] from the residual after the last block, as TransformerLens's
+        forward computes it (ln_final, the unembed as `Unembed.forward` does it, log-softmax,
+        gather of the next token), but in chunks of positions whose logits fit in cache, never
+        materialising [B, C, d_vocab], and without the last position's logits (no next token).
+        Equal to TL's `return_type="loss"` to float32 rounding (bitwise on the demo); B2."""
+        import torch
+
+        model = self.model
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        n_b, n_ctx, d = resid.shape
+        h = resid[:, :-1].reshape(-1, d)
+        target = tokens[:, 1:].reshape(-1, 1).to(h.device)
+        W_T, b_U = model.unembed.W_U.T.contiguous(), model.unembed.b_U
+        step = max(1, CE_CHUNK_BYTES // (h.element_size() * W_T.shape[0]))
+        out = []
+        for i in range(0, h.shape[0], step):
+            logits = torch.nn.functional.linear(h[i : i + step], W_T, b_U)
+            out.append(logits.log_softmax(-1).gather(-1, target[i : i + step]))
+        return -torch.cat(out).view(n_b, n_ctx - 1)
 
     def clean(self, tokens):
         """(per-token loss [B, C-1], activation at the hook [B, C, d])."""
@@ -201,11 +228,16 @@ class ModelRunner:
             store["x"] = act.detach().clone()
             return act
 
+        if self.own_head:
+            resid = self.model.run_with_hooks(tokens, stop_at_layer=self.model.cfg.n_layers, fwd_hooks=[(self.hook, grab)])
+            return self.head_loss(resid, tokens), store["x"]
         loss = self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, grab)])
         return loss, store["x"]
 
     def loss_with(self, tokens, x_new):
         """Per-token loss with the activation at the hook replaced by x_new."""
+        if self.own_head:
+            return self.head_loss(self.model(x_new, start_at_layer=self.start_layer, stop_at_layer=self.model.cfg.n_layers), tokens)
         if self.fast:
             return self.model(x_new, start_at_layer=self.start_layer, tokens=tokens, return_type="loss", loss_per_token=True)
 

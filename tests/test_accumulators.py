@@ -202,6 +202,28 @@ def test_quantile_sample_matches_naive_and_merges_exactly(tmp_path):
     np.testing.assert_array_equal(back.priority, one.priority)
 
 
+def test_quantile_insert_equals_full_reselection_with_priority_ties():
+    """`update` merges new entries into the sorted rows (only rows that got entries); it must give
+    exactly the rows of a full re-selection (`_select`), also when priorities tie (then the
+    smaller token wins) and when one batch brings more than `size` entries for a feature."""
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        d, size = int(rng.integers(1, 20)), int(rng.integers(1, 10))
+        inc, full = QuantileSample(d, size, 0), QuantileSample(d, size, 0)
+        for batch in range(4):
+            m = int(rng.integers(0, 60))
+            f = rng.integers(0, d, m).astype(np.int64)
+            p = rng.integers(0, 6 if trial % 2 else 1 << 40, m).astype(np.int64)
+            g = (rng.permutation(1000)[:m] + 1000 * batch).astype(np.int64)
+            v = rng.random(m).astype(np.float32)
+            keep = p < full.priority[f, size - 1]
+            if keep.any():
+                inc._insert(f[keep], p[keep], g[keep], v[keep])
+                full._select(*(np.concatenate([x, y]) for x, y in zip(full._entries(), (f[keep], p[keep], g[keep], v[keep]))))
+            for name in QuantileSample.FIELDS:
+                np.testing.assert_array_equal(getattr(inc, name), getattr(full, name))
+
+
 def test_quantile_bins_are_full_when_the_feature_fires_enough():
     rng = np.random.default_rng(1)
     t = 4000
@@ -378,6 +400,23 @@ def test_quality_stats_match_naive_formulas(tmp_path):
         np.testing.assert_allclose(getattr(parts[0], name), getattr(one, name), rtol=1e-12)
     back = _roundtrip(one, tmp_path, QualityStats())
     assert back.finalize() == rows
+
+
+def test_quality_stats_without_outliers_fill_both_variants_alike():
+    rng = np.random.default_rng(2)
+    acc = QualityStats()
+    x = rng.normal(0, 1, (2 * CTX, 4)).astype(np.float32)
+    counted = np.ones((2, CTX), bool)
+    counted[:, 0] = False
+    loss = rng.exponential(2, (2, CTX - 1))
+    other = rng.exponential(2, (2, CTX - 1))
+    acc.update(x, x * 0.9, rng.integers(0, 5, 2 * CTX), counted, np.zeros((2, CTX), bool),
+               {"clean": (loss, loss), "spliced": (loss, other), "zero_ablated": (loss, loss)})
+    inc, exc = acc.finalize()
+    for k in ("n_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_zero_ablated"):
+        assert inc[k] == exc[k], k
+    assert inc["ce_spliced"] == pytest.approx(loss[counted[:, :-1]].mean())
+    assert exc["ce_spliced"] == pytest.approx(other[counted[:, :-1]].mean())
 
 
 def test_ce_recovered_guard():

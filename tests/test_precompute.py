@@ -412,7 +412,7 @@ def test_start_at_layer_loss_equals_hooked_forward(ref):
     for hook in ("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
         fast = run_mod.ModelRunner(prep.pair.finetuned, hook)
         slow = run_mod.ModelRunner(prep.pair.finetuned, hook, fast=False)
-        assert fast.fast and not slow.fast
+        assert fast.fast and fast.own_head and not slow.fast and not slow.own_head
         with torch.inference_mode():
             _, x = fast.clean(tok)
             new = x + torch.randn_like(x)
