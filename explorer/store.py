@@ -315,7 +315,11 @@ class FeatureTable:
     def open(cls, run_dir: Path | str, sae: str) -> "FeatureTable":
         """Read one SAE's table columns (row groups of other SAEs are skipped by their statistics)."""
         cols = [c for c in TABLE_COLUMNS if c in _FEATURE_COLUMNS]
-        t = pq.read_table(_path(run_dir, FEATURES_FILE), columns=[*cols, "sae"], filters=[("sae", "=", sae)])
+        idx = features_index(run_dir)
+        groups = [g for g, (lo, hi) in enumerate(zip(idx.sae_min, idx.sae_max)) if lo <= sae <= hi]
+        t = pq.ParquetFile(idx.path, metadata=idx.metadata).read_row_groups(groups, columns=[*cols, "sae"])
+        if any(not (idx.sae_min[g] == idx.sae_max[g] == sae) for g in groups):  # a row group holding another SAE too
+            t = t.filter(pc.equal(t.column("sae"), sae))
         return cls(t.select(cols))
 
     # -- columns as float64 numpy with NaN for missing (NULL or NaN)
@@ -323,7 +327,7 @@ class FeatureTable:
         v = self._floats.get(col)
         if v is None:
             c = self.table.column(col)
-            v = c.to_numpy().astype(np.float64) if c.null_count == 0 else pc.fill_null(pc.cast(c, pa.float64()), float("nan")).to_numpy()
+            v = np.asarray(c.to_numpy(), dtype=np.float64) if c.null_count == 0 else pc.fill_null(pc.cast(c, pa.float64()), float("nan")).to_numpy()
             self._floats[col] = v
         return v
 
@@ -367,10 +371,11 @@ class FeatureTable:
         group = np.cumsum(start) - 1
         ends = np.append(starts[1:], m)
         j = np.arange(m)
-        desc = np.empty(m, dtype=np.int64)
+        desc = np.empty(m, dtype=o.dtype)
         desc[(m - ends[group]) + (j - starts[group])] = o
         tail = np.flatnonzero(missing)  # NULL/NaN last in either direction, by id
-        return np.concatenate([o, tail]).astype(np.int64), np.concatenate([desc, tail])
+        idx = np.int32 if self.n < 2**31 else np.int64  # 4 MB per order at 1M features
+        return np.concatenate([o, tail]).astype(idx), np.concatenate([desc, tail]).astype(idx)
 
     def warm(self, columns: Sequence[str] = SORTABLE) -> None:
         """Build the sort orders of `columns` and the lowered search text now (the app runs this
@@ -451,8 +456,8 @@ class FeatureTable:
         m = self.mask(flt)
         lo, hi = max(0, int(offset)), max(0, int(offset)) + max(0, int(limit))
         if m is None:
-            return o[lo:hi]
-        return o[np.flatnonzero(m[o])[lo:hi]]
+            return o[lo:hi].astype(np.int64)
+        return o[np.flatnonzero(m[o])[lo:hi]].astype(np.int64)
 
     def page(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False, limit: int = 50, offset: int = 0,
              columns: Sequence[str] = TABLE_COLUMNS) -> pd.DataFrame:
