@@ -256,28 +256,37 @@ class QuantileSample(_Stateful):
         each where it belongs (B2: the full lexsort of every kept entry per batch was the stream's
         largest accumulator cost)."""
         size = self.size
-        order = np.lexsort((g, p, f))  # feature asc, priority asc, token asc
-        f, p, g, v = f[order], p[order], g[order], v[order]
         n = len(f)
+        # sort by (feature, priority, token): priority first, then a stable sort by feature
+        # (a radix sort on int16 features); equal priorities, which distinct hashes practically
+        # never give, fall back to the three-key sort
+        order = np.argsort(p)
+        fo = f[order]
+        order = order[np.argsort(fo.astype(np.int16) if self.d_sae <= np.iinfo(np.int16).max else fo, kind="stable")]
+        f, p, g, v = f[order], p[order], g[order], v[order]
+        if n > 1 and np.any((f[1:] == f[:-1]) & (p[1:] == p[:-1])):
+            order = np.lexsort((g, p, f))
+            f, p, g, v = f[order], p[order], g[order], v[order]
         starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # first new entry of each feature
         rows = f[starts]
         row_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
         rank_new = np.arange(n) - starts[row_of]  # rank among the feature's new entries
-        # rank among the feature's current entries: how many (P, G) < (p, g) (binary search per row;
-        # empty slots have P = INT64_MAX > p, so they come after every new entry)
-        P, G = self.priority.reshape(-1), self.token.reshape(-1)
+        # rank among the feature's current entries: how many (P, G) < (p, g), by binary search over
+        # the row's filled slots (empty slots, P = INT64_MAX > p, come after every new entry)
+        P, G, V = self.priority.reshape(-1), self.token.reshape(-1), self.value.reshape(-1)
+        row_base = rows[:, None] * size
+        filled = (self.token[rows] >= 0).sum(axis=1)
         base = f * size
-        lo, hi = np.zeros(n, np.int64), np.full(n, size, np.int64)
-        while True:
-            active = lo < hi
-            if not active.any():
-                break
+        lo, hi = np.zeros(n, np.int64), filled[row_of].astype(np.int64)
+        active = lo < hi
+        while active.any():
             mid = (lo + hi) // 2
             idx = base + np.minimum(mid, size - 1)
             pm, gm = P[idx], G[idx]
             less = active & ((pm < p) | ((pm == p) & (gm < g)))
             lo = np.where(less, mid + 1, lo)
             hi = np.where(active & ~less, mid, hi)
+            active = lo < hi
         pos = lo + rank_new  # slot in the merged row
         ok = pos < size
         r_ok, pos_ok = row_of[ok], pos[ok]
@@ -286,10 +295,12 @@ class QuantileSample(_Stateful):
         # unmarked slots take the row's current entries in order
         src = np.arange(size)[None, :] - np.cumsum(marked, axis=1)
         np.clip(src, 0, size - 1, out=src)
-        ri = rows[:, None]
-        new_p, new_g, new_v = self.priority[ri, src], self.token[ri, src], self.value[ri, src]
-        new_p[r_ok, pos_ok], new_g[r_ok, pos_ok], new_v[r_ok, pos_ok] = p[ok], g[ok], v[ok]
-        self.priority[rows], self.token[rows], self.value[rows] = new_p, new_g, new_v
+        flat = (row_base + src).ravel()
+        new_p, new_g, new_v = P.take(flat), G.take(flat), V.take(flat)
+        at = r_ok * size + pos_ok
+        new_p[at], new_g[at], new_v[at] = p[ok], g[ok], v[ok]
+        dest = (row_base + np.arange(size)[None, :]).ravel()
+        P[dest], G[dest], V[dest] = new_p, new_g, new_v
 
     def merge(self, other: "QuantileSample") -> None:
         a, b = self._entries(), other._entries()

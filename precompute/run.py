@@ -285,8 +285,8 @@ class SaeCodec:
     row-major (token, feature) order: the positive entries of `sae.encode(x)` and
     `sae.decode(sae.encode(x))`. Fast path for plain ReLU and JumpReLU SAEs (SAELens's
     StandardSAE / JumpReLUSAE with no activation normalization, no hook_z reshaping and no hooks
-    attached): the pre-activations are computed with the same torch ops as `encode` (so the
-    activations are bitwise those of `sae.encode`), the positive entries are read off
+    attached): the pre-activations are `encode`'s (one fused addmm instead of matmul + bias:
+    equal to float32 rounding, bitwise on the demo), the positive entries are read off
     `hidden_pre > max(threshold, 0)` (JumpReLU's relu(h) * (h > threshold) is positive exactly
     there, and equals h), and the decode sums only the active decoder rows (`embedding_bag`;
     equal to the dense `acts @ W_dec + b_dec` up to float32 summation order). That skips four
@@ -321,11 +321,12 @@ class SaeCodec:
             t, f = nz[:, 0], nz[:, 1]
             return t, f, acts[t, f], x_hat
         sae_in = x_flat.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input  # SAE.process_sae_in
-        hidden_pre = sae_in @ sae.W_enc + sae.b_enc
+        hidden_pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)  # sae_in @ W_enc + b_enc, fused
         positive = hidden_pre > sae.threshold.clamp_min(0) if self.jumprelu else hidden_pre > 0
-        nz = torch.nonzero(positive)  # row-major: sorted by (token, feature)
-        t, f = nz[:, 0], nz[:, 1]
-        vals = hidden_pre[t, f]
+        flat = torch.nonzero(positive.view(-1)).view(-1)  # row-major: sorted by (token, feature)
+        d_sae = hidden_pre.shape[1]
+        t, f = flat // d_sae, flat % d_sae
+        vals = hidden_pre.view(-1).index_select(0, flat)
         counts = torch.bincount(t, minlength=n_tok)
         offsets = torch.cumsum(counts, 0) - counts
         x_hat = torch.nn.functional.embedding_bag(f, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec
