@@ -9,7 +9,6 @@ dir, and on the shipped demo run data/runs/demo.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd

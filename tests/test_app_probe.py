@@ -6,13 +6,13 @@ its manifest's config points at the tiny demo models and SAEs, so the page runs 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import make_probe_run
 from streamlit.testing.v1 import AppTest
 
-from explorer import rundir
 from explorer.synthetic import make_run
 
 pytestmark = pytest.mark.slow
@@ -24,12 +24,7 @@ PAGE = "pages/6_live_probe.py"
 @pytest.fixture(scope="module")
 def probe_runs(tiny_demo, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe_runs")
-    out = make_run(root / "probe", n_features=64, n_vocab=512, context=32)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["config"]["models"] = {m: {"path": str(tiny_demo / m)} for m in ("base", "finetuned")}
-    manifest["config"]["saes"] = {s: {"path": str(tiny_demo / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
-    manifest.pop("schema_version")
-    rundir.write_manifest(out, manifest)
+    make_probe_run(root / "probe", tiny_demo)
     make_run(root / "nomodels", n_features=64)  # its config names models that do not exist
     return root
 

@@ -7,7 +7,6 @@ and the text shown is exactly the display form of the tokens.
 
 from __future__ import annotations
 
-import html
 import math
 from html.parser import HTMLParser
 

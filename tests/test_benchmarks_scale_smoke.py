@@ -6,7 +6,6 @@ benchmarks/RESULTS.md). What is asserted is that each script measured what it sa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str):
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_benchmark
 
 
 def test_b3_config_is_the_demo_config_with_our_token_count(tmp_path):

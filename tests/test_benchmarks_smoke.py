@@ -6,23 +6,17 @@ build: the smoke test runs our side, and the SAEDashboard side only where the ve
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str):
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_benchmark
 
 
 def test_b1_config_is_a_valid_precompute_config(tiny_demo, tmp_path):

@@ -6,14 +6,13 @@ holding one run whose config names the tiny demo pair, so the models run live in
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Iterator
 
 import pytest
 
-from explorer import rundir
-from explorer.synthetic import make_run
+from tests.helpers import make_probe_run
+
 from tests.browser_utils import streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -24,12 +23,7 @@ PROMPT = 'The <b>cat</b> sat on the mat. <img src=x onerror="alert(1)"> 😀 don
 @pytest.fixture(scope="module")
 def probe_app_url(tiny_demo, tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("browser_probe_runs")
-    out = make_run(root / "probe", n_features=64, n_vocab=512, context=32)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["config"]["models"] = {m: {"path": str(tiny_demo / m)} for m in ("base", "finetuned")}
-    manifest["config"]["saes"] = {s: {"path": str(tiny_demo / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
-    manifest.pop("schema_version")
-    rundir.write_manifest(out, manifest)
+    make_probe_run(root / "probe", tiny_demo)
     with streamlit_server(runs_dir=root) as url:
         yield url
 

@@ -17,7 +17,6 @@ production modules are not changed).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from explorer import rundir, schema
+from explorer import rundir
 from explorer.errors import RunError
 from explorer.synthetic import make_run
 
