@@ -16,8 +16,8 @@ does (`precompute.run.prepare`), then times, over the same batches (same batch s
             them), grabbing the hook activation; per SAE: `sae.encode`.
     ce      what the precompute necessarily computes on the torch side, without accumulators:
             per model the clean loss forward, per SAE encode + decode + the spliced loss from
-            the hook on, the zero-ablated loss from the hook on (ModelRunner, the precompute's
-            own pass code). `ours / ce` is the overhead of everything that is not a forward.
+            the hook on, the zero-ablated loss from the hook on (ModelRunner and SaeCodec, the
+            precompute's own pass code). `ours / ce` is the overhead of everything that is not a forward.
 
 For each loop the child reports wall seconds and its process CPU seconds (all threads).
 Ours is `python -m precompute run --config CFG --runs-dir benchmarks/_work/b2/runs --overwrite
@@ -118,6 +118,7 @@ def limit_child(cfg_path: Path, threads: int, out: Path) -> None:
         return store["x"]
 
     hook_name = hook
+    codecs = {s: run_mod.SaeCodec(saes[s]) for s in saes} if hasattr(run_mod, "SaeCodec") else None
     stop_at = runners["base"].stop_at
 
     def loop(variant: str) -> None:
@@ -138,8 +139,11 @@ def limit_child(cfg_path: Path, threads: int, out: Path) -> None:
                     zero = r.zero_loss(tokens, x) if hasattr(r, "zero_loss") else r.loss_with(tokens, torch.zeros_like(x))
                     sink += float(clean[0, 0]) + float(zero[0, 0])
                     for s in saes:
-                        acts = saes[s].encode(x)
-                        x_hat = saes[s].decode(acts).to(x.dtype)
+                        if codecs is not None:  # the precompute's own sparse encode + decode
+                            x_hat = codecs[s].encode_decode(x.reshape(-1, x.shape[-1]))[3].reshape(x.shape)
+                        else:
+                            acts = saes[s].encode(x)
+                            x_hat = saes[s].decode(acts).to(x.dtype)
                         sink += float(r.loss_with(tokens, torch.where(counted[bi][..., None], x_hat, x))[0, 0])
         if sink != sink:  # keep the results alive
             print("nan", file=sys.stderr)

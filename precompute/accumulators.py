@@ -83,6 +83,52 @@ def hist_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.clip(idx, 0, len(edges) - 2)
 
 
+def _merge_into_rows(arrays: list[np.ndarray], filled: np.ndarray, f: np.ndarray, new: list[np.ndarray], precedes) -> None:
+    """Merge new entries into per-feature rows that are kept sorted, keeping each row's first
+    `size` entries: what a full re-sort of the rows' and the new entries would keep, touching
+    only the rows that get new entries (TopK and QuantileSample; B2).
+
+    arrays: the state's [d, size] arrays (one per field), rows sorted, the first `filled[row]`
+    slots filled; f: the new entries' rows, sorted by row and within a row in the rows' order;
+    new: the new entries' fields, in `arrays`' order; precedes(idx, j): whether the state entry
+    at flat index idx comes before new entry j (bool per pair). Every new entry comes before an
+    empty slot, and none is already in its row.
+    """
+    size = arrays[0].shape[1]
+    n = len(f)
+    starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # first new entry of each row
+    rows = f[starts]
+    row_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
+    rank_new = np.arange(n) - starts[row_of]  # rank among the row's new entries
+    # rank among the row's current entries: binary search over its filled slots
+    base = f * size
+    lo, hi = np.zeros(n, np.int64), filled[rows][row_of].astype(np.int64)
+    active = lo < hi
+    j = np.arange(n)
+    while active.any():
+        mid = (lo + hi) // 2
+        less = active & precedes(base + np.minimum(mid, size - 1), j)
+        lo = np.where(less, mid + 1, lo)
+        hi = np.where(active & ~less, mid, hi)
+        active = lo < hi
+    pos = lo + rank_new  # slot in the merged row
+    ok = pos < size
+    at = row_of[ok] * size + pos[ok]
+    marked = np.zeros(len(rows) * size, bool)
+    marked[at] = True
+    # unmarked slots take the row's current entries in order
+    src = np.arange(size)[None, :] - np.cumsum(marked.reshape(len(rows), size), axis=1)
+    np.clip(src, 0, size - 1, out=src)
+    row_base = rows[:, None] * size
+    flat = (row_base + src).ravel()
+    dest = (row_base + np.arange(size)[None, :]).ravel()
+    for arr, vals in zip(arrays, new):
+        a = arr.reshape(-1)
+        merged = a.take(flat)
+        merged[at] = vals[ok]
+        a[dest] = merged
+
+
 class _Stateful:
     """State as a flat dict of arrays; subclasses list their array attributes in FIELDS."""
 
@@ -179,17 +225,23 @@ class TopK(_Stateful):
         if not keep.any():
             return
         f, v, g = f[keep], v[keep].astype(np.float32), g[keep]
-        if len(f) > 2 * self.k * self.d_sae:
-            # Pre-reduce to the batch's own top-k per feature with one stable sort: entries arrive in
-            # token order, and for positive float32 the bit pattern orders like the value.
+        if len(g) > 1 and np.all(v > 0) and np.all(g[1:] >= g[:-1]):
+            # Entries arrive in token order, and for positive float32 the bit pattern orders like
+            # the value: one stable sort by (feature, value desc) leaves equal values in token order.
             key = (f.astype(np.int64) << 32) | (0x7FFFFFFF - v.view(np.int32).astype(np.int64))
             order = np.argsort(key, kind="stable")
-            fo = f[order]
-            rank = np.arange(len(fo)) - np.searchsorted(fo, fo, side="left")
-            top = order[rank < self.k]
-            f, v, g = f[top], v[top], g[top]
-        sf, sv, sg = self._entries()
-        self._select(np.concatenate([sf, f]), np.concatenate([sv, v]), np.concatenate([sg, g]))
+        else:
+            order = np.lexsort((g, -v, f))  # feature asc, value desc, token asc
+        f, v, g = f[order], v[order], g[order]
+        V, T = self.value.reshape(-1), self.token.reshape(-1)
+
+        def precedes(idx, j):  # (V desc, T asc) before (v, g); empty slots (-inf) never
+            vm = V[idx]
+            vj = v[j]
+            return (vm > vj) | ((vm == vj) & (T[idx] < g[j]))
+
+        # Merged rows drop what falls beyond k, as `_select` of the current and new entries would.
+        _merge_into_rows([self.value, self.token], (self.token >= 0).sum(axis=1), f, [v, g], precedes)
 
     def merge(self, other: "TopK") -> None:
         a, b = self._entries(), other._entries()
@@ -248,18 +300,14 @@ class QuantileSample(_Stateful):
         self._insert(f[keep], p[keep], g[keep], v[keep])
 
     def _insert(self, f, p, g, v) -> None:
-        """Merge new entries (none already in the sample, every p < INT64_MAX) into the sorted rows.
-
-        The same rows as `_select` of the sample and the new entries (per feature the `size`
-        smallest (priority, token)), but touching only the rows of the features that got new
-        entries: each row is kept sorted, the new entries are sorted, and a merge by ranks puts
-        each where it belongs (B2: the full lexsort of every kept entry per batch was the stream's
-        largest accumulator cost)."""
-        size = self.size
+        """Merge new entries (none already in the sample, every p < INT64_MAX) into the sorted rows:
+        the same rows as `_select` of the sample and the new entries (per feature the `size`
+        smallest (priority, token)), touching only the rows of features that got new entries (B2:
+        the full lexsort of every kept entry per batch was the stream's largest accumulator cost)."""
         n = len(f)
-        # sort by (feature, priority, token): priority first, then a stable sort by feature
-        # (a radix sort on int16 features); equal priorities, which distinct hashes practically
-        # never give, fall back to the three-key sort
+        # sort by (feature, priority, token): priority first, then a stable sort by feature (a radix
+        # sort on int16 features); equal priorities, which distinct hashes practically never give,
+        # fall back to the three-key sort
         order = np.argsort(p)
         fo = f[order]
         order = order[np.argsort(fo.astype(np.int16) if self.d_sae <= np.iinfo(np.int16).max else fo, kind="stable")]
@@ -267,40 +315,14 @@ class QuantileSample(_Stateful):
         if n > 1 and np.any((f[1:] == f[:-1]) & (p[1:] == p[:-1])):
             order = np.lexsort((g, p, f))
             f, p, g, v = f[order], p[order], g[order], v[order]
-        starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])  # first new entry of each feature
-        rows = f[starts]
-        row_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
-        rank_new = np.arange(n) - starts[row_of]  # rank among the feature's new entries
-        # rank among the feature's current entries: how many (P, G) < (p, g), by binary search over
-        # the row's filled slots (empty slots, P = INT64_MAX > p, come after every new entry)
-        P, G, V = self.priority.reshape(-1), self.token.reshape(-1), self.value.reshape(-1)
-        row_base = rows[:, None] * size
-        filled = (self.token[rows] >= 0).sum(axis=1)
-        base = f * size
-        lo, hi = np.zeros(n, np.int64), filled[row_of].astype(np.int64)
-        active = lo < hi
-        while active.any():
-            mid = (lo + hi) // 2
-            idx = base + np.minimum(mid, size - 1)
-            pm, gm = P[idx], G[idx]
-            less = active & ((pm < p) | ((pm == p) & (gm < g)))
-            lo = np.where(less, mid + 1, lo)
-            hi = np.where(active & ~less, mid, hi)
-            active = lo < hi
-        pos = lo + rank_new  # slot in the merged row
-        ok = pos < size
-        r_ok, pos_ok = row_of[ok], pos[ok]
-        marked = np.zeros((len(rows), size), bool)
-        marked[r_ok, pos_ok] = True
-        # unmarked slots take the row's current entries in order
-        src = np.arange(size)[None, :] - np.cumsum(marked, axis=1)
-        np.clip(src, 0, size - 1, out=src)
-        flat = (row_base + src).ravel()
-        new_p, new_g, new_v = P.take(flat), G.take(flat), V.take(flat)
-        at = r_ok * size + pos_ok
-        new_p[at], new_g[at], new_v[at] = p[ok], g[ok], v[ok]
-        dest = (row_base + np.arange(size)[None, :]).ravel()
-        P[dest], G[dest], V[dest] = new_p, new_g, new_v
+        P, G = self.priority.reshape(-1), self.token.reshape(-1)
+
+        def precedes(idx, j):  # (P, G) < (p, g); empty slots (P = INT64_MAX > p) never
+            pm = P[idx]
+            pj = p[j]
+            return (pm < pj) | ((pm == pj) & (G[idx] < g[j]))
+
+        _merge_into_rows([self.priority, self.token, self.value], (self.token >= 0).sum(axis=1), f, [p, g, v], precedes)
 
     def merge(self, other: "QuantileSample") -> None:
         a, b = self._entries(), other._entries()

@@ -139,6 +139,23 @@ def test_topk_matches_naive_with_tie_break_and_merges_exactly(tmp_path, ties, k)
     np.testing.assert_array_equal(back.token, one.token)
 
 
+def test_topk_update_does_not_depend_on_entry_order():
+    """Entries in token order take a one-key sort; any other order the three-key sort: same rows."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        d, k = int(rng.integers(1, 15)), int(rng.integers(1, 6))
+        a, b = TopK(d, k), TopK(d, k)
+        for batch in range(3):
+            dense = np.round(rng.random((30, d)) * (rng.random((30, d)) < 0.5), 1).astype(np.float32)
+            t, f = np.nonzero(dense > 0)
+            g, v = t.astype(np.int64) + 30 * batch, dense[t, f]
+            a.update(SparseActs(g, f.astype(np.int64), v, 30))
+            perm = rng.permutation(len(g))
+            b.update(SparseActs(g[perm], f[perm].astype(np.int64), v[perm], 30))
+            np.testing.assert_array_equal(a.token, b.token)
+            np.testing.assert_array_equal(a.value, b.value)
+
+
 def test_topk_ties_prefer_smaller_token_index():
     acc = TopK(1, 2)
     acc.update(SparseActs(np.array([9, 3]), np.array([0, 0]), np.array([1.0, 1.0], np.float32), 2))
