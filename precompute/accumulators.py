@@ -83,13 +83,13 @@ def hist_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.clip(idx, 0, len(edges) - 2)
 
 
-def _merge_into_rows(arrays: list[np.ndarray], filled: np.ndarray, f: np.ndarray, new: list[np.ndarray], precedes) -> None:
+def _merge_into_rows(arrays: list[np.ndarray], token: np.ndarray, f: np.ndarray, new: list[np.ndarray], precedes) -> None:
     """Merge new entries into per-feature rows that are kept sorted, keeping each row's first
     `size` entries: what a full re-sort of the rows' and the new entries would keep, touching
     only the rows that get new entries (TopK and QuantileSample; B2).
 
-    arrays: the state's [d, size] arrays (one per field), rows sorted, the first `filled[row]`
-    slots filled; f: the new entries' rows, sorted by row and within a row in the rows' order;
+    arrays: the state's [d, size] arrays (one per field), rows sorted, filled slots first (those
+    with `token` >= 0); f: the new entries' rows, sorted by row and within a row in the rows' order;
     new: the new entries' fields, in `arrays`' order; precedes(idx, j): whether the state entry
     at flat index idx comes before new entry j (bool per pair). Every new entry comes before an
     empty slot, and none is already in its row.
@@ -102,7 +102,7 @@ def _merge_into_rows(arrays: list[np.ndarray], filled: np.ndarray, f: np.ndarray
     rank_new = np.arange(n) - starts[row_of]  # rank among the row's new entries
     # rank among the row's current entries: binary search over its filled slots
     base = f * size
-    lo, hi = np.zeros(n, np.int64), filled[rows][row_of].astype(np.int64)
+    lo, hi = np.zeros(n, np.int64), (token[rows] >= 0).sum(axis=1)[row_of]
     active = lo < hi
     j = np.arange(n)
     while active.any():
@@ -117,7 +117,7 @@ def _merge_into_rows(arrays: list[np.ndarray], filled: np.ndarray, f: np.ndarray
     marked = np.zeros(len(rows) * size, bool)
     marked[at] = True
     # unmarked slots take the row's current entries in order
-    src = np.arange(size)[None, :] - np.cumsum(marked.reshape(len(rows), size), axis=1)
+    src = np.arange(size)[None, :] - np.cumsum(marked.reshape(len(rows), size), axis=1, dtype=np.int32)
     np.clip(src, 0, size - 1, out=src)
     row_base = rows[:, None] * size
     flat = (row_base + src).ravel()
@@ -241,7 +241,7 @@ class TopK(_Stateful):
             return (vm > vj) | ((vm == vj) & (T[idx] < g[j]))
 
         # Merged rows drop what falls beyond k, as `_select` of the current and new entries would.
-        _merge_into_rows([self.value, self.token], (self.token >= 0).sum(axis=1), f, [v, g], precedes)
+        _merge_into_rows([self.value, self.token], self.token, f, [v, g], precedes)
 
     def merge(self, other: "TopK") -> None:
         a, b = self._entries(), other._entries()
@@ -322,7 +322,7 @@ class QuantileSample(_Stateful):
             pj = p[j]
             return (pm < pj) | ((pm == pj) & (G[idx] < g[j]))
 
-        _merge_into_rows([self.priority, self.token, self.value], (self.token >= 0).sum(axis=1), f, [p, g, v], precedes)
+        _merge_into_rows([self.priority, self.token, self.value], self.token, f, [p, g, v], precedes)
 
     def merge(self, other: "QuantileSample") -> None:
         a, b = self._entries(), other._entries()
@@ -440,11 +440,17 @@ class CrossProducts(_Stateful):
         lo = min(a.token.min(), b.token.min())  # a batch's tokens are a short range of global indices
         ta, tb = a.token - lo, b.token - lo
         n = int(max(ta.max(), tb.max())) + 1
-        ma = sp.csr_matrix((a.value.astype(np.float64), (a.feature, ta)), shape=(self.d_a, n))
-        mb = sp.csr_matrix((b.value.astype(np.float64), (tb, b.feature)), shape=(n, self.d_b))
-        prod = ma @ mb
-        prod.sum_duplicates()
-        prod = prod.tocoo()
+
+        def by_token(t, f, v, d):  # [n, d] CSR straight from entries sorted by (token, feature)
+            if np.all(t[1:] >= t[:-1]):
+                indptr = np.zeros(n + 1, np.int64)
+                np.cumsum(np.bincount(t, minlength=n), out=indptr[1:])
+                return sp.csr_matrix((v.astype(np.float64), f, indptr), shape=(n, d))
+            return sp.csr_matrix((v.astype(np.float64), (t, f)), shape=(n, d))
+
+        ma = by_token(ta, a.feature, a.value, self.d_a).T  # [d_a, n]
+        mb = by_token(tb, b.feature, b.value, self.d_b)
+        prod = (ma @ mb).tocoo()  # a CSR product has no duplicate entries
         if self.pair_keys is None:
             self.sum_xy[prod.row, prod.col] += prod.data  # coo of a product has no duplicate entries
         else:
