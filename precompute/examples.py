@@ -4,7 +4,7 @@ The stream keeps, per (sae, feature, model), only (activation, global token inde
 tokens and of the quantile sample. The windows (the tokens around each example and the feature's
 activation on every window token, on BOTH models) are filled at finalize by one pass that runs
 each model only up to the hook (`stop_at_layer`) on the stream batches that hold an example, and
-encodes with the SAEs. Storing windows in the stream instead would cost
+encodes each window with its example's feature only (not the whole SAE). Storing windows in the stream instead would cost
 (n_top + quantile_sample) x window x 3 values per feature and model in every checkpoint (about
 200 MB for the demo's four (sae, model) pairs); this pass costs a fraction of one stream pass.
 Batches are the stream's own batches, so the activations are the ones the stream saw.
@@ -78,10 +78,16 @@ class Windows:
     acts: dict[str, np.ndarray]  # model -> [n, W] float32
 
 
-def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, before: int, after: int, encode_batch) -> Windows:
-    """Windows of every example. `encode_batch(batch_index, sae) -> {model: acts [B, C, d_sae] numpy}`
-    gives one SAE's activations on one stream batch, special tokens already zeroed (one SAE at a
-    time, so memory holds 2 x batch x context x d_sae values at most)."""
+def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, before: int, after: int, resid_batch, encode_at,
+                 special_ids: np.ndarray | None = None) -> Windows:
+    """Windows of every example, on both models.
+
+    `resid_batch(batch_index) -> {model: x [B, C, d_in] tensor}` gives both models' activations
+    at the hook on one stream batch; `encode_at(sae, x, rows [n, W], features [n]) -> numpy
+    [n, W]` gives example i's feature at the batch's flattened positions rows[i] (B x C rows),
+    encoding only the features the batch's examples need.
+    Activations at special tokens are 0. The example's own value is the stream's (`ex.value`),
+    so a window's centre equals the example's activation bitwise on the example's model."""
     n_seq, ctx = sample_tokens.shape
     width = before + 1 + after
     seq = ex.token // ctx
@@ -92,24 +98,32 @@ def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, bef
     acts = {m: np.zeros((len(ex), width), np.float32) for m in schema.MODELS}
     if len(ex) == 0:
         return Windows(start=start, length=length, token_ids=token_ids, acts=acts)
+    special = np.asarray([] if special_ids is None else special_ids, dtype=np.int64)
     batch_of = seq // batch_size
     order = np.argsort(batch_of, kind="stable")
     bounds = np.searchsorted(batch_of[order], np.arange(batch_of.max() + 2))
     offsets = np.arange(width)[None, :]
     for b in np.unique(batch_of):
         idx = order[bounds[b] : bounds[b + 1]]
-        cols = start[idx, None] + offsets  # [n, W] positions in the sequence
+        cols = np.minimum(start[idx, None] + offsets, ctx - 1)  # [n, W] positions in the sequence
         valid = offsets < length[idx, None]
-        cols = np.minimum(cols, ctx - 1)
-        token_ids[idx] = np.where(valid, sample_tokens[seq[idx, None], cols], 0)
+        toks = sample_tokens[seq[idx, None], cols]
+        token_ids[idx] = np.where(valid, toks, 0)
+        keep = valid & ~np.isin(toks, special)
+        xs = resid_batch(int(b))
+        flat = (seq[idx] - b * batch_size)[:, None] * ctx + cols  # [n, W] rows of the batch's flattened positions
         for sae in schema.SAES:
-            in_sae = ex.sae[idx] == sae
-            if not in_sae.any():
+            part = np.flatnonzero(ex.sae[idx] == sae)
+            if len(part) == 0:
                 continue
-            sel = idx[in_sae]
-            loc = (seq[sel] - b * batch_size)[:, None]
-            for m, a in encode_batch(int(b), sae).items():
-                acts[m][sel] = np.where(valid[in_sae], a[loc, cols[in_sae], ex.feature[sel][:, None]], 0)
+            sel = idx[part]
+            for m, x in xs.items():
+                acts[m][sel] = np.where(keep[part], encode_at(sae, x, flat[part], ex.feature[sel]), 0)
+    on_model = {m: ex.model == m for m in schema.MODELS}
+    centre = pos - start
+    for m in schema.MODELS:
+        i = np.flatnonzero(on_model[m])
+        acts[m][i, centre[i]] = ex.value[i]
     return Windows(start=start, length=length, token_ids=token_ids, acts=acts)
 
 

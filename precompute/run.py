@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -334,6 +334,35 @@ class SaeCodec:
         offsets = torch.cumsum(counts, 0) - counts
         x_hat = torch.nn.functional.embedding_bag(f, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec
         return t, f, vals, x_hat.to(x_flat.dtype)
+
+    def encode_at(self, x, rows: np.ndarray, features: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """`features[i]`'s activation at the positions `rows[i]` of `x` ([N, d_in]; rows [n, W]) -> numpy [n, W].
+
+        Encodes the N positions once, restricted to the features asked for (in chunks of
+        `chunk` features), then gathers: a window pass costs N x d_in x (distinct features), not a
+        dense encode per example. Fast path as in `encode_decode` (equal to `sae.encode` up to
+        float32 summation order); otherwise `sae.encode` and its columns."""
+        import torch
+
+        sae = self.sae
+        out = np.zeros(rows.shape, np.float32)
+        uniq, inv = np.unique(np.asarray(features, dtype=np.int64), return_inverse=True)
+        if self.fast:
+            sae_in = x.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input
+            gate_all = sae.threshold.clamp_min(0) if self.jumprelu else None
+        else:
+            dense = sae.encode(x)
+        for lo in range(0, len(uniq), chunk):
+            f = torch.from_numpy(uniq[lo : lo + chunk]).to(x.device)
+            if self.fast:
+                pre = torch.addmm(sae.b_enc.index_select(0, f), sae_in, sae.W_enc.index_select(1, f))  # [N, u]
+                gate = gate_all.index_select(0, f) if gate_all is not None else 0.0
+                acts = torch.where(pre > gate, pre, torch.zeros((), dtype=pre.dtype, device=pre.device)).float().cpu().numpy()
+            else:
+                acts = dense.index_select(1, f).float().cpu().numpy()
+            mine = np.flatnonzero((inv >= lo) & (inv < lo + chunk))
+            out[mine] = acts[rows[mine], (inv[mine] - lo)[:, None]]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -987,19 +1016,20 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     # examples.parquet
     ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)
 
-    cache: dict[str, Any] = {}
+    codecs = {name: SaeCodec(saes[name]) for name in state.sae_names}
 
-    def encode_batch(b: int, sae_name: str):
-        if cache.get("batch") != b:  # the models run once per batch, the SAEs one at a time
-            tok_np = sample.tokens[prep.batch_seq_ids(b)]
-            tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
-            with torch.inference_mode():
-                cache.update(batch=b, xs={m: runners[m].acts(tokens) for m in MODELS})
-            cache["keep"] = torch.from_numpy(~np.isin(tok_np, prep.special_ids)).to(prep.device)[..., None]
+    def resid_batch(b: int):  # both models up to the hook on stream batch b
+        tokens = torch.from_numpy(sample.tokens[prep.batch_seq_ids(b)].astype(np.int64)).to(prep.device)
         with torch.inference_mode():
-            return {m: (saes[sae_name].encode(cache["xs"][m]) * cache["keep"]).cpu().numpy() for m in MODELS}
+            return {m: runners[m].acts(tokens) for m in MODELS}
 
-    win = ex_mod.fill_windows(ex, sample.tokens, cfg.sample.batch_size, cfg.examples.window_before, cfg.examples.window_after, encode_batch)
+    def encode_at(sae_name: str, x, rows: np.ndarray, features: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return codecs[sae_name].encode_at(x.reshape(-1, x.shape[-1]), rows, features)
+
+    win = ex_mod.fill_windows(
+        ex, sample.tokens, cfg.sample.batch_size, cfg.examples.window_before, cfg.examples.window_after, resid_batch, encode_at, prep.special_ids
+    )
     files["examples.parquet"] = rundir.write_table(
         run_dir, "examples.parquet", ex_mod.table(ex, win, ctx), row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE
     )

@@ -587,3 +587,31 @@ def test_top_tokens_are_the_tokens_at_the_top_examples(ref):
                     words.append(w)
         assert f.top_tokens == " ".join(words)
         assert all(" " not in w for w in words)
+
+
+def test_codec_encode_at_equals_sae_encode(tiny_demo):
+    """Window activations (each window its own feature, positions of one batch) equal
+    sae.encode's entries, on the fast path (W_enc's columns, gated as JumpReLU; chunked over
+    features) and on the generic path (sae.encode, then its columns)."""
+    import torch
+    from sae_lens import SAE
+
+    from precompute.run import SaeCodec
+
+    sae = SAE.load_from_disk(str(tiny_demo / "saes" / "base_sae"))
+    codec = SaeCodec(sae)
+    assert codec.fast
+    d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+    x = torch.randn(300, d_in, generator=torch.Generator().manual_seed(0)) * 3.0
+    rng = np.random.default_rng(0)
+    rows, feats = rng.integers(0, 300, (80, 9)), rng.integers(0, d_sae, 80)
+    with torch.inference_mode():
+        dense = sae.encode(x).numpy()
+        want = dense[rows, feats[:, None]]
+        fast = codec.encode_at(x, rows, feats, chunk=7)
+        codec.fast = False
+        slow = codec.encode_at(x, rows, feats, chunk=7)
+    assert (want > 0).sum() > 20 and (want == 0).sum() > 20  # both sides of the gate are exercised
+    np.testing.assert_array_equal(slow, want)
+    np.testing.assert_allclose(fast, want, rtol=1e-5, atol=1e-6)
+    assert ((fast > 0) == (want > 0)).all()
