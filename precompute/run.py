@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -465,7 +465,9 @@ class PassState:
 # One batch
 
 
-def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int) -> None:
+def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int) -> dict:
+    """Run batch `b` through both models and SAEs into the accumulators; returns both models'
+    activations at the hook ({model: [B, C, d] tensor}) for the hook-activation cache."""
     import torch
 
     codecs = {s: SaeCodec(prep.pair.saes[s]) for s in state.sae_names}
@@ -521,6 +523,78 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
         state.pairs[s].update(sparse[s]["base"], sparse[s]["finetuned"])
     if state.cross is not None:
         state.cross.update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"])
+    return xs
+
+
+# ----------------------------------------------------------------------------------------------
+# Hook activations kept for the example windows
+
+
+HOOK_ACTS_DIR = "hook_acts"
+HOOK_CACHE_MB_ENV = "PRECOMPUTE_HOOK_CACHE_MB"
+HOOK_CACHE_MB_DEFAULT = 2048
+
+
+class HookActsCache:
+    """Both models' activations at the hook, one file per stream batch, kept on disk during the
+    stream so that finalize fills the example windows without running the models again.
+
+    Disk, not memory (peak memory stays flat in the token count), bounded by
+    $PRECOMPUTE_HOOK_CACHE_MB (default 2048 MB; 0 turns it off): batches past the budget are
+    recomputed at finalize, as is any batch whose file is missing or whose tokens differ. Files
+    are written atomically (`.npz` renamed into place) and live in the run's checkpoint
+    directory (a shard's: moved next to its state when the shard completes), so they go when
+    the run is finalized."""
+
+    def __init__(self, read_dirs: Sequence[Path], write_dir: Path | None = None):
+        self.read_dirs = [Path(d) for d in read_dirs]
+        self.write_dir = None if write_dir is None else Path(write_dir)
+        try:
+            mb = float(os.environ.get(HOOK_CACHE_MB_ENV, HOOK_CACHE_MB_DEFAULT))
+        except ValueError:
+            mb = HOOK_CACHE_MB_DEFAULT
+        self.budget = int(max(0.0, mb) * 2**20)
+        self.used = 0
+        if self.write_dir is not None and self.write_dir.is_dir():
+            for f in self.write_dir.iterdir():
+                if f.suffix == ".npz":
+                    self.used += f.stat().st_size
+                else:  # a temporary file of a process killed mid-write
+                    f.unlink(missing_ok=True)
+
+    @staticmethod
+    def _name(b: int) -> str:
+        return f"{b:07d}.npz"
+
+    def put(self, b: int, tokens: np.ndarray, xs: dict) -> bool:
+        if self.write_dir is None:
+            return False
+        arrays = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), **{m: x.detach().float().cpu().numpy() for m, x in xs.items()}}
+        size = sum(a.nbytes for a in arrays.values())
+        if self.used + size > self.budget:
+            return False
+        self.write_dir.mkdir(parents=True, exist_ok=True)
+        final = self.write_dir / self._name(b)
+        tmp = self.write_dir / f".{final.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, final)
+        self.used += final.stat().st_size
+        return True
+
+    def get(self, b: int, tokens: np.ndarray) -> dict[str, np.ndarray] | None:
+        for d in self.read_dirs:
+            f = d / self._name(b)
+            if not f.is_file():
+                continue
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    if not np.array_equal(z["tokens"], tokens):
+                        return None
+                    return {m: z[m] for m in MODELS}
+            except (OSError, ValueError, KeyError):  # damaged: recompute
+                return None
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,13 +769,16 @@ def run(
     if shard is not None:
         work = ckpt.parent.parent
         save_state(work / STATE_FILE, state, {**_state_meta(prep, calib, state, shard, True), "timing": timing})
+        if (ckpt.parent / HOOK_ACTS_DIR).is_dir():  # kept for the merge's example windows
+            shutil.rmtree(work / HOOK_ACTS_DIR, ignore_errors=True)
+            os.replace(ckpt.parent / HOOK_ACTS_DIR, work / HOOK_ACTS_DIR)
         rundir.atomic_write_bytes(work / COMPLETE_MARKER, json.dumps({"config_hash": prep.cfg.hash(), "shard": list(shard)}).encode())
         shutil.rmtree(ckpt.parent, ignore_errors=True)
         log(f"shard {shard[0]}/{shard[1]} done ({processed:,} tokens in {stream_s:.0f} s)")
         return run_dir
     for stale in run_dir.glob(".*.tmp"):  # temporary table/manifest files of a process killed mid-write
         stale.unlink(missing_ok=True)
-    finalize(prep, runners, state, calib, run_dir, timing)
+    finalize(prep, runners, state, calib, run_dir, timing, HookActsCache([run_dir / CHECKPOINT_DIR / HOOK_ACTS_DIR]))
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     return run_dir
 
@@ -719,8 +796,10 @@ def _stream(prep, runners, state: PassState, calib, ckpt: Path, shard, checkpoin
     )
     processed = 0
     since = 0
+    hook_cache = HookActsCache([], ckpt.parent / HOOK_ACTS_DIR)
     for b in range(state.next_batch, state.batch_end):
-        process_batch(prep, runners, state, calib, b)
+        xs = process_batch(prep, runners, state, calib, b)
+        hook_cache.put(b, prep.sample.tokens[prep.batch_seq_ids(b)], xs)
         state.next_batch = b + 1
         n = len(prep.batch_seq_ids(b)) * ctx
         processed += n
@@ -792,7 +871,7 @@ def merge(run_id: str, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, device: s
         raise RunError(f"The shards of run {run_id!r} cover batches 0..{expected}, not all {prep.n_batches}.")
     state.batch_start, state.batch_end, state.next_batch = 0, prep.n_batches, prep.n_batches
     timing = {"stream_seconds": stream_s, "stream_tokens": stream_tokens, "tokens_per_second": stream_tokens / stream_s if stream_s else None, "merged_shards": n}
-    finalize(prep, runners, state, calib, run_dir, timing)
+    finalize(prep, runners, state, calib, run_dir, timing, HookActsCache([d / HOOK_ACTS_DIR for d, _ in metas]))
     shutil.rmtree(run_dir / SHARDS_DIR, ignore_errors=True)
     return run_dir
 
@@ -861,7 +940,8 @@ def _jsonable(obj):
     return obj
 
 
-def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, run_dir: Path, timing: dict) -> dict:
+def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, run_dir: Path, timing: dict,
+             hook_cache: HookActsCache | None = None) -> dict:
     """Compute the weights-only statistics and the examples' windows, write every table, then the manifest."""
     import pyarrow as pa
     import torch
@@ -1018,8 +1098,16 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
 
     codecs = {name: SaeCodec(saes[name]) for name in state.sae_names}
 
-    def resid_batch(b: int):  # both models up to the hook on stream batch b
-        tokens = torch.from_numpy(sample.tokens[prep.batch_seq_ids(b)].astype(np.int64)).to(prep.device)
+    hook_stats = {"cached": 0, "recomputed": 0}
+
+    def resid_batch(b: int):  # both models at the hook on stream batch b: kept by the stream, or run again
+        tok_np = sample.tokens[prep.batch_seq_ids(b)]
+        kept = hook_cache.get(b, tok_np) if hook_cache is not None else None
+        if kept is not None:
+            hook_stats["cached"] += 1
+            return {m: torch.from_numpy(kept[m]).to(prep.device) for m in MODELS}
+        hook_stats["recomputed"] += 1
+        tokens = torch.from_numpy(tok_np.astype(np.int64)).to(prep.device)
         with torch.inference_mode():
             return {m: runners[m].acts(tokens) for m in MODELS}
 
@@ -1043,7 +1131,7 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
         run_dir, "vocab.parquet", pa.table({"token_id": np.arange(len(vocab), dtype=np.int32), "token_str": vocab})
     )
 
-    timing = {**timing, "finalize_seconds": time.time() - t0}
+    timing = {**timing, "finalize_seconds": time.time() - t0, "window_batches_from_stream": hook_stats["cached"], "window_batches_recomputed": hook_stats["recomputed"]}
     manifest = {
         "run_id": cfg.run_id,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

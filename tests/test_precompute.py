@@ -504,6 +504,30 @@ def test_shards_merge_to_the_single_pass(ref, tmp_path):
     rundir.open_run(merged)
     assert not (merged / run_mod.SHARDS_DIR).exists()
     assert_runs_equal(ref["dir"], merged)
+    # the merge filled the windows from the shards' kept hook activations, not a second pass
+    timing = rundir.open_run(merged)["timing"]
+    assert timing["window_batches_from_stream"] > 0 and timing["window_batches_recomputed"] == 0
+
+
+def test_windows_from_kept_hook_activations_equal_a_second_pass(ref, tmp_path, monkeypatch):
+    """The stream keeps both models' hook activations on disk for the windows; with the cache off
+    (or over its budget) finalize runs the models again: the tables are bitwise the same."""
+    t = ref["manifest"]["timing"]
+    assert t["window_batches_from_stream"] == ref["prep"].n_batches and t["window_batches_recomputed"] == 0
+    assert not (ref["dir"] / run_mod.CHECKPOINT_DIR).exists()  # the cache went with the checkpoint
+    monkeypatch.setenv(run_mod.HOOK_CACHE_MB_ENV, "0")
+    cfg = RunConfig.from_toml(ref["cfg_path"])
+    off = run_mod.run(cfg, runs_dir=tmp_path / "off", progress=False)
+    t = rundir.open_run(off)["timing"]
+    assert t["window_batches_from_stream"] == 0 and t["window_batches_recomputed"] == ref["prep"].n_batches
+    assert_runs_equal(ref["dir"], off, exact_floats=True)
+    # a budget of about two batches: the rest are recomputed, and nothing changes
+    per_batch = ref["prep"].cfg.sample.batch_size * ref["prep"].cfg.sample.context_size * int(ref["prep"].pair.base.cfg.d_model) * 4 * 2
+    monkeypatch.setenv(run_mod.HOOK_CACHE_MB_ENV, str(2.5 * per_batch / 2**20))
+    part = run_mod.run(cfg, runs_dir=tmp_path / "part", progress=False)
+    t = rundir.open_run(part)["timing"]
+    assert t["window_batches_from_stream"] == 2 and t["window_batches_recomputed"] == ref["prep"].n_batches - 2
+    assert_runs_equal(ref["dir"], part, exact_floats=True)
 
 
 def test_merge_refuses_missing_shards(ref, tmp_path, capsys):
