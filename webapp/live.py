@@ -12,7 +12,7 @@ against the repository root (the directory holding app.py), as in the precompute
 Two runs over the same models share one loaded pair. torch is imported only when a pair loads.
 Torch threads: when a pair loads, torch's intra-op threads are set to $SAE_EXPLORER_TORCH_THREADS,
 else to half the cores (at least 1), as the precompute CLI does: on a busy 2-core machine the
-64-token probe takes ~45 ms with 1 thread and ~300+ ms with 2 (benchmarks/probe_latency.py).
+64-token probe takes ~45 ms with 1 thread and ~300+ ms with 2 (benchmarks/b5_probe_latency.py).
 """
 
 from __future__ import annotations

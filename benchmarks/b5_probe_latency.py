@@ -1,7 +1,7 @@
 """B5: latency of the live probe on the demo pair.
 
-    python -m benchmarks.probe_latency                     # data/demo, 64 tokens, 30 repetitions
-    python -m benchmarks.probe_latency --demo /tmp/demo --tokens 32 --n 50
+    python benchmarks/b5_probe_latency.py                     # data/demo, 64 tokens, 30 repetitions
+    python benchmarks/b5_probe_latency.py --demo /tmp/demo --tokens 32 --n 50
 
 Measures, after warm-up, the median and p95 wall time of:
   - prepare: sanitise + tokenize a typed prompt (BOS, cut to n_ctx);
@@ -11,7 +11,8 @@ Measures, after warm-up, the median and p95 wall time of:
   - steer:   `explorer.probe.steer`, `--new` greedy tokens, steered + unsteered, both models.
 Each stage is measured with 1 torch thread and with torch's default (the CPU count): on a CPU
 shared with other work, intra-op threads oversubscribe it and one thread is often much faster.
-Prints a Markdown table. Timings depend on the machine and its load; nothing is asserted.
+Prints a Markdown table and writes benchmarks/results/b5.json (or --out; --out '' writes none).
+Timings depend on the machine and its load; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make the repository importable
+    sys.path.insert(0, str(REPO))
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "b5.json"
+GOAL_MS = 150.0
 
 
 def _time(fn, n: int) -> list[float]:
@@ -48,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--new", type=int, default=20, help="new tokens per steering call")
     parser.add_argument("--threads", default=None, help="comma-separated torch thread counts to measure, e.g. 1,2 (default: 1 and torch's own default)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results file ('' for none)")
     args = parser.parse_args(argv)
+    cmdline = ("python benchmarks/b5_probe_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
     import pyarrow.parquet as pq
     import torch
@@ -93,13 +100,37 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup} warm-up + {args.n} timed runs per stage\n")
     print("| torch threads | stage | median ms | p95 ms | min ms |")
     print("|---|---|---|---|---|")
+    rows = []
+    load_start = list(os.getloadavg())
     for n_threads in threads:
         torch.set_num_threads(n_threads)
-        for name, fn in stages.items():
+        for key, (name, fn) in zip(("prepare", "probe", "clean", "steer"), stages.items()):
             _time(fn, args.warmup)
             xs = _time(fn, args.n)
+            rows.append({"threads": n_threads, "stage": key, "label": name, "median_ms": statistics.median(xs), "p95_ms": _p95(xs), "min_ms": min(xs), "samples_ms": xs})
             print(f"| {n_threads} | {name} | {statistics.median(xs):.1f} | {_p95(xs):.1f} | {min(xs):.1f} |", flush=True)
     torch.set_num_threads(default_threads)
+    if args.out:
+        import json
+        from datetime import datetime, timezone
+
+        from benchmarks._common import machine
+
+        probe_rows = [r for r in rows if r["stage"] == "probe"]
+        result = {
+            "benchmark": "B5: live probe latency",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": cmdline,
+            "machine": {**machine(), "torch": torch.__version__, "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg())},
+            "settings": {"demo": str(demo), "tokens": prompt.n_tokens, "n": args.n, "warmup": args.warmup, "new_tokens": args.new, "pair_load_seconds": load_s},
+            "goal_ms": GOAL_MS,
+            "goal_met_median": {str(r["threads"]): r["median_ms"] <= GOAL_MS for r in probe_rows},
+            "stages": rows,
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"-> {out}")
     return 0
 
 
