@@ -44,43 +44,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "_work" / "b2"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "b2.json"
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+if str(REPO) not in sys.path:  # run as a script: make the repository importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config  # noqa: E402
 VARIANTS = ("stop", "logits", "ce")
-
-
-def machine() -> dict:
-    import platform
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version()}
-
-
-def corpus_info(demo: Path) -> tuple[int, int]:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(demo / "eval_corpus.parquet", columns=["token_ids"])
-    lengths = {len(r) for r in t.column("token_ids").to_pylist()}
-    if len(lengths) != 1:
-        raise SystemExit(f"eval corpus rows have different lengths {sorted(lengths)[:5]}")
-    return t.num_rows, lengths.pop()
-
-
-def write_config(path: Path, run_id: str, demo: Path, n_tokens: int, context: int) -> None:
-    """configs/demo.toml (both SAEs) with absolute demo paths, our run_id, n_tokens and context_size."""
-    text = (REPO / "configs" / "demo.toml").read_text()
-    text = re.sub(r"(?m)^run_id\s*=.*$", f"run_id = {json.dumps(run_id)}", text)
-    text = re.sub(r'(?m)^path\s*=\s*"data/demo/([^"]*)"', lambda m: f"path = {json.dumps(str(demo / m.group(1)))}", text)
-    text = re.sub(r"(?m)^n_tokens\s*=\s*\d+", f"n_tokens = {n_tokens}", text)
-    text = re.sub(r"(?m)^context_size\s*=\s*\d+", f"context_size = {context}", text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------
