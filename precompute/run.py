@@ -323,7 +323,8 @@ class SaeCodec:
             with torch.inference_mode():
                 self.gate = sae.threshold.clamp_min(0) if self.jumprelu else torch.zeros_like(sae.b_enc)
                 # the bound's per-feature terms in float64: ||W_enc[:, j]|| (widened), b_enc, the gate
-                self.w_norm = torch.linalg.vector_norm(sae.W_enc.double(), dim=0) * (1 + self.PRUNE_MARGIN)
+                # (a sum over rows: vector_norm along dim 0 of the row-major W_enc is 15x slower)
+                self.w_norm = sae.W_enc.double().square().sum(0).sqrt() * (1 + self.PRUNE_MARGIN)
                 self.b_enc64, self.gate64 = sae.b_enc.double(), self.gate.double()
 
     def live_features(self, sae_in):
