@@ -69,12 +69,20 @@ def priority(seed: int, token: np.ndarray, feature: np.ndarray) -> np.ndarray:
     The key (token << 32 | feature) + seed * golden is unique per pair for token < 2**31, and the
     splitmix64 finalizer is a bijection, so priorities are distinct up to the final 1-bit shift.
     """
-    z = (token.astype(np.uint64) << np.uint64(32)) | feature.astype(np.uint64)
-    z = z + np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(1)).astype(np.int64)
+    # in place on one buffer, the int64 inputs reinterpreted as uint64 (no conversion copies; B2)
+    z = np.asarray(token, np.int64).view(np.uint64) << np.uint64(32)
+    z |= np.asarray(feature, np.int64).view(np.uint64)
+    z += np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
+    t = z >> np.uint64(30)
+    z ^= t
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    np.right_shift(z, np.uint64(27), out=t)
+    z ^= t
+    z *= np.uint64(0x94D049BB133111EB)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    z >>= np.uint64(1)
+    return z.view(np.int64)
 
 
 def hist_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
