@@ -322,16 +322,20 @@ class SaeCodec:
         if self.fast:
             with torch.inference_mode():
                 self.gate = sae.threshold.clamp_min(0) if self.jumprelu else torch.zeros_like(sae.b_enc)
-                # the bound's per-feature terms in float64: ||W_enc[:, j]|| (widened), b_enc, the gate
-                # (a sum over rows: vector_norm along dim 0 of the row-major W_enc is 15x slower)
-                self.w_norm = sae.W_enc.double().square().sum(0).sqrt() * (1 + self.PRUNE_MARGIN)
-                self.b_enc64, self.gate64 = sae.b_enc.double(), self.gate.double()
+                # the bound's per-feature terms in float64 on the CPU (MPS has no float64): ||W_enc[:, j]||
+                # (widened; a sum over rows: vector_norm along dim 0 of the row-major W_enc is 15x
+                # slower), b_enc, the gate
+                cpu64 = {"device": "cpu", "dtype": torch.float64}
+                self.w_norm = sae.W_enc.to(**cpu64).square().sum(0).sqrt() * (1 + self.PRUNE_MARGIN)
+                self.b_enc64, self.gate64 = sae.b_enc.to(**cpu64), self.gate.to(**cpu64)
 
     def live_features(self, sae_in):
         """Ascending ids of the features that may fire on some row of sae_in, or None when
         (nearly) all may: the Cauchy-Schwarz bound of the class docstring."""
         import torch
 
+        if sae_in.dtype not in (torch.float32, torch.float64):  # the margin covers float32 rounding, not half precision
+            return None
         x_norm = float(torch.linalg.vector_norm(sae_in, dim=1).max()) * (1 + self.PRUNE_MARGIN) if len(sae_in) else 0.0
         if not math.isfinite(x_norm):
             return None
