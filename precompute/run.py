@@ -291,7 +291,18 @@ class SaeCodec:
     there, and equals h), and the decode sums only the active decoder rows (`embedding_bag`;
     equal to the dense `acts @ W_dec + b_dec` up to float32 summation order). That skips four
     elementwise passes over the dense [tokens, d_sae] activations and the dense decode matmul
-    (B2, benchmarks/RESULTS.md). Any other SAE goes through `sae.encode` / `sae.decode`."""
+    (B2, benchmarks/RESULTS.md). Any other SAE goes through `sae.encode` / `sae.decode`.
+
+    Features that cannot fire in a batch are not encoded (fast path): by Cauchy-Schwarz a
+    pre-activation is at most max_t ||sae_in_t|| * ||W_enc[:, j]|| + b_enc[j], so a feature
+    whose bound (widened by 1e-3 relative, far above the float32 rounding of a d_in-term dot
+    product) stays below its gate is zero at every token of the batch. On the demo that is a
+    third of the features (dead or high-threshold ones); the others' pre-activations come from
+    the same addmm on W_enc's remaining columns (equal to float32 rounding, bitwise on the
+    demo). The entries and x_hat are those of the full encode. B2."""
+
+    PRUNE_MIN_SHARE = 0.1  # encode a column subset only when it skips at least this share of the features
+    PRUNE_MARGIN = 1e-3
 
     def __init__(self, sae):
         import torch
@@ -308,6 +319,40 @@ class SaeCodec:
             and all(not m._forward_hooks and not m._forward_pre_hooks for m in sae.modules())
         )
         self.jumprelu = kind is JumpReLUSAE
+        if self.fast:
+            with torch.inference_mode():
+                self.gate = sae.threshold.clamp_min(0) if self.jumprelu else torch.zeros_like(sae.b_enc)
+                # the bound's per-feature terms in float64 on the CPU (MPS has no float64): ||W_enc[:, j]||
+                # (widened; a sum over rows: vector_norm along dim 0 of the row-major W_enc is 15x
+                # slower), b_enc, the gate
+                cpu64 = {"device": "cpu", "dtype": torch.float64}
+                self.w_norm = sae.W_enc.to(**cpu64).square().sum(0).sqrt() * (1 + self.PRUNE_MARGIN)
+                self.b_enc64, self.gate64 = sae.b_enc.to(**cpu64), self.gate.to(**cpu64)
+
+    def live_features(self, sae_in):
+        """Ascending ids of the features that may fire on some row of sae_in, or None when
+        (nearly) all may: the Cauchy-Schwarz bound of the class docstring."""
+        import torch
+
+        if sae_in.dtype not in (torch.float32, torch.float64):  # the margin covers float32 rounding, not half precision
+            return None
+        x_norm = float(torch.linalg.vector_norm(sae_in, dim=1).max()) * (1 + self.PRUNE_MARGIN) if len(sae_in) else 0.0
+        if not math.isfinite(x_norm):
+            return None
+        bound = self.w_norm * x_norm + self.b_enc64
+        bound = bound + bound.abs() * self.PRUNE_MARGIN
+        may_fire = ~(bound < self.gate64)  # NaN: never pruned
+        n_live = int(may_fire.sum())
+        if n_live > (1 - self.PRUNE_MIN_SHARE) * len(bound):
+            return None
+        # a multiple of 16 columns (an odd count makes the addmm ~1.6x slower on CPU): pad with
+        # features that cannot fire, which then give no entries either
+        pad = -n_live % 16
+        if n_live + pad >= len(bound):
+            return None
+        if pad:
+            may_fire[torch.nonzero(~may_fire).view(-1)[:pad]] = True
+        return torch.nonzero(may_fire).view(-1).to(sae_in.device)
 
     def encode_decode(self, x_flat):
         import torch
@@ -321,15 +366,22 @@ class SaeCodec:
             t, f = nz[:, 0], nz[:, 1]
             return t, f, acts[t, f], x_hat
         sae_in = x_flat.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input  # SAE.process_sae_in
-        hidden_pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)  # sae_in @ W_enc + b_enc, fused
-        positive = hidden_pre > sae.threshold.clamp_min(0) if self.jumprelu else hidden_pre > 0
+        live = self.live_features(sae_in)
+        if live is None:
+            hidden_pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)  # sae_in @ W_enc + b_enc, fused
+            positive = hidden_pre > self.gate
+        else:  # only the features that may fire (ascending: entries stay in (token, feature) order)
+            hidden_pre = torch.addmm(sae.b_enc.index_select(0, live), sae_in, sae.W_enc.index_select(1, live))
+            positive = hidden_pre > self.gate.index_select(0, live)
         if positive.device.type == "cpu":  # numpy's nonzero of a sparse mask is ~4x torch's on CPU
             flat = torch.from_numpy(np.flatnonzero(positive.numpy()))  # row-major: sorted by (token, feature)
         else:
             flat = torch.nonzero(positive.view(-1)).view(-1)
-        d_sae = hidden_pre.shape[1]
-        t, f = flat // d_sae, flat % d_sae
+        n_cols = hidden_pre.shape[1]
+        t, f = flat // n_cols, flat % n_cols
         vals = hidden_pre.view(-1).index_select(0, flat)
+        if live is not None:
+            f = live.index_select(0, f)
         counts = torch.bincount(t, minlength=n_tok)
         offsets = torch.cumsum(counts, 0) - counts
         x_hat = torch.nn.functional.embedding_bag(f, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec

@@ -459,3 +459,22 @@ def test_moments_are_stable_for_nearly_constant_values():
         fin = acc.finalize()
         assert fin["std"][0] == pytest.approx(v.std(), rel=1e-9)
         assert fin["mean"][0] == pytest.approx(v.mean(), rel=1e-14)
+
+
+def test_hist_bins_log_edges_match_binary_search():
+    """The log10-guess path for log-spaced edges gives searchsorted's bins, at and around every
+    edge, outside the range, and for 0, negative, NaN and infinite values."""
+    from explorer import schema
+
+    edges = np.asarray(schema.ACT_HIST_EDGES, np.float64)
+    rng = np.random.default_rng(0)
+    e32 = edges.astype(np.float32)
+    values = np.concatenate([
+        10 ** rng.uniform(-5, 5, 5000), e32, np.nextafter(e32, np.float32(0)), np.nextafter(e32, np.float32(np.inf)),
+        [0.0, -1.0, np.nan, np.inf, -np.inf, 1e-30, 1e30],
+    ]).astype(np.float32)
+    want = np.clip(np.searchsorted(edges, values.astype(np.float64), side="right") - 1, 0, len(edges) - 2)
+    np.testing.assert_array_equal(hist_bins(values, edges), want)
+    lin = np.linspace(0.0, 1.0, 11)  # not log-spaced: the binary search
+    np.testing.assert_array_equal(hist_bins(np.linspace(-0.5, 1.5, 200), lin),
+                                  np.clip(np.searchsorted(lin, np.linspace(-0.5, 1.5, 200), side="right") - 1, 0, 9))

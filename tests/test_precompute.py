@@ -639,3 +639,43 @@ def test_codec_encode_at_equals_sae_encode(tiny_demo):
     np.testing.assert_array_equal(slow, want)
     np.testing.assert_allclose(fast, want, rtol=1e-5, atol=1e-6)
     assert ((fast > 0) == (want > 0)).all()
+
+
+def test_codec_encode_decode_skips_only_features_that_cannot_fire(tiny_demo):
+    """encode_decode encodes only the features whose Cauchy-Schwarz bound reaches the gate; its
+    entries and reconstruction are those of the full encode (and of sae.encode / sae.decode)."""
+    import torch
+    from sae_lens import SAE
+
+    from precompute.run import SaeCodec
+
+    sae = SAE.load_from_disk(str(tiny_demo / "saes" / "base_sae"))
+    d_in = int(sae.cfg.d_in)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # thresholds spread over the pre-activations' range: some features fire, some cannot
+        pre = (torch.randn(300, d_in, generator=gen) @ sae.W_enc + sae.b_enc).abs().amax(0)
+        sae.threshold.copy_(pre * 6 * torch.rand(pre.shape, generator=gen))
+    codec, full = SaeCodec(sae), SaeCodec(sae)
+    full.PRUNE_MIN_SHARE = 2.0  # never prunes
+    assert codec.fast
+    pruned = 0
+    with torch.inference_mode():
+        for scale in (0.3, 1.0, 3.0):
+            x = torch.randn(300, d_in, generator=gen) * scale + sae.b_dec
+            live = codec.live_features(x - sae.b_dec)
+            assert full.live_features(x - sae.b_dec) is None
+            if live is not None:
+                pruned += 1
+                assert len(live) % 16 == 0 and bool((live[1:] > live[:-1]).all())
+            got, want = codec.encode_decode(x), full.encode_decode(x)
+            if live is not None:
+                assert 0 < len(got[0]) and len(live) < int(sae.cfg.d_sae)  # features fire, and some are skipped
+            for g, w in zip(got[:3], want[:3]):
+                assert torch.equal(g, w)
+            torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=1e-6)
+            dense = sae.encode(x)
+            t, f = torch.nonzero(dense > 0).unbind(1)
+            assert torch.equal(got[0], t) and torch.equal(got[1], f)
+            torch.testing.assert_close(got[2], dense[t, f], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[3], sae.decode(dense), rtol=1e-5, atol=1e-5)
+    assert pruned >= 1  # the bound skips features at some scale
