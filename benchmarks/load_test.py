@@ -199,19 +199,13 @@ def synthetic_runs(pair: Path) -> Path:
     import tempfile
 
 
-    from explorer import rundir
-    from explorer.synthetic import make_run
+    from explorer.synthetic import make_run, point_at_pair
 
     pair = pair.resolve()
     tl = json.loads((pair / "base" / "config.json").read_text())["tl_config"]
     d_sae = int(json.loads((pair / "saes" / "base_sae" / "cfg.json").read_text())["d_sae"])
     root = Path(tempfile.mkdtemp(prefix="load-runs-"))
-    out = make_run(root / "synth", n_features=d_sae, n_vocab=int(tl["d_vocab"]), context=min(64, int(tl["n_ctx"])), n_sequences=64)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["config"]["models"] = {m: {"path": str(pair / m)} for m in ("base", "finetuned")}
-    manifest["config"]["saes"] = {s: {"path": str(pair / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
-    manifest.pop("schema_version")
-    rundir.write_manifest(out, manifest)
+    point_at_pair(make_run(root / "synth", n_features=d_sae, n_vocab=int(tl["d_vocab"]), context=min(64, int(tl["n_ctx"])), n_sequences=64), pair)
     return root
 
 

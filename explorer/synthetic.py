@@ -362,6 +362,20 @@ def make_run(
     return out
 
 
+def point_at_pair(run_dir: Path, pair: Path) -> Path:
+    """Make a synthetic run's config name a local model pair (pair/base, pair/finetuned,
+    pair/saes/<sae>), so the live probe can load it. The manifest is rewritten atomically."""
+    import json
+
+    run_dir, pair = Path(run_dir), Path(pair)
+    manifest = json.loads((run_dir / schema.MANIFEST).read_text())
+    manifest["config"]["models"] = {m: {"path": str(pair / m)} for m in schema.MODELS}
+    manifest["config"]["saes"] = {s: {"path": str(pair / "saes" / s)} for s in schema.SAES}
+    manifest.pop("schema_version", None)
+    rundir.write_manifest(run_dir, manifest)
+    return run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
-from explorer import rundir
-from explorer.synthetic import make_run
+from explorer.synthetic import make_run, point_at_pair
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,10 +24,4 @@ def load_benchmark(name: str) -> ModuleType:
 def make_probe_run(out: Path, demo: Path) -> Path:
     """A synthetic run (64 features, 512-token vocabulary, context 32) whose config names the
     tiny demo pair, so the live probe can load its models."""
-    out = make_run(out, n_features=64, n_vocab=512, context=32)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["config"]["models"] = {m: {"path": str(demo / m)} for m in ("base", "finetuned")}
-    manifest["config"]["saes"] = {s: {"path": str(demo / "saes" / s)} for s in ("base_sae", "finetuned_sae")}
-    manifest.pop("schema_version")
-    rundir.write_manifest(out, manifest)
-    return out
+    return point_at_pair(make_run(out, n_features=64, n_vocab=512, context=32), demo)
