@@ -82,6 +82,42 @@ def time_to_content(browser, url: str, timeout_ms: int) -> float:
         context.close()
 
 
+def server_script_ms(run_dir: Path, ids: list[int]) -> list[float]:
+    """The server's share: Streamlit's script run of the feature page for each id (AppTest, warm
+    process, uncached features), without a browser or websocket."""
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.testing.v1 import AppTest
+
+    old_env, old_init = os.environ.get("SAE_EXPLORER_RUNS_DIR"), PagesManager.__init__
+
+    def init(self, *a, **kw):  # as a served app after its first request (see tests/conftest.py)
+        old_init(self, *a, **kw)
+        PagesManager.uses_pages_directory = False
+
+    os.environ["SAE_EXPLORER_RUNS_DIR"] = str(run_dir.resolve().parent)
+    PagesManager.__init__ = init
+    try:
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
+        at.query_params["run"] = run_dir.name
+        at.run()
+        at.switch_page("pages/3_feature.py")
+        out = []
+        for fid in ids:
+            at.query_params.update(sae="base_sae", feature=str(fid))
+            t0 = time.perf_counter()
+            at.run()
+            out.append((time.perf_counter() - t0) * 1000)
+            if at.exception:
+                raise SystemExit(f"{run_dir.name}: feature {fid}: {at.exception[0].message}")
+        return out
+    finally:
+        PagesManager.__init__ = old_init
+        if old_env is None:
+            os.environ.pop("SAE_EXPLORER_RUNS_DIR", None)
+        else:
+            os.environ["SAE_EXPLORER_RUNS_DIR"] = old_env
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, action="append", default=None, help="a run directory (repeatable); default: data/runs/demo and the largest B4 synthetic run")
@@ -128,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"{r.name:<20} {'cold' if j == 0 else 'warm'} feature {fid:>8}: {ms:8.0f} ms  (load {os.getloadavg()[0]:.1f})", flush=True)
         finally:
             browser.close()
+    server = {}
+    for r in runs:  # the same features again, server-side only, in this process (its caches are empty)
+        ms = server_script_ms(r, feats[str(r)])
+        ms = ms[1:] if len(ms) > 1 else ms  # the first run warms the process up
+        server[str(r)] = ms
+        print(f"{r.name:<20} server script run of the page: median {statistics.median(ms):.0f} ms over {len(ms)} features", flush=True)
     summary = {}
     for r in runs:
         x = res[str(r)]
@@ -136,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "run_dir": str(r), "d_sae": m["d_sae"], "synthetic": bool(m.get("synthetic")),
             "cold_median_ms": statistics.median(x["cold_ms"]), "warm_median_ms": statistics.median(x["warm_ms"]) if x["warm_ms"] else None,
             "cold_ms": x["cold_ms"], "warm_ms": x["warm_ms"], "features": x["features"], "loadavg_1min": x["loadavg"],
+            "server_script_ms": server[str(r)], "server_script_median_ms": statistics.median(server[str(r)]),
         }
     result = {
         "benchmark": "B6: app time-to-content (feature page deep link, headless Chromium)",

@@ -106,3 +106,4 @@ def test_b6_smoke(tmp_path):
     assert len(run["cold_ms"]) == 1 and len(run["warm_ms"]) == 1
     assert all(ms > 0 for ms in run["cold_ms"] + run["warm_ms"])
     assert len(set(run["features"])) == 2  # two different features: the warm one was not a cache hit
+    assert len(run["server_script_ms"]) == 1 and run["server_script_ms"][0] > 0  # the page's script run, no browser
