@@ -60,3 +60,11 @@ def write_config(path: Path, run_id: str, demo: Path, n_tokens: int, context: in
     """demo_config_text written to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(demo_config_text(run_id, demo, n_tokens, context))
+
+
+def write_result(out: Path, result: dict, indent: int = 1) -> Path:
+    """Write a benchmark's result JSON (parents created); returns the path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=indent, default=str) + "\n")
+    return out

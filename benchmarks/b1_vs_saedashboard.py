@@ -416,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         result["reps"].append(row)
         result["machine"]["loadavg_at_end"] = os.getloadavg()
         result["summary"] = summarize(result["reps"], tools)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")  # after every repetition
+        _common.write_result(args.out, result, indent=2)  # after every repetition
 
     print_table(result)
     print(f"[b1] wrote {args.out}")

@@ -47,7 +47,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b2.json"
 if str(REPO) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config  # noqa: E402
+from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config, write_result  # noqa: E402
 VARIANTS = ("stop", "logits", "ce")
 
 
@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit_runs": limits,
         "our_runs": ours,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out_path, result, indent=2)
 
     print(f"\nB2 at {n_tokens:,} tokens, {a.threads} thread(s), {reps} rep(s), medians:")
     print(f"{'':34}{'wall s':>10}{'cpu s':>10}{'ours/this wall':>16}{'cpu':>8}")

@@ -19,7 +19,6 @@ Results: a table on stdout and `benchmarks/results/b3.json` (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b3.json"
 if str(REPO) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config  # noqa: E402
+from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config, write_result  # noqa: E402
 
 
 def run_once(cfg: Path, runs_dir: Path, log: Path, threads: int | None) -> dict:
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios_per_rep": ratios,
         "goal": "flat (ratio close to 1)",
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(a.out, result)
     print(f"peak RSS ratio {tokens[-1]}/{tokens[0]} tokens: {ratio:.3f} (median of {reps}); -> {a.out}")
     return 0
 

@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make `explorer` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import machine, write_result  # noqa: E402
 from explorer import schema, store  # noqa: E402
 from explorer.rundir import open_run  # noqa: E402
 from explorer.synthetic import make_run  # noqa: E402
@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['disk']['bytes_per_feature_per_model']:>12.0f}{'' if bytes_repr else '*'}  {'' if goal is None else ('met' if goal['met'] else 'MISSED')}", flush=True)
     print(f"load average during: {res['loadavg_1min_during']}  (* reduced examples: bytes not representative)")
     if not a.smoke or a.out != DEFAULT_OUT:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        write_result(a.out, result)
         print(f"-> {a.out}")
     if tmp is not None:
         tmp.cleanup()

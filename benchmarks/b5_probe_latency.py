@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {n_threads} | {name} | {statistics.median(xs):.1f} | {_p95(xs):.1f} | {min(xs):.1f} |", flush=True)
     torch.set_num_threads(default_threads)
     if args.out:
-        import json
         from datetime import datetime, timezone
 
-        from benchmarks._common import machine
+        from benchmarks._common import machine, write_result
 
         probe_rows = [r for r in rows if r["stage"] == "probe"]
         result = {
@@ -127,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "goal_met_median": {str(r["threads"]): r["median_ms"] <= GOAL_MS for r in probe_rows},
             "stages": rows,
         }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"-> {out}")
+        print(f"-> {write_result(Path(args.out), result)}")
     return 0
 
 

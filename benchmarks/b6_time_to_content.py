@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import machine, write_result  # noqa: E402
 from tests.browser_utils import CHROMIUM_ARGS, CHROMIUM_PATH, streamlit_server  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "b6.json"
@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         wm = "-" if s["warm_median_ms"] is None else f"{s['warm_median_ms']:.0f} ms"
         print(f"{name:<20} {s['d_sae']['base_sae']:>9} {s['cold_median_ms']:>9.0f} ms {wm:>12}")
     if not a.smoke or a.out != DEFAULT_OUT:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(a.out, result)
         print(f"-> {a.out}")
     if tmp is not None:
         tmp.cleanup()
