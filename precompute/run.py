@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import functools
 import os
 import shutil
 import sys
@@ -105,6 +106,11 @@ class Prepared:
     def batch_seq_ids(self, b: int) -> np.ndarray:
         bs = self.cfg.sample.batch_size
         return np.arange(b * bs, min((b + 1) * bs, self.sample.n_sequences))
+
+    @functools.cached_property
+    def codecs(self) -> dict[str, "SaeCodec"]:
+        """One SaeCodec per SAE, built once per run (their weight norms are computed once)."""
+        return {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
 
 
 def _file_fingerprint(path: Path, chunk: int = 16 << 20) -> dict[str, Any]:
@@ -522,7 +528,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     activations at the hook ({model: [B, C, d] tensor}) for the hook-activation cache."""
     import torch
 
-    codecs = {s: SaeCodec(prep.pair.saes[s]) for s in state.sae_names}
+    codecs = prep.codecs
     seq_ids = prep.batch_seq_ids(b)
     tok_np = prep.sample.tokens[seq_ids]
     n_b, ctx = tok_np.shape
@@ -1148,7 +1154,7 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     # examples.parquet
     ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)
 
-    codecs = {name: SaeCodec(saes[name]) for name in state.sae_names}
+    codecs = prep.codecs
 
     hook_stats = {"cached": 0, "recomputed": 0}
 
