@@ -64,11 +64,13 @@ def limit_child(cfg_path: Path, threads: int, out: Path) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from precompute import run as run_mod
     from precompute.config import RunConfig
+    from precompute.forward import runners as model_runners
+    from precompute.prepare import prepare
+    from precompute.sae_codec import SaeCodec
 
-    prep = run_mod.prepare(RunConfig.from_toml(cfg_path))
-    runners = run_mod._runners(prep)
+    prep = prepare(RunConfig.from_toml(cfg_path))
+    runners = model_runners(prep.pair, prep.cfg.hook)
     saes = prep.pair.saes
     models = {"base": prep.pair.base, "finetuned": prep.pair.finetuned}
     hook = prep.cfg.hook
@@ -86,7 +88,7 @@ def limit_child(cfg_path: Path, threads: int, out: Path) -> None:
         return store["x"]
 
     hook_name = hook
-    codecs = {s: run_mod.SaeCodec(saes[s]) for s in saes} if hasattr(run_mod, "SaeCodec") else None
+    codecs = {s: SaeCodec(saes[s]) for s in saes}
     stop_at = runners["base"].stop_at
 
     def loop(variant: str) -> None:

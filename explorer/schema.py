@@ -22,7 +22,7 @@ Units: activations are in the SAE's own units (the output of `sae.encode`); dens
 fractions of tokens in [0, 1]; CE losses are nats per token; cosines and correlations are in
 [-1, 1]; L2 distances are in the residual stream's own units.
 
-Which tokens count (precompute/run.py): special tokens (BOS/EOS/PAD) are left out of every SAE
+Which tokens count (precompute/stream.py): special tokens (BOS/EOS/PAD) are left out of every SAE
 and feature statistic, as SAELens's `run_evals` leaves them out; residual-stream similarity
 covers every token. The manifest's `n_counted_tokens` is the number of counted tokens.
 """
@@ -291,7 +291,7 @@ EXAMPLES_ROW_GROUP_SIZE = 2048
 FEATURES_ROW_GROUP_SIZE = 1024
 
 
-# manifest.json keys (written by precompute/run.py::finalize via rundir.write_manifest, last)
+# manifest.json keys (written by precompute/tables.py::finalize via rundir.write_manifest, last)
 MANIFEST_DOCS = {
     "schema_version": "this module's SCHEMA_VERSION when the run was written",
     "run_id": "the run's id (its directory name)",

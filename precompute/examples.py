@@ -10,7 +10,7 @@ encodes each window with its example's feature only (not the whole SAE). Storing
 Batches are the stream's own batches, so the activations are the ones the stream saw.
 
 Activations at special tokens (BOS/EOS/PAD) are reported as 0 in windows: special tokens are
-excluded from every statistic of a run (see precompute/run.py).
+excluded from every statistic of a run (see precompute/stream.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import pytest
 
 from explorer import rundir, schema
 from explorer.errors import RunError
-from precompute import run as run_mod
+from precompute import pass_state
 from tests.test_precompute import BATCH, N_SEQ, assert_runs_equal, tiny_config_text, write_tiny_corpus
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def _cmd(cfg: Path, runs: Path, *extra: str, slow_writer: bool = False) -> list[
 
 def _next_batch(ckpt: Path) -> int | None:
     try:
-        return int(run_mod.read_state_meta(ckpt)["next_batch"]) if ckpt.exists() else None
+        return int(pass_state.read_state_meta(ckpt)["next_batch"]) if ckpt.exists() else None
     except Exception:  # noqa: BLE001 - being replaced right now
         return None
 
@@ -98,7 +98,7 @@ def _assert_not_a_run(runs: Path) -> None:
 def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(setup, point, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     run_dir = runs / "ref"
-    ckpt = run_dir / run_mod.CHECKPOINT_DIR / run_mod.STATE_FILE
+    ckpt = run_dir / pass_state.CHECKPOINT_DIR / pass_state.STATE_FILE
     target = random.Random(f"crash-{point}").randrange(1, N_BATCHES - 1)  # stream: a random middle batch
     finalize = point in ("tables", "manifest")
     extra = ["--checkpoint-every", "2", "--batch-delay", "0.7"] if point == "stream" else ["--checkpoint-every", "1"]

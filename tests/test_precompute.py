@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from explorer import rundir, schema
+from precompute import calibration, forward, hook_cache, pass_state
+from precompute import prepare as prepare_mod
 from precompute import run as run_mod
 from precompute.accumulators import priority
 from precompute.config import RunConfig
@@ -96,7 +98,7 @@ def ref(tiny_demo, corpus, tmp_path_factory):
     cfg_path.write_text(tiny_config_text(tiny_demo, corpus))
     cfg = RunConfig.from_toml(cfg_path)
     run_dir = run_mod.run(cfg, runs_dir=d / "runs", progress=False, checkpoint_every=2)
-    prep = run_mod.prepare(cfg)
+    prep = prepare_mod.prepare(cfg)
     return {"dir": run_dir, "prep": prep, "cfg_path": cfg_path, "manifest": rundir.open_run(run_dir)}
 
 
@@ -166,7 +168,7 @@ def test_run_is_complete_and_valid(ref):
     assert man["tokenizer_check"]["matching_id_share"] == 1.0
     for pkg in ("torch", "sae-lens", "transformer-lens"):
         assert man["packages"][pkg]
-    assert not (ref["dir"] / run_mod.CHECKPOINT_DIR).exists()
+    assert not (ref["dir"] / pass_state.CHECKPOINT_DIR).exists()
     # every file's rows as in the manifest, every column as in the schema
     for name, entry in man["files"].items():
         t = pq.read_table(ref["dir"] / name)
@@ -185,7 +187,7 @@ def test_tokens_are_the_sample(ref, naive):
 
 def test_calibration_matches_naive(ref, naive):
     cal = ref["manifest"]["calibration"]
-    n = min(run_mod.CALIBRATION_SEQUENCES, N_SEQ)
+    n = min(calibration.CALIBRATION_SEQUENCES, N_SEQ)
     for m in ("base", "finetuned"):
         norms = np.linalg.norm(naive["x"][m][:n], axis=-1)[naive["counted"][:n]]
         assert cal["mean_norm"][m] == pytest.approx(norms.mean(), rel=1e-6)
@@ -410,8 +412,8 @@ def test_start_at_layer_loss_equals_hooked_forward(ref):
     prep = ref["prep"]
     tok = torch.from_numpy(prep.sample.tokens[:8].astype(np.int64))
     for hook in ("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
-        fast = run_mod.ModelRunner(prep.pair.finetuned, hook)
-        slow = run_mod.ModelRunner(prep.pair.finetuned, hook, fast=False)
+        fast = forward.ModelRunner(prep.pair.finetuned, hook)
+        slow = forward.ModelRunner(prep.pair.finetuned, hook, fast=False)
         assert fast.fast and fast.own_head and not slow.fast and not slow.own_head
         with torch.inference_mode():
             _, x = fast.clean(tok)
@@ -502,7 +504,7 @@ def test_shards_merge_to_the_single_pass(ref, tmp_path):
     assert main(["merge", "ref", "--runs-dir", str(runs), "--no-progress"]) == 0
     merged = runs / "ref"
     rundir.open_run(merged)
-    assert not (merged / run_mod.SHARDS_DIR).exists()
+    assert not (merged / pass_state.SHARDS_DIR).exists()
     assert_runs_equal(ref["dir"], merged)
     # the merge filled the windows from the shards' kept hook activations, not a second pass
     timing = rundir.open_run(merged)["timing"]
@@ -514,8 +516,8 @@ def test_windows_from_kept_hook_activations_equal_a_second_pass(ref, tmp_path, m
     (or over its budget) finalize runs the models again: the tables are bitwise the same."""
     t = ref["manifest"]["timing"]
     assert t["window_batches_from_stream"] == ref["prep"].n_batches and t["window_batches_recomputed"] == 0
-    assert not (ref["dir"] / run_mod.CHECKPOINT_DIR).exists()  # the cache went with the checkpoint
-    monkeypatch.setenv(run_mod.HOOK_CACHE_MB_ENV, "0")
+    assert not (ref["dir"] / pass_state.CHECKPOINT_DIR).exists()  # the cache went with the checkpoint
+    monkeypatch.setenv(hook_cache.HOOK_CACHE_MB_ENV, "0")
     cfg = RunConfig.from_toml(ref["cfg_path"])
     off = run_mod.run(cfg, runs_dir=tmp_path / "off", progress=False)
     t = rundir.open_run(off)["timing"]
@@ -523,7 +525,7 @@ def test_windows_from_kept_hook_activations_equal_a_second_pass(ref, tmp_path, m
     assert_runs_equal(ref["dir"], off, exact_floats=True)
     # a budget of about two batches: the rest are recomputed, and nothing changes
     per_batch = ref["prep"].cfg.sample.batch_size * ref["prep"].cfg.sample.context_size * int(ref["prep"].pair.base.cfg.d_model) * 4 * 2
-    monkeypatch.setenv(run_mod.HOOK_CACHE_MB_ENV, str(2.5 * per_batch / 2**20))
+    monkeypatch.setenv(hook_cache.HOOK_CACHE_MB_ENV, str(2.5 * per_batch / 2**20))
     part = run_mod.run(cfg, runs_dir=tmp_path / "part", progress=False)
     t = rundir.open_run(part)["timing"]
     assert t["window_batches_from_stream"] == 2 and t["window_batches_recomputed"] == ref["prep"].n_batches - 2
@@ -595,7 +597,7 @@ def test_text_corpus_is_packed_with_bos(ref, tiny_demo, tmp_path):
 
 
 def test_top_tokens_are_the_tokens_at_the_top_examples(ref):
-    from precompute.run import _search_form
+    from precompute.feature_table import _search_form
 
     ex = table(ref["dir"], "examples.parquet")
     top = ex[ex.kind == "top"]
@@ -620,7 +622,7 @@ def test_codec_encode_at_equals_sae_encode(tiny_demo):
     import torch
     from sae_lens import SAE
 
-    from precompute.run import SaeCodec
+    from precompute.sae_codec import SaeCodec
 
     sae = SAE.load_from_disk(str(tiny_demo / "saes" / "base_sae"))
     codec = SaeCodec(sae)
@@ -647,7 +649,7 @@ def test_codec_encode_decode_skips_only_features_that_cannot_fire(tiny_demo):
     import torch
     from sae_lens import SAE
 
-    from precompute.run import SaeCodec
+    from precompute.sae_codec import SaeCodec
 
     sae = SAE.load_from_disk(str(tiny_demo / "saes" / "base_sae"))
     d_in = int(sae.cfg.d_in)

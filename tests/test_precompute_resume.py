@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from explorer import rundir, schema
-from precompute import run as run_mod
+from precompute import pass_state
 from tests.test_precompute import BATCH, CTX, N_SEQ, assert_runs_equal, tiny_config_text, write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def _checkpoint_batch(path: Path) -> int | None:
     if not path.exists():
         return None
     try:
-        return int(run_mod.read_state_meta(path)["next_batch"])
+        return int(pass_state.read_state_meta(path)["next_batch"])
     except Exception:  # noqa: BLE001 - being replaced right now; poll again
         return None
 
@@ -48,7 +48,7 @@ def test_kill_9_then_rerun_resumes_and_equals_an_uninterrupted_run(tiny_demo, tm
 
     # interrupted: slowed down so that it is surely mid-run when killed
     runs = tmp_path / "runs"
-    ckpt = runs / "ref" / run_mod.CHECKPOINT_DIR / run_mod.STATE_FILE
+    ckpt = runs / "ref" / pass_state.CHECKPOINT_DIR / pass_state.STATE_FILE
     proc = subprocess.Popen(
         _cli("run", "--config", str(cfg), "--runs-dir", str(runs), "--checkpoint-every", "1", "--batch-delay", "1.0", "--no-progress"),
         cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -1,0 +1,143 @@
+"""features.parquet: one row per (sae, feature), built at finalize from the pass state, the SAE
+weights (logits, decoder neighbours) and the two-SAE matching."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from explorer import schema
+from precompute import weights as W
+from precompute.columns import list_col, nullable
+from precompute.forward import hook_start_layer
+from precompute.pass_state import PassState
+from precompute.prepare import Prepared
+
+MODELS = schema.MODELS
+MATCH_COLUMNS = (
+    ("match_feature_id", pa.int32()), ("match_score", pa.float64()), ("match_act_corr", pa.float64()),
+    ("match_dec_cos", pa.float64()), ("assigned_feature_id", pa.int32()), ("assigned_score", pa.float64()),
+)
+
+
+def _status(count: np.ndarray, density: np.ndarray, ultralow: float, dense: float) -> np.ndarray:
+    return np.select([count == 0, density < ultralow, density > dense], ["dead", "ultralow", "dense"], "regular").astype(object)
+
+
+def _cross_class(alive_b: np.ndarray, alive_f: np.ndarray) -> np.ndarray:
+    return np.select(
+        [alive_b & alive_f, alive_b & ~alive_f, ~alive_b & alive_f], ["both_alive", "died", "woke"], "both_dead"
+    ).astype(object)
+
+
+def _search_form(token: str) -> str:
+    """A token as one space-free word for features.top_tokens: stripped, or whitespace made visible."""
+    return token.strip().replace(" ", "\u2423") or token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423")
+
+
+def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
+    n = len(tokenizer) if tokenizer is not None else 0
+    strs = tokenizer.batch_decode([[i] for i in range(min(n, d_vocab))]) if n else []
+    return strs + [f"<id {i}>" for i in range(len(strs), d_vocab)]
+
+
+def _density_columns(prep: Prepared, state: PassState, s: str, cols: dict, summary: dict) -> None:
+    """Density, mean and max activation and status on each model; the cross-model class."""
+    th = prep.cfg.thresholds
+    alive = {}
+    summary["status_counts"][s] = {}
+    for m in MODELS:
+        fs = state.features[(s, m)]
+        fin = fs.finalize()
+        cols[f"density_{m}"] = fin["density"]
+        cols[f"mean_act_{m}"] = fin["mean_act"]
+        cols[f"mean_active_act_{m}"] = fin["mean_active_act"]
+        cols[f"max_act_{m}"] = state.topk[(s, m)].max()
+        status = _status(fs.count, fin["density"], th.ultralow_density, th.dense_density)
+        cols[f"status_{m}"] = status.astype(str)
+        summary["status_counts"][s][m] = {k: int((status == k).sum()) for k in schema.STATUSES}
+        alive[m] = fs.count > 0
+    cc = _cross_class(alive["base"], alive["finetuned"])
+    cols["cross_class"] = cc.astype(str)
+    summary["cross_class_counts"][s] = {k: int((cc == k).sum()) for k in schema.CROSS_CLASSES}
+
+
+def _pair_columns(state: PassState, s: str, cols: dict, summary: dict) -> None:
+    """Activation similarity and error of each feature between the two models (pairing by identity)."""
+    pair = state.pairs[s].finalize(state.features[(s, "base")], state.features[(s, "finetuned")])
+    cols["act_similarity"], cols["act_error"] = pair["act_similarity"], pair["act_error"]
+    summary["act_similarity_nan"][s] = int(np.isnan(pair["act_similarity"]).sum())
+
+
+def _logit_columns(prep: Prepared, s: str, d: int, cols: dict, summary: dict) -> None:
+    """Logit similarity and the top +/- logits on each model, where the decoder writes into the residual stream."""
+    sae = prep.pair.saes[s]
+    d_model = int(prep.pair.base.cfg.d_model)
+    if int(sae.cfg.d_in) == d_model and hook_start_layer(prep.cfg.hook, prep.pair.base.cfg.n_layers) is not None:
+        ls = W.logit_stats(sae.W_dec, {"base": prep.pair.base.W_U, "finetuned": prep.pair.finetuned.W_U})
+        cols["logit_similarity"] = ls.similarity
+        summary["logit_similarity_nan"][s] = int(np.isnan(ls.similarity).sum())
+        for m in MODELS:
+            cols[f"logit_pos_ids_{m}"] = list_col(ls.pos_ids[m], pa.int32())
+            cols[f"logit_pos_values_{m}"] = list_col(ls.pos_values[m], pa.float32())
+            cols[f"logit_neg_ids_{m}"] = list_col(ls.neg_ids[m], pa.int32())
+            cols[f"logit_neg_values_{m}"] = list_col(ls.neg_values[m], pa.float32())
+    else:  # the decoder does not write into the residual stream: no direct logits
+        cols["logit_similarity"] = np.full(d, np.nan)
+        for m in MODELS:
+            for sign in ("pos", "neg"):
+                cols[f"logit_{sign}_ids_{m}"] = pa.nulls(d, pa.list_(pa.int32()))
+                cols[f"logit_{sign}_values_{m}"] = pa.nulls(d, pa.list_(pa.float32()))
+
+
+def _match_columns(match: W.MatchResult | None, s: str, d: int, cols: dict) -> None:
+    """Each feature's best match and its assigned partner in the other SAE (null without a second SAE)."""
+    if match is None:
+        for c, typ in MATCH_COLUMNS:
+            cols[c] = pa.nulls(d, typ)
+        return
+    if s == "base_sae":
+        best, bs_, bc, bcos, asg, asc = (match.best_b_for_a, match.best_score_a, match.best_corr_a, match.best_cos_a, match.assigned_b_for_a, match.assigned_score_a)
+    else:
+        best, bs_, bc, bcos, asg, asc = (match.best_a_for_b, match.best_score_b, match.best_corr_b, match.best_cos_b, match.assigned_a_for_b, match.assigned_score_b)
+    cols["match_feature_id"] = nullable(best, best >= 0, pa.int32())
+    cols["match_score"], cols["match_act_corr"], cols["match_dec_cos"] = bs_, bc, bcos
+    cols["assigned_feature_id"] = nullable(asg, asg >= 0, pa.int32())
+    cols["assigned_score"] = asc
+
+
+def _top_tokens(state: PassState, s: str, d: int, vocab: list[str], flat_tokens: np.ndarray) -> list[str]:
+    """The distinct tokens of a feature's top examples on both models, space-joined (the table's search text)."""
+    top_tok = []
+    tk = {m: state.topk[(s, m)].token for m in MODELS}
+    for i in range(d):
+        seen: dict[str, None] = {}
+        for m in MODELS:
+            for g in tk[m][i]:
+                if g >= 0:
+                    seen.setdefault(_search_form(vocab[int(flat_tokens[g])]), None)
+        top_tok.append(" ".join(seen))
+    return top_tok
+
+
+def features_table(prep: Prepared, state: PassState, match: W.MatchResult | None, units: dict, vocab: list[str], summary: dict) -> pa.Table:
+    """features.parquet's rows for every SAE of the run; fills summary's per-feature counts."""
+    flat_tokens = prep.sample.tokens.reshape(-1)
+    summary["status_counts"], summary["cross_class_counts"], summary["act_similarity_nan"], summary["logit_similarity_nan"] = {}, {}, {}, {}
+    tables = []
+    for s in state.sae_names:
+        d = state.d_sae[s]
+        cols: dict[str, Any] = {"sae": [s] * d, "feature_id": np.arange(d, dtype=np.int32)}
+        _density_columns(prep, state, s, cols, summary)
+        _pair_columns(state, s, cols, summary)
+        _logit_columns(prep, s, d, cols, summary)
+        for m in MODELS:
+            cols[f"act_hist_{m}"] = list_col(state.features[(s, m)].hist, pa.int64())
+        nn_ids, nn_cos = W.nearest_neighbours(units[s])
+        cols["nn_feature_ids"], cols["nn_cosines"] = list_col(nn_ids, pa.int32()), list_col(nn_cos, pa.float32())
+        _match_columns(match, s, d, cols)
+        cols["top_tokens"] = _top_tokens(state, s, d, vocab, flat_tokens)
+        tables.append(pa.table(cols))
+    return pa.concat_tables([t.select(schema.FEATURES.names).cast(schema.FEATURES) for t in tables])

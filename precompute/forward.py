@@ -1,0 +1,134 @@
+"""Stage 2a, the models: each model's clean, spliced and zero-ablated per-token losses and its
+activation at the hook (`ModelRunner`).
+
+Speed: for `hook_resid_pre` / `hook_resid_post` hooks the spliced and zero-ablated losses run
+the model from the hook's layer on (`start_at_layer`) with the replaced residual, instead of a
+full hooked forward; tests check both give the same loss. Other hooks use the hooked forward.
+On that path the zero-ablated loss is one single-position forward from the hook on (a zero
+residual at every position makes every later position identical, so the logits are the same
+everywhere; `ModelRunner.zero_loss`), not a full-batch pass: B2 (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+CE_CHUNK_BYTES = 1 << 20  # logits per chunk of the loss: 64 positions of a 4096-token vocabulary
+
+
+
+
+def hook_start_layer(hook: str, n_layers: int) -> int | None:
+    """The layer whose input residual IS the hook's activation (resid_pre L -> L, resid_post L -> L+1)."""
+    parts = hook.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        layer = int(parts[1])
+        if parts[2] == "hook_resid_pre":
+            return layer
+        if parts[2] == "hook_resid_post":
+            return layer + 1
+    return None
+
+
+class ModelRunner:
+    """Clean, spliced and zero-ablated losses of one model, and its activation at the hook."""
+
+    def __init__(self, model, hook: str, fast: bool = True):
+        from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+        self.model, self.hook = model, hook
+        self.start_layer = hook_start_layer(hook, model.cfg.n_layers)
+        tok = model.tokenizer
+        self.fast = (
+            fast
+            and self.start_layer is not None
+            and model.cfg.positional_embedding_type != "shortformer"
+            and not (tok is not None and getattr(tok, "padding_side", "right") == "left")
+        )
+        self.stop_at = extract_stop_at_layer_from_tlens_hook_name(hook)
+        # Our own head (ln_final, unembed, log-softmax, gather) on the blocks' output: only where
+        # the hook is in the blocks and the logits are not soft-capped (TL's loss otherwise).
+        cap = getattr(model.cfg, "output_logits_soft_cap", None)
+        self.own_head = self.fast and not (cap is not None and cap > 0)
+
+    def head_loss(self, resid, tokens):
+        """Per-token loss [B, C-1] from the residual after the last block, as TransformerLens's
+        forward computes it (ln_final, the unembed as `Unembed.forward` does it, log-softmax,
+        gather of the next token), but in chunks of positions whose logits fit in cache, never
+        materialising [B, C, d_vocab], and without the last position's logits (no next token).
+        Equal to TL's `return_type="loss"` to float32 rounding (bitwise on the demo); B2."""
+        import torch
+
+        model = self.model
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        n_b, n_ctx, d = resid.shape
+        h = resid[:, :-1].reshape(-1, d)
+        target = tokens[:, 1:].reshape(-1, 1).to(h.device)
+        W_T, b_U = model.unembed.W_U.T.contiguous(), model.unembed.b_U
+        step = max(1, CE_CHUNK_BYTES // (h.element_size() * W_T.shape[0]))
+        out = []
+        for i in range(0, h.shape[0], step):
+            logits = torch.nn.functional.linear(h[i : i + step], W_T, b_U)
+            out.append(logits.log_softmax(-1).gather(-1, target[i : i + step]))
+        return -torch.cat(out).view(n_b, n_ctx - 1)
+
+    def clean(self, tokens):
+        """(per-token loss [B, C-1], activation at the hook [B, C, d])."""
+        store = {}
+
+        def grab(act, hook):  # noqa: ARG001
+            store["x"] = act.detach().clone()
+            return act
+
+        if self.own_head:
+            resid = self.model.run_with_hooks(tokens, stop_at_layer=self.model.cfg.n_layers, fwd_hooks=[(self.hook, grab)])
+            return self.head_loss(resid, tokens), store["x"]
+        loss = self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, grab)])
+        return loss, store["x"]
+
+    def loss_with(self, tokens, x_new):
+        """Per-token loss with the activation at the hook replaced by x_new."""
+        if self.own_head:
+            return self.head_loss(self.model(x_new, start_at_layer=self.start_layer, stop_at_layer=self.model.cfg.n_layers), tokens)
+        if self.fast:
+            return self.model(x_new, start_at_layer=self.start_layer, tokens=tokens, return_type="loss", loss_per_token=True)
+
+        def replace(act, hook):  # noqa: ARG001
+            return x_new
+
+        return self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, replace)])
+
+    def zero_loss(self, tokens, x):
+        """Per-token loss with the activation at the hook zeroed at every position.
+
+        Fast path: with every position's residual equal (zero) at the hook, and no positional
+        signal added after it (standard/rotary/ALiBi positions act at the embedding or only on
+        attention weights; shortformer and left padding are excluded from `fast`), each later
+        layer sees identical positions (attention averages identical values), so the logits are
+        the same at every position of every sequence: one single-position forward from the hook
+        on, then a gather. Equal to the full pass up to float rounding (tests compare it with
+        full hooked forwards and SAELens's run_evals); it saves one of the four CE passes per
+        model (clean, zero-ablated, spliced per SAE)."""
+        if not self.fast:
+            import torch
+
+            return self.loss_with(tokens, torch.zeros_like(x))
+
+        logits = self.model(x.new_zeros((1, 1, x.shape[-1])), start_at_layer=self.start_layer, return_type="logits")
+        log_probs = logits[0, 0].log_softmax(-1)
+        return -log_probs[tokens[:, 1:]]
+
+    def acts(self, tokens):
+        """The activation at the hook only (the model stops after the hook's layer)."""
+        store = {}
+
+        def grab(act, hook):  # noqa: ARG001
+            store["x"] = act.detach().clone()
+            return act
+
+        self.model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.stop_at)
+        return store["x"]
+
+
+def runners(pair, hook: str) -> dict[str, ModelRunner]:
+    """One ModelRunner per model of a loaded pair (explorer.models.LoadedPair)."""
+    return {"base": ModelRunner(pair.base, hook), "finetuned": ModelRunner(pair.finetuned, hook)}
