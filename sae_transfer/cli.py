@@ -38,14 +38,17 @@ def app_dir() -> Path:
     raise ExplorerError(f"The explorer's app.py was not found in {PACKAGE_DIR / 'app'} or {REPO_ROOT}: reinstall the package.")
 
 
-def streamlit_flags(config_toml: Path) -> list[str]:
+def streamlit_flags(config_toml: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """The app's .streamlit/config.toml as command-line flags, so that it holds whatever the
-    working directory (Streamlit reads ./.streamlit/config.toml from there)."""
+    working directory (Streamlit reads ./.streamlit/config.toml from there); `skip` names the
+    options the caller sets itself."""
     if not config_toml.is_file():
         return []
     flags = []
     for section, values in tomllib.loads(config_toml.read_text(encoding="utf-8")).items():
         for key, value in values.items():
+            if f"{section}.{key}" in skip:
+                continue
             text = str(value).lower() if isinstance(value, bool) else str(value)
             flags.append(f"--{section}.{key}={text}")
     return flags
@@ -107,7 +110,8 @@ def cmd_app(args) -> int:
         raise ExplorerError(f"--port must be between 1 and 65535, got {args.port}.")
     where = app_dir()
     env = {**os.environ, "SAE_EXPLORER_RUNS_DIR": str(runs.resolve())}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(where / "app.py"), *streamlit_flags(where / ".streamlit" / "config.toml"),
+    own = ("server.port", "server.address", "browser.serverAddress")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(where / "app.py"), *streamlit_flags(where / ".streamlit" / "config.toml", own),
            f"--server.port={args.port}", f"--server.address={args.address}", f"--browser.serverAddress={args.address}"]
     url = f"http://{args.address}:{args.port}/" + (f"overview?run={args.run}" if args.run else "")
     print(url, flush=True)
