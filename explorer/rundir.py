@@ -26,7 +26,10 @@ from explorer import schema
 from explorer.errors import RunError
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEFAULT_RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
+# The repository's data/runs (a checkout or an editable install); an installed copy has none, and
+# then runs are looked for in ./data/runs (or wherever --runs-dir / $SAE_EXPLORER_RUNS_DIR says).
+_REPO_RUNS_DIR = Path(__file__).resolve().parent.parent / "data" / "runs"
+DEFAULT_RUNS_DIR = _REPO_RUNS_DIR if _REPO_RUNS_DIR.is_dir() else Path.cwd() / "data" / "runs"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

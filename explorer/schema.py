@@ -300,6 +300,7 @@ MANIFEST_DOCS = {
     "config": "the normalized precompute config (precompute/config.py RunConfig.to_dict, hook resolved)",
     "packages": "versions of python, torch, sae-lens, transformer-lens, transformers, numpy, scipy, pyarrow, safetensors",
     "tokenizer_check": "explorer.models.TokenizerComparison.to_dict() of the two tokenizers (METHODS.md section 0)",
+    "models": "per model: architecture, model_name, n_layers, d_model, d_mlp, d_vocab, n_ctx (its TransformerLens config)",
     "inputs": "fingerprints (bytes, sha256 of the first and last 16 MiB) of the local corpus, model and SAE weight files",
     "n_tokens": "tokens in the sample (n_sequences x context_size)",
     "n_sequences": "sequences in the sample (rows of tokens.parquet)",

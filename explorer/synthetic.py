@@ -351,6 +351,8 @@ def make_run(
         },
         "packages": {"synthetic": "1"},
         "tokenizer_check": compare_vocabularies({t: i for i, t in enumerate(vocab)}, {t: i for i, t in enumerate(vocab)}).to_dict(),
+        "models": {m: {"architecture": "synthetic", "model_name": f"synthetic-{m}", "n_layers": 2, "d_model": 64, "d_mlp": 256,
+                       "d_vocab": n_vocab, "n_ctx": context} for m in schema.MODELS},
         "n_tokens": n_tokens,
         "n_sequences": n_sequences,
         "saes": saes,

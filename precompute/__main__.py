@@ -31,8 +31,8 @@ def _shard(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m precompute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="compute a run (or one shard) from a config")
@@ -87,8 +87,8 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> int:
+    args = _parser(prog).parse_args(argv)
     try:
         if args.command == "schema":
             return _schema(args)

@@ -519,8 +519,8 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="output directory (default data/demo)")
     parser.add_argument("--tiny", action="store_true", help="a few steps on a tiny corpus (for tests)")
     parser.add_argument("--seed", type=int, default=0)

@@ -42,6 +42,16 @@ def _jsonable(obj):
     return obj
 
 
+def model_facts(model) -> dict[str, Any]:
+    """What a reader of the run needs to know of a model without loading it (e.g. Neuronpedia's export)."""
+    c = model.cfg
+    return {
+        "architecture": getattr(c, "original_architecture", None), "model_name": getattr(c, "model_name", None),
+        "n_layers": int(c.n_layers), "d_model": int(c.d_model), "d_mlp": int(c.d_mlp) if getattr(c, "d_mlp", None) else None,
+        "d_vocab": int(c.d_vocab), "n_ctx": int(c.n_ctx),
+    }
+
+
 def build_manifest(prep: Prepared, state: PassState, calib: Calibration, summary: dict, timing: dict, files: dict) -> dict[str, Any]:
     """The manifest's content (strict JSON), from the finalized pass and the tables' file entries."""
     cfg, sample = prep.cfg, prep.sample
@@ -52,6 +62,7 @@ def build_manifest(prep: Prepared, state: PassState, calib: Calibration, summary
         "config": cfg.to_dict(),
         "packages": package_versions(),
         "tokenizer_check": prep.pair.tokenizer_comparison.to_dict(),
+        "models": {m: model_facts(model) for m, model in (("base", prep.pair.base), ("finetuned", prep.pair.finetuned))},
         "inputs": prep.inputs,
         "n_tokens": sample.n_tokens,
         "n_sequences": sample.n_sequences,

@@ -1,0 +1,1 @@
+"""SAE Transfer Explorer's command line, `sae-transfer` (see sae_transfer/cli.py)."""

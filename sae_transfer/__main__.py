@@ -1,0 +1,5 @@
+import sys
+
+from sae_transfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""`sae-transfer`: the one command line of SAE Transfer Explorer.
+
+    sae-transfer run --config CONFIG [--shard I/N] ...     the precompute (= python -m precompute run)
+    sae-transfer merge RUN_ID                              merge a run's shards
+    sae-transfer app [--run ID] [--port N]                 start the explorer on 127.0.0.1
+    sae-transfer demo [--tiny] [--out DIR]                 rebuild the demo pair (python -m precompute.demo)
+    sae-transfer export neuronpedia --run ID --out DIR     Neuronpedia bundles, one source per (SAE, model)
+    sae-transfer schema [--write PATH]                     the run schema as Markdown
+
+Every subcommand has --help. Usage errors and bad input exit with status 2 and one line on
+stderr; progress goes to stderr, results (paths, URLs) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from explorer.errors import ExplorerError
+
+PROG = "sae-transfer"
+EXIT_USER_ERROR = 2
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+PRECOMPUTE_COMMANDS = ("run", "merge", "schema")
+
+
+def app_dir() -> Path:
+    """Where app.py, pages/ and .streamlit/config.toml are: inside the installed package, or the
+    repository root (a checkout, or an editable install)."""
+    for d in (PACKAGE_DIR / "app", REPO_ROOT):
+        if (d / "app.py").is_file() and (d / "pages").is_dir():
+            return d
+    raise ExplorerError(f"The explorer's app.py was not found in {PACKAGE_DIR / 'app'} or {REPO_ROOT}: reinstall the package.")
+
+
+def streamlit_flags(config_toml: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """The app's .streamlit/config.toml as command-line flags, so that it holds whatever the
+    working directory (Streamlit reads ./.streamlit/config.toml from there); `skip` names the
+    options the caller sets itself."""
+    if not config_toml.is_file():
+        return []
+    flags = []
+    for section, values in tomllib.loads(config_toml.read_text(encoding="utf-8")).items():
+        for key, value in values.items():
+            if f"{section}.{key}" in skip:
+                continue
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            flags.append(f"--{section}.{key}={text}")
+    return flags
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,merge,app,demo,export,schema}")
+    for name, text in (("run", "compute a run (or one shard) from a config"), ("merge", "merge the shards of a run"),
+                       ("schema", "print the run schema as Markdown")):
+        sub.add_parser(name, help=text, add_help=False)  # parsed by the precompute's own command line
+
+    a = sub.add_parser("app", help="start the explorer (Streamlit) on 127.0.0.1")
+    a.add_argument("--run", metavar="ID", help="the run to open first (it must be in the runs folder)")
+    a.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    a.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1; see README before exposing it)")
+    a.add_argument("--runs-dir", metavar="DIR", help="the folder of runs (default: $SAE_EXPLORER_RUNS_DIR, else the repository's data/runs)")
+
+    d = sub.add_parser("demo", help="rebuild the demo pair (seeded; about 40 minutes on 2 CPU cores)", add_help=False)
+    del d
+
+    e = sub.add_parser("export", help="export a run (Neuronpedia bundles)")
+    esub = e.add_subparsers(dest="format", required=True)
+    n = esub.add_parser("neuronpedia", help="Neuronpedia bundles: one source per (SAE, model), base and finetune linked")
+    n.add_argument("--run", required=True, metavar="ID", help="run id (a folder of --runs-dir)")
+    n.add_argument("--out", required=True, metavar="DIR", help="output folder (the bundles go under DIR/v1/)")
+    n.add_argument("--runs-dir", metavar="DIR", help="the folder of runs (default: $SAE_EXPLORER_RUNS_DIR, else data/runs)")
+    n.add_argument("--base-model-id", help="Neuronpedia model id of the base model (default: from the run's config)")
+    n.add_argument("--finetuned-model-id", help="Neuronpedia model id of the finetuned model")
+    n.add_argument("--release", help="Neuronpedia release name (default: RUN-transfer)")
+    n.add_argument("--creator-id", default=None, help="Neuronpedia creator id of the rows (default: sae-transfer-explorer)")
+    n.add_argument("--creator-name", default=None, help="creator name shown on Neuronpedia")
+    n.add_argument("--finetuned-instruct", action="store_true", help="mark the finetuned model as an instruction/chat model")
+    n.add_argument("--features-per-batch", type=int, default=1024, help="features per batch-N.jsonl.gz file (default 1024)")
+    n.add_argument("--overwrite", action="store_true", help="replace bundles that exist")
+    return p
+
+
+def _runs_dir(arg: str | None) -> Path:
+    from explorer import rundir
+
+    if arg:
+        return Path(arg)
+    env = os.environ.get("SAE_EXPLORER_RUNS_DIR")
+    return Path(env) if env else rundir.DEFAULT_RUNS_DIR
+
+
+def _log(msg: str) -> None:
+    print(f"[{PROG}] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_app(args) -> int:
+    from explorer import rundir
+
+    runs = _runs_dir(args.runs_dir)
+    if args.run is not None:
+        rundir.open_run(rundir.run_path(args.run, runs), verify_hashes=False)  # a clear error now, not a blank page later
+    if not 0 < args.port < 65536:
+        raise ExplorerError(f"--port must be between 1 and 65535, got {args.port}.")
+    where = app_dir()
+    env = {**os.environ, "SAE_EXPLORER_RUNS_DIR": str(runs.resolve())}
+    own = ("server.port", "server.address", "browser.serverAddress")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(where / "app.py"), *streamlit_flags(where / ".streamlit" / "config.toml", own),
+           f"--server.port={args.port}", f"--server.address={args.address}", f"--browser.serverAddress={args.address}"]
+    url = f"http://{args.address}:{args.port}/" + (f"overview?run={args.run}" if args.run else "")
+    print(url, flush=True)
+    _log(f"serving {runs} on {url} (Ctrl-C stops)")
+    try:
+        return subprocess.call(cmd, env=env, cwd=where)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_export_neuronpedia(args) -> int:
+    from explorer import neuronpedia, rundir
+
+    run_dir = rundir.run_path(args.run, _runs_dir(args.runs_dir))
+    ids = {m: v for m, v in (("base", args.base_model_id), ("finetuned", args.finetuned_model_id)) if v}
+    opts = neuronpedia.NeuronpediaOptions(
+        model_ids=ids, release_name=args.release, creator_id=args.creator_id or neuronpedia.DEFAULT_CREATOR_ID,
+        creator_name=args.creator_name or neuronpedia.DEFAULT_CREATOR_NAME, instruct={"finetuned": args.finetuned_instruct},
+        features_per_batch=args.features_per_batch,
+    )
+    for b in neuronpedia.export(run_dir, Path(args.out), opts, overwrite=args.overwrite, progress=_log):
+        print(f"{b.path}\t{b.sae}\t{b.model}\t{b.n_features} features\t{b.n_activations} activations")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PRECOMPUTE_COMMANDS:
+        from precompute.__main__ import main as precompute_main
+
+        return precompute_main(argv, prog=PROG)
+    if argv and argv[0] == "demo":
+        from precompute.demo import main as demo_main
+
+        return demo_main(argv[1:], prog=f"{PROG} demo")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "app":
+            return cmd_app(args)
+        if args.command == "export" and args.format == "neuronpedia":
+            return cmd_export_neuronpedia(args)
+    except ExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USER_ERROR  # pragma: no cover - argparse requires a known command
+
+
+if __name__ == "__main__":
+    sys.exit(main())
