@@ -149,6 +149,14 @@ def run(
 
 
 
+def _config_dir(meta: dict) -> Path | None:
+    """The folder a shard's config resolved its paths against (prepare.input_fingerprints)."""
+    from precompute.config import REPO_ROOT
+
+    d = (meta.get("inputs") or {}).get("config_dir")
+    return None if d is None else (Path(d) if Path(d).is_absolute() else REPO_ROOT / d)
+
+
 def _shard_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / SHARDS_DIR
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -175,7 +183,7 @@ def merge(run_id: str, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, device: s
         missing = sorted(set(range(n)) - set(have))
         raise RunError(f"Run {run_id!r} has shards {have} of {n}; missing {missing}. Run them, then merge.")
     metas.sort(key=lambda dm: dm[1]["shard"][0])
-    cfg = RunConfig.from_dict(metas[0][1]["config"])
+    cfg = RunConfig.from_dict(metas[0][1]["config"], base_dir=_config_dir(metas[0][1]))
     prep = prepare(cfg, device)
     for d, meta in metas:
         check_meta(meta, prep, d / STATE_FILE)

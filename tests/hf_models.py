@@ -55,7 +55,8 @@ def texts() -> dict[str, list[str]]:
 
 
 def byte_level_tokenizer(corpus: list[str], vocab_size: int, out: Path):
-    """GPT-2 style: byte-level BPE (each byte a printable stand-in character), BOS = EOS = <|endoftext|>."""
+    """GPT-2 style: byte-level BPE (each byte a printable stand-in character), BOS = EOS = <|endoftext|>,
+    trained on ASCII text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -64,29 +65,35 @@ def byte_level_tokenizer(corpus: list[str], vocab_size: int, out: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[BOS_BYTE_LEVEL], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    # trained on ASCII text, so that "é" is two byte pieces, as rare characters are in real vocabularies
+    tok.train_from_iterator([t.encode("ascii", "ignore").decode() for t in corpus], trainer=trainer)
     return _save_tokenizer(tok, out, bos_token=BOS_BYTE_LEVEL, eos_token=BOS_BYTE_LEVEL)
 
 
 def metaspace_tokenizer(corpus: list[str], vocab_size: int, out: Path):
-    """Llama/SentencePiece style: spaces become `▁` (Metaspace, prepended to the first word), BPE
-    with byte fallback (characters outside the vocabulary become <0xNN> byte pieces),
-    <unk> <s> </s> first; decoding replaces `▁` by a space and fuses byte pieces."""
+    """Llama/SentencePiece style, laid out as Llama's: <unk> <s> </s> (ids 0-2), the 256 byte
+    pieces <0x00>..<0xFF> (ids 3-258), then BPE pieces; spaces become `▁` (Metaspace, prepended to
+    the first word); characters outside the vocabulary fall back to byte pieces; decoding replaces
+    `▁` by a space, fuses byte pieces and strips the first space. Trained on ASCII text, so that
+    accented letters go through byte fallback."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = ["<unk>", "<s>", "</s>"]
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_pieces), special_tokens=specials, show_progress=False)
+    trained.train_from_iterator([t.encode("ascii", "ignore").decode() for t in corpus], trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    learned = sorted(((t, i) for t, i in model["vocab"].items() if t not in specials), key=lambda x: x[1])
+    vocab = {t: i for i, t in enumerate(specials + byte_pieces + [t for t, _ in learned])}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     tok.decoder = decoders.Sequence(
         [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    # keep only ASCII letters as initial characters, so that accented letters go through byte fallback
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials + byte_pieces, show_progress=False, limit_alphabet=90,
-        initial_alphabet=["\u2581"],
-    )
-    tok.train_from_iterator([t.encode("ascii", "ignore").decode() for t in corpus], trainer=trainer)
+    tok.add_special_tokens(specials)
     return _save_tokenizer(tok, out, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
