@@ -222,6 +222,22 @@ def hub_errors(what: str) -> Iterator[None]:
         raise HubError(f"{what}: {msg}") from None
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-file progress bars or info lines from transformers while a model loads (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 # --------------------------------------------------------------------------------------------
 # Local directories
 
@@ -281,7 +297,7 @@ def load_hf_causal_lm(source: str, dtype: str):
     adapter = _adapter_config(source)
     if adapter is not None:
         return _merge_adapter(source, adapter, dtype)
-    with hub_errors(f"model {source}"):
+    with hub_errors(f"model {source}"), quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype), local_files_only=_is_local(source))
     model.eval()
     return model
@@ -316,7 +332,7 @@ def _merge_adapter(source: str, adapter: dict[str, Any], dtype: str):
     except ImportError:
         raise ConfigError(f"{source} is a {kind} adapter (adapter_config.json), not a model, and peft is not installed. {LORA_HELP}") from None
     base_model = load_hf_causal_lm(base, "float32")
-    with hub_errors(f"adapter {source}"):
+    with hub_errors(f"adapter {source}"), quiet_transformers():
         merged = PeftModel.from_pretrained(base_model, source).merge_and_unload()
     return merged.to(torch_dtype(dtype)).eval()
 
@@ -382,7 +398,7 @@ def bridge_from_source(source: str, tokenizer, flags: dict[str, bool], dtype: st
     """A TransformerBridge on the raw HF weights; `process_weights(**flags)` when processing is asked for."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    with hub_errors(f"model {source}"):
+    with hub_errors(f"model {source}"), quiet_transformers():
         bridge = TransformerBridge.boot_transformers(
             source, device=device, dtype=torch_dtype(dtype), tokenizer=tokenizer, hf_model=hf_model
         )

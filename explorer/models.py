@@ -364,7 +364,7 @@ def load_sae(spec: SAESpec, device: str = "cpu", root: str | Path | None = None)
 
     device = H.resolve_device(device)
     with warnings.catch_warnings():  # "non-empty model_from_pretrained_kwargs": acted on by load_pair's processing
-        warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
+        warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
         if spec.path is not None:
             path = resolve_path(spec.path, root)
             if not path.is_dir():
