@@ -8,6 +8,9 @@ On that path the zero-ablated loss is one single-position forward from the hook 
 residual at every position makes every later position identical, so the logits are the same
 everywhere; `ModelRunner.zero_loss`), not a full-batch pass: B2 (benchmarks/RESULTS.md).
 A TransformerBridge has no `start_at_layer`: it always takes the hooked forward.
+At `attn.hook_z` (and hook_q/k/v) the activation [B, C, n_heads, d_head] is handed out flattened
+to [B, C, n_heads * d_head], the SAE's d_in, and a replacement is reshaped back before it is
+spliced in (prepare.py turns off SAELens's own hook_z reshaping for the stream's SAEs).
 
 Dtype boundary: the model runs in its own dtype (float32, bfloat16, float16), but everything a
 runner returns is float32 (activations at the hook, per-token losses), so that every statistic
@@ -46,6 +49,8 @@ class ModelRunner:
         self.start_layer = hook_start_layer(hook, model.cfg.n_layers)
         tok = model.tokenizer
         self.dtype = next(model.parameters()).dtype
+        self.per_head = hook.endswith(("hook_z", "hook_q", "hook_k", "hook_v"))
+        self.shape = None  # the hook's own activation shape [B, C, ...] of the last batch
         self.fast = (
             fast
             and isinstance(model, HookedTransformer)
@@ -91,12 +96,20 @@ class ModelRunner:
 
         if self.own_head:
             resid = self.model.run_with_hooks(tokens, stop_at_layer=self.model.cfg.n_layers, fwd_hooks=[(self.hook, grab)])
-            return self.head_loss(resid, tokens), store["x"].float()
+            return self.head_loss(resid, tokens), self._out(store["x"])
         loss = self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, grab)])
-        return loss.float(), store["x"].float()
+        return loss.float(), self._out(store["x"])
+
+    def _out(self, x):
+        """The hook's activation as the stream sees it: float32, per-head hooks flattened."""
+        self.shape = x.shape
+        return (x.flatten(2) if self.per_head else x).float()
 
     def loss_with(self, tokens, x_new):
-        """Per-token loss (float32) with the activation at the hook replaced by x_new (cast to the model's dtype)."""
+        """Per-token loss (float32) with the activation at the hook replaced by x_new (cast to the
+        model's dtype, per-head hooks reshaped back)."""
+        if self.per_head:
+            x_new = x_new.reshape(*x_new.shape[:2], *self.shape[2:])
         return self._loss_with(tokens, x_new.to(self.dtype)).float()
 
     def _loss_with(self, tokens, x_new):
@@ -139,7 +152,7 @@ class ModelRunner:
             return act
 
         self.model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.stop_at)
-        return store["x"].float()
+        return self._out(store["x"])
 
 
 def runners(pair, hook: str) -> dict[str, ModelRunner]:

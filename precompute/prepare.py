@@ -108,6 +108,9 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
         hook=cfg.hook, min_matching_id_share=cfg.thresholds.min_matching_id_share, device=device, root=spec_root,
         dtype=cfg.dtype, processing=cfg.processing, allow_hook_mismatch=cfg.allow_hook_mismatch,
     )
+    for sae in pair.saes.values():  # the stream hands per-head activations over flattened (forward.py)
+        if getattr(sae, "hook_z_reshaping_mode", False):
+            sae.turn_off_forward_pass_hook_z_reshaping()
     ctx = cfg.sample.context_size
     for label, model in (("base", pair.base), ("finetuned", pair.finetuned)):
         if ctx > model.cfg.n_ctx:

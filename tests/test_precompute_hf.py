@@ -279,3 +279,42 @@ def test_cuda_without_a_gpu_is_a_clear_error(hf_models, tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--dtype", "float8"]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_hook_z_sae_runs_on_flattened_heads(hf_models, tmp_path):
+    """An SAE at attn.hook_z (d_in = n_heads * d_head): the run's MSE is the naive one of the SAE
+    on the flattened per-head outputs, and the spliced loss is finite."""
+    import torch
+
+    from explorer.models import ModelSpec, load_model
+    from tests.hf_models import _pack, texts, write_sae
+
+    hook = "blocks.1.attn.hook_z"
+    g = hf_models.gpt2
+    model = load_model(ModelSpec(path=str(g["base"])))
+    seqs = torch.tensor(_pack(model.tokenizer, texts()["english"], 32)[:32])
+    store = {}
+    with torch.no_grad():
+        model.run_with_hooks(seqs, return_type=None, fwd_hooks=[(hook, lambda a, hook: store.setdefault("z", a))])
+    z = store["z"].flatten(2).reshape(-1, store["z"].shape[2] * store["z"].shape[3])
+    sae_dir = write_sae(tmp_path / "z_sae", z, hook, d_sae=40)
+    cfg = tmp_path / "z.toml"
+    cfg.write_text(config_text("z", g["base"], g["finetuned"], sae_dir, hf_models.corpus, n_seq=8))
+    assert _run(cfg, tmp_path / "runs") == 0
+    run = tmp_path / "runs" / "z"
+    man = rundir.open_run(run)
+    assert man["config"]["hook"] == hook
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(sae_dir))
+    sae.turn_off_forward_pass_hook_z_reshaping()
+    tokens = torch.tensor(np.stack(table(run, "tokens.parquet").token_ids.to_list()), dtype=torch.long)
+    store.clear()
+    with torch.no_grad():
+        model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(hook, lambda a, hook: store.setdefault("z", a))])
+        xs = store["z"].flatten(2).reshape(-1, z.shape[1])
+        xs = xs[torch.tensor(~np.isin(tokens.numpy(), man["special_token_ids"]).reshape(-1))]
+        mse = ((sae.decode(sae.encode(xs)) - xs) ** 2).sum(-1).mean().item()
+    q = table(run, "metrics.parquet")
+    row = q.query("sae == 'base_sae' and model == 'base' and outliers == 'included'").iloc[0]
+    assert row.mse == pytest.approx(mse, rel=1e-4) and np.isfinite(q.ce_spliced).all()
