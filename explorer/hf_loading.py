@@ -334,7 +334,9 @@ def _merge_adapter(source: str, adapter: dict[str, Any], dtype: str):
     base_model = load_hf_causal_lm(base, "float32")
     with hub_errors(f"adapter {source}"), quiet_transformers():
         merged = PeftModel.from_pretrained(base_model, source).merge_and_unload()
-    return merged.to(torch_dtype(dtype)).eval()
+    merged = merged.to(torch_dtype(dtype))
+    merged.eval()
+    return merged
 
 
 def adapter_tokenizer_source(source: str) -> str:

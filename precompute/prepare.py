@@ -91,6 +91,14 @@ def input_fingerprints(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def log_prepared(prep: Prepared) -> None:
+    """The corpus summary (rows skipped, sequences available) and every warning, on stderr."""
+    if prep.corpus is not None:
+        log(prep.corpus.summary())
+    for w in prep.warnings:
+        log(f"warning: {w}")
+
+
 def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     """Load and check models, SAEs, hook, tokenizers, vocabularies and the corpus; raise an
     ExplorerError on any problem, before anything is written."""
@@ -122,9 +130,6 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     bos = pair.base.tokenizer.bos_token_id
     starts_with_bos = bos is not None and bool((sample.tokens[:, 0] == bos).all())
     warnings = [*pair.warnings, *stats.warnings, *sae_context_warnings(pair.saes, ctx, starts_with_bos)]
-    log(stats.summary())
-    for w in warnings:
-        log(f"warning: {w}")
     pair.loading["warnings"] = warnings
     return Prepared(
         cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), stats, tuple(warnings)

@@ -44,7 +44,7 @@ from precompute.pass_state import (
     save_state,
     state_meta,
 )
-from precompute.prepare import Prepared, prepare
+from precompute.prepare import Prepared, log_prepared, prepare
 from precompute.stream import stream
 from precompute.tables import finalize
 
@@ -113,6 +113,7 @@ def run(
         batch_range = (0, n_batches)
         ckpt = run_dir / CHECKPOINT_DIR / STATE_FILE
 
+    log_prepared(prep)
     runners = runners_for(prep.pair, prep.cfg.hook)
     calib = calibrate(prep, runners)
     state = PassState(prep, calib, pair_keys(prep), batch_range)

@@ -29,7 +29,8 @@ def hf_reference(model_dir: Path, ids: torch.Tensor):
     """Hugging Face's own forward (eager attention, as TransformerBridge runs it): (hidden_states, logits)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager")
+    hf.eval()
     with torch.no_grad():
         out = hf(ids, output_hidden_states=True)
     return out.hidden_states, out.logits
@@ -158,7 +159,8 @@ def test_lora_adapter_is_merged_or_refused(hf_models, tmp_path, monkeypatch):
     lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
     adapter = tmp_path / "adapter"
     lora.save_pretrained(str(adapter))
-    merged = lora.merge_and_unload().eval()
+    merged = lora.merge_and_unload()
+    merged.eval()
     model, info = M.load_model_with_info(M.ModelSpec(path=str(adapter)))
     assert info["format"] == "peft adapter merged into its base model" and info["loader"] == "HookedTransformer"
     ids = tokens_of(model)

@@ -63,7 +63,8 @@ def test_bridge_pair_probes_and_steers_like_hugging_face(hf_models, tmp_path):
     result = P.probe(pair, prompt)
     assert np.isfinite(result.reconstruction[["ce_clean", "ce_spliced", "ce_zero_ablated"]].to_numpy()).all()
     steered = P.steer(pair, prompt, sae="base_sae", feature_id=0, coef=0.0, n_new_tokens=6)
-    hf = AutoModelForCausalLM.from_pretrained(str(fam["base"]), attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(fam["base"]), attn_implementation="eager")
+    hf.eval()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt.token_ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, prompt.n_tokens :].tolist()
     row = steered.continuations.set_index("model").loc["base"]
