@@ -10,9 +10,9 @@ hold control characters, emoji and right-to-left text. Rules here:
 * each token span isolates its bidi direction (`unicode-bidi: isolate`), so right-to-left text
   cannot reorder the tokens around it;
 * colours are computed here from numbers only, never from strings;
-* a window's token strings come grouped (explorer/tokens.py): the pieces of a character split
-  over byte tokens are empty strings before the token that completes it; `highlight` draws such
-  a run as ONE span (the character, at the run's largest activation) whose tooltip lists every
+* a window's token strings may come grouped (explorer/tokens.py): the pieces of a character split
+  over byte tokens are empty strings before the token that completes it; `highlight(...,
+  grouped=True)` draws such a run as ONE span (the character, at the run's largest activation) whose tooltip lists every
   piece with its id and activation, so the text reads as written and no activation is hidden.
 
 The functions return HTML strings for `st.html` (or `st.markdown(unsafe_allow_html=True)`);
@@ -91,16 +91,16 @@ def token_span(token: str, value: float, max_value: float, model: str = "base", 
 
 def highlight(
     tokens: Sequence[str], values: Sequence[float], max_value: float, model: str = "base", focus: int | None = None,
-    titles: Sequence[str] | None = None,
+    titles: Sequence[str] | None = None, grouped: bool = False,
 ) -> str:
     """A sequence of highlighted tokens (no container); `titles` (e.g. "id 17 · piece 'Ġcaf'") go
-    into each token's tooltip. Empty tokens merge into the next one (module docstring)."""
+    into each token's tooltip. `grouped`: empty tokens merge into the next one (module docstring)."""
     out = []
     group: list[int] = []
     items = list(zip(tokens, values))
     for i, (t, v) in enumerate(items):
         group.append(i)
-        if t == "" and i + 1 < len(items):
+        if grouped and t == "" and i + 1 < len(items):
             continue
         vals = [float(items[j][1]) for j in group]
         finite = [x for x in vals if math.isfinite(x)]
@@ -122,6 +122,7 @@ def example_block(
     focus: int | None = None,
     caption: str | None = None,
     titles: Sequence[str] | None = None,
+    grouped: bool = False,
 ) -> str:
     """One window, one line per model (same tokens), each in its model's colour."""
     lines = []
@@ -133,7 +134,7 @@ def example_block(
         label = html.escape(str(model))
         lines.append(
             f'<div class="sx-ex" data-model="{html.escape(str(model), quote=True)}"><span class="sx-lbl">{label}</span>'
-            f"{highlight(tokens, vals, max_value, model, focus, titles)}"
+            f"{highlight(tokens, vals, max_value, model, focus, titles, grouped)}"
             f'<span class="sx-act">max {peak:.3g}</span></div>'
         )
     cap = f'<div class="sx-cap">{html.escape(caption)}</div>' if caption else ""

@@ -128,7 +128,7 @@ def feature_panel() -> None:
         focus = int(df[["act_base", "act_finetuned"]].max(axis=1).idxmax()) if peak > 0 else None
         block = render.example_block(
             list(prompt.token_strs), {"base": df["act_base"].tolist(), "finetuned": df["act_finetuned"].tolist()}, peak if peak > 0 else 1.0,
-            focus=focus, titles=prompt.token_titles,
+            focus=focus, titles=prompt.token_titles, grouped=True,
         )
         st.html(render.examples_html([f'<div data-probe="feature-acts">{block}</div>']))
         a, b, c = st.columns(3)

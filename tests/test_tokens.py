@@ -84,7 +84,7 @@ def test_vocab_forms(tokenizers):
 
 
 def test_highlight_merges_a_split_character_and_keeps_every_piece_on_hover():
-    html = render.highlight([" caf", "", "é"], [0.1, 0.9, 0.2], 1.0, titles=["id 7 · piece 'Ġcaf'", "id 8 · piece 'Ã'", "id 9 · piece '©'"])
+    html = render.highlight([" caf", "", "é"], [0.1, 0.9, 0.2], 1.0, titles=["id 7 · piece 'Ġcaf'", "id 8 · piece 'Ã'", "id 9 · piece '©'"], grouped=True)
     assert html.count("<span") == 2  # " caf" and one span for "é"
     assert ">é</span>" in html and "id 8 · piece &#x27;Ã&#x27;: 0.9" in html and "id 9 · piece &#x27;©&#x27;: 0.2" in html
     assert "rgba(31,111,180,0.765)" in html  # the run's largest activation (0.9) colours the character

@@ -81,7 +81,7 @@ def example_blocks(run: Run, rows: pd.DataFrame, max_value: float, models: Seque
         acts = {m: getattr(r, f"acts_{m}") for m in models}
         focus = int(r.position) - int(r.window_start)
         cap = caption_fn(r) if caption_fn else None
-        blocks.append(render.example_block(tokens, acts, max_value, focus=focus, caption=cap, titles=titles))
+        blocks.append(render.example_block(tokens, acts, max_value, focus=focus, caption=cap, titles=titles, grouped=True))
     return blocks
 
 
@@ -96,7 +96,7 @@ def inline_example(run: Run, row: Any, max_value: float, model: str) -> str:
     """One short highlighted window (one model) for list rows."""
     tokens, titles = data.window_strings(run, row.token_ids)
     focus = int(row.position) - int(row.window_start)
-    return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus, titles)}</div>'
+    return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus, titles, grouped=True)}</div>'
 
 
 def pager(key: str, n_rows: int, page_size: int, reset_on: object = None) -> int:
