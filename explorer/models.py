@@ -185,7 +185,7 @@ def load_model_with_info(
     elif spec.hub is not None:
         model, info = _load_hub_model(spec.hub, device, dtype, flags)
     else:
-        model, info = _load_named_model(spec, device, dtype, flags)
+        model, info = _load_named_model(spec, device, dtype, flags, root)
     model.eval()
     info.update(
         device=device, dtype=dtype, d_vocab=output_vocab_size(model),
@@ -201,7 +201,7 @@ def output_vocab_size(model) -> int:
     return int(out) if out and out > 0 else int(model.cfg.d_vocab)
 
 
-def _load_named_model(spec: ModelSpec, device: str, dtype: str, flags: dict[str, bool]):
+def _load_named_model(spec: ModelSpec, device: str, dtype: str, flags: dict[str, bool], root: str | Path | None = None):
     import torch
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as tl_loading
@@ -230,8 +230,9 @@ def _load_named_model(spec: ModelSpec, device: str, dtype: str, flags: dict[str,
     with H.hub_errors(f"the TransformerLens config of {official}"):
         named = tl_loading.get_pretrained_model_config(official, fold_ln=flags["fold_ln"], device="cpu", dtype=work)
     source = spec.hf_model
-    if H._is_local(source):
-        source = str(Path(source).expanduser().resolve())
+    local = resolve_path(Path(source).expanduser(), root)
+    if local.is_dir():  # a local directory (relative paths: against the config's folder); else a hub id
+        source = str(local.resolve())
     hf_model = H.load_hf_causal_lm(source, dtype if work != torch.float32 else "float32")
     own = H.hooked_config(hf_model, flags, work, "cpu", official)
     diff = H.config_differences(named, own)
