@@ -139,6 +139,30 @@ def test_named_architecture_with_a_local_finetune(hf_models, tmp_path, monkeypat
         M.load_model(M.ModelSpec(name="meta-llama/Llama-3.2-1B", hf_model=str(hf_models.llama["base"])))
 
 
+def test_hub_spec_loads_through_the_bridge_from_the_cache(hf_models, tmp_path, monkeypatch):
+    """hub = "<id>": TransformerBridge on the hub repository; here the repository is in a hub cache
+    laid out by hand (offline), with every file of a save_pretrained directory."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    src = hf_models.gpt2["base"]
+    cache = tmp_path / "cache"
+    _fake_hub_cache(cache, "tiny-org/tiny-gpt2", json.loads((src / "config.json").read_text()))
+    snap = next((cache / "models--tiny-org--tiny-gpt2" / "snapshots").iterdir())
+    for f in src.iterdir():
+        shutil.copy(f, snap / f.name)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    model, info = M.load_model_with_info(M.ModelSpec(hub="tiny-org/tiny-gpt2"))
+    assert info["loader"] == "TransformerBridge" and info["format"] == "hub"
+    ids = tokens_of(model)
+    hidden, logits = hf_reference(src, ids)
+    with torch.no_grad():
+        got, cache_acts = model.run_with_cache(ids)
+    torch.testing.assert_close(got, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache_acts["blocks.1.hook_resid_pre"], hidden[1], atol=1e-5, rtol=0)
+
+
 def test_named_model_not_in_the_cache_is_one_line(monkeypatch, tmp_path):
     import huggingface_hub.constants as hub_constants
 
