@@ -51,7 +51,7 @@ def demo_config_text(run_id: str, demo: Path, n_tokens: int, context: int) -> st
     our run_id, n_tokens and context_size."""
     text = (REPO / "configs" / "demo.toml").read_text()
     text = re.sub(r"(?m)^run_id\s*=.*$", f"run_id = {json.dumps(run_id)}", text)
-    text = re.sub(r'(?m)^path\s*=\s*"data/demo/([^"]*)"', lambda m: f"path = {json.dumps(str(Path(demo) / m.group(1)))}", text)
+    text = re.sub(r'(?m)^path\s*=\s*"(?:\.\./)?data/demo/([^"]*)"', lambda m: f"path = {json.dumps(str(Path(demo) / m.group(1)))}", text)
     text = re.sub(r"(?m)^n_tokens\s*=\s*\d+", f"n_tokens = {n_tokens}", text)
     return re.sub(r"(?m)^context_size\s*=\s*\d+", f"context_size = {context}", text)
 

@@ -28,6 +28,10 @@ class HookNotFoundError(ExplorerError):
     """The hook point is not a hook of the model."""
 
 
+class HookMismatchError(ExplorerError):
+    """An SAE is asked to run at another hook than the one it was trained at."""
+
+
 class DimensionMismatchError(ExplorerError):
     """The SAE's d_in differs from the model's width at the hook."""
 

@@ -141,7 +141,9 @@ def _model_facts(manifest: dict, model: str) -> dict[str, Any]:
     spec = (manifest.get("config", {}).get("models") or {}).get(model, {})
     path = spec.get("path")
     if path:
-        cfg_path = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+        config_dir = Path(str((manifest.get("inputs") or {}).get("config_dir") or "."))
+        root = config_dir if config_dir.is_absolute() else REPO_ROOT / config_dir
+        cfg_path = Path(path) if Path(path).is_absolute() else root / path
         try:
             cfg = json.loads((cfg_path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):

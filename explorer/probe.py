@@ -26,7 +26,8 @@ Conventions (the same as the run's metrics.parquet, see explorer/schema.py METRI
   sae_lens 6's `ExplainedVarianceCalculator`, Study T's pooled R^2).
 - CE: per-token next-token loss in nats. Spliced: the hook activation replaced by the SAE's
   reconstruction; zero-ablated: replaced by zeros (every position, as sae_lens does).
-  CE recovered = (zero - spliced) / (zero - clean), NaN when |zero - clean| < 1e-4.
+  CE recovered = (zero - spliced) / (zero - clean), NaN (n/a) unless zero - clean >= 1e-4 (when
+  zero-ablating does not raise the loss, there is nothing to recover).
 
 Thread safety: the app shares one cached pair between sessions. TransformerLens attaches hooks
 to the (shared) modules for the duration of a call, so every forward pass of a model runs
@@ -111,11 +112,23 @@ class PreparedPrompt:
 
     text: str  # the text actually tokenized, after sanitising and cutting ("" for raw token ids)
     token_ids: tuple[int, ...]  # fed to both models; starts with BOS when the tokenizer has one
-    token_strs: tuple[str, ...]  # each token decoded on its own: raw, escape before rendering
+    token_strs: tuple[str, ...]  # display strings (explorer/tokens.py: characters split over byte tokens shown whole on the last); raw, escape before rendering
     n_ctx: int  # the models' context length
     truncated: bool  # the prompt was longer than n_ctx tokens and was cut
     bos: bool  # token_ids[0] is the BOS token we prepended (or the sequence's own BOS)
     notices: tuple[str, ...] = ()  # plain-words notes for the user (truncation, odd characters)
+    token_pieces: tuple[str, ...] = ()  # each token's raw piece (convert_ids_to_tokens), for hover text
+
+    @property
+    def token_titles(self) -> list[str]:
+        """Hover text per token: its id and raw piece."""
+        return [f"id {i} · piece {p!r}" for i, p in zip(self.token_ids, self.token_pieces)]
+
+    @property
+    def token_labels(self) -> list[str]:
+        """One label per token for tables: its display string, or its raw piece where the display
+        string is empty (a byte piece of a character shown on the next token)."""
+        return [s or p for s, p in zip(self.token_strs, self.token_pieces or [""] * len(self.token_strs))]
 
     @property
     def n_tokens(self) -> int:
@@ -186,20 +199,29 @@ def char_budget(tokenizer, n_ctx: int) -> int:
     return min(MAX_PROMPT_CHARS, max(4096, 2 * (n_ctx + 16) * _longest_token(tokenizer)))
 
 
-_token_strs: "weakref.WeakKeyDictionary[Any, dict[int, str]]" = weakref.WeakKeyDictionary()
-
-
 def decode_tokens(tokenizer, ids) -> list[str]:
-    """Each id decoded on its own (the display string of a single token); memoised per tokenizer."""
+    """Each id's display form alone (explorer/tokens.py: SentencePiece's `▁` as a space, bytes
+    that are not a whole character as \\xNN), for lists of single tokens (predictions)."""
+    from explorer.tokens import _tokenizer_vocab
+
     ids = [int(i) for i in ids]
     if not ids:
         return []
     with model_lock(tokenizer):
-        known = _token_strs.setdefault(tokenizer, {})
-        missing = sorted(set(ids) - known.keys())
-        if missing:
-            known.update(zip(missing, tokenizer.batch_decode([[i] for i in missing])))
-        return [known[i] for i in ids]
+        vocab = _tokenizer_vocab(tokenizer, max(ids) + 1)
+    return [vocab.single(i) for i in ids]
+
+
+def decode_window(tokenizer, ids) -> tuple[list[str], list[str]]:
+    """(display strings of running text, raw pieces): explorer/tokens.py under the tokenizer's lock."""
+    from explorer.tokens import _tokenizer_vocab
+
+    ids = [int(i) for i in ids]
+    if not ids:
+        return [], []
+    with model_lock(tokenizer):
+        vocab = _tokenizer_vocab(tokenizer, max(ids) + 1)
+    return vocab.window(ids), [vocab.pieces[i] if i < len(vocab.pieces) else "" for i in ids]
 
 
 def decode_text(pair: "LoadedPair", ids) -> str:
@@ -213,9 +235,9 @@ def _bos_id(tokenizer) -> int | None:
     return None if bos is None else int(bos)
 
 
-def _fffd_notice(token_strs) -> list[str]:
-    if any("\ufffd" in s for s in token_strs):
-        return ["Some characters (for example emoji or non-Latin letters) span several tokens; each such token is shown as \ufffd."]
+def _split_char_notice(token_strs) -> list[str]:
+    if any(s == "" for s in token_strs[:-1]):
+        return ["Some characters (for example emoji or non-Latin letters) span several tokens; each is shown once, on the token that completes it (hover for the pieces)."]
     return []
 
 
@@ -246,9 +268,9 @@ def prepare_prompt(pair: "LoadedPair", text: Any) -> PreparedPrompt:
         notices.insert(0, f"The prompt has {more}{n_seen if not cut_chars else n_ctx} tokens; the models' context is {n_ctx} tokens, so only the first {n_ctx} (BOS included) are used.")
     if bos is None:
         notices.append("The tokenizer has no BOS token, so none was prepended.")
-    token_strs = decode_tokens(tok, ids)
-    notices += _fffd_notice(token_strs)
-    return PreparedPrompt(text, tuple(ids), tuple(token_strs), n_ctx, truncated, bos is not None, tuple(notices))
+    token_strs, pieces = decode_window(tok, ids)
+    notices += _split_char_notice(token_strs)
+    return PreparedPrompt(text, tuple(ids), tuple(token_strs), n_ctx, truncated, bos is not None, tuple(notices), tuple(pieces))
 
 
 def prepare_token_ids(pair: "LoadedPair", token_ids, text: str | None = None) -> PreparedPrompt:
@@ -259,7 +281,7 @@ def prepare_token_ids(pair: "LoadedPair", token_ids, text: str | None = None) ->
         ids = [int(i) for i in token_ids]
     except (TypeError, ValueError):
         raise PromptError("Token ids must be integers.") from None
-    d_vocab = int(min(pair.base.cfg.d_vocab, pair.finetuned.cfg.d_vocab))
+    d_vocab = int(pair.shared_vocab or min(pair.base.cfg.d_vocab, pair.finetuned.cfg.d_vocab))
     bad = [i for i in ids if not 0 <= i < d_vocab]
     if bad:
         raise PromptError(f"Token id(s) {bad[:5]} are outside the vocabulary (0..{d_vocab - 1}).")
@@ -273,10 +295,10 @@ def prepare_token_ids(pair: "LoadedPair", token_ids, text: str | None = None) ->
     if truncated:
         notices.append(f"The sequence has {len(ids)} tokens; only the first {n_ctx} (the models' context) are used.")
         ids = ids[:n_ctx]
-    token_strs = decode_tokens(tok, ids)
+    token_strs, pieces = decode_window(tok, ids)
     if text is None:
         text = decode_text(pair, ids[1:] if bos is not None else ids)
-    return PreparedPrompt(text, tuple(ids), tuple(token_strs), n_ctx, truncated, bos is not None, tuple(notices))
+    return PreparedPrompt(text, tuple(ids), tuple(token_strs), n_ctx, truncated, bos is not None, tuple(notices), tuple(pieces))
 
 
 def _as_prompt(pair: "LoadedPair", prompt: "PreparedPrompt | str") -> PreparedPrompt:
@@ -363,7 +385,7 @@ class ProbeResult:
         return pd.DataFrame(
             {
                 "position": pos,
-                "token_str": [self.prompt.token_strs[p] for p in pos],
+                "token_str": [self.prompt.token_labels[p] for p in pos],
                 "rank": rank,
                 "feature_id": order[pos, rank].astype(np.int64),
                 "activation": vals[pos, rank].astype(np.float64),
@@ -398,7 +420,7 @@ class ProbeResult:
                 "max_abs_diff": absd[:, ids].max(axis=0),
                 "sum_abs_diff": absd[:, ids].sum(axis=0),
                 "position": positions[arg],
-                "token_str": [self.prompt.token_strs[p] for p in positions[arg]],
+                "token_str": [self.prompt.token_labels[p] for p in positions[arg]],
                 "act_base": base[arg, ids],
                 "act_finetuned": fine[arg, ids],
                 "max_act_base": base[:, ids].max(axis=0),
@@ -546,7 +568,7 @@ def probe(pair: "LoadedPair", prompt: "PreparedPrompt | str", *, exclude_special
                 "n_nonfinite_* columns of the reconstruction table count them."
             )
     reconstruction = pd.DataFrame(metric_rows)
-    predictions = _predictions_frame(tok, variants, pred_parts)
+    predictions = _predictions_frame({m: getattr(pair, m).tokenizer or tok for m in MODELS}, variants, pred_parts)
     return ProbeResult(
         prompt=prompt,
         hook=pair.hook,
@@ -592,16 +614,18 @@ def _metrics(sae: str, model: str, x: np.ndarray, recon: np.ndarray, feats: np.n
         row[f"ce_{key}"] = ce[key]
     row["ce_delta"] = ce["spliced"] - ce["clean"]
     gap = ce["zero_ablated"] - ce["clean"]
-    row["ce_recovered"] = (ce["zero_ablated"] - ce["spliced"]) / gap if abs(gap) >= CE_GUARD else math.nan
+    # n/a unless zero-ablation hurts: with zero - clean <= 1e-4 the ratio has no meaning (a negative gap gave 1.226)
+    row["ce_recovered"] = (ce["zero_ablated"] - ce["spliced"]) / gap if gap >= CE_GUARD else math.nan
     order = ["sae", "model", "n_tokens", "n_loss_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"]
     return {k: row[k] for k in order}
 
 
-def _predictions_frame(tokenizer, variants, parts) -> pd.DataFrame:
+def _predictions_frame(tokenizers: dict, variants, parts) -> pd.DataFrame:
+    """Each model's predictions, named by its own tokenizer (a finetune may predict its added tokens)."""
     frames = []
-    all_ids = np.unique(np.concatenate([ids.ravel() for _, ids, _ in parts]))
-    strs = dict(zip(all_ids.tolist(), decode_tokens(tokenizer, all_ids.tolist())))
     for model, ids, probs in parts:
+        uniq = np.unique(ids).tolist()
+        strs = dict(zip(uniq, decode_tokens(tokenizers[model], uniq)))
         V, P, K = ids.shape
         v, p, r = np.meshgrid(np.arange(V), np.arange(P), np.arange(K), indexing="ij")
         flat_ids = ids.ravel()
@@ -681,7 +705,7 @@ def greedy_continuation(
     new: list[torch.Tensor] = []
     with torch.inference_mode(), model_lock(model), model.hooks(fwd_hooks=hooks):
         # hooks() attaches once for the whole loop and removes them on exit, even on an exception
-        if use_kv_cache and fits:
+        if use_kv_cache and fits and _has_kv_cache(model):
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
             cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, rows)
@@ -704,6 +728,13 @@ def greedy_continuation(
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
     out = torch.stack(new, dim=1).cpu().tolist() if new else [[] for _ in range(rows)]
     return out, slid
+
+
+def _has_kv_cache(model) -> bool:
+    """TransformerLens's key-value cache serves HookedTransformer; a TransformerBridge recomputes."""
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
 
 
 def steering_vector(pair: "LoadedPair", sae: str, feature_id: Any) -> "torch.Tensor":

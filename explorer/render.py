@@ -9,7 +9,11 @@ hold control characters, emoji and right-to-left text. Rules here:
 * every attribute value (the tooltip) is escaped with quote=True;
 * each token span isolates its bidi direction (`unicode-bidi: isolate`), so right-to-left text
   cannot reorder the tokens around it;
-* colours are computed here from numbers only, never from strings.
+* colours are computed here from numbers only, never from strings;
+* a window's token strings may come grouped (explorer/tokens.py): the pieces of a character split
+  over byte tokens are empty strings before the token that completes it; `highlight(...,
+  grouped=True)` draws such a run as ONE span (the character, at the run's largest activation) whose tooltip lists every
+  piece with its id and activation, so the text reads as written and no activation is hidden.
 
 The functions return HTML strings for `st.html` (or `st.markdown(unsafe_allow_html=True)`);
 they do not import streamlit.
@@ -85,9 +89,30 @@ def token_span(token: str, value: float, max_value: float, model: str = "base", 
     return f'<span class="{cls}" style="{style}" title="{html.escape(title, quote=True)}">{escape_token(token)}</span>'
 
 
-def highlight(tokens: Sequence[str], values: Sequence[float], max_value: float, model: str = "base", focus: int | None = None) -> str:
-    """A sequence of highlighted tokens (no container)."""
-    return "".join(token_span(t, float(v), max_value, model, focus=(i == focus)) for i, (t, v) in enumerate(zip(tokens, values)))
+def highlight(
+    tokens: Sequence[str], values: Sequence[float], max_value: float, model: str = "base", focus: int | None = None,
+    titles: Sequence[str] | None = None, grouped: bool = False,
+) -> str:
+    """A sequence of highlighted tokens (no container); `titles` (e.g. "id 17 · piece 'Ġcaf'") go
+    into each token's tooltip. `grouped`: empty tokens merge into the next one (module docstring)."""
+    out = []
+    group: list[int] = []
+    items = list(zip(tokens, values))
+    for i, (t, v) in enumerate(items):
+        group.append(i)
+        if grouped and t == "" and i + 1 < len(items):
+            continue
+        vals = [float(items[j][1]) for j in group]
+        finite = [x for x in vals if math.isfinite(x)]
+        value = max(finite) if finite else float("nan")
+        prefix = ""
+        if titles is not None and len(group) == 1:
+            prefix = f"{titles[i]} · "
+        elif titles is not None:  # a merged run: every piece with its own activation, then the run's largest
+            prefix = " | ".join(f"{titles[j]}: {x:.4g}" for j, x in zip(group, vals)) + " · max of "
+        out.append(token_span(t, value, max_value, model, focus=focus in group, title_prefix=prefix))
+        group = []
+    return "".join(out)
 
 
 def example_block(
@@ -96,6 +121,8 @@ def example_block(
     max_value: float,
     focus: int | None = None,
     caption: str | None = None,
+    titles: Sequence[str] | None = None,
+    grouped: bool = False,
 ) -> str:
     """One window, one line per model (same tokens), each in its model's colour."""
     lines = []
@@ -107,7 +134,7 @@ def example_block(
         label = html.escape(str(model))
         lines.append(
             f'<div class="sx-ex" data-model="{html.escape(str(model), quote=True)}"><span class="sx-lbl">{label}</span>'
-            f"{highlight(tokens, vals, max_value, model, focus)}"
+            f"{highlight(tokens, vals, max_value, model, focus, titles, grouped)}"
             f'<span class="sx-act">max {peak:.3g}</span></div>'
         )
     cap = f'<div class="sx-cap">{html.escape(caption)}</div>' if caption else ""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MANIFEST = "manifest.json"
 MODELS = ("base", "finetuned")
@@ -65,8 +65,15 @@ def _doc(schema: pa.Schema, docs: dict[str, str]) -> pa.Schema:
 
 
 VOCAB = _doc(
-    pa.schema([pa.field("token_id", pa.int32(), nullable=False), pa.field("token_str", pa.string())]),
-    {"token_id": "token id (shared by both tokenizers)", "token_str": "decoded string of the single token; escape before rendering"},
+    pa.schema(
+        [pa.field("token_id", pa.int32(), nullable=False), pa.field("token_str", pa.string()), pa.field("token_piece", pa.string()), pa.field("token_bytes", pa.binary())]
+    ),
+    {
+        "token_id": "token id (shared by both tokenizers)",
+        "token_str": "display form of the token alone (explorer/tokens.py: SentencePiece's ▁ as a space, bytes that are not a whole character as \\xNN); escape before rendering",
+        "token_piece": "the tokenizer's raw piece (convert_ids_to_tokens, e.g. 'Ġcaf', '▁the', '<0xC3>'), shown on hover",
+        "token_bytes": "the UTF-8 bytes the token adds to decoded text (null past the tokenizer); windows decode runs of them together so characters split over tokens read whole",
+    },
 )
 
 TOKENS = _doc(
@@ -301,7 +308,9 @@ MANIFEST_DOCS = {
     "packages": "versions of python, torch, sae-lens, transformer-lens, transformers, numpy, scipy, pyarrow, safetensors",
     "tokenizer_check": "explorer.models.TokenizerComparison.to_dict() of the two tokenizers (METHODS.md section 0)",
     "models": "per model: architecture, model_name, n_layers, d_model, d_mlp, d_vocab, n_ctx (its TransformerLens config)",
-    "inputs": "fingerprints (bytes, sha256 of the first and last 16 MiB) of the local corpus, model and SAE weight files",
+    "inputs": "fingerprints (bytes, sha256 of the first and last 16 MiB) of the local corpus, model and SAE weight files; config_dir: the folder the config's relative paths resolve against (relative to the repository when inside it)",
+    "loading": "how the pair was loaded (explorer/models.py load_pair): device, dtype, processing flags and where they come from, per model its loader (HookedTransformer / TransformerBridge), format and vocabulary size, per SAE its hook, dtype, normalization, context; vocabulary (the shared vocabulary the logit statistics use, tokens added at the end); warnings",
+    "corpus": "what reading the corpus did (precompute/corpus.py CorpusStats): format, column, rows, rows skipped by reason, sequences available, rows without BOS, tokens left over per source, warnings",
     "n_tokens": "tokens in the sample (n_sequences x context_size)",
     "n_sequences": "sequences in the sample (rows of tokens.parquet)",
     "n_counted_tokens": "tokens that count for SAE and feature statistics (special tokens excluded)",

@@ -112,6 +112,19 @@ def vocab(run_dir: Path | str) -> list[str]:
     return out
 
 
+def vocab_forms(run_dir: Path | str):
+    """The vocabulary with raw pieces and bytes (explorer.tokens.Vocab: grouped window display, hover titles)."""
+    from explorer.tokens import Vocab
+
+    t = pq.read_table(_path(run_dir, "vocab.parquet"), columns=["token_id", "token_str", "token_piece", "token_bytes"])
+    ids = t.column("token_id").to_numpy()
+    n = int(ids.max()) + 1 if len(ids) else 0
+    strs, pieces, raw = [""] * n, [""] * n, [None] * n
+    for i, s, p, b in zip(ids.tolist(), t.column("token_str").to_pylist(), t.column("token_piece").to_pylist(), t.column("token_bytes").to_pylist()):
+        strs[i], pieces[i], raw[i] = s or "", p or "", b
+    return Vocab(strs, pieces, raw)
+
+
 def metrics(con, run_dir: Path | str) -> pd.DataFrame:
     return _df(con, "SELECT * FROM read_parquet(?) ORDER BY sae, model, outliers", [_path(run_dir, "metrics.parquet")])
 

@@ -258,7 +258,10 @@ def make_run(
     vocab = _vocab(n_vocab)
     files: dict[str, Any] = {}
 
-    files["vocab.parquet"] = rundir.write_table(out, "vocab.parquet", pa.table({"token_id": pa.array(np.arange(n_vocab, dtype=np.int32)), "token_str": vocab}))
+    files["vocab.parquet"] = rundir.write_table(
+        out, "vocab.parquet",
+        pa.table({"token_id": pa.array(np.arange(n_vocab, dtype=np.int32)), "token_str": vocab, "token_piece": vocab, "token_bytes": [s.encode("utf-8") for s in vocab]}),
+    )
     tok = rng.integers(1, n_vocab, (n_sequences, context)).astype(np.int32)
     tok[:, 0] = 0
     files["tokens.parquet"] = rundir.write_table(

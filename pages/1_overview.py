@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer import figures
+from explorer.hooks import hook_kind
 from webapp import data, state, ui
 from webapp.verdict import verdict
 
@@ -78,15 +79,19 @@ with state.guard():
     c1.plotly_chart(figures.quality_bars(q, "ce_recovered", "CE recovered", "CE recovered (1 = perfect)"), key="q_ce")
     c2.plotly_chart(figures.quality_bars(q, "explained_variance", "Explained variance", "explained variance (per token, mean)"), key="q_ev")
 
-    # ---- residual similarity
-    st.subheader("Residual-stream similarity (same tokens, both models)")
+    # ---- similarity of the activations at the hook (residual stream, MLP out, ...)
+    kind = hook_kind(cfg.get("hook"))
+    st.subheader(f"{kind.label[:1].upper() + kind.label[1:]} similarity at the hook (same tokens, both models)")
     pos, hists, summary = data.resid(run)
     means = {r.metric: r for r in summary.itertuples()}
     c = st.columns(4)
     for col, (metric, label) in zip(c, (("cosine", "mean cosine"), ("l2", "mean L2 distance"), ("seq_mean_cosine", "mean per-sequence cosine"), ("seq_mean_l2", "mean per-sequence L2"))):
         r = means.get(metric)
         col.metric(label, ui.fmt(r.mean, ".4f") if r is not None else "n/a", help=f"std {ui.fmt(r.std, '.3g')} over {r.n:,}" if r is not None else None)
-    st.caption("For scale (Study T): mean cosine 0.669 for Gemma-2b vs its python-codes finetune, 0.965 for Mistral-7B vs MetaMath.")
+    if kind.residual:
+        st.caption("For scale (Study T): mean cosine 0.669 for Gemma-2b vs its python-codes finetune, 0.965 for Mistral-7B vs MetaMath.")
+    else:
+        st.caption(f"This run's hook reads {kind.label}, not the residual stream: Study T's residual-stream cosines do not compare.")
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.resid_histogram(hists, "cosine"), key="resid_cos")
     c2.plotly_chart(figures.resid_histogram(hists, "l2"), key="resid_l2")

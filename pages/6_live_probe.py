@@ -126,7 +126,10 @@ def feature_panel() -> None:
         df = result.feature_activations(sae, fid)
         peak = max(float(df["act_base"].max()), float(df["act_finetuned"].max()))
         focus = int(df[["act_base", "act_finetuned"]].max(axis=1).idxmax()) if peak > 0 else None
-        block = render.example_block(list(prompt.token_strs), {"base": df["act_base"].tolist(), "finetuned": df["act_finetuned"].tolist()}, peak if peak > 0 else 1.0, focus=focus)
+        block = render.example_block(
+            list(prompt.token_strs), {"base": df["act_base"].tolist(), "finetuned": df["act_finetuned"].tolist()}, peak if peak > 0 else 1.0,
+            focus=focus, titles=prompt.token_titles, grouped=True,
+        )
         st.html(render.examples_html([f'<div data-probe="feature-acts">{block}</div>']))
         a, b, c = st.columns(3)
         a.metric("max on base", ui.fmt(df["act_base"].max()))
@@ -144,7 +147,7 @@ with state.guard():
     st.subheader("Top features per token")
     st.caption(f"The {TOP_K} most active {SAE_LABELS.get(sae, sae)} features at each token, as feature (activation).")
     tops = {m: result.top_features_per_token(sae, m, TOP_K) for m in ("base", "finetuned")}
-    table = pd.DataFrame({"position": range(prompt.n_tokens), "token": [render.display_token(t) for t in prompt.token_strs]})
+    table = pd.DataFrame({"position": range(prompt.n_tokens), "token": [render.display_token(t) for t in prompt.token_labels]})
     for m, df in tops.items():
         cell = df.assign(s=df["feature_id"].astype(str) + " (" + df["activation"].map(lambda v: f"{v:.3g}") + ")").groupby("position")["s"].agg(", ".join)
         table[render.MODEL_LABELS[m]] = table["position"].map(cell).fillna("")
@@ -211,10 +214,10 @@ def predictions_panel() -> None:
         st.session_state.setdefault(K_POS, n - 1)
         pos = st.select_slider(
             "Predict after position", options=list(range(n)), key=K_POS,
-            format_func=lambda i: f"{i}: {render.display_token(prompt.token_strs[i])[:16]}",
+            format_func=lambda i: f"{i}: {render.display_token(prompt.token_labels[i])[:16]}",
         )
         if pos < n - 1:
-            st.caption(f"The actual next token is ‹{render.display_token(prompt.token_strs[pos + 1])}›.")
+            st.caption(f"The actual next token is ‹{render.display_token(prompt.token_labels[pos + 1])}›.")
         variants = [CLEAN, *(spliced(s) for s in result.sae_names), ZERO_ABLATED]
         names = {CLEAN: "clean", ZERO_ABLATED: "zero-ablated", **{spliced(s): f"spliced ({SAE_LABELS.get(s, s)})" for s in result.sae_names}}
         cols = st.columns(2)
@@ -237,6 +240,8 @@ def _continuation_html(tokens: list[str], first_diff: int | None, model: str, ki
     r, g, b = render.MODEL_RGB[model]
     spans = []
     for i, t in enumerate(tokens):
+        if t == "" and i + 1 < len(tokens):  # a byte piece of the character the next token completes
+            continue
         changed = first_diff is not None and i >= first_diff and kind == "steered"
         style = f"background:rgba({r},{g},{b},0.35)" if changed else f"background:rgba({r},{g},{b},0.08)"
         spans.append(f'<span class="sx-tok" style="{style}">{render.escape_token(t)}</span>')

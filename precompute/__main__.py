@@ -7,7 +7,12 @@
 
 A run that is stopped (Ctrl-C, kill -9, a crash) resumes from its last checkpoint when the same
 command is run again. Problems with a config or an input are printed as one message (no
-traceback) and exit with status 2.
+traceback) and exit with status 2, before any work: hub failures too (no network, a gated
+repository without HF_TOKEN, an unknown repository or SAELens release). The hub is used as
+Hugging Face's own variables say (HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT).
+
+    --device cpu|cuda|cuda:N|mps|auto   where the models and SAEs run (default auto: a GPU if there is one)
+    --dtype float32|bfloat16|float16    the models' dtype, overriding the config's [models] dtype
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
     r.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR), help="where runs live (default data/runs)")
     r.add_argument("--checkpoint-every", type=int, default=25, help="save the accumulator state every N batches (default 25)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run (or checkpoint) with the same run_id")
+    r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16: the models' dtype (default: the config's [models] dtype)")
     _common(r)
     # Throttle for tests of interruption and resume; not for normal use.
     r.add_argument("--batch-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -58,7 +64,7 @@ def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: cuda, else mps, else cpu)")
     p.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default: half the cores, at least 1; on a busy 2-core machine 1 thread streamed 3x faster than 2)",
@@ -96,7 +102,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
         import torch
 
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from precompute import run as run_mod
 
         if args.command == "run":
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
                 raise ConfigError("--checkpoint-every must be at least 1.")
             shard = _shard(args.shard) if args.shard else None
             cfg = RunConfig.from_toml(args.config)
+            if args.dtype is not None:
+                from explorer.hf_loading import check_dtype
+
+                cfg = cfg.with_dtype(check_dtype(args.dtype, "--dtype"))
             run_mod.run(
                 cfg, runs_dir=args.runs_dir, shard=shard, checkpoint_every=args.checkpoint_every, device=args.device,
                 overwrite=args.overwrite, progress=not args.no_progress, batch_delay=args.batch_delay,

@@ -2,22 +2,28 @@
 
     run_id = "demo"
     hook = "blocks.1.hook_resid_pre"     # optional: defaults to the base SAE's hook
-    [models.base]        path = "data/demo/base"            (a ModelSpec: name / hf_model / path)
-    [models.finetuned]   path = "data/demo/finetuned"
-    [saes.base_sae]      path = "data/demo/saes/base_sae"   (an SAESpec: release + sae_id, or path)
+    allow_hook_mismatch = false          # true: run SAEs at `hook` even where they were trained at another
+    [models]             dtype = "float32" (| "bfloat16" | "float16"), processing = "auto"
+                         (| "none" | "transformer_lens" | {fold_ln = true, ...}: explorer/hf_loading.py)
+    [models.base]        path = "../data/demo/base"         (a ModelSpec: path / name + hf_model / hub)
+    [models.finetuned]   path = "../data/demo/finetuned"
+    [saes.base_sae]      path = "../data/demo/saes/base_sae"  (an SAESpec: release + sae_id, or path)
     [saes.finetuned_sae] path = ...                         (optional: enables two-SAE matching)
-    [corpus]     path = "data/demo/eval_corpus.parquet"
+    [corpus]     path = "../data/demo/eval_corpus.parquet", format = "auto", split (precompute/corpus.py)
     [sample]     n_tokens, context_size, batch_size, seed
     [thresholds] ultralow_density, dense_density, outlier_norm | outlier_norm_factor, match,
                  min_matching_id_share, act_error_eps
     [examples]   n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample, window_before, window_after
     [matching]   max_all_pairs_d_sae, n_candidates, n_kept_per_feature
 
-Relative paths are resolved against the repository root (the directory holding app.py), so a
-config and the run it produced work from any clone. Unknown keys and wrong types are
-`ConfigError`s: a typo never falls back to a default. `RunConfig.to_dict()` is the normalized
-config (every default filled in) that the manifest stores, and `RunConfig.from_dict` reads it
-back: the two round-trip.
+Relative paths are resolved against the folder of the config file (`base_dir`; the repository
+root for a config built from a dict without one), at load time: the stored config keeps the
+paths as written, and the run records the folder (manifest `inputs.config_dir`, relative to the
+repository when inside it, so a shipped run works from any clone). Unknown keys and wrong types
+are `ConfigError`s: a typo never falls back to a default. `RunConfig.to_dict()` is the
+normalized config (every default filled in) that the manifest stores, and `RunConfig.from_dict`
+reads it back: the two round-trip. The device is not part of the config (a command-line option:
+it does not change what is computed, only where); the dtype is.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from explorer.errors import ConfigError, MissingPathError
+from explorer.hf_loading import check_dtype, check_processing
 from explorer.models import DEFAULT_MIN_MATCHING_ID_SHARE, ModelSpec, SAESpec
 from explorer.rundir import validate_run_id
 
@@ -84,18 +91,26 @@ def _positive(section: str, name: str, value: float | int, allow_zero: bool = Fa
         raise ConfigError(f"[{section}] {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
+CORPUS_FORMATS = ("auto", "parquet", "jsonl", "text", "datasets")
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
-    """A Parquet file with a `token_ids` (list<int>) or `text` column, and an optional `source` column."""
+    """Where the token sample comes from (precompute/corpus.py): a Parquet or JSONL file, plain
+    text files, or a `datasets.save_to_disk` folder, with `text` or `token_ids` and optional `source`."""
 
     path: str = ""
+    format: str = "auto"
+    split: str | None = None  # the split of a DatasetDict folder
 
-    FIELD_TYPES = {"path": str}
+    FIELD_TYPES = {"path": str, "format": str, "split": str}
     REQUIRED = ("path",)
 
     def __post_init__(self) -> None:
         if not self.path.strip():
-            raise ConfigError("[corpus] path is required: a Parquet file with a token_ids or text column.")
+            raise ConfigError("[corpus] path is required: a Parquet/JSONL file, a text file or folder, or a datasets folder.")
+        if self.format not in CORPUS_FORMATS:
+            raise ConfigError(f"[corpus] format must be one of {list(CORPUS_FORMATS)}, got {self.format!r}.")
 
 
 @dataclass(frozen=True)
@@ -226,8 +241,13 @@ class RunConfig:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    allow_hook_mismatch: bool = False
+    dtype: str = "float32"  # [models] dtype: both models
+    processing: Any = "auto"  # [models] processing: both models
+    base_dir: Path | None = field(default=None, compare=False)  # relative paths resolve here (not part of the config)
 
-    TOP_KEYS = ("run_id", "hook", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching")
+    TOP_KEYS = ("run_id", "hook", "allow_hook_mismatch", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching")
+    MODEL_SETTINGS = ("dtype", "processing")
 
     def __post_init__(self) -> None:
         validate_run_id(self.run_id)
@@ -237,11 +257,16 @@ class RunConfig:
             raise ConfigError(f"[saes] needs [saes.base_sae] and optionally [saes.finetuned_sae], got {sorted(self.saes)}.")
         if self.hook is not None and not self.hook.strip():
             raise ConfigError("hook must be a non-empty hook name such as 'blocks.6.hook_resid_post', or left out.")
+        try:
+            check_dtype(self.dtype, "[models] dtype")
+            object.__setattr__(self, "processing", check_processing(self.processing))
+        except ConfigError as exc:
+            raise ConfigError(f"[models] {exc}" if not str(exc).startswith("[models]") else str(exc)) from None
 
     # -- dict / TOML -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any) -> "RunConfig":
+    def from_dict(cls, data: Any, base_dir: str | Path | None = None) -> "RunConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"A precompute config must be a table, got {type(data).__name__}.")
         unknown = sorted(set(data) - set(cls.TOP_KEYS))
@@ -254,11 +279,22 @@ class RunConfig:
         hook = data.get("hook")
         if hook is not None:
             hook = _typecheck("top level", "hook", hook, str)
-        models = _specs("models", data["models"], ("base", "finetuned"), ModelSpec)
+        models_table = data["models"]
+        settings = {}
+        if isinstance(models_table, dict):
+            settings = {k: models_table[k] for k in cls.MODEL_SETTINGS if k in models_table}
+            models_table = {k: v for k, v in models_table.items() if k not in cls.MODEL_SETTINGS}
+        if "dtype" in settings:
+            settings["dtype"] = _typecheck("models", "dtype", settings["dtype"], str)
+        models = _specs("models", models_table, ("base", "finetuned"), ModelSpec)
         saes = _specs("saes", data["saes"], ("base_sae", "finetuned_sae"), SAESpec)
+        allow = _typecheck("top level", "allow_hook_mismatch", data.get("allow_hook_mismatch", False), bool)
         return cls(
             run_id=run_id,
             hook=hook,
+            allow_hook_mismatch=allow,
+            base_dir=Path(base_dir) if base_dir is not None else None,
+            **settings,
             models=models,
             saes=saes,
             corpus=_section(CorpusConfig, "corpus", data["corpus"]),
@@ -272,7 +308,8 @@ class RunConfig:
         out: dict[str, Any] = {"run_id": self.run_id}
         if self.hook is not None:
             out["hook"] = self.hook
-        out["models"] = {k: v.to_dict() for k, v in self.models.items()}
+        out["allow_hook_mismatch"] = self.allow_hook_mismatch
+        out["models"] = {"dtype": self.dtype, "processing": self.processing, **{k: v.to_dict() for k, v in self.models.items()}}
         out["saes"] = {k: v.to_dict() for k, v in self.saes.items()}
         for name in ("corpus", "sample", "thresholds", "examples", "matching"):
             section = getattr(self, name)
@@ -290,12 +327,15 @@ class RunConfig:
             raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path} is not a UTF-8 text file.") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, base_dir=path.resolve().parent)
 
     # -- derived -----------------------------------------------------------------------------
 
     def with_hook(self, hook: str) -> "RunConfig":
         return replace(self, hook=hook)
+
+    def with_dtype(self, dtype: str) -> "RunConfig":
+        return replace(self, dtype=dtype)
 
     def with_run_id(self, run_id: str) -> "RunConfig":
         return replace(self, run_id=run_id)
@@ -311,9 +351,22 @@ class RunConfig:
         blob = json.dumps({"state_version": STATE_VERSION, "config": d}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
+    @property
+    def root(self) -> Path:
+        """The folder relative paths resolve against: the config file's, else the repository root."""
+        return self.base_dir if self.base_dir is not None else REPO_ROOT
+
     def resolve(self, path: str) -> Path:
-        p = Path(path)
-        return p if p.is_absolute() else REPO_ROOT / p
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def config_dir_record(self) -> str:
+        """`root` as the manifest records it: relative to the repository when inside it."""
+        root = self.root.resolve()
+        try:
+            return str(root.relative_to(REPO_ROOT.resolve())) or "."
+        except ValueError:
+            return str(root)
 
 
 def _specs(section: str, data: Any, allowed: tuple[str, ...], spec_cls) -> dict:

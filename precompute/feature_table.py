@@ -38,9 +38,11 @@ def _search_form(token: str) -> str:
 
 
 def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
-    n = len(tokenizer) if tokenizer is not None else 0
-    strs = tokenizer.batch_decode([[i] for i in range(min(n, d_vocab))]) if n else []
-    return strs + [f"<id {i}>" for i in range(len(strs), d_vocab)]
+    """Each token id's display form alone (explorer/tokens.py: SentencePiece's `▁` as a space,
+    partial UTF-8 bytes as \\xNN); ids past the tokenizer: '<id N>'."""
+    from explorer.tokens import vocab_from_tokenizer
+
+    return vocab_from_tokenizer(tokenizer, d_vocab).strs
 
 
 def _density_columns(prep: Prepared, state: PassState, s: str, cols: dict, summary: dict) -> None:
@@ -76,7 +78,8 @@ def _logit_columns(prep: Prepared, s: str, d: int, cols: dict, summary: dict) ->
     sae = prep.pair.saes[s]
     d_model = int(prep.pair.base.cfg.d_model)
     if int(sae.cfg.d_in) == d_model and hook_start_layer(prep.cfg.hook, prep.pair.base.cfg.n_layers) is not None:
-        ls = W.logit_stats(sae.W_dec, {"base": prep.pair.base.W_U, "finetuned": prep.pair.finetuned.W_U})
+        n = prep.pair.shared_vocab or None  # logits on the vocabulary both models share (added tokens left out)
+        ls = W.logit_stats(sae.W_dec, {"base": prep.pair.base.W_U[:, :n], "finetuned": prep.pair.finetuned.W_U[:, :n]})
         cols["logit_similarity"] = ls.similarity
         summary["logit_similarity_nan"][s] = int(np.isnan(ls.similarity).sum())
         for m in MODELS:

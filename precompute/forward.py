@@ -7,6 +7,15 @@ full hooked forward; tests check both give the same loss. Other hooks use the ho
 On that path the zero-ablated loss is one single-position forward from the hook on (a zero
 residual at every position makes every later position identical, so the logits are the same
 everywhere; `ModelRunner.zero_loss`), not a full-batch pass: B2 (benchmarks/RESULTS.md).
+A TransformerBridge has no `start_at_layer`: it always takes the hooked forward.
+At `attn.hook_z` (and hook_q/k/v) the activation [B, C, n_heads, d_head] is handed out flattened
+to [B, C, n_heads * d_head], the SAE's d_in, and a replacement is reshaped back before it is
+spliced in (prepare.py turns off SAELens's own hook_z reshaping for the stream's SAEs).
+
+Dtype boundary: the model runs in its own dtype (float32, bfloat16, float16), but everything a
+runner returns is float32 (activations at the hook, per-token losses), so that every statistic
+downstream accumulates in float32/float64 whatever the model's dtype; a replacement activation
+handed back (the SAE's reconstruction) is cast to the model's dtype before it is spliced in.
 """
 
 from __future__ import annotations
@@ -34,11 +43,17 @@ class ModelRunner:
     def __init__(self, model, hook: str, fast: bool = True):
         from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 
+        from transformer_lens import HookedTransformer
+
         self.model, self.hook = model, hook
         self.start_layer = hook_start_layer(hook, model.cfg.n_layers)
         tok = model.tokenizer
+        self.dtype = next(model.parameters()).dtype
+        self.per_head = hook.endswith(("hook_z", "hook_q", "hook_k", "hook_v"))
+        self.shape = None  # the hook's own activation shape [B, C, ...] of the last batch
         self.fast = (
             fast
+            and isinstance(model, HookedTransformer)
             and self.start_layer is not None
             and model.cfg.positional_embedding_type != "shortformer"
             and not (tok is not None and getattr(tok, "padding_side", "right") == "left")
@@ -68,7 +83,7 @@ class ModelRunner:
         out = []
         for i in range(0, h.shape[0], step):
             logits = torch.nn.functional.linear(h[i : i + step], W_T, b_U)
-            out.append(logits.log_softmax(-1).gather(-1, target[i : i + step]))
+            out.append(logits.float().log_softmax(-1).gather(-1, target[i : i + step]))
         return -torch.cat(out).view(n_b, n_ctx - 1)
 
     def clean(self, tokens):
@@ -81,12 +96,23 @@ class ModelRunner:
 
         if self.own_head:
             resid = self.model.run_with_hooks(tokens, stop_at_layer=self.model.cfg.n_layers, fwd_hooks=[(self.hook, grab)])
-            return self.head_loss(resid, tokens), store["x"]
+            return self.head_loss(resid, tokens), self._out(store["x"])
         loss = self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, grab)])
-        return loss, store["x"]
+        return loss.float(), self._out(store["x"])
+
+    def _out(self, x):
+        """The hook's activation as the stream sees it: float32, per-head hooks flattened."""
+        self.shape = x.shape
+        return (x.flatten(2) if self.per_head else x).float()
 
     def loss_with(self, tokens, x_new):
-        """Per-token loss with the activation at the hook replaced by x_new."""
+        """Per-token loss (float32) with the activation at the hook replaced by x_new (cast to the
+        model's dtype, per-head hooks reshaped back)."""
+        if self.per_head:
+            x_new = x_new.reshape(*x_new.shape[:2], *self.shape[2:])
+        return self._loss_with(tokens, x_new.to(self.dtype)).float()
+
+    def _loss_with(self, tokens, x_new):
         if self.own_head:
             return self.head_loss(self.model(x_new, start_at_layer=self.start_layer, stop_at_layer=self.model.cfg.n_layers), tokens)
         if self.fast:
@@ -113,8 +139,8 @@ class ModelRunner:
 
             return self.loss_with(tokens, torch.zeros_like(x))
 
-        logits = self.model(x.new_zeros((1, 1, x.shape[-1])), start_at_layer=self.start_layer, return_type="logits")
-        log_probs = logits[0, 0].log_softmax(-1)
+        logits = self.model(x.new_zeros((1, 1, x.shape[-1]), dtype=self.dtype), start_at_layer=self.start_layer, return_type="logits")
+        log_probs = logits[0, 0].float().log_softmax(-1)
         return -log_probs[tokens[:, 1:]]
 
     def acts(self, tokens):
@@ -126,7 +152,7 @@ class ModelRunner:
             return act
 
         self.model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.stop_at)
-        return store["x"]
+        return self._out(store["x"])
 
 
 def runners(pair, hook: str) -> dict[str, ModelRunner]:

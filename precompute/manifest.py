@@ -64,6 +64,8 @@ def build_manifest(prep: Prepared, state: PassState, calib: Calibration, summary
         "tokenizer_check": prep.pair.tokenizer_comparison.to_dict(),
         "models": {m: model_facts(model) for m, model in (("base", prep.pair.base), ("finetuned", prep.pair.finetuned))},
         "inputs": prep.inputs,
+        "loading": prep.pair.loading,
+        "corpus": prep.corpus.to_dict() if prep.corpus is not None else None,
         "n_tokens": sample.n_tokens,
         "n_sequences": sample.n_sequences,
         "n_counted_tokens": int(state.features[(state.sae_names[0], "base")].n_tokens),

@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from explorer.errors import ConfigError, CorpusError
-from precompute.config import REPO_ROOT, RunConfig
-from precompute.corpus import TokenSample, check_token_ids, read_corpus, sample_sequences
+from explorer.errors import ConfigError
+from precompute.config import RunConfig
+from precompute.corpus import CorpusStats, TokenSample, check_token_ids, detect_format, read_corpus_with_stats, sample_sequences
+from precompute.log import log
 from precompute.sae_codec import SaeCodec
-
-
 
 
 @dataclass
@@ -27,6 +26,8 @@ class Prepared:
     special_ids: np.ndarray
     device: str
     inputs: dict[str, Any]
+    corpus: CorpusStats | None = None
+    warnings: tuple[str, ...] = ()  # printed when prepared; in the manifest's `loading`
 
     @property
     def n_batches(self) -> int:
@@ -57,41 +58,80 @@ def _file_fingerprint(path: Path, chunk: int = 16 << 20) -> dict[str, Any]:
     return {"bytes": size, "sha256_head_tail": h.hexdigest()}
 
 
-def input_fingerprints(cfg: RunConfig) -> dict[str, Any]:
-    """Fingerprints of the local files a run reads (hub models and SAEs are named by their ids)."""
-    from explorer.models import LOCAL_MODEL_WEIGHTS, SAE_WEIGHTS
+def _path_fingerprint(path: Path) -> dict[str, Any]:
+    """A file's fingerprint, or a folder's: each of its files' (sorted by path)."""
+    if path.is_file():
+        return _file_fingerprint(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {"files": {str(p.relative_to(path)): _file_fingerprint(p) for p in files}}
 
-    out: dict[str, Any] = {"corpus": _file_fingerprint(cfg.resolve(cfg.corpus.path))}
+
+def _model_weights(path: Path) -> list[Path]:
+    from explorer.hf_loading import weight_files
+    from explorer.models import LOCAL_MODEL_WEIGHTS
+
+    own = path / LOCAL_MODEL_WEIGHTS
+    return [own] if own.is_file() and not (path / "model.safetensors.index.json").exists() else weight_files(path)
+
+
+def input_fingerprints(cfg: RunConfig) -> dict[str, Any]:
+    """Fingerprints of the local files a run reads (hub models and SAEs are named by their ids), and
+    `config_dir`, the folder its relative paths resolve against (config.config_dir_record)."""
+    from explorer.models import SAE_WEIGHTS
+
+    out: dict[str, Any] = {"corpus": _path_fingerprint(cfg.resolve(cfg.corpus.path)), "config_dir": cfg.config_dir_record()}
     for name, spec in cfg.models.items():
-        if spec.path is not None:
-            out[name] = _file_fingerprint(cfg.resolve(spec.path) / LOCAL_MODEL_WEIGHTS)
+        local = spec.path or (spec.hf_model if spec.hf_model and cfg.resolve(spec.hf_model).is_dir() else None)
+        if local is not None:
+            files = _model_weights(cfg.resolve(local))
+            out[name] = _file_fingerprint(files[0]) if len(files) == 1 else {f.name: _file_fingerprint(f) for f in files}
     for name, spec in cfg.saes.items():
         if spec.path is not None:
             out[name] = _file_fingerprint(cfg.resolve(spec.path) / SAE_WEIGHTS)
     return out
 
 
+def log_prepared(prep: Prepared) -> None:
+    """The corpus summary (rows skipped, sequences available) and every warning, on stderr."""
+    if prep.corpus is not None:
+        log(prep.corpus.summary())
+    for w in prep.warnings:
+        log(f"warning: {w}")
+
+
 def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
-    """Load and check models, SAEs, hook, tokenizers and the corpus; raise an ExplorerError on any problem."""
+    """Load and check models, SAEs, hook, tokenizers, vocabularies and the corpus; raise an
+    ExplorerError on any problem, before anything is written."""
     from sae_lens.util import get_special_token_ids
 
-    from explorer.models import load_pair
+    from explorer.hf_loading import resolve_device
+    from explorer.models import load_pair, sae_context_warnings
 
+    device = resolve_device(device)
     corpus_path = cfg.resolve(cfg.corpus.path)
-    if not corpus_path.is_file():
-        raise CorpusError(f"Corpus file {corpus_path} does not exist. Point [corpus] path at a Parquet file with a token_ids or text column.")
+    detect_format(corpus_path, cfg.corpus.format)  # a missing corpus fails before any model loads
+    spec_root = cfg.root
     pair = load_pair(
         cfg.models["base"], cfg.models["finetuned"], cfg.saes["base_sae"], cfg.saes.get("finetuned_sae"),
-        hook=cfg.hook, min_matching_id_share=cfg.thresholds.min_matching_id_share, device=device, root=REPO_ROOT,
+        hook=cfg.hook, min_matching_id_share=cfg.thresholds.min_matching_id_share, device=device, root=spec_root,
+        dtype=cfg.dtype, processing=cfg.processing, allow_hook_mismatch=cfg.allow_hook_mismatch,
     )
+    for sae in pair.saes.values():  # the stream hands per-head activations over flattened (forward.py)
+        if getattr(sae, "hook_z_reshaping_mode", False):
+            sae.turn_off_forward_pass_hook_z_reshaping()
     ctx = cfg.sample.context_size
     for label, model in (("base", pair.base), ("finetuned", pair.finetuned)):
         if ctx > model.cfg.n_ctx:
             raise ConfigError(f"[sample] context_size={ctx} exceeds the {label} model's context length n_ctx={model.cfg.n_ctx}.")
-    vocab = min(pair.base.cfg.d_vocab, pair.finetuned.cfg.d_vocab)
-    seqs, sources = read_corpus(corpus_path, ctx, pair.base.tokenizer)
-    check_token_ids(seqs, vocab, corpus_path)
+    seqs, sources, stats = read_corpus_with_stats(corpus_path, ctx, pair.base.tokenizer, cfg.corpus.format, cfg.corpus.split)
+    check_token_ids(seqs, pair.shared_vocab, corpus_path)
     sample = sample_sequences(seqs, sources, cfg.sample.n_sequences, cfg.sample.seed, corpus_path)
     special = sorted(set(get_special_token_ids(pair.base.tokenizer)) | set(get_special_token_ids(pair.finetuned.tokenizer)))
-    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg))
+    bos = pair.base.tokenizer.bos_token_id
+    starts_with_bos = bos is not None and bool((sample.tokens[:, 0] == bos).all())
+    warnings = [*pair.warnings, *stats.warnings, *sae_context_warnings(pair.saes, ctx, starts_with_bos)]
+    pair.loading["warnings"] = warnings
+    return Prepared(
+        cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), stats, tuple(warnings)
+    )
 

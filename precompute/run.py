@@ -44,7 +44,7 @@ from precompute.pass_state import (
     save_state,
     state_meta,
 )
-from precompute.prepare import Prepared, prepare
+from precompute.prepare import Prepared, log_prepared, prepare
 from precompute.stream import stream
 from precompute.tables import finalize
 
@@ -113,6 +113,7 @@ def run(
         batch_range = (0, n_batches)
         ckpt = run_dir / CHECKPOINT_DIR / STATE_FILE
 
+    log_prepared(prep)
     runners = runners_for(prep.pair, prep.cfg.hook)
     calib = calibrate(prep, runners)
     state = PassState(prep, calib, pair_keys(prep), batch_range)
@@ -149,6 +150,14 @@ def run(
 
 
 
+def _config_dir(meta: dict) -> Path | None:
+    """The folder a shard's config resolved its paths against (prepare.input_fingerprints)."""
+    from precompute.config import REPO_ROOT
+
+    d = (meta.get("inputs") or {}).get("config_dir")
+    return None if d is None else (Path(d) if Path(d).is_absolute() else REPO_ROOT / d)
+
+
 def _shard_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / SHARDS_DIR
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -175,7 +184,7 @@ def merge(run_id: str, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, device: s
         missing = sorted(set(range(n)) - set(have))
         raise RunError(f"Run {run_id!r} has shards {have} of {n}; missing {missing}. Run them, then merge.")
     metas.sort(key=lambda dm: dm[1]["shard"][0])
-    cfg = RunConfig.from_dict(metas[0][1]["config"])
+    cfg = RunConfig.from_dict(metas[0][1]["config"], base_dir=_config_dir(metas[0][1]))
     prep = prepare(cfg, device)
     for d, meta in metas:
         check_meta(meta, prep, d / STATE_FILE)

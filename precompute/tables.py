@@ -20,7 +20,8 @@ from precompute import weights as W
 from precompute.accumulators import RESID_METRIC_ORDER, ResidStats
 from precompute.calibration import Calibration
 from precompute.columns import list_col
-from precompute.feature_table import features_table, vocab_strings
+from explorer.tokens import Vocab, vocab_from_tokenizer
+from precompute.feature_table import features_table
 from precompute.forward import ModelRunner
 from precompute.hook_cache import HookActsCache
 from precompute.log import log
@@ -50,12 +51,13 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     if match is not None:
         write("matches.parquet", matches_table(match))
         summary["matching"] = matching_summary(match, prep.cfg.thresholds.match)
-    vocab = vocab_strings(prep.pair.base.tokenizer, prep.pair.base.cfg.d_vocab)
+    vocab_forms = vocab_from_tokenizer(prep.pair.base.tokenizer, int(prep.pair.base.cfg.d_vocab))
+    vocab = vocab_forms.strs
     write("features.parquet", features_table(prep, state, match, units, vocab, summary), row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
     examples, n_examples, hook_stats = examples_table(prep, runners, state, hook_cache)
     write("examples.parquet", examples, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE)
     write("tokens.parquet", tokens_table(prep))
-    write("vocab.parquet", vocab_table(vocab))
+    write("vocab.parquet", vocab_table(vocab_forms))
 
     timing = {**timing, "finalize_seconds": time.time() - t0, "window_batches_from_stream": hook_stats["cached"], "window_batches_recomputed": hook_stats["recomputed"]}
     manifest = build_manifest(prep, state, calib, summary, timing, files)
@@ -172,6 +174,11 @@ def tokens_table(prep: Prepared) -> pa.Table:
     )
 
 
-def vocab_table(vocab: list[str]) -> pa.Table:
-    """vocab.parquet: each token id's display string."""
-    return pa.table({"token_id": np.arange(len(vocab), dtype=np.int32), "token_str": vocab})
+def vocab_table(vocab: Vocab) -> pa.Table:
+    """vocab.parquet: each token id's display string, raw piece and bytes (explorer/tokens.py)."""
+    return pa.table(
+        {
+            "token_id": np.arange(len(vocab), dtype=np.int32), "token_str": vocab.strs, "token_piece": vocab.pieces,
+            "token_bytes": pa.array(vocab.raw, pa.binary()),
+        }
+    )

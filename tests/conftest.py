@@ -2,7 +2,8 @@
 
 Tiers (STYLE.md): unit tests load no model; integration tests use `tiny_demo`, a demo pair
 built by `python -m precompute.demo --tiny` into a temporary directory once per session
-(about 10 s); tests that need the shipped demo use `shipped_demo`.
+(about 10 s), or `hf_models`, tiny Hugging Face models as users bring them (tests/hf_models.py);
+tests that need the shipped demo use `shipped_demo`.
 
 The browser fixtures (tests/browser_utils.py) are registered here, once: imported into several
 test modules they would be separate session fixtures, and a second `sync_playwright()` inside the
@@ -32,6 +33,15 @@ def tiny_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_demo") / "demo"
     assert main(["--tiny", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Tiny Hugging Face save_pretrained models (GPT-2, Llama, GPTBigCode; each a base and a
+    finetune), SAEs and a text corpus, built and trained once per session (tests/hf_models.py)."""
+    from tests.hf_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("hf_models"))
 
 
 @pytest.fixture(scope="session")

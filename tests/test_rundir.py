@@ -26,7 +26,7 @@ def _write_minimal_run(run_dir):
 def test_write_table_casts_and_records(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
-    table = pa.table({"token_str": ["<script>", "a"], "token_id": [3, 4]})  # other order, int64
+    table = pa.table({"token_str": ["<script>", "a"], "token_bytes": [b"<script>", b"a"], "token_piece": ["<script>", "a"], "token_id": [3, 4]})  # other order, int64
     entry = rundir.write_table(run, "vocab.parquet", table)
     back = pq.read_table(run / "vocab.parquet")
     assert back.schema.equals(schema.VOCAB, check_metadata=False)

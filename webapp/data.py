@@ -164,8 +164,18 @@ def sequences(run: Run, limit: int = 200, offset: int = 0) -> pd.DataFrame:
 
 
 def token_strings(run: Run, ids: Sequence[int]) -> list[str]:
-    """Token ids -> their (unescaped) strings; unknown ids -> '<id N>'."""
+    """Token ids -> their (unescaped) strings; unknown ids -> '<id N>'. Used for lists of single
+    tokens (top logits); windows of running text use `window_strings`."""
     from webapp.state import vocab
 
     v = vocab(run)
     return [v[i] if 0 <= i < len(v) else f"<id {i}>" for i in (int(x) for x in ids)]
+
+
+def window_strings(run: Run, ids: Sequence[int]) -> tuple[list[str], list[str]]:
+    """A window of running text: (display strings, characters split over byte tokens shown whole
+    on the token that completes them; hover titles with each id and raw piece)."""
+    from webapp.state import vocab_forms
+
+    v = vocab_forms(run)
+    return v.window(ids), v.titles(ids)

@@ -7,8 +7,12 @@
     steered = steer(key, token_ids, "base_sae", 12, coef=8.0, n_new_tokens=20)
 
 The specs come from the run's manifest: `config.models.{base,finetuned}` (ModelSpec dicts),
-`config.saes.{base_sae,finetuned_sae}` (SAESpec dicts), `config.hook`. Relative paths resolve
-against the repository root (the directory holding app.py), as in the precompute config.
+`config.saes.{base_sae,finetuned_sae}` (SAESpec dicts), `config.hook`, and the models load as the
+run loaded them: `config.models.{dtype,processing}`, `config.allow_hook_mismatch`. Relative paths
+resolve against the run's config folder (`inputs.config_dir`, itself relative to the repository
+when inside it; older runs: the repository root), as in the precompute.
+Device: $SAE_EXPLORER_DEVICE (cpu, cuda, mps, auto; default auto); dtype: the run's, or
+$SAE_EXPLORER_DTYPE (float32, bfloat16, float16) to override it.
 Two runs over the same models share one loaded pair. torch is imported only when a pair loads.
 Torch threads: when a pair loads, torch's intra-op threads are set to $SAE_EXPLORER_TORCH_THREADS,
 else to half the cores (at least 1), as the precompute CLI does: on a busy 2-core machine the
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS_ENV = "SAE_EXPLORER_TORCH_THREADS"
+DEVICE_ENV = "SAE_EXPLORER_DEVICE"
+DTYPE_ENV = "SAE_EXPLORER_DTYPE"
 
 
 def _clean(spec: Any, what: str) -> dict[str, Any]:
@@ -51,12 +57,17 @@ def pair_key(run: "Run | dict[str, Any]") -> str:
     if "base_sae" not in saes:
         raise ConfigError("The run's manifest names no base SAE, so the live probe has nothing to run. Re-run its precompute.")
     thresholds = config.get("thresholds") or {}
+    config_dir = str((manifest.get("inputs") or {}).get("config_dir") or ".")
     key = {
         "models": {m: _clean(models.get(m), f"{m} model") for m in MODELS},
         "saes": {s: _clean(saes[s], s) for s in SAES if saes.get(s)},
         "hook": config.get("hook"),
         "min_matching_id_share": thresholds.get("min_matching_id_share"),
-        "root": str(REPO),
+        "root": str(REPO / config_dir) if not Path(config_dir).is_absolute() else config_dir,
+        "dtype": os.environ.get(DTYPE_ENV, "").strip() or models.get("dtype") or "float32",
+        "processing": models.get("processing", "auto"),
+        "allow_hook_mismatch": bool(config.get("allow_hook_mismatch", False)),
+        "device": os.environ.get(DEVICE_ENV, "").strip() or "auto",
     }
     return json.dumps(key, sort_keys=True)
 
@@ -84,6 +95,10 @@ def get_pair(key: str) -> "LoadedPair":
             hook=spec.get("hook"),
             min_matching_id_share=spec.get("min_matching_id_share") or DEFAULT_MIN_MATCHING_ID_SHARE,
             root=spec["root"],
+            device=spec.get("device", "auto"),
+            dtype=spec.get("dtype", "float32"),
+            processing=spec.get("processing", "auto"),
+            allow_hook_mismatch=spec.get("allow_hook_mismatch", False),
         )
     except ExplorerError as exc:
         raise type(exc)(f"The live probe cannot load this run's models: {exc}") from None
@@ -117,6 +132,7 @@ def decode(key: str, token_ids: tuple[int, ...]) -> str:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def token_strs(key: str, token_ids: tuple[int, ...]) -> list[str]:
+    """Display strings of running text (characters split over byte tokens shown whole on the last)."""
     from explorer import probe as P
 
-    return P.decode_tokens(get_pair(key).base.tokenizer, token_ids)
+    return P.decode_window(get_pair(key).base.tokenizer, token_ids)[0]

@@ -352,3 +352,15 @@ def _vocab(path: str, token: tuple[int, int]) -> list[str]:
 
 def vocab(run: Run) -> list[str]:
     return _vocab(run.path, run.token)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _vocab_forms(path: str, token: tuple[int, int]):
+    from explorer import store
+
+    return store.vocab_forms(Path(path))
+
+
+def vocab_forms(run: Run):
+    """explorer.tokens.Vocab of the run: grouped window display and hover titles."""
+    return _vocab_forms(run.path, run.token)

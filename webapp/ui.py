@@ -77,11 +77,11 @@ def example_blocks(run: Run, rows: pd.DataFrame, max_value: float, models: Seque
     """HTML blocks of example windows: the same tokens on each model, highlighted."""
     blocks = []
     for r in rows.itertuples(index=False):
-        tokens = data.token_strings(run, r.token_ids)
+        tokens, titles = data.window_strings(run, r.token_ids)
         acts = {m: getattr(r, f"acts_{m}") for m in models}
         focus = int(r.position) - int(r.window_start)
         cap = caption_fn(r) if caption_fn else None
-        blocks.append(render.example_block(tokens, acts, max_value, focus=focus, caption=cap))
+        blocks.append(render.example_block(tokens, acts, max_value, focus=focus, caption=cap, titles=titles, grouped=True))
     return blocks
 
 
@@ -94,9 +94,9 @@ def show_examples(run: Run, rows: pd.DataFrame, max_value: float, title: str | N
 
 def inline_example(run: Run, row: Any, max_value: float, model: str) -> str:
     """One short highlighted window (one model) for list rows."""
-    tokens = data.token_strings(run, row.token_ids)
+    tokens, titles = data.window_strings(run, row.token_ids)
     focus = int(row.position) - int(row.window_start)
-    return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus)}</div>'
+    return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus, titles, grouped=True)}</div>'
 
 
 def pager(key: str, n_rows: int, page_size: int, reset_on: object = None) -> int:
