@@ -1,5 +1,6 @@
-"""Command line: python -m precompute {run,merge,schema}.
+"""Command line: python -m precompute {run,merge,check,schema}.
 
+    python -m precompute check configs/demo.toml                      # every problem a run would hit, nothing run
     python -m precompute run --config configs/demo.toml              # writes data/runs/<run_id>/
     python -m precompute run --config X --shard 0/4                   # one slice of the token stream
     python -m precompute merge RUN_ID                                 # combine the shards of a run
@@ -56,6 +57,11 @@ def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
     m.add_argument("--runs-dir", default=str(DEFAULT_RUNS_DIR))
     _common(m)
 
+    c = sub.add_parser("check", help="report every problem a run of CONFIG would hit (paths, hook, widths, vocabularies, corpus), without running it")
+    c.add_argument("config", help="TOML config")
+    c.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the config's [models] dtype)")
+    c.add_argument("--device", default="cpu", help="where to load the models for the checks (default cpu)")
+
     s = sub.add_parser("schema", help="print the run schema as Markdown (docs/SCHEMA.md)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--write", metavar="PATH", help="write it to PATH")
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
     try:
         if args.command == "schema":
             return _schema(args)
+        if args.command == "check":
+            return _check(args)
         _keep_freed_memory()
         import torch
 
@@ -128,6 +136,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint.", file=sys.stderr)
         return 130
+
+
+def _check(args) -> int:
+    from precompute.check import check
+
+    report = check(args.config, device=args.device, dtype=args.dtype)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else EXIT_USER_ERROR
 
 
 def _schema(args) -> int:

@@ -2,6 +2,7 @@
 
     sae-transfer run --config CONFIG [--shard I/N] ...     the precompute (= python -m precompute run)
     sae-transfer merge RUN_ID                              merge a run's shards
+    sae-transfer check CONFIG                              every problem a run of CONFIG would hit, nothing run
     sae-transfer app [--run ID] [--port N]                 start the explorer on 127.0.0.1
     sae-transfer demo [--tiny] [--out DIR]                 rebuild the demo pair (python -m precompute.demo)
     sae-transfer export neuronpedia --run ID --out DIR     Neuronpedia bundles, one source per (SAE, model)
@@ -26,7 +27,7 @@ PROG = "sae-transfer"
 EXIT_USER_ERROR = 2
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
-PRECOMPUTE_COMMANDS = ("run", "merge", "schema")
+PRECOMPUTE_COMMANDS = ("run", "merge", "check", "schema")
 
 
 def app_dir() -> Path:
@@ -56,8 +57,9 @@ def streamlit_flags(config_toml: Path, skip: tuple[str, ...] = ()) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,merge,app,demo,export,schema}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,merge,check,app,demo,export,schema}")
     for name, text in (("run", "compute a run (or one shard) from a config"), ("merge", "merge the shards of a run"),
+                       ("check", "report every problem a run of a config would hit, without running it"),
                        ("schema", "print the run schema as Markdown")):
         sub.add_parser(name, help=text, add_help=False)  # parsed by the precompute's own command line
 

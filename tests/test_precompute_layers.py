@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "precompute"
 LIBRARIES = ("accumulators", "weights", "examples", "corpus", "config", "columns", "log")
 STAGES = ("sae_codec", "forward", "prepare", "calibration", "pass_state", "hook_cache", "stream", "feature_table", "manifest", "tables")
-ENTRY_POINTS = ("run", "__main__")
+ENTRY_POINTS = ("run", "check", "__main__")
 MAX_STAGE_LINES = 420
 
 
