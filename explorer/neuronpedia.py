@@ -26,7 +26,9 @@ lib/db/import.ts in hijohnnylin/neuronpedia), field names as its Prisma schema s
   run); `qualifyingTokenIndex` is the selecting token's index in the window.
 - Neuron rows: `frac_nonzero` = density on the model; `maxActApprox` = max activation;
   `pos_str/pos_values`, `neg_str/neg_values` = the top W_dec[i] @ W_U logits of that model;
-  `topkCosSimIndices/Values` = the decoder neighbours in the same SAE; the activation histogram
+  `topkCosSimIndices/Values` = the decoder neighbours in the same SAE; token strings are the app's
+  display forms (SentencePiece's `▁` as a space; in a window, a character split over byte pieces
+  shown once, on the piece that completes it); the activation histogram
   `freq_hist_data_bar_values/heights` = the run's log-spaced bins (geometric bin centres,
   counts), trimmed to the non-empty range. Not in a run, written empty: the logit histogram,
   `decoder_weights_dist`, the decoder vector (`hasVector` false).
@@ -186,7 +188,7 @@ class _Export:
         self.set_names = {s: slug(opts.set_names.get(s, f"{s.replace('_', '-')}-{self.kind}")) for s in self.manifest["saes"]}
         self.release = slug(opts.release_name or f"{self.manifest['run_id']}-transfer")
         self.created_at = self.manifest.get("created_at") or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.vocab = store.vocab(run_dir)
+        self.vocab = store.vocab_forms(run_dir)  # windows grouped across byte pieces, as the app shows them
 
     def source_id(self, sae: str) -> str:
         return f"{self.layer}-{self.set_names[sae]}"
@@ -249,8 +251,8 @@ class _Export:
     # ------------------------------------------------------------------------ features and activations
 
     def _tokens(self, ids) -> list[str]:
-        n = len(self.vocab)
-        return [self.vocab[i] if 0 <= i < n else f"<id {i}>" for i in ids]
+        """Single tokens (the logit lists)."""
+        return [self.vocab.single(int(i)) for i in ids]
 
     def neuron_rows(self, sae: str, model: str) -> Iterator[dict]:
         cols = [
@@ -286,7 +288,7 @@ class _Export:
         source_id, mid = self.source_id(sae), self.model_ids[model]
         for r in t.to_pylist():
             values = [float(v) for v in (r[f"acts_{model}"] or [])]
-            tokens = self._tokens(r["token_ids"] or [])
+            tokens = self.vocab.window(r["token_ids"] or [])
             if not values:
                 continue
             top = r["kind"] == "top"

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from explorer import neuronpedia, rundir, schema
+from explorer import neuronpedia, rundir, schema, store
 from explorer.errors import ConfigError
 from explorer.synthetic import make_run
 
@@ -81,7 +81,11 @@ def run(tmp_path_factory) -> Path:
     vocab = pq.read_table(d / "vocab.parquet")
     strs = vocab.column("token_str").to_pylist()
     strs[5] = "nul\x00here"
-    manifest["files"]["vocab.parquet"] = rundir.write_table(d, "vocab.parquet", pa.table({"token_id": vocab.column("token_id"), "token_str": strs}))
+    raw = vocab.column("token_bytes").to_pylist()
+    raw[5] = strs[5].encode("utf-8")
+    vocab = vocab.set_column(vocab.schema.get_field_index("token_str"), "token_str", pa.array(strs, pa.string()))
+    vocab = vocab.set_column(vocab.schema.get_field_index("token_bytes"), "token_bytes", pa.array(raw, vocab.schema.field("token_bytes").type))
+    manifest["files"]["vocab.parquet"] = rundir.write_table(d, "vocab.parquet", vocab)
     manifest.pop("schema_version", None)
     rundir.write_manifest(d, manifest)
     return d
@@ -165,6 +169,7 @@ def test_one_features_values_equal_the_runs_parquet(bundle, run):
     feats = pq.read_table(run / "features.parquet").to_pandas()
     feats = feats[feats["sae"] == "base_sae"].set_index("feature_id")
     vocab = pq.read_table(run / "vocab.parquet").column("token_str").to_pylist()
+    forms = store.vocab_forms(run)
     ex = pq.read_table(run / "examples.parquet").to_pandas()
     ex = ex[(ex["sae"] == "base_sae") & (ex["model"] == "finetuned")]
     fid = int(ex.groupby("feature_id").size().idxmax())
@@ -188,7 +193,7 @@ def test_one_features_values_equal_the_runs_parquet(bundle, run):
     n_bins = rundir.open_run(run)["config"]["examples"]["n_quantile_bins"]
     for _, e in mine.iterrows():
         r = by_values[tuple(np.round(np.asarray(e["acts_finetuned"], dtype=np.float64), 5))]
-        assert r["tokens"] == [vocab[i].replace("\x00", "") for i in e["token_ids"]]
+        assert r["tokens"] == [s.replace("\x00", "") for s in forms.window(e["token_ids"])]
         assert len(r["tokens"]) == len(r["values"])
         assert r["qualifyingTokenIndex"] == int(e["position"] - e["window_start"])
         assert r["dataIndex"] == str(int(e["seq_id"]))
@@ -200,8 +205,10 @@ def test_one_features_values_equal_the_runs_parquet(bundle, run):
             assert r["binContains"] == pytest.approx(1 / n_bins)
 
 
-def test_nul_characters_are_stripped(bundle):
+def test_nul_characters_are_stripped(bundle, run):
     _, sources = bundle
+    windows = pq.read_table(run / "examples.parquet", columns=["token_ids"]).column("token_ids").to_pylist()
+    assert any(5 in w for w in windows)  # the NUL token is in the bundle's windows
     for b in sources:
         for sub in ("features", "activations"):
             for f in (b.path / sub).iterdir():
