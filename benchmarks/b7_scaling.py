@@ -4,8 +4,8 @@
     python benchmarks/b7_scaling.py --widths 2048 16384 --tokens 16384 65536
     python benchmarks/b7_scaling.py --smoke         # the tiny wide pair, two tiny points (the test suite)
 
-Two sweeps on one wide synthetic pair (benchmarks/wide_pair.py), both SAEs of a width on both
-models, configs/demo.toml's example and matching settings:
+Two sweeps on one wide synthetic pair (benchmarks/wide_pair.py), the base SAE of a width on both
+models (--both-saes: both SAEs and the two-SAE matching), configs/demo.toml's example settings:
 
     widths   d_sae in --widths at --fixed-tokens tokens
     tokens   n_tokens in --tokens at --tokens-width features
@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:  # run as a script: make the repository importable
 
 from benchmarks._common import CHILD_ENV, machine, write_result  # noqa: E402
 
-B7_PAIR = dict(d_model=512, n_layers=4, d_vocab=32768, n_sequences=2048, context=128)
+B7_PAIR = dict(d_model=256, n_layers=4, d_vocab=32768, n_sequences=2048, context=128)
 
 
 def _wide():
@@ -64,7 +64,23 @@ def _wide():
 # The limit / floor child
 
 
-def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path) -> None:
+def cast_prepared(prep, dtype: str) -> None:
+    """Models and SAEs of a Prepared in `dtype` (float32: nothing to do). The CLI gains a --dtype
+    with the own-models issue; until then the GPU check casts here, after loading."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    if dt == torch.float32:
+        return
+    for model in (prep.pair.base, prep.pair.finetuned):
+        model.to(dt)
+        model.cfg.dtype = dt
+    for sae in prep.pair.saes.values():
+        sae.to(dtype=dt)
+    prep.__dict__.pop("codecs", None)  # built again for the cast SAEs
+
+
+def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path, device: str = "cpu", dtype: str = "float32", variants=("limit", "floor")) -> None:
     from precompute.__main__ import _keep_freed_memory
 
     _keep_freed_memory()
@@ -76,13 +92,14 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path) -> Non
     from precompute.forward import runners as model_runners
     from precompute.prepare import prepare
 
-    prep = prepare(RunConfig.from_toml(cfg_path))
+    prep = prepare(RunConfig.from_toml(cfg_path), device)
+    cast_prepared(prep, dtype)
     runners = model_runners(prep.pair, prep.cfg.hook)
     codecs = prep.codecs
     saes = prep.pair.saes
     n_batches = max(1, min(prep.n_batches, -(-max_tokens // (prep.cfg.sample.batch_size * prep.cfg.sample.context_size))))
-    batches = [torch.from_numpy(prep.sample.tokens[prep.batch_seq_ids(b)].astype(np.int64)) for b in range(n_batches)]
-    counted = [torch.from_numpy(~np.isin(t.numpy(), prep.special_ids)) for t in batches]
+    batches = [torch.from_numpy(prep.sample.tokens[prep.batch_seq_ids(b)].astype(np.int64)).to(device) for b in range(n_batches)]
+    counted = [torch.from_numpy(~np.isin(t.cpu().numpy(), prep.special_ids)).to(device) for t in batches]
     hook = prep.cfg.hook
     gates = {s: (saes[s].threshold.clamp_min(0) if hasattr(saes[s], "threshold") else torch.zeros_like(saes[s].b_enc)) for s in saes}
 
@@ -96,9 +113,9 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path) -> Non
         logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], return_type="logits")
         return logits, store["x"]
 
-    def loop(variant: str) -> float:
+    def loop(variant: str, n: int | None = None) -> float:
         sink = 0.0
-        for bi, tokens in enumerate(batches):
+        for bi, tokens in enumerate(batches[:n]):
             for m in ("base", "finetuned"):
                 if variant == "limit":
                     logits, x = grab_logits(runners[m].model, tokens)
@@ -107,7 +124,7 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path) -> Non
                     xf = x.reshape(-1, x.shape[-1])
                     for s in saes:
                         sae = saes[s]
-                        pre = torch.addmm(sae.b_enc, xf - sae.b_dec, sae.W_enc)
+                        pre = torch.addmm(sae.b_enc, xf.to(sae.dtype) - sae.b_dec, sae.W_enc)
                         sink += float((pre > gates[s]).sum())
                         del pre
                 else:
@@ -119,11 +136,17 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path) -> Non
                         sink += float(r.loss_with(tokens, torch.where(counted[bi][..., None], x_hat, x))[0, 0])
         return sink
 
-    res = {"n_tokens": int(sum(t.numel() for t in batches)), "n_batches": n_batches, "threads": torch.get_num_threads()}
+    res = {"n_tokens": int(sum(t.numel() for t in batches)), "n_batches": n_batches, "threads": torch.get_num_threads(), "device": device, "dtype": dtype}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
-        for variant in ("limit", "floor"):
+        if device.startswith("cuda"):
+            for v in variants:
+                loop(v, 1)  # warm-up: kernels, allocator
+        for variant in variants:
+            sync()
             w0, c0 = time.perf_counter(), time.process_time()
             loop(variant)
+            sync()
             res[variant] = {"wall_seconds": time.perf_counter() - w0, "cpu_seconds": time.process_time() - c0}
     out.write_text(json.dumps(res))
 
@@ -148,18 +171,21 @@ def _child(cmd: list[str], log: Path) -> dict:
             "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
 
 
-def state_bytes_expected(d_sae: int, ex: dict, n_candidates: int, max_all_pairs: int) -> int:
-    """The accumulator state's size for two SAEs of d_sae on both models (pass_state.PassState)."""
+def state_bytes_expected(d_sae: int, ex: dict, n_candidates: int, max_all_pairs: int, both_saes: bool) -> int:
+    """The accumulator state's size for one or two SAEs of d_sae on both models (pass_state.PassState)."""
     per_pair = ex["n_top"] * (4 + 8) + ex["quantile_sample"] * (8 + 8 + 4) + 3 * 8 + 64 * 8
+    if not both_saes:
+        return 2 * d_sae * per_pair + d_sae * 16
     cross = d_sae * d_sae * 8 if d_sae <= max_all_pairs else 2 * d_sae * n_candidates * 8
     return 4 * d_sae * per_pair + 2 * d_sae * 16 + cross
 
 
-def run_point(pair: Path, wide, d_sae: int, n_tokens: int, context: int, threads: int, limit_tokens: int, work: Path, tag: str, order: tuple[str, ...]) -> dict:
+def run_point(pair: Path, wide, d_sae: int, n_tokens: int, context: int, threads: int, limit_tokens: int, work: Path, tag: str, order: tuple[str, ...],
+              both_saes: bool = False) -> dict:
     cfg = work / "configs" / f"{tag}.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     run_id = f"b7-{tag}"
-    cfg.write_text(wide.config_text(pair, run_id, d_sae, n_tokens, context))
+    cfg.write_text(wide.config_text(pair, run_id, d_sae, n_tokens, context, both_saes=both_saes))
     point: dict = {"d_sae": d_sae, "n_tokens": n_tokens, "order": list(order)}
     for side in order:
         if side == "ours":
@@ -208,13 +234,14 @@ def _print_row(p: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", type=Path, default=None, help="a wide pair (default: benchmarks/_work/b7-pair, generated with B7_PAIR's shapes if missing)")
-    p.add_argument("--d-model", type=int, default=B7_PAIR["d_model"], help="d_model of a pair generated here (default 512)")
+    p.add_argument("--d-model", type=int, default=B7_PAIR["d_model"], help="d_model of a pair generated here (default 256)")
     p.add_argument("--widths", type=int, nargs="+", default=[2048, 16384, 65536, 131072])
     p.add_argument("--fixed-tokens", type=int, default=8192)
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 262144])
     p.add_argument("--tokens-width", type=int, default=16384)
     p.add_argument("--limit-tokens", type=int, default=16384, help="tokens the limit/floor children time (default 16384)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--both-saes", action="store_true", help="both SAEs of each width and the two-SAE matching (default: the base SAE on both models)")
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="the tiny wide pair (built in --work), one width point and one token point")
@@ -227,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     cmdline = "python benchmarks/b7_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
     work = a.work.resolve()
     if a.smoke:
+        a.both_saes = True  # the smoke covers the two-SAE path too
         pair = a.pair or work / "tiny-pair"
         widths, fixed, tokens, tok_width, limit_tokens = [256], 8 * 16, [16 * 16], 512, 8 * 16
         if not (pair / "PAIR.json").exists():
@@ -252,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": cmdline.strip(), "machine": machine(), "loadavg_at_start": list(os.getloadavg()),
         "git_rev": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
         "pair": {"path": str(pair), **info["settings"], "n_params_per_model": info.get("n_params_per_model"), "saes": info["saes"]},
-        "threads": a.threads, "limit_tokens": limit_tokens, "smoke": a.smoke, "widths": [], "tokens": [],
+        "threads": a.threads, "limit_tokens": limit_tokens, "smoke": a.smoke, "both_saes": a.both_saes, "widths": [], "tokens": [],
     }
     print(f"{'d_sae':>8} {'tokens':>8} {'limit':>9} {'floor':>9} {'stream':>9} {'s/lim':>7} {'s/flr':>7} {'final s':>8} {'weights':>8} {'all/lim':>7} {'RSS MiB':>9} {'lim RSS':>9}")
     print("(us per token; s/lim = ours' stream over the limit; all/lim = stream + finalize over the limit)")
@@ -261,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         for d_sae, n in points:
             order = ("limit", "ours") if k % 2 == 0 else ("ours", "limit")
             k += 1
-            pt = run_point(pair, wide, d_sae, n, context, a.threads, limit_tokens, work, f"{sweep}-{d_sae}-{n}", order)
-            pt["state_bytes_expected"] = state_bytes_expected(d_sae, {"n_top": 20, "quantile_sample": 150}, 10, 4096)
+            pt = run_point(pair, wide, d_sae, n, context, a.threads, limit_tokens, work, f"{sweep}-{d_sae}-{n}", order, a.both_saes)
+            pt["state_bytes_expected"] = state_bytes_expected(d_sae, {"n_top": 20, "quantile_sample": 150}, 10, 4096, a.both_saes)
             result[sweep].append(pt)
             _print_row(pt)
             result["loadavg_at_end"] = list(os.getloadavg())

@@ -490,11 +490,17 @@ class CrossProducts(_Stateful):
         if self.pair_keys is not None and np.any(np.diff(self.pair_keys) <= 0):
             raise ValueError("pair_keys must be sorted and unique")
         self.sum_xy = np.zeros((d_a, d_b) if pair_keys is None else len(self.pair_keys), np.float64)
+        if self.pair_keys is not None:  # the candidates of each base feature i: pair_keys[ptr[i]:ptr[i+1]] (keys sorted by i, then j)
+            self._cand_ptr = np.searchsorted(self.pair_keys // d_b, np.arange(d_a + 1))
+            self._cand_j = self.pair_keys % d_b
 
     def update(self, a: SparseActs, b: SparseActs) -> None:
         import scipy.sparse as sp
 
         if len(a.token) == 0 or len(b.token) == 0:
+            return
+        if self.pair_keys is not None:
+            self._update_candidates(a, b)
             return
         lo = min(a.token.min(), b.token.min())  # a batch's tokens are a short range of global indices
         ta, tb = a.token - lo, b.token - lo
@@ -512,13 +518,29 @@ class CrossProducts(_Stateful):
         prod = (ma @ mb).tocsr()  # a product has no duplicate entries
         # flat index row * d_b + col, rows in order (the dense update walks sum_xy row by row)
         keys = np.repeat(np.arange(prod.shape[0], dtype=np.int64) * self.d_b, np.diff(prod.indptr)) + prod.indices
-        if self.pair_keys is None:
-            self.sum_xy.reshape(-1)[keys] += prod.data
-        else:
-            pos = np.searchsorted(self.pair_keys, keys)
-            pos_ok = np.minimum(pos, len(self.pair_keys) - 1)
-            hit = (pos < len(self.pair_keys)) & (self.pair_keys[pos_ok] == keys)
-            np.add.at(self.sum_xy, pos[hit], prod.data[hit])
+        self.sum_xy.reshape(-1)[keys] += prod.data
+
+    def _update_candidates(self, a: SparseActs, b: SparseActs) -> None:
+        """Candidate pairs only: each entry (t, i) of A is expanded over i's candidates j and
+        looked up at (t, j) among B's entries. Work: nnz(A) x candidates per feature, where the
+        all-pairs product costs tokens x L0_A x L0_B (at L0 64, 16M products per 4096-token batch,
+        most of them for pairs that are not candidates; B7). For each pair the products are
+        summed in token order, as the sparse product sums them."""
+        d_b = self.d_b
+        kb = b.token * d_b + b.feature  # sorted: (token, feature) order
+        n_c = self._cand_ptr[a.feature + 1] - self._cand_ptr[a.feature]
+        total = int(n_c.sum())
+        if total == 0:
+            return
+        rep = np.repeat(np.arange(len(a.feature)), n_c)
+        first = np.cumsum(n_c) - n_c
+        pair = self._cand_ptr[a.feature][rep] + (np.arange(total) - first[rep])
+        want = a.token[rep] * d_b + self._cand_j[pair]
+        pos = np.searchsorted(kb, want)
+        pos_ok = np.minimum(pos, len(kb) - 1)
+        hit = kb[pos_ok] == want
+        prod = a.value[rep[hit]].astype(np.float64) * b.value[pos_ok[hit]].astype(np.float64)
+        self.sum_xy += np.bincount(pair[hit], weights=prod, minlength=len(self.pair_keys))
 
     def merge(self, other: "CrossProducts") -> None:
         self.sum_xy += other.sum_xy

@@ -69,7 +69,8 @@ from precompute.pass_state import (
 from precompute.prepare import Prepared, prepare
 
 RAY_TMP_ENV = "PRECOMPUTE_RAY_SCRATCH"  # where shard tasks checkpoint on their worker (default: the system temp dir)
-CHILD_ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN", "SAE_LENS_CACHE", HOOK_CACHE_MB_ENV, RAY_TMP_ENV)
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+CHILD_ENV_KEYS = ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_TOKEN", "SAE_LENS_CACHE", HOOK_CACHE_MB_ENV, RAY_TMP_ENV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +179,21 @@ def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_by
 # The driver
 
 
+def _probe(address: str | None) -> None:
+    """A host:port address must accept a connection (Ray's own connect retries for a minute)."""
+    import socket
+
+    if not address or address in ("local", "auto") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray {address!r}: expected host:port (e.g. 10.0.0.5:6379), auto, or ray://host:port.")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc}). Start one with `ray start --head` or leave ADDRESS out for a local one.") from None
+
+
 def _connect(address: str | None, device: str) -> None:
     import ray
 
@@ -276,15 +292,20 @@ def run_on_ray(cfg: RunConfig, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, a
 
     if n_shards < 1:
         raise ConfigError(f"--shards must be at least 1, got {n_shards}.")
+    if address in (None, "", "local"):  # a local instance listens on loopback only (Ray's single-machine mode; read when ray is imported)
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     if not ray_available():
         raise ConfigError("--ray needs the `ray` package (pinned in requirements.txt: pip install -r requirements.txt).")
     if storage:
         _storage(storage)  # a bad URI fails before any work
-    driver_device = device
-    if device.startswith("cuda"):
-        import torch
+    _probe(address)
+    import torch
 
-        driver_device = device if torch.cuda.is_available() else "cpu"  # the driver may be a CPU-only head node
+    if device == "auto":  # the workers' device: a GPU where the cluster has one
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    driver_device = device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        driver_device = "cpu"  # the driver may be a CPU-only head node; finalize runs there
     prep = prepare(cfg, driver_device)
     run_dir = rundir.run_path(prep.cfg.run_id, runs_dir)
     if run_dir.exists() and overwrite:

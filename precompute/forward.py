@@ -73,7 +73,7 @@ class ModelRunner:
         out = []
         for i in range(0, h.shape[0], step):
             logits = torch.nn.functional.linear(h[i : i + step], W_T, b_U)
-            out.append(logits.float().log_softmax(-1).gather(-1, target[i : i + step]))  # float32 loss for half-precision models
+            out.append(logits.float().log_softmax(-1).gather(-1, target[i : i + step]))
         return -torch.cat(out).view(n_b, n_ctx - 1)
 
     def clean(self, tokens):
