@@ -62,6 +62,21 @@ def write_config(path: Path, run_id: str, demo: Path, n_tokens: int, context: in
     path.write_text(demo_config_text(run_id, demo, n_tokens, context))
 
 
+def load_script(path: Path | str, name: str | None = None):
+    """A script (benchmarks/<name>.py, scripts/<name>.py) as a module: they are not a package."""
+    import importlib.util
+    import sys
+
+    path = Path(path)
+    if path.suffix != ".py":
+        path = REPO / "benchmarks" / f"{path}.py"
+    spec = importlib.util.spec_from_file_location(name or f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_result(out: Path, result: dict, indent: int = 1) -> Path:
     """Write a benchmark's result JSON (parents created); returns the path."""
     out = Path(out)

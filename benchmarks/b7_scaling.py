@@ -45,19 +45,13 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b7.json"
 if str(REPO) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, machine, write_result  # noqa: E402
+from benchmarks._common import CHILD_ENV, load_script, machine, write_result  # noqa: E402
 
 B7_PAIR = dict(d_model=256, n_layers=4, d_vocab=32768, n_sequences=2048, context=128)
 
 
 def _wide():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_wide_pair", Path(__file__).resolve().parent / "wide_pair.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("wide_pair")
 
 
 # ----------------------------------------------------------------------------------------------

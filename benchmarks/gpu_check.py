@@ -39,19 +39,13 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, machine, write_result  # noqa: E402
+from benchmarks._common import CHILD_ENV, load_script, machine, write_result  # noqa: E402
 
 TEN_M = 10_000_000
 
 
 def _load(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name)
 
 
 def ours_child(cfg_path: Path, runs: Path, device: str, dtype: str, out: Path) -> None:

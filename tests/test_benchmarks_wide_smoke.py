@@ -91,3 +91,20 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert res["stream_over_bare_forward"] == pytest.approx(res["limit_tokens_per_second"] / res["stream_tokens_per_second"])
     assert "10M tokens extrapolated" in proc.stdout
     assert "torch.bfloat16" in (tmp_path / "work" / "logs" / "ours.log").read_text()  # the models ran in bf16
+
+
+def test_b8_smoke(tiny_pair, tmp_path):
+    """B8 at the tiny size: one process, then local Ray clusters of 1 and 2 workers (each stopped
+    by its process group); the Ray runs' tables are bitwise those of the single process."""
+    pytest.importorskip("ray")
+    b8 = load_benchmark("b8_ray")
+    out = tmp_path / "b8.json"
+    assert b8.main(["--smoke", "--pair", str(tiny_pair), "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"single", "ray_1_worker", "ray_2_workers"}
+    for label in ("ray_1_worker", "ray_2_workers"):
+        run = res["runs"][label][0]
+        assert run["timing"]["merged_shards"] == 2 and run["timing"]["ray_wall_seconds"] > 0
+        assert not [d for d in res["differences_vs_single_process"][label] if not d.startswith("manifest.json: ")]
+    s = res["summary"]
+    assert res["speedup_2_over_1_workers_wall"] == pytest.approx(s["ray_1_worker"]["median_wall_seconds"] / s["ray_2_workers"]["median_wall_seconds"])
