@@ -45,7 +45,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b7.json"
 if str(REPO) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, load_script, machine, write_result  # noqa: E402
+from benchmarks._common import load_script, machine, run_child, write_result  # noqa: E402
 
 B7_PAIR = dict(d_model=256, n_layers=4, d_vocab=32768, n_sequences=2048, context=128)
 
@@ -149,20 +149,7 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path, device
 # The parent
 
 
-def _child(cmd: list[str], log: Path) -> dict:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()
-    with log.open("w") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); last lines of {log}:\n{tail}")
-    return {"wall_seconds": wall, "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": ru.ru_maxrss * 1024,
-            "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
+_child = run_child
 
 
 def state_bytes_expected(d_sae: int, ex: dict, n_candidates: int, max_all_pairs: int, both_saes: bool) -> int:
@@ -295,3 +282,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def report(paths: list[Path]) -> str:
+    """RESULTS.md's B7 table from result files: per-token CPU microseconds (the machine is shared:
+    CPU seconds, not wall), ratios, finalize's parts (wall seconds), peak RSS."""
+    rows = ["| sweep | d_sae | tokens | limit µs/tok (CPU) | CE floor | ours stream | stream ÷ limit | stream ÷ floor | finalize wall s: weights (logits + neighbours + matching) / examples / other | ours whole CLI CPU s | peak RSS ours / limit MiB | state (expected) MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        for sweep in ("widths", "tokens"):
+            for p in res[sweep]:
+                lim, t, o = p["limit"], p["ours"]["timing"], p["ours"]
+                per = lambda cpu, n: 1e6 * cpu / n  # noqa: E731
+                l_us, f_us = per(lim["limit"]["cpu_seconds"], lim["n_tokens"]), per(lim["floor"]["cpu_seconds"], lim["n_tokens"])
+                s_us = per(t["stream_cpu_seconds"], p["n_tokens"])
+                fp = t.get("finalize_parts", {})
+                weights = sum(fp.get(k, 0.0) for k in ("logits", "nearest_neighbours", "matching"))
+                other = t["finalize_seconds"] - weights - fp.get("examples", 0.0)
+                rows.append(f"| {sweep} | {p['d_sae']:,} | {p['n_tokens']:,} | {l_us:.0f} | {f_us:.0f} | {s_us:.0f} | {s_us / l_us:.2f} | {s_us / f_us:.2f} | "
+                            f"{weights:.0f} / {fp.get('examples', 0.0):.0f} / {other:.0f} | {o['cpu_seconds']:.0f} | {o['peak_rss_bytes'] / 2**20:,.0f} / {lim['peak_rss_bytes'] / 2**20:,.0f} | "
+                            f"{p.get('state_bytes_expected', 0) / 2**20:,.0f} |")
+    return "\n".join(rows)

@@ -34,7 +34,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b8.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, load_script, machine, write_result  # noqa: E402
+from benchmarks._common import load_script, machine, run_child, write_result  # noqa: E402
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
@@ -78,16 +78,7 @@ class LocalRay:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()
-    with log.open("w") as fh:
-        t0 = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT).returncode
-        wall = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-    return {"wall_seconds": wall, "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg()), "command": " ".join(cmd)}
+_child = run_child
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,6 @@ from precompute.pass_state import (
     load_state_arrays,
     pair_keys,
     read_state_meta,
-    save_state,
     state_meta,
 )
 from precompute.prepare import Prepared, prepare
