@@ -358,8 +358,9 @@ def run_on_ray(cfg: RunConfig, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, a
                     if isinstance(cause, ExplorerError):
                         raise type(cause)(str(cause)) from None
                     raise RunError(f"Shard {i}/{n_shards} failed on its worker: {str(exc).splitlines()[-1] if str(exc) else type(exc).__name__}") from None
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskUnschedulableError) as exc:
-                    raise RunError(f"Shard {i}/{n_shards} was lost {max_retries + 1} times ({type(exc).__name__}); run the command again to resume.") from None
+                except ray.exceptions.RayError as exc:  # a worker or node lost more often than Ray retries, out of memory, ...
+                    raise RunError(f"Shard {i}/{n_shards} was lost ({type(exc).__name__}, after up to {max_retries} retries); "
+                                   "run the command again: finished shards are kept.") from None
                 blob = res["state"] if "state" in res else _storage_read(storage, _storage_key(prep.cfg, (i, n_shards)))
                 meta = _persist(run_dir, prep, (i, n_shards), blob)
                 del blob, res
