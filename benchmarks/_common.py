@@ -62,6 +62,44 @@ def write_config(path: Path, run_id: str, demo: Path, n_tokens: int, context: in
     path.write_text(demo_config_text(run_id, demo, n_tokens, context))
 
 
+def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run `cmd` from the repository root (output to `log`, CHILD_ENV set) and time it: wall and
+    CPU seconds (user + system from os.wait4), peak RSS (ru_maxrss of the child and the children
+    it waited for), load averages before and after. A failure ends the benchmark with the log's tail."""
+    import subprocess
+    import time
+
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    with log.open("w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed (exit {rc}); last lines of {log}:\n{tail}")
+    return {"command": " ".join(map(str, cmd)), "wall_seconds": wall, "cpu_seconds": ru.ru_utime + ru.ru_stime, "user_seconds": ru.ru_utime,
+            "sys_seconds": ru.ru_stime, "peak_rss_bytes": ru.ru_maxrss * 1024, "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
+
+
+def load_script(path: Path | str, name: str | None = None):
+    """A script (benchmarks/<name>.py, scripts/<name>.py) as a module: they are not a package."""
+    import importlib.util
+    import sys
+
+    path = Path(path)
+    if path.suffix != ".py":
+        path = REPO / "benchmarks" / f"{path}.py"
+    spec = importlib.util.spec_from_file_location(name or f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_result(out: Path, result: dict, indent: int = 1) -> Path:
     """Write a benchmark's result JSON (parents created); returns the path."""
     out = Path(out)

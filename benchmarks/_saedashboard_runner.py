@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-sequences", type=int, required=True, help="use the first N sequences of the corpus")
     parser.add_argument("--out", type=Path, required=True, help="output directory (emptied first)")
     parser.add_argument("--n-features", type=int, default=None, help="only the first N features (smoke runs); default all")
+    parser.add_argument("--n-batches", type=int, default=None, help="only the first K feature batches of the default size (a timed sample of a large SAE); default all")
     parser.add_argument("--n-features-at-a-time", type=int, default=None, help="features per SaeVisRunner batch (default: NeuronpediaRunnerConfig's)")
     parser.add_argument("--n-prompts-in-forward-pass", type=int, default=None, help="sequences per forward pass (default: NeuronpediaRunnerConfig's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -231,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     per_batch = args.n_features_at_a_time or defaults.n_features_at_a_time
     d_sae = int(sae.cfg.d_sae)
     n_features = d_sae if args.n_features is None else min(args.n_features, d_sae)
-    if n_features < d_sae:
+    n_batches_total = -(-d_sae // per_batch)
+    if args.n_batches is not None and args.n_batches < n_batches_total:
+        n_features = min(d_sae, args.n_batches * per_batch)  # the first K batches, at the default batch size
+    elif n_features < d_sae:
         # NeuronpediaRunner always covers all d_sae features; a smoke run stops after the batch
         # holding feature n_features - 1 by setting end_batch, with batches of n_features.
         per_batch = n_features
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         n_tokens_in_prompt=int(tokens.shape[1]),
         n_prompts_in_forward_pass=args.n_prompts_in_forward_pass or defaults.n_prompts_in_forward_pass,
         n_features_at_a_time=per_batch,
-        end_batch=None if n_features == d_sae else 0,
+        end_batch=None if n_features == d_sae else (args.n_batches - 1 if args.n_batches else 0),
         sae_device="cpu",
         model_device="cpu",
         activation_store_device="cpu",
@@ -260,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(runner.cfg.outputs_dir)
     batch_files = sorted(out_dir.glob("batch-*.json"))
     output_bytes = dir_bytes(args.out, exclude=cache_dir)
+    # each batch's JSON is written when the batch is done: its mtime dates the batch
+    ends = sorted(f.stat().st_mtime - t0 for f in batch_files)
+    n_batches_run = len(ends)
+    full_estimate = None
+    if n_batches_run >= 2 and n_features < d_sae:
+        per_batch_s = float(np.median(np.diff(ends)))
+        full_estimate = ends[0] + (n_batches_total - 1) * per_batch_s + (wall - ends[-1])
     cache_bytes = dir_bytes(cache_dir) if cache_dir.exists() else 0
 
     t_check, c_check = time.time(), time.process_time()
@@ -294,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         "output_bytes_per_feature": output_bytes / n_features,
         "activation_cache_bytes": cache_bytes,
         "seconds_per_feature_token": wall / (n_features * n_tokens),
+        "batch_end_seconds": ends,
+        "n_batches_run": n_batches_run,
+        "n_batches_total": n_batches_total,
+        "d_sae": d_sae,
+        "full_run_seconds_estimate": full_estimate,
         "n_features_at_a_time": cfg.n_features_at_a_time,
         "n_prompts_in_forward_pass": cfg.n_prompts_in_forward_pass,
         "torch_threads": torch.get_num_threads(),

@@ -136,8 +136,11 @@ def _tail(log: Path, n: int = 25) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: Path, n_features: int | None, check_out: Path | None, threads: int | None = None) -> dict:
+def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: Path, n_features: int | None, check_out: Path | None, threads: int | None = None,
+                     n_batches: int | None = None) -> dict:
     cmd = [str(py), str(RUNNER), "--demo", str(demo), "--corpus", str(corpus), "--n-sequences", str(n_sequences), "--out", str(out)]
+    if n_batches is not None:
+        cmd += ["--n-batches", str(n_batches)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     if n_features is not None:
@@ -156,8 +159,20 @@ def run_saedashboard(py: Path, demo: Path, corpus: Path, n_sequences: int, out: 
     # The runner's own correctness checks are not SAEDashboard's work: take them out of the wall time.
     wall_tool = wall - res["check_seconds"]
     usage = {**usage, "cpu_seconds": usage["cpu_seconds"] - res.get("check_cpu_seconds", 0.0)}
+    extra = {}
+    if res.get("full_run_seconds_estimate") is not None:
+        # a timed sample of the batches: the whole run (all d_sae features) estimated from its
+        # measured parts (process start to the run, first batch with the activation caching, the
+        # median batch after it, the tail), per feature-token of ALL features
+        full = (wall_tool - res["wall_seconds"]) + res["full_run_seconds_estimate"]
+        extra = {"sampled": True, "sample_wall_seconds": wall_tool, "sample_features": res["n_features"], "full_wall_seconds_estimate": full}
+        wall_tool = full
+        n_ft = res["d_sae"] * res["n_tokens"]
+        usage = {**usage, "cpu_seconds": usage["cpu_seconds"] * full / extra["sample_wall_seconds"]}  # scaled like the wall time
+        res = {**res, "n_features": res["d_sae"], "wall_seconds": res["full_run_seconds_estimate"]}
     return {
         **res,
+        **extra,
         "inner_seconds": res["wall_seconds"],
         "subprocess_seconds": wall,
         **usage,
@@ -349,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ours", action="store_true", help="run only SAEDashboard")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for BOTH tools (default: each tool's own: SAEDashboard all cores, our CLI half)")
     parser.add_argument("--no-both-saes", action="store_true", help="skip our two-SAE variant")
+    parser.add_argument("--sd-batches", type=int, default=None,
+                        help="SAEDashboard: time only its first K feature batches and estimate the whole run from them (large SAEs on a slow machine)")
     args = parser.parse_args(argv)
 
     demo = args.demo.resolve()
@@ -403,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[b1] rep {rep + 1}/{reps}: {tool} ...", flush=True)
             if tool == "saedashboard":
                 check_out = work / "sd_check.safetensors" if rep == 0 else None
-                row[tool] = run_saedashboard(venv_python(), demo, corpus, n_sequences, work / "saedashboard", sd_features, check_out, args.threads)
+                row[tool] = run_saedashboard(venv_python(), demo, corpus, n_sequences, work / "saedashboard", sd_features, check_out, args.threads, args.sd_batches)
                 if check_out is not None:
                     result["checks"]["venv_model_sae_vs_explorer_loaders"] = check_same_model(check_out, demo)
                     result["checks"]["saedashboard_output_vs_hand_encode"] = row[tool]["output_check"]

@@ -47,7 +47,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b2.json"
 if str(REPO) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config, write_result  # noqa: E402
+from benchmarks._common import CHILD_ENV, corpus_info, machine, run_child, write_config, write_result  # noqa: E402
 VARIANTS = ("stop", "logits", "ce")
 
 
@@ -131,19 +131,7 @@ def limit_child(cfg_path: Path, threads: int, out: Path) -> None:
 # The parent
 
 
-def _child(cmd: list[str], log: Path) -> dict:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()
-    with log.open("w") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); last lines of {log}:\n{tail}")
-    return {"wall_seconds": wall, "cpu_seconds": ru.ru_utime + ru.ru_stime, "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
+_child = run_child
 
 
 def run_limit(cfg: Path, threads: int, work: Path, tag: str) -> dict:

@@ -19,11 +19,8 @@ Results: a table on stdout and `benchmarks/results/b3.json` (or --out).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +30,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b3.json"
 if str(REPO) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import CHILD_ENV, corpus_info, machine, write_config, write_result  # noqa: E402
+from benchmarks._common import corpus_info, machine, run_child, write_config, write_result  # noqa: E402
 
 
 def run_once(cfg: Path, runs_dir: Path, log: Path, threads: int | None) -> dict:
@@ -41,19 +38,7 @@ def run_once(cfg: Path, runs_dir: Path, log: Path, threads: int | None) -> dict:
     cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs_dir), "--overwrite", "--no-progress"]
     if threads:
         cmd += ["--threads", str(threads)]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()
-    with log.open("w") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SystemExit(f"precompute failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return {"command": " ".join(cmd), "wall_seconds": wall, "peak_rss_bytes": ru.ru_maxrss * 1024, "user_seconds": ru.ru_utime, "sys_seconds": ru.ru_stime,
-            "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
+    return run_child(cmd, log)
 
 
 def main(argv: list[str] | None = None) -> int:

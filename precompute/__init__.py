@@ -1,8 +1,8 @@
 """The offline precompute: the same tokens through the base and the finetuned model, every SAE on
 both, into mergeable accumulators, then one run directory of Parquet tables and a manifest.
 
-The stages, in the order data passes through them (entry points: `run.run`, `run.merge`;
-command line: `python -m precompute`):
+The stages, in the order data passes through them (entry points: `run.run`, `run.merge`, and
+`distributed.run_on_ray` for the shards as Ray tasks; command line: `python -m precompute`):
 
 1. `prepare`      load and check models, SAEs, hook, widths, tokenizers, corpus and the token
                   sample before anything is written (a bad config leaves nothing).

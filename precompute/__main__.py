@@ -4,6 +4,7 @@
     python -m precompute run --config configs/demo.toml              # writes data/runs/<run_id>/
     python -m precompute run --config X --shard 0/4                   # one slice of the token stream
     python -m precompute merge RUN_ID                                 # combine the shards of a run
+    python -m precompute run --config X --ray [ADDRESS] --shards N    # the shards as Ray tasks, merged here
     python -m precompute schema --write docs/SCHEMA.md                # the run schema as Markdown
 
 A run that is stopped (Ctrl-C, kill -9, a crash) resumes from its last checkpoint when the same
@@ -48,6 +49,7 @@ def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=int, default=25, help="save the accumulator state every N batches (default 25)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run (or checkpoint) with the same run_id")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16: the models' dtype (default: the config's [models] dtype)")
+    _ray_options(r)
     _common(r)
     # Throttle for tests of interruption and resume; not for normal use.
     r.add_argument("--batch-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -67,6 +69,14 @@ def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
     g.add_argument("--write", metavar="PATH", help="write it to PATH")
     g.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the current schema")
     return p
+
+
+def _ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray (precompute/distributed.py)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the shards as Ray tasks: on a local Ray instance (no ADDRESS) or the cluster at ADDRESS (host:port, auto, ray://...)")
+    g.add_argument("--shards", type=int, default=None, help="with --ray: the number of shards (tasks), default 2")
+    g.add_argument("--storage", default=None, metavar="URI", help="with --ray: shard states go through this directory or pyarrow URI (s3://...) instead of Ray's object store")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -118,11 +128,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
             if args.checkpoint_every < 1:
                 raise ConfigError("--checkpoint-every must be at least 1.")
             shard = _shard(args.shard) if args.shard else None
+            if args.ray is None and (args.shards is not None or args.storage is not None):
+                raise ConfigError("--shards and --storage go with --ray (for one shard without Ray, use --shard I/N).")
+            if args.ray is not None and shard is not None:
+                raise ConfigError("--ray runs every shard itself: give --shards N, not --shard I/N.")
             cfg = RunConfig.from_toml(args.config)
             if args.dtype is not None:
                 from explorer.hf_loading import check_dtype
 
                 cfg = cfg.with_dtype(check_dtype(args.dtype, "--dtype"))
+            if args.ray is not None:
+                from precompute.distributed import run_on_ray
+
+                run_on_ray(
+                    cfg, runs_dir=args.runs_dir, address=None if args.ray == "local" else args.ray, n_shards=args.shards or 2,
+                    device=args.device, threads=args.threads, overwrite=args.overwrite, storage=args.storage, batch_delay=args.batch_delay,
+                )
+                return 0
             run_mod.run(
                 cfg, runs_dir=args.runs_dir, shard=shard, checkpoint_every=args.checkpoint_every, device=args.device,
                 overwrite=args.overwrite, progress=not args.no_progress, batch_delay=args.batch_delay,

@@ -369,29 +369,48 @@ class QuantileSample(_Stateful):
         self._select(*(np.concatenate([x, y]) for x, y in zip(a, b)))
 
     def finalize(self, n_bins: int, n_per_bin: int) -> QuantileExample:
-        """Cut each feature's sample into equal-count activation bins; n_per_bin smallest priorities in each."""
-        out: dict[str, list] = {k: [] for k in ("feature", "bin", "bin_low", "bin_high", "rank", "token", "value")}
+        """Cut each feature's sample into equal-count activation bins; n_per_bin smallest priorities in each.
+
+        Per feature with m sampled entries: sorted by (activation, token), cut as np.array_split
+        cuts m into max(1, min(n_bins, m // n_per_bin)) parts; in each part the entries with the
+        smallest (priority, token) are the examples, and a row's slot order IS that order (rows are
+        kept sorted by it). Vectorised over features (sorts along rows, one stable grouping
+        sort), in (feature, bin, rank) order: no Python loop over features (B7)."""
         filled = (self.token >= 0).sum(axis=1)
-        for feat in np.nonzero(filled)[0]:
-            m = int(filled[feat])
-            pr, tk, va = self.priority[feat, :m], self.token[feat, :m], self.value[feat, :m]
-            by_act = np.lexsort((tk, va))  # activation asc, token asc
-            n_eff = max(1, min(n_bins, m // n_per_bin))
-            for b, idx in enumerate(np.array_split(by_act, n_eff)):
-                low, high = va[idx[0]], va[idx[-1]]
-                pick = idx[np.lexsort((tk[idx], pr[idx]))][:n_per_bin]
-                for rank, j in enumerate(pick):
-                    out["feature"].append(feat)
-                    out["bin"].append(b)
-                    out["bin_low"].append(low)
-                    out["bin_high"].append(high)
-                    out["rank"].append(rank)
-                    out["token"].append(tk[j])
-                    out["value"].append(va[j])
+        feats = np.flatnonzero(filled)
+        empty = QuantileExample(*(np.zeros(0, t) for t in (np.int64, np.int16, np.float32, np.float32, np.int16, np.int64, np.float32)))
+        if len(feats) == 0:
+            return empty
+        m = filled[feats].astype(np.int64)[:, None]  # [n, 1]
+        tk, va = self.token[feats], self.value[feats]
+        slot = np.arange(self.size)[None, :]
+        inside = slot < m
+        # activation order within each row: (value asc, token asc), empty slots last
+        va_key = np.where(inside, va, np.inf).astype(np.float64)
+        by_tok = np.argsort(np.where(inside, tk, np.iinfo(np.int64).max), axis=1, kind="stable")
+        by_act = np.take_along_axis(by_tok, np.argsort(np.take_along_axis(va_key, by_tok, axis=1), axis=1, kind="stable"), axis=1)
+        pos = np.empty_like(by_act)
+        np.put_along_axis(pos, by_act, np.broadcast_to(slot, by_act.shape), axis=1)  # slot j's place in activation order
+        n_eff = np.maximum(1, np.minimum(n_bins, m // n_per_bin))
+        q, r = m // n_eff, m % n_eff
+        big = r * (q + 1)  # the first r parts have q + 1 entries, the others q
+        b = np.where(pos < big, pos // (q + 1), r + (pos - big) // np.maximum(q, 1))
+        start = np.where(b < r, b * (q + 1), big + (b - r) * q)
+        end = start + np.where(b < r, q + 1, q)
+        va_sorted = np.take_along_axis(va, by_act, axis=1)
+        row, j = np.nonzero(inside)  # row-major: j (priority order) ascending within each row
+        bj = b[row, j]
+        order = np.argsort(row * (n_bins + 1) + bj, kind="stable")  # (feature, bin), priority order kept
+        row, j, bj = row[order], j[order], bj[order]
+        group = row * (n_bins + 1) + bj
+        first = np.r_[0, np.flatnonzero(group[1:] != group[:-1]) + 1]
+        rank = np.arange(len(group)) - np.repeat(first, np.diff(np.r_[first, len(group)]))
+        keep = rank < n_per_bin
+        row, j, bj, rank = row[keep], j[keep], bj[keep], rank[keep]
         return QuantileExample(
-            feature=np.asarray(out["feature"], np.int64), bin=np.asarray(out["bin"], np.int16),
-            bin_low=np.asarray(out["bin_low"], np.float32), bin_high=np.asarray(out["bin_high"], np.float32),
-            rank=np.asarray(out["rank"], np.int16), token=np.asarray(out["token"], np.int64), value=np.asarray(out["value"], np.float32),
+            feature=feats[row].astype(np.int64), bin=bj.astype(np.int16),
+            bin_low=va_sorted[row, start[row, j]].astype(np.float32), bin_high=va_sorted[row, end[row, j] - 1].astype(np.float32),
+            rank=rank.astype(np.int16), token=tk[row, j].astype(np.int64), value=va[row, j].astype(np.float32),
         )
 
 
@@ -471,11 +490,17 @@ class CrossProducts(_Stateful):
         if self.pair_keys is not None and np.any(np.diff(self.pair_keys) <= 0):
             raise ValueError("pair_keys must be sorted and unique")
         self.sum_xy = np.zeros((d_a, d_b) if pair_keys is None else len(self.pair_keys), np.float64)
+        if self.pair_keys is not None:  # the candidates of each base feature i: pair_keys[ptr[i]:ptr[i+1]] (keys sorted by i, then j)
+            self._cand_ptr = np.searchsorted(self.pair_keys // d_b, np.arange(d_a + 1))
+            self._cand_j = self.pair_keys % d_b
 
     def update(self, a: SparseActs, b: SparseActs) -> None:
         import scipy.sparse as sp
 
         if len(a.token) == 0 or len(b.token) == 0:
+            return
+        if self.pair_keys is not None:
+            self._update_candidates(a, b)
             return
         lo = min(a.token.min(), b.token.min())  # a batch's tokens are a short range of global indices
         ta, tb = a.token - lo, b.token - lo
@@ -493,13 +518,29 @@ class CrossProducts(_Stateful):
         prod = (ma @ mb).tocsr()  # a product has no duplicate entries
         # flat index row * d_b + col, rows in order (the dense update walks sum_xy row by row)
         keys = np.repeat(np.arange(prod.shape[0], dtype=np.int64) * self.d_b, np.diff(prod.indptr)) + prod.indices
-        if self.pair_keys is None:
-            self.sum_xy.reshape(-1)[keys] += prod.data
-        else:
-            pos = np.searchsorted(self.pair_keys, keys)
-            pos_ok = np.minimum(pos, len(self.pair_keys) - 1)
-            hit = (pos < len(self.pair_keys)) & (self.pair_keys[pos_ok] == keys)
-            np.add.at(self.sum_xy, pos[hit], prod.data[hit])
+        self.sum_xy.reshape(-1)[keys] += prod.data
+
+    def _update_candidates(self, a: SparseActs, b: SparseActs) -> None:
+        """Candidate pairs only: each entry (t, i) of A is expanded over i's candidates j and
+        looked up at (t, j) among B's entries. Work: nnz(A) x candidates per feature, where the
+        all-pairs product costs tokens x L0_A x L0_B (at L0 64, 16M products per 4096-token batch,
+        most of them for pairs that are not candidates; B7). For each pair the products are
+        summed in token order, as the sparse product sums them."""
+        d_b = self.d_b
+        kb = b.token * d_b + b.feature  # sorted: (token, feature) order
+        n_c = self._cand_ptr[a.feature + 1] - self._cand_ptr[a.feature]
+        total = int(n_c.sum())
+        if total == 0:
+            return
+        rep = np.repeat(np.arange(len(a.feature)), n_c)
+        first = np.cumsum(n_c) - n_c
+        pair = self._cand_ptr[a.feature][rep] + (np.arange(total) - first[rep])
+        want = a.token[rep] * d_b + self._cand_j[pair]
+        pos = np.searchsorted(kb, want)
+        pos_ok = np.minimum(pos, len(kb) - 1)
+        hit = kb[pos_ok] == want
+        prod = a.value[rep[hit]].astype(np.float64) * b.value[pos_ok[hit]].astype(np.float64)
+        self.sum_xy += np.bincount(pair[hit], weights=prod, minlength=len(self.pair_keys))
 
     def merge(self, other: "CrossProducts") -> None:
         self.sum_xy += other.sum_xy

@@ -61,8 +61,8 @@ def calibrate(prep: Prepared, runners: dict[str, ModelRunner]) -> Calibration:
             counted = ~np.isin(tok_np, prep.special_ids)
             xs = {m: runners[m].acts(tokens) for m in MODELS}
             for m in MODELS:
-                norms[m].append(xs[m].norm(dim=-1).cpu().numpy()[counted])
-            l2s.append((xs["base"] - xs["finetuned"]).norm(dim=-1).cpu().numpy().ravel())
+                norms[m].append(xs[m].float().norm(dim=-1).cpu().numpy()[counted])  # .float(): half-precision models
+            l2s.append((xs["base"].float() - xs["finetuned"].float()).norm(dim=-1).cpu().numpy().ravel())
     mean_norm = {m: float(np.concatenate(norms[m]).astype(np.float64).mean()) if sum(len(a) for a in norms[m]) else float("nan") for m in MODELS}
     th = prep.cfg.thresholds
     if th.outlier_norm is not None:

@@ -25,11 +25,14 @@ from explorer import schema
 
 @dataclass
 class ExampleSet:
-    sae: np.ndarray  # object (str)
+    """The selected examples; sae / model / kind as small-int codes into schema.SAES, MODELS and
+    EXAMPLE_KINDS (tens of millions of examples at 131k features: no object arrays)."""
+
+    sae_code: np.ndarray  # int8
     feature: np.ndarray  # int64
-    model: np.ndarray  # object (str)
-    kind: np.ndarray  # object (str)
-    bin: np.ndarray  # float (NaN = null) -> int16
+    model_code: np.ndarray  # int8
+    kind_code: np.ndarray  # int8
+    bin: np.ndarray  # int64, -1 for top examples
     bin_low: np.ndarray  # float32 (NaN = null)
     bin_high: np.ndarray
     rank: np.ndarray  # int16
@@ -39,16 +42,31 @@ class ExampleSet:
     def __len__(self) -> int:
         return len(self.feature)
 
+    @property
+    def sae(self) -> np.ndarray:
+        return np.asarray(schema.SAES, dtype=object)[self.sae_code]
+
+    @property
+    def model(self) -> np.ndarray:
+        return np.asarray(schema.MODELS, dtype=object)[self.model_code]
+
+    @property
+    def kind(self) -> np.ndarray:
+        return np.asarray(schema.EXAMPLE_KINDS, dtype=object)[self.kind_code]
+
 
 def collect(state, n_quantile_bins: int, n_per_bin: int) -> ExampleSet:
     """All selected examples of a finalized pass state, sorted by (sae, feature, model, kind, bin, rank)."""
     parts = []
+    top_code, quantile_code = schema.EXAMPLE_KINDS.index("top"), schema.EXAMPLE_KINDS.index("quantile")
+    code = lambda n, c: np.full(n, c, np.int8)  # noqa: E731
     for (sae, model), topk in state.topk.items():
+        sc, mc = schema.SAES.index(sae), schema.MODELS.index(model)
         f, r = np.nonzero(topk.token >= 0)
         n = len(f)
         parts.append(
             dict(
-                sae=np.full(n, sae, object), feature=f.astype(np.int64), model=np.full(n, model, object), kind=np.full(n, "top", object),
+                sae_code=code(n, sc), feature=f.astype(np.int64), model_code=code(n, mc), kind_code=code(n, top_code),
                 bin=np.full(n, -1, np.int64), bin_low=np.full(n, np.nan, np.float32), bin_high=np.full(n, np.nan, np.float32),
                 rank=r.astype(np.int16), token=topk.token[f, r], value=topk.value[f, r],
             )
@@ -57,15 +75,12 @@ def collect(state, n_quantile_bins: int, n_per_bin: int) -> ExampleSet:
         n = len(q.feature)
         parts.append(
             dict(
-                sae=np.full(n, sae, object), feature=q.feature, model=np.full(n, model, object), kind=np.full(n, "quantile", object),
+                sae_code=code(n, sc), feature=q.feature, model_code=code(n, mc), kind_code=code(n, quantile_code),
                 bin=q.bin.astype(np.int64), bin_low=q.bin_low, bin_high=q.bin_high, rank=q.rank, token=q.token, value=q.value,
             )
         )
-    cat = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in parts[0]}
-    sae_rank = np.array([schema.SAES.index(s) for s in cat["sae"]])
-    model_rank = np.array([schema.MODELS.index(m) for m in cat["model"]])
-    kind_rank = np.array([schema.EXAMPLE_KINDS.index(k) for k in cat["kind"]])
-    order = np.lexsort((cat["rank"], cat["bin"], kind_rank, model_rank, cat["feature"], sae_rank))
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.lexsort((cat["rank"], cat["bin"], cat["kind_code"], cat["model_code"], cat["feature"], cat["sae_code"]))
     cat = {k: v[order] for k, v in cat.items()}
     return ExampleSet(**cat)
 
@@ -112,14 +127,14 @@ def fill_windows(ex: ExampleSet, sample_tokens: np.ndarray, batch_size: int, bef
         keep = valid & ~np.isin(toks, special)
         xs = resid_batch(int(b))
         flat = (seq[idx] - b * batch_size)[:, None] * ctx + cols  # [n, W] rows of the batch's flattened positions
-        for sae in schema.SAES:
-            part = np.flatnonzero(ex.sae[idx] == sae)
+        for sc, sae in enumerate(schema.SAES):
+            part = np.flatnonzero(ex.sae_code[idx] == sc)
             if len(part) == 0:
                 continue
             sel = idx[part]
             for m, x in xs.items():
                 acts[m][sel] = np.where(keep[part], encode_at(sae, x, flat[part], ex.feature[sel]), 0)
-    on_model = {m: ex.model == m for m in schema.MODELS}
+    on_model = {m: ex.model_code == mc for mc, m in enumerate(schema.MODELS)}
     centre = pos - start
     for m in schema.MODELS:
         i = np.flatnonzero(on_model[m])
@@ -134,15 +149,18 @@ def _ragged(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array
 
 
 def table(ex: ExampleSet, win: Windows, context_size: int) -> pa.Table:
+    import pyarrow.compute as pc
+
     width = win.token_ids.shape[1] if len(ex) else 0
     valid = np.arange(width)[None, :] < win.length[:, None]
-    top = ex.kind == "top"
+    top = ex.kind_code == schema.EXAMPLE_KINDS.index("top")
+    names = lambda values, codes: pc.take(pa.array(list(values), pa.string()), pa.array(codes))  # noqa: E731
     return pa.table(
         {
-            "sae": pa.array(ex.sae.astype(str), pa.string()),
+            "sae": names(schema.SAES, ex.sae_code),
             "feature_id": pa.array(ex.feature.astype(np.int32)),
-            "model": pa.array(ex.model.astype(str), pa.string()),
-            "kind": pa.array(ex.kind.astype(str), pa.string()),
+            "model": names(schema.MODELS, ex.model_code),
+            "kind": names(schema.EXAMPLE_KINDS, ex.kind_code),
             "bin": pa.array(ex.bin.astype(np.int16), mask=top),
             "bin_low": pa.array(ex.bin_low.astype(np.float32), mask=top),
             "bin_high": pa.array(ex.bin_high.astype(np.float32), mask=top),

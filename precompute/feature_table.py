@@ -3,10 +3,12 @@ weights (logits, decoder neighbours) and the two-SAE matching."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from explorer import schema
 from precompute import weights as W
@@ -79,7 +81,7 @@ def _logit_columns(prep: Prepared, s: str, d: int, cols: dict, summary: dict) ->
     d_model = int(prep.pair.base.cfg.d_model)
     if int(sae.cfg.d_in) == d_model and hook_start_layer(prep.cfg.hook, prep.pair.base.cfg.n_layers) is not None:
         n = prep.pair.shared_vocab or None  # logits on the vocabulary both models share (added tokens left out)
-        ls = W.logit_stats(sae.W_dec, {"base": prep.pair.base.W_U[:, :n], "finetuned": prep.pair.finetuned.W_U[:, :n]})
+        ls = W.logit_stats(sae.W_dec, {"base": prep.pair.base.W_U[:, :n], "finetuned": prep.pair.finetuned.W_U[:, :n]}, device=prep.device)
         cols["logit_similarity"] = ls.similarity
         summary["logit_similarity_nan"][s] = int(np.isnan(ls.similarity).sum())
         for m in MODELS:
@@ -111,22 +113,43 @@ def _match_columns(match: W.MatchResult | None, s: str, d: int, cols: dict) -> N
     cols["assigned_score"] = asc
 
 
-def _top_tokens(state: PassState, s: str, d: int, vocab: list[str], flat_tokens: np.ndarray) -> list[str]:
-    """The distinct tokens of a feature's top examples on both models, space-joined (the table's search text)."""
-    top_tok = []
-    tk = {m: state.topk[(s, m)].token for m in MODELS}
-    for i in range(d):
-        seen: dict[str, None] = {}
-        for m in MODELS:
-            for g in tk[m][i]:
-                if g >= 0:
-                    seen.setdefault(_search_form(vocab[int(flat_tokens[g])]), None)
-        top_tok.append(" ".join(seen))
-    return top_tok
+def _top_tokens(state: PassState, s: str, d: int, vocab: list[str], flat_tokens: np.ndarray) -> pa.Array:
+    """The distinct tokens of a feature's top examples on both models, space-joined (the table's search text).
+
+    Per feature: the search forms of its top examples' tokens, base model first, each model's in
+    rank order, each form once (its first occurrence). Vectorised over features: token ids are
+    mapped to form ids (two token ids can share a form), repeated forms in a row are masked by a
+    stable sort of the row, and Arrow joins the rows; no Python loop over features."""
+    forms, form_of = np.unique(np.asarray([_search_form(v) for v in vocab], dtype=object), return_inverse=True)
+    tk = np.concatenate([state.topk[(s, m)].token for m in MODELS], axis=1)  # [d, 2k], -1 = empty
+    valid = tk >= 0
+    fid = np.where(valid, form_of[flat_tokens[np.where(valid, tk, 0)]], -1)
+    order = np.argsort(fid, axis=1, kind="stable")
+    srt = np.take_along_axis(fid, order, axis=1)
+    first = np.ones_like(valid)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    keep = np.zeros_like(valid)
+    np.put_along_axis(keep, order, first, axis=1)
+    keep &= valid
+    lengths = keep.sum(axis=1)
+    offsets = np.zeros(d + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    words = pa.ListArray.from_arrays(pa.array(offsets), pa.array(forms[fid[keep]].tolist() if keep.any() else [], pa.string()))
+    return pc.binary_join(words, " ")
 
 
-def features_table(prep: Prepared, state: PassState, match: W.MatchResult | None, units: dict, vocab: list[str], summary: dict) -> pa.Table:
-    """features.parquet's rows for every SAE of the run; fills summary's per-feature counts."""
+def features_table(prep: Prepared, state: PassState, match: W.MatchResult | None, units: dict, vocab: list[str], summary: dict,
+                   parts: dict | None = None) -> pa.Table:
+    """features.parquet's rows for every SAE of the run; fills summary's per-feature counts (and
+    `parts`, when given, with the seconds of its weights-only columns and top tokens)."""
+    parts = {} if parts is None else parts
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
     flat_tokens = prep.sample.tokens.reshape(-1)
     summary["status_counts"], summary["cross_class_counts"], summary["act_similarity_nan"], summary["logit_similarity_nan"] = {}, {}, {}, {}
     tables = []
@@ -135,12 +158,12 @@ def features_table(prep: Prepared, state: PassState, match: W.MatchResult | None
         cols: dict[str, Any] = {"sae": [s] * d, "feature_id": np.arange(d, dtype=np.int32)}
         _density_columns(prep, state, s, cols, summary)
         _pair_columns(state, s, cols, summary)
-        _logit_columns(prep, s, d, cols, summary)
+        timed("logits", _logit_columns, prep, s, d, cols, summary)
         for m in MODELS:
             cols[f"act_hist_{m}"] = list_col(state.features[(s, m)].hist, pa.int64())
-        nn_ids, nn_cos = W.nearest_neighbours(units[s])
+        nn_ids, nn_cos = timed("nearest_neighbours", W.nearest_neighbours, units[s], W.N_NEIGHBOURS, W.CHUNK, prep.device)
         cols["nn_feature_ids"], cols["nn_cosines"] = list_col(nn_ids, pa.int32()), list_col(nn_cos, pa.float32())
         _match_columns(match, s, d, cols)
-        cols["top_tokens"] = _top_tokens(state, s, d, vocab, flat_tokens)
+        cols["top_tokens"] = timed("top_tokens", _top_tokens, state, s, d, vocab, flat_tokens)
         tables.append(pa.table(cols))
     return pa.concat_tables([t.select(schema.FEATURES.names).cast(schema.FEATURES) for t in tables])

@@ -94,7 +94,7 @@ def pair_keys(prep: Prepared) -> np.ndarray | None:
     d_a, d_b = int(saes["base_sae"].cfg.d_sae), int(saes["finetuned_sae"].cfg.d_sae)
     if max(d_a, d_b) <= prep.cfg.matching.max_all_pairs_d_sae:
         return None
-    return candidate_pair_keys(unit_rows(saes["base_sae"].W_dec), unit_rows(saes["finetuned_sae"].W_dec), prep.cfg.matching.n_candidates)
+    return candidate_pair_keys(unit_rows(saes["base_sae"].W_dec), unit_rows(saes["finetuned_sae"].W_dec), prep.cfg.matching.n_candidates, prep.device)
 
 
 

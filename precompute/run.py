@@ -100,9 +100,7 @@ def run(
     n_batches = prep.n_batches
     if shard is not None:
         i, n = shard
-        if n > n_batches:
-            raise ConfigError(f"--shard {i}/{n}: the sample has only {n_batches} batches; use at most {n_batches} shards.")
-        batch_range = (i * n_batches // n, (i + 1) * n_batches // n)
+        batch_range = shard_range(n_batches, shard)
         work = run_dir / SHARDS_DIR / f"{i}-of-{n}"
         if (work / COMPLETE_MARKER).exists():
             check_meta(read_state_meta(work / STATE_FILE), prep, work / STATE_FILE)
@@ -116,21 +114,9 @@ def run(
     log_prepared(prep)
     runners = runners_for(prep.pair, prep.cfg.hook)
     calib = calibrate(prep, runners)
-    state = PassState(prep, calib, pair_keys(prep), batch_range)
-    if ckpt.exists():
-        meta = read_state_meta(ckpt)
-        check_meta(meta, prep, ckpt)
-        if meta["calibration"] != json.loads(json.dumps(calib.to_dict())) or (meta["batch_start"], meta["batch_end"]) != batch_range:
-            raise RunError(f"The checkpoint {ckpt} does not fit this run (calibration or batch range differ). Delete it and run again.")
-        state.load_arrays(load_state_arrays(ckpt))
-        state.next_batch = int(meta["next_batch"])
-        log(f"resuming {prep.cfg.run_id!r} from its checkpoint at batch {state.next_batch}/{batch_range[1]}")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    t0, c0 = time.time(), time.process_time()
-    processed = stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay)
-    stream_s = time.time() - t0
-    timing = {"stream_seconds": stream_s, "stream_cpu_seconds": time.process_time() - c0, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
+    state, timing = stream_range(prep, runners, calib, pair_keys(prep), batch_range, ckpt, shard, checkpoint_every, progress, batch_delay)
+    processed, stream_s = timing["stream_tokens"], timing["stream_seconds"]
     if shard is not None:
         work = ckpt.parent.parent
         save_state(work / STATE_FILE, state, {**state_meta(prep, calib, state, shard, True), "timing": timing})
@@ -148,6 +134,33 @@ def run(
     return run_dir
 
 
+def stream_range(prep: Prepared, runners, calib: Calibration, keys, batch_range: tuple[int, int], ckpt: Path, shard: tuple[int, int] | None,
+                 checkpoint_every: int = 25, progress: bool = True, batch_delay: float = 0.0) -> tuple[PassState, dict]:
+    """Stream batches [batch_range) into a new pass state, resuming from the checkpoint `ckpt` when
+    it exists (and fits); returns the state and the stream's timing. Used by `run` and by the
+    shard tasks of `precompute.distributed`."""
+    state = PassState(prep, calib, keys, batch_range)
+    if ckpt.exists():
+        meta = read_state_meta(ckpt)
+        check_meta(meta, prep, ckpt)
+        if meta["calibration"] != json.loads(json.dumps(calib.to_dict())) or (meta["batch_start"], meta["batch_end"]) != tuple(batch_range):
+            raise RunError(f"The checkpoint {ckpt} does not fit this run (calibration or batch range differ). Delete it and run again.")
+        state.load_arrays(load_state_arrays(ckpt))
+        state.next_batch = int(meta["next_batch"])
+        log(f"resuming {prep.cfg.run_id!r} from its checkpoint at batch {state.next_batch}/{batch_range[1]}")
+    t0, c0 = time.time(), time.process_time()
+    processed = stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay)
+    stream_s = time.time() - t0
+    timing = {"stream_seconds": stream_s, "stream_cpu_seconds": time.process_time() - c0, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
+    return state, timing
+
+
+def shard_range(n_batches: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Batches [lo, hi) of shard i of n (shards are cut at batch boundaries)."""
+    i, n = shard
+    if n > n_batches:
+        raise ConfigError(f"--shard {i}/{n}: the sample has only {n_batches} batches; use at most {n_batches} shards.")
+    return i * n_batches // n, (i + 1) * n_batches // n
 
 
 def _config_dir(meta: dict) -> Path | None:

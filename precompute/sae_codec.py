@@ -33,6 +33,7 @@ class SaeCodec:
 
     PRUNE_MIN_SHARE = 0.1  # encode a column subset only when it skips at least this share of the features
     PRUNE_MARGIN = 1e-3
+    ENCODE_CHUNK_BYTES = 64 << 20  # dense pre-activations per encode chunk
 
     def __init__(self, sae):
         import torch
@@ -98,18 +99,26 @@ class SaeCodec:
         sae_in = x_flat.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input  # SAE.process_sae_in
         live = self.live_features(sae_in)
         if live is None:
-            hidden_pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)  # sae_in @ W_enc + b_enc, fused
-            positive = hidden_pre > self.gate
+            w_enc, b_enc, gate = sae.W_enc, sae.b_enc, self.gate
         else:  # only the features that may fire (ascending: entries stay in (token, feature) order)
-            hidden_pre = torch.addmm(sae.b_enc.index_select(0, live), sae_in, sae.W_enc.index_select(1, live))
-            positive = hidden_pre > self.gate.index_select(0, live)
-        if positive.device.type == "cpu":  # numpy's nonzero of a sparse mask is ~4x torch's on CPU
-            flat = torch.from_numpy(np.flatnonzero(positive.numpy()))  # row-major: sorted by (token, feature)
-        else:
-            flat = torch.nonzero(positive.view(-1)).view(-1)
-        n_cols = hidden_pre.shape[1]
-        t, f = flat // n_cols, flat % n_cols
-        vals = hidden_pre.view(-1).index_select(0, flat)
+            w_enc, b_enc, gate = sae.W_enc.index_select(1, live), sae.b_enc.index_select(0, live), self.gate.index_select(0, live)
+        n_cols = w_enc.shape[1]
+        # rows in chunks: the dense pre-activations of a chunk stay under ENCODE_CHUNK_BYTES (at 131k
+        # features a whole batch's would be 2 GiB); each row's values are the same either way
+        step = max(1, self.ENCODE_CHUNK_BYTES // (n_cols * w_enc.element_size()))
+        parts_t, parts_f, parts_v = [], [], []
+        for r0 in range(0, n_tok, step):
+            hidden_pre = torch.addmm(b_enc, sae_in[r0 : r0 + step], w_enc)  # sae_in @ W_enc + b_enc, fused
+            positive = hidden_pre > gate
+            if positive.device.type == "cpu":  # numpy's nonzero of a sparse mask is ~4x torch's on CPU
+                flat = torch.from_numpy(np.flatnonzero(positive.numpy()))  # row-major: sorted by (token, feature)
+            else:
+                flat = torch.nonzero(positive.view(-1)).view(-1)
+            parts_t.append(flat // n_cols + r0)
+            parts_f.append(flat % n_cols)
+            parts_v.append(hidden_pre.view(-1).index_select(0, flat))
+            del hidden_pre, positive
+        t, f, vals = (torch.cat(x) if len(x) > 1 else x[0] for x in (parts_t, parts_f, parts_v))
         if live is not None:
             f = live.index_select(0, f)
         counts = torch.bincount(t, minlength=n_tok)

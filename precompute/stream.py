@@ -61,26 +61,26 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
             clean_loss, x = r.clean(tokens)
             zero_loss = r.zero_loss(tokens, x)
             xs[m] = x
-            outlier = (x.norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
+            outlier = (x.float().norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
             any_outlier = bool((counted & outlier).any())
-            clean_np, zero_np = clean_loss.cpu().numpy(), zero_loss.cpu().numpy()
+            clean_np, zero_np = clean_loss.float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
             x_flat = x.reshape(n_b * ctx, -1)
             for s in state.sae_names:
                 t, f, vals, x_hat_flat = codecs[s].encode_decode(x_flat)
                 x_hat = x_hat_flat.reshape(x.shape)
-                spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).cpu().numpy()
+                spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).float().cpu().numpy()
                 if any_outlier:
                     keep = torch.from_numpy(counted & ~outlier).to(prep.device)[..., None]
-                    spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).cpu().numpy()
+                    spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).float().cpu().numpy()
                 else:
                     spliced_ex = spliced
-                vals = vals.cpu().numpy().astype(np.float32)
+                vals = vals.float().cpu().numpy()
                 t, f = t.cpu().numpy(), f.cpu().numpy().astype(np.int64)
                 l0 = np.bincount(t, minlength=n_b * ctx)  # active features per token
                 keep = counted_flat[t]  # special tokens do not count
                 t, f, vals = t[keep], f[keep], vals[keep]
                 state.quality[(s, m)].update(
-                    x_flat.cpu().numpy(), x_hat_flat.cpu().numpy(), l0, counted, outlier,
+                    x_flat.float().cpu().numpy(), x_hat_flat.float().cpu().numpy(), l0, counted, outlier,
                     {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)},
                 )
                 sa = SparseActs(gidx[t], f, vals, n_counted)
@@ -88,7 +88,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
                 state.topk[(s, m)].update(sa)
                 state.quantile[(s, m)].update(sa)
                 sparse[s][m] = sa
-        xb, xf = xs["base"], xs["finetuned"]
+        xb, xf = xs["base"].float(), xs["finetuned"].float()
         cos = torch.nn.functional.cosine_similarity(xb, xf, dim=-1).cpu().numpy()
         l2 = (xb - xf).norm(dim=-1).cpu().numpy()
     state.resid.update(cos, l2)

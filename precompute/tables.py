@@ -43,23 +43,38 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     def write(name: str, table: pa.Table, **kw) -> None:
         files[name] = rundir.write_table(run_dir, name, table, **kw)
 
+    parts: dict[str, float] = {}  # seconds per part, in the manifest's timing (B7)
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        parts[name] = parts.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
     write("metrics.parquet", metrics_table(state, summary))
     for name, table in resid_tables(state.resid, prep.sample.context_size).items():
         write(name, table)
+    lap("metrics_resid")
     units = {s: W.unit_rows(prep.pair.saes[s].W_dec) for s in state.sae_names}
     match = match_saes(prep, state, units)
     if match is not None:
         write("matches.parquet", matches_table(match))
         summary["matching"] = matching_summary(match, prep.cfg.thresholds.match)
+    lap("matching")
     vocab_forms = vocab_from_tokenizer(prep.pair.base.tokenizer, int(prep.pair.base.cfg.d_vocab))
     vocab = vocab_forms.strs
-    write("features.parquet", features_table(prep, state, match, units, vocab, summary), row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    write("features.parquet", features_table(prep, state, match, units, vocab, summary, parts), row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    lap("features_other")
     examples, n_examples, hook_stats = examples_table(prep, runners, state, hook_cache)
     write("examples.parquet", examples, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE)
+    lap("examples")
     write("tokens.parquet", tokens_table(prep))
     write("vocab.parquet", vocab_table(vocab_forms))
+    lap("tokens_vocab")
+    parts["features_other"] -= sum(parts.get(k, 0.0) for k in ("logits", "nearest_neighbours", "top_tokens"))
 
-    timing = {**timing, "finalize_seconds": time.time() - t0, "window_batches_from_stream": hook_stats["cached"], "window_batches_recomputed": hook_stats["recomputed"]}
+    timing = {**timing, "finalize_seconds": time.time() - t0, "finalize_parts": parts,
+              "window_batches_from_stream": hook_stats["cached"], "window_batches_recomputed": hook_stats["recomputed"]}
     manifest = build_manifest(prep, state, calib, summary, timing, files)
     rundir.write_manifest(run_dir, manifest)
     log(

@@ -34,43 +34,80 @@ CHUNK = 1024
 
 
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """Decoder rows scaled to unit norm, float32 on the CPU (the matching's float64 steps run there)."""
     w = w.detach().to("cpu", torch.float32)
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def nearest_neighbours(w_unit: torch.Tensor, k: int = N_NEIGHBOURS, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k other features by decoder cosine within one SAE: ids [d, k'] int32, cosines [d, k'] float32."""
+class _RunningTopK:
+    """Per row, the k largest values seen so far over column blocks, with their column ids."""
+
+    def __init__(self, n: int, k: int, device):
+        self.val = torch.full((n, k), -torch.inf, device=device)
+        self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        self.k = k
+
+    def add(self, rows: slice, sims: torch.Tensor, col0: int) -> None:
+        k = min(self.k, sims.shape[1])
+        v, i = sims.topk(k, dim=1)
+        v = torch.cat([self.val[rows], v], dim=1)
+        i = torch.cat([self.idx[rows], i + col0], dim=1)
+        top_v, pos = v.topk(self.k, dim=1)
+        self.val[rows], self.idx[rows] = top_v, i.gather(1, pos)
+
+
+def _block_topk(wa: torch.Tensor, wb: torch.Tensor | None, k_a: int, k_b: int, chunk: int) -> tuple[_RunningTopK, _RunningTopK | None]:
+    """Top-k decoder cosines from ONE pass over the blocks of wa @ wb.T: each block gives its
+    rows' candidates (top k_a of wa's rows) and its columns' (top k_b of wb's rows), so the
+    product is computed once, not once per direction. wb None: wa against itself, upper-triangle
+    blocks only (the matrix is symmetric), its diagonal excluded (no feature is its own
+    neighbour)."""
+    same = wb is None
+    wb = wa if same else wb
+    top_a = _RunningTopK(wa.shape[0], k_a, wa.device)
+    top_b = top_a if same else _RunningTopK(wb.shape[0], k_b, wa.device)
+    for i0 in range(0, wa.shape[0], chunk):
+        rows = slice(i0, min(i0 + chunk, wa.shape[0]))
+        for j0 in range(i0 if same else 0, wb.shape[0], chunk):
+            cols = slice(j0, min(j0 + chunk, wb.shape[0]))
+            sims = wa[rows] @ wb[cols].T
+            if same and j0 == i0:
+                sims.fill_diagonal_(-torch.inf)
+            if k_a:
+                top_a.add(rows, sims, j0)
+            if k_b and not (same and j0 == i0):
+                top_b.add(cols, sims.T.contiguous(), i0)
+    return top_a, (None if same else top_b)
+
+
+def nearest_neighbours(w_unit: torch.Tensor, k: int = N_NEIGHBOURS, chunk: int = CHUNK, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k other features by decoder cosine within one SAE: ids [d, k'] int32, cosines [d, k'] float32.
+
+    One pass over the upper-triangle blocks of W W^T (half the products of a row-by-row pass),
+    on `device`; cosines equal the row-by-row products to float32 rounding."""
     d = w_unit.shape[0]
     k = min(k, d - 1)
-    ids = np.zeros((d, k), np.int32)
-    cos = np.zeros((d, k), np.float32)
-    for start in range(0, d, chunk):
-        sims = w_unit[start : start + chunk] @ w_unit.T  # [chunk, d]
-        rows = torch.arange(sims.shape[0])
-        sims[rows, rows + start] = -np.inf  # not its own neighbour
-        val, idx = sims.topk(k, dim=1)
-        ids[start : start + chunk] = idx.numpy()
-        cos[start : start + chunk] = val.numpy()
-    return ids, cos
+    if k <= 0:
+        return np.zeros((d, 0), np.int32), np.zeros((d, 0), np.float32)
+    w = w_unit.to(device or w_unit.device)
+    top, _ = _block_topk(w, None, k, k, chunk)
+    return top.idx.cpu().numpy().astype(np.int32), top.val.cpu().numpy().astype(np.float32)
 
 
 def cross_topk(wa_unit: torch.Tensor, wb_unit: torch.Tensor, k: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """For each row of A, the k rows of B with the largest decoder cosine: ids [d_a, k], cosines."""
     k = min(k, wb_unit.shape[0])
-    ids = np.zeros((wa_unit.shape[0], k), np.int64)
-    cos = np.zeros((wa_unit.shape[0], k), np.float32)
-    for start in range(0, wa_unit.shape[0], chunk):
-        val, idx = (wa_unit[start : start + chunk] @ wb_unit.T).topk(k, dim=1)
-        ids[start : start + chunk] = idx.numpy()
-        cos[start : start + chunk] = val.numpy()
-    return ids, cos
+    top, _ = _block_topk(wa_unit, wb_unit, k, 0, chunk)
+    return top.idx.cpu().numpy(), top.val.cpu().numpy()
 
 
-def candidate_pair_keys(wa_unit: torch.Tensor, wb_unit: torch.Tensor, k: int) -> np.ndarray:
-    """Sorted unique keys i * d_b + j of the candidate pairs (top-k decoder cosine, both directions)."""
+def candidate_pair_keys(wa_unit: torch.Tensor, wb_unit: torch.Tensor, k: int, device: str | None = None, chunk: int = CHUNK) -> np.ndarray:
+    """Sorted unique keys i * d_b + j of the candidate pairs (top-k decoder cosine, both directions),
+    from one pass over the blocks of A B^T on `device` (both directions from the same products)."""
     d_a, d_b = wa_unit.shape[0], wb_unit.shape[0]
-    a_ids, _ = cross_topk(wa_unit, wb_unit, k)
-    b_ids, _ = cross_topk(wb_unit, wa_unit, k)
+    dev = device or wa_unit.device
+    top_a, top_b = _block_topk(wa_unit.to(dev), wb_unit.to(dev), min(k, d_b), min(k, d_a), chunk)
+    a_ids, b_ids = top_a.idx.cpu().numpy(), top_b.idx.cpu().numpy()
     keys_ab = np.repeat(np.arange(d_a, dtype=np.int64), a_ids.shape[1]) * d_b + a_ids.reshape(-1)
     keys_ba = b_ids.reshape(-1) * d_b + np.repeat(np.arange(d_b, dtype=np.int64), b_ids.shape[1])
     return np.unique(np.concatenate([keys_ab, keys_ba]))
@@ -85,12 +122,16 @@ class LogitStats:
     neg_values: dict[str, np.ndarray]  # ascending
 
 
-def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LOGITS, chunk: int | None = None) -> LogitStats:
-    """W_dec @ W_U for each model, in chunks of features: similarity and top +/- k tokens.
+def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LOGITS, chunk: int | None = None, device: str | None = None) -> LogitStats:
+    """W_dec @ W_U for each model, in chunks of features on `device`: similarity and top +/- k tokens.
 
-    A chunk holds at most 2**24 float64 logits per model (128 MiB), whatever the vocabulary."""
-    w_dec = w_dec.detach().to("cpu", torch.float32)
-    w_u = {m: w.detach().to("cpu", torch.float32) for m, w in w_u.items()}
+    A chunk holds at most 2**24 logits per model (64 MiB in float32), whatever the vocabulary. The
+    top-k are taken on the float32 logits. The similarity is the Pearson correlation over the
+    vocabulary the two unembeddings share (the first min(d_vocab) tokens: a finetune's added
+    tokens are not compared), from float64 sums of the float32 logits and their products."""
+    dev = device or "cpu"
+    w_dec = w_dec.detach().to(dev, torch.float32)
+    w_u = {m: w.detach().to(dev, torch.float32) for m, w in w_u.items()}
     d = w_dec.shape[0]
     models = list(w_u)
     if chunk is None:
@@ -103,22 +144,27 @@ def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LO
         out["neg_ids"][m] = np.zeros((d, k_m), np.int32)
         out["pos_values"][m] = np.zeros((d, k_m), np.float32)
         out["neg_values"][m] = np.zeros((d, k_m), np.float32)
+    f64 = torch.float64
     for start in range(0, d, chunk):
         sl = slice(start, start + chunk)
-        logits = {m: (w_dec[sl] @ w_u[m]).to(torch.float64) for m in models}
+        logits = {m: w_dec[sl] @ w_u[m] for m in models}
         for m in models:
             k_m = out["pos_ids"][m].shape[1]
             v, i = logits[m].topk(k_m, dim=1)
-            out["pos_ids"][m][sl], out["pos_values"][m][sl] = i.numpy(), v.numpy()
+            out["pos_ids"][m][sl], out["pos_values"][m][sl] = i.cpu().numpy(), v.cpu().numpy()
             v, i = logits[m].topk(k_m, dim=1, largest=False)
-            out["neg_ids"][m][sl], out["neg_values"][m][sl] = i.numpy(), v.numpy()
+            out["neg_ids"][m][sl], out["neg_values"][m][sl] = i.cpu().numpy(), v.cpu().numpy()
         if len(models) == 2:
-            a, b = logits[models[0]], logits[models[1]]
-            a = a - a.mean(dim=1, keepdim=True)
-            b = b - b.mean(dim=1, keepdim=True)
-            den = (a.norm(dim=1) * b.norm(dim=1)).numpy()
-            num = (a * b).sum(dim=1).numpy()
+            n_v = min(w.shape[1] for w in w_u.values())
+            a, b = logits[models[0]][:, :n_v], logits[models[1]][:, :n_v]
+            if a.device.type == "mps":  # no float64 there
+                a, b = a.cpu(), b.cpu()
+            sa, sb = a.sum(1, dtype=f64), b.sum(1, dtype=f64)
+            saa, sbb, sab = (a * a).sum(1, dtype=f64), (b * b).sum(1, dtype=f64), (a * b).sum(1, dtype=f64)
+            cov = n_v * sab - sa * sb
+            den = torch.sqrt((n_v * saa - sa * sa).clamp_min(0) * (n_v * sbb - sb * sb).clamp_min(0))
             with np.errstate(invalid="ignore", divide="ignore"):
+                num, den = cov.cpu().numpy(), den.cpu().numpy()
                 sim[sl] = np.where(den > 0, np.clip(num / den, -1, 1), np.nan)
     return LogitStats(sim, out["pos_ids"], out["pos_values"], out["neg_ids"], out["neg_values"])
 

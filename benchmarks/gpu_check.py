@@ -1,0 +1,225 @@
+"""The GPU path (benchmarks/gpu_check.sh): the precompute at gemma-2-2b size on one GPU, in minutes.
+
+    bash benchmarks/gpu_check.sh                # 26 layers, d_model 2304, 32k vocab, SAEs of 16k, bf16, 2^20 tokens, cuda
+    bash benchmarks/gpu_check.sh --tokens 262144
+    bash benchmarks/gpu_check.sh --cpu-smoke    # the same steps at the tiny size on the CPU (the test suite)
+
+Steps, each timed:
+  1. the wide synthetic pair (benchmarks/wide_pair.py --gemma-2-2b) drawn on the device, weights
+     written in bf16, into --work (default benchmarks/_work/gpu_check);
+  2. the bare forward: B7's limit child (both models' full forwards with logits + the SAEs'
+     encode matmuls) over the first --limit-tokens tokens on the device: tokens/s;
+  3. ours: the precompute (both SAEs on both models) in a child process on the device, with
+     nvidia-smi sampling utilisation and memory every 200 ms in the background; models and SAEs
+     are cast to --dtype after loading (the CLI's own --dtype comes with the own-models issue;
+     when `python -m precompute run --help` lists it, the CLI is used with it instead).
+Printed and written to benchmarks/results/gpu_check.json (or --out): tokens/s of the stream, GPU
+utilisation during the stream (mean and median of the samples inside the stream's window),
+peak GPU memory (nvidia-smi's memory.used, and torch's max_memory_allocated in our child), the
+stream's ratio to the bare forward, and the extrapolation to 10M tokens (fixed costs + 10M /
+stream tokens/s). Goal on an H200: 10M tokens in <= 15 minutes, utilisation >= 70%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "benchmarks" / "_work" / "gpu_check"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_check.json"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._common import CHILD_ENV, load_script, machine, write_result  # noqa: E402
+
+TEN_M = 10_000_000
+
+
+def _load(name: str):
+    return load_script(name)
+
+
+def ours_child(cfg_path: Path, runs: Path, device: str, dtype: str, out: Path) -> None:
+    """The precompute in this process with the models and SAEs cast to `dtype` after loading."""
+    import torch
+
+    from precompute import run as run_mod
+    from precompute.__main__ import _keep_freed_memory
+    from precompute.config import RunConfig
+
+    _keep_freed_memory()
+    b7 = _load("b7_scaling")
+    load = run_mod.prepare
+
+    def prepare_cast(cfg, dev="cpu"):
+        prep = load(cfg, dev)
+        b7.cast_prepared(prep, dtype)
+        return prep
+
+    run_mod.prepare = prepare_cast
+    t0 = time.time()
+    run_dir = run_mod.run(RunConfig.from_toml(cfg_path), runs_dir=runs, device=device, overwrite=True, progress=False)
+    res = {"wall_seconds": time.time() - t0, "run_dir": str(run_dir), "t_end": time.time()}
+    if device.startswith("cuda"):
+        res["torch_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    out.write_text(json.dumps(res))
+
+
+def _cli_has_dtype() -> bool:
+    p = subprocess.run([sys.executable, "-m", "precompute", "run", "--help"], cwd=REPO, capture_output=True, text=True)
+    return "--dtype" in p.stdout
+
+
+class Sampler:
+    """nvidia-smi in the background: (time, utilisation %, memory used MiB) every 200 ms."""
+
+    def __init__(self, path: Path):
+        self.path, self.proc = path, None
+        if shutil.which("nvidia-smi"):
+            self.fh = path.open("w")
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=self.fh, stderr=subprocess.DEVNULL,
+            )
+        self.t0 = time.time()
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        if self.proc is None:
+            return []
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.fh.close()
+        rows = []
+        for line in self.path.read_text().splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            if len(parts) < 3:
+                continue
+            try:
+                t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                rows.append((t, float(parts[1]), float(parts[2])))
+            except ValueError:
+                continue
+        return rows
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with log.open("w") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); last lines of {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+    return time.time() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=1 << 20)
+    p.add_argument("--d-sae", type=int, default=16384)
+    p.add_argument("--batch-size", type=int, default=64, help="sequences of 128 tokens per batch (default 64)")
+    p.add_argument("--limit-tokens", type=int, default=131072)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep the generated pair and the run (default: deleted at the end)")
+    p.add_argument("--cpu-smoke", action="store_true", help="the tiny pair on the CPU, bf16, a few hundred tokens: checks every step, measures nothing")
+    p.add_argument("--_ours", nargs=3, metavar=("CFG", "RUNS", "OUT"), default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a._ours:
+        ours_child(Path(a._ours[0]), Path(a._ours[1]), a.device, a.dtype, Path(a._ours[2]))
+        return 0
+    wide, b7 = _load("wide_pair"), _load("b7_scaling")
+    smoke = a.cpu_smoke
+    device = "cpu" if smoke else a.device
+    work = a.work.resolve()
+    pair = work / "pair"
+    ctx = 16 if smoke else 128
+    n_tokens = 24 * ctx if smoke else a.tokens
+    if smoke:
+        settings = wide.replace(wide.TINY, d_sae=(256,), dtype=a.dtype, n_sequences=24)
+    else:
+        settings = wide.PairSettings(**wide.GEMMA_2_2B, d_vocab=32768, d_sae=(a.d_sae,), n_sequences=-(-n_tokens // ctx), context=ctx, dtype=a.dtype)
+    timings: dict[str, float] = {}
+    print(f"[gpu_check] 1/3 generating the pair on {device} ...", flush=True)
+    t0 = time.time()
+    shutil.rmtree(pair, ignore_errors=True)
+    wide.generate(pair, settings, device)
+    timings["generate_seconds"] = time.time() - t0
+    d_sae = settings.d_sae[0]
+    cfg = work / "gpu_check.toml"
+    cfg.write_text(wide.config_text(pair, "gpu-check", d_sae, n_tokens, ctx, batch_size=8 if smoke else a.batch_size))
+
+    print("[gpu_check] 2/3 the bare forward ...", flush=True)
+    lim_out = work / "limit.json"
+    limit_tokens = min(n_tokens, 8 * ctx if smoke else a.limit_tokens)
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.gpu_check import _load; "
+            f"_load('b7_scaling').limit_child(__import__('pathlib').Path({str(cfg)!r}), {os.cpu_count() or 1}, {limit_tokens}, "
+            f"__import__('pathlib').Path({str(lim_out)!r}), {device!r}, {a.dtype!r}, ('limit',))")
+    timings["limit_child_seconds"] = _run([sys.executable, "-c", code], work / "logs" / "limit.log")
+    limit = json.loads(lim_out.read_text())
+    limit_tps = limit["n_tokens"] / limit["limit"]["wall_seconds"]
+
+    print("[gpu_check] 3/3 ours ...", flush=True)
+    runs = work / "runs"
+    ours_out = work / "ours.json"
+    sampler = Sampler(work / "nvidia-smi.csv")
+    if _cli_has_dtype():
+        cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs), "--overwrite", "--no-progress", "--device", device, "--dtype", a.dtype]
+        t_start = time.time()
+        _run(cmd, work / "logs" / "ours.log")
+        ours = {"wall_seconds": time.time() - t_start, "run_dir": str(runs / "gpu-check"), "t_end": time.time(), "via": "cli --dtype"}
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--device", device, "--dtype", a.dtype, "--_ours", str(cfg), str(runs), str(ours_out)]
+        _run(cmd, work / "logs" / "ours.log")
+        ours = {**json.loads(ours_out.read_text()), "via": "in-process cast after loading (no CLI --dtype yet)"}
+    samples = sampler.stop()
+    man = json.loads((Path(ours["run_dir"]) / "manifest.json").read_text())
+    t = man["timing"]
+    stream_end = ours["t_end"] - t["finalize_seconds"]
+    stream_start = stream_end - t["stream_seconds"]
+    inside = [s for s in samples if stream_start <= s[0] <= stream_end]
+    fixed = ours["wall_seconds"] - t["stream_seconds"]
+    stream_tps = t["stream_tokens"] / t["stream_seconds"]
+    result = {
+        "benchmark": "GPU check: the precompute at gemma-2-2b size on one GPU",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "bash benchmarks/gpu_check.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "loadavg": list(os.getloadavg()), "smoke": smoke, "device": device, "dtype": a.dtype,
+        "pair": json.loads((pair / "PAIR.json").read_text())["settings"], "n_tokens": n_tokens, "timings": timings,
+        "limit": limit, "limit_tokens_per_second": limit_tps,
+        "ours": ours, "ours_timing": t, "stream_tokens_per_second": stream_tps,
+        "stream_over_bare_forward": limit_tps / stream_tps,
+        "gpu_util_samples_in_stream": len(inside),
+        "gpu_util_mean": statistics.mean(s[1] for s in inside) if inside else None,
+        "gpu_util_median": statistics.median(s[1] for s in inside) if inside else None,
+        "gpu_memory_peak_mib": max((s[2] for s in samples), default=None),
+        "extrapolated_10M_seconds": fixed + TEN_M / stream_tps,
+        "goal": "10M tokens <= 900 s, utilisation >= 70% (H200)",
+    }
+    out = a.out or (work / "gpu_check-smoke.json" if smoke else DEFAULT_OUT)
+    write_result(out, result, indent=2)
+    u, um = result["gpu_util_mean"], result["gpu_util_median"]
+    util = "n/a (no nvidia-smi)" if u is None else f"{u:.0f}% mean, {um:.0f}% median of {len(inside)} samples"
+    print(f"stream: {stream_tps:,.0f} tokens/s ({t['stream_tokens']:,} tokens in {t['stream_seconds']:.1f} s); bare forward {limit_tps:,.0f} tokens/s; ratio {result['stream_over_bare_forward']:.2f}x")
+    print(f"GPU utilisation in the stream: {util}; "
+          f"peak memory {result['gpu_memory_peak_mib'] or 'n/a'} MiB (torch max allocated {ours.get('torch_max_memory_allocated_bytes', 0) / 2**30:.1f} GiB)")
+    print(f"fixed costs {fixed:.0f} s (load, calibration, finalize); 10M tokens extrapolated: {result['extrapolated_10M_seconds']:.0f} s (goal <= 900 s)")
+    print(f"wrote {out}")
+    if not a.keep:
+        shutil.rmtree(pair, ignore_errors=True)
+        shutil.rmtree(runs, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The wide synthetic pair (benchmarks/wide_pair.py) at its tiny size, and smoke runs of B7
+(benchmarks/b7_scaling.py) and the GPU check's CPU smoke (benchmarks/gpu_check.sh --cpu-smoke).
+No speed is asserted; what is asserted is that each measured what it says it measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.helpers import load_benchmark
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return load_benchmark("wide_pair")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(wide, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wide") / "pair"
+    wide.generate(out, wide.TINY)
+    return out
+
+
+def test_tiny_wide_pair_is_a_real_pair_with_sparse_saes(wide, tiny_pair):
+    from safetensors.torch import load_file
+
+    from explorer.models import ModelSpec, SAESpec, load_model, load_sae, sae_hook_name
+
+    s = wide.TINY.resolved()
+    info = json.loads((tiny_pair / "PAIR.json").read_text())
+    base, ft = (load_model(ModelSpec(path=str(tiny_pair / m))) for m in ("base", "finetuned"))
+    assert base.cfg.d_model == s.d_model and base.cfg.d_vocab == s.d_vocab == len(base.tokenizer) and base.cfg.n_layers == s.n_layers
+    # the finetune is the base plus noise whose std is `perturb` x each weight's own std
+    wb, wf = base.blocks[0].mlp.W_in.detach(), ft.blocks[0].mlp.W_in.detach()
+    rel = float((wf - wb).std() / wb.std())
+    assert 0.5 * s.perturb < rel < 1.5 * s.perturb
+    tokens = torch.from_numpy(np.asarray(pq.read_table(tiny_pair / "eval_corpus.parquet").column("token_ids").to_pylist()[:8]))
+    assert (tokens[:, 0] == base.tokenizer.bos_token_id).all()
+    for d_sae in s.d_sae:
+        for name, model in (("base_sae", base), ("finetuned_sae", ft)):
+            path = tiny_pair / "saes" / str(d_sae) / name
+            sae = load_sae(SAESpec(path=str(path)))
+            assert sae.cfg.d_sae == d_sae and sae_hook_name(sae) == s.hook
+            raw = load_file(str(path / "sae_weights.safetensors"))
+            _, cache = model.run_with_cache(tokens, names_filter=s.hook)
+            x = cache[s.hook]
+            pre = (x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"]
+            hand = torch.where(pre > raw["threshold"], pre, torch.zeros_like(pre))
+            with torch.no_grad():
+                torch.testing.assert_close(sae.encode(x), hand, rtol=1e-5, atol=1e-5)
+            l0 = (hand > 0).sum(-1).float().mean()
+            assert 0 < l0 < d_sae / 4  # sparse, and firing
+        m = info["saes"][str(d_sae)]["base_sae_on_base"]
+        assert m["l0"] > 0 and m["log10_density_p05_p50_p95"][2] > m["log10_density_p05_p50_p95"][0]  # a spread of densities
+
+
+def test_b7_smoke(tiny_pair, tmp_path):
+    b7 = load_benchmark("b7_scaling")
+    out = tmp_path / "b7.json"
+    assert b7.main(["--smoke", "--pair", str(tiny_pair), "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["widths"]) == 1 and len(res["tokens"]) == 1
+    for p in res["widths"] + res["tokens"]:
+        t = p["ours"]["timing"]
+        assert t["stream_tokens"] == p["n_tokens"]  # the run it measured streamed the tokens it claims
+        assert p["limit"]["n_tokens"] > 0 and p["limit"]["limit"]["wall_seconds"] > 0 and p["limit"]["floor"]["wall_seconds"] > 0
+        assert p["per_token_us"]["ours_stream"] == pytest.approx(1e6 * t["stream_seconds"] / p["n_tokens"])
+        assert p["ratios"]["stream_over_limit"] == pytest.approx(p["per_token_us"]["ours_stream"] / p["per_token_us"]["limit"])
+        assert p["ours"]["peak_rss_bytes"] > 50 * 2**20
+        assert {"matching", "nearest_neighbours", "logits", "examples"} <= set(t["finalize_parts"])
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    """Every step of benchmarks/gpu_check.sh at the tiny size on the CPU, in bf16."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] and res["device"] == "cpu" and res["dtype"] == "bfloat16"
+    assert res["ours_timing"]["stream_tokens"] == res["n_tokens"] and res["limit"]["n_tokens"] > 0
+    assert res["stream_over_bare_forward"] == pytest.approx(res["limit_tokens_per_second"] / res["stream_tokens_per_second"])
+    assert "10M tokens extrapolated" in proc.stdout
+    assert "torch.bfloat16" in (tmp_path / "work" / "logs" / "ours.log").read_text()  # the models ran in bf16
+
+
+def test_b8_smoke(tiny_pair, tmp_path):
+    """B8 at the tiny size: one process, then local Ray clusters of 1 and 2 workers (each stopped
+    by its process group); the Ray runs' tables are bitwise those of the single process."""
+    pytest.importorskip("ray")
+    b8 = load_benchmark("b8_ray")
+    out = tmp_path / "b8.json"
+    assert b8.main(["--smoke", "--pair", str(tiny_pair), "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"single", "ray_1_worker", "ray_2_workers"}
+    for label in ("ray_1_worker", "ray_2_workers"):
+        run = res["runs"][label][0]
+        assert run["timing"]["merged_shards"] == 2 and run["timing"]["ray_wall_seconds"] > 0
+        assert not [d for d in res["differences_vs_single_process"][label] if not d.startswith("manifest.json: ")]
+    s = res["summary"]
+    assert res["speedup_2_over_1_workers_wall"] == pytest.approx(s["ray_1_worker"]["median_wall_seconds"] / s["ray_2_workers"]["median_wall_seconds"])
