@@ -13,12 +13,21 @@ hold control characters, emoji and right-to-left text. Rules here:
 
 The functions return HTML strings for `st.html` (or `st.markdown(unsafe_allow_html=True)`);
 they do not import streamlit.
+
+`inert(value)` is the other half: the ONE way a string from a run file, a corpus, a tokenizer
+or a URL reaches Streamlit's Markdown (st.markdown, st.caption, alerts, metric labels and
+values, widget labels, radio/slider option labels, help= tooltips, expander and page-link
+labels, st.table cells). It returns Markdown source that renders as exactly the text: no
+emphasis, code spans, KaTeX, `:red[...]` colours, `:material/...:` icons, emoji shortcodes,
+links, autolinks or images (tests/test_inert_text.py scans the pages for sinks that bypass it;
+tests/test_browser_inert.py checks the DOM in Chromium).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -43,14 +52,11 @@ CSS = """
 """
 
 
-def display_token(token: str) -> str:
-    """The visible form of a token (unescaped): whitespace and control characters shown."""
-    if token is None:
-        return "\u2205"
-    if token and set(str(token)) == {" "}:
-        return "\u00b7" * len(token)  # a run of spaces alone would be an empty box
+def visible(text: str) -> str:
+    """`text` with newlines, tabs and control/format characters (bidi overrides included) made
+    visible: a return symbol, an arrow, or their code. Unescaped."""
     out = []
-    for ch in str(token):
+    for ch in str(text):
         if ch in _VISIBLE:
             out.append(_VISIBLE[ch])
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and ch not in "\u200d":
@@ -59,6 +65,37 @@ def display_token(token: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def display_token(token: str) -> str:
+    """The visible form of a token (unescaped): whitespace and control characters shown."""
+    if token is None:
+        return "\u2205"
+    if token and set(str(token)) == {" "}:
+        return "\u00b7" * len(token)  # a run of spaces alone would be an empty box
+    return visible(token)
+
+
+# ASCII punctuation with a meaning somewhere in Markdown or in Streamlit's own syntax (emphasis,
+# code, links, images, HTML, tables, headings, lists, $ KaTeX, :red[...] directives, and the
+# `:material/` and `:shortcode:` patterns, which Streamlit matches on the source text):
+# CommonMark lets each be backslash-escaped, and an escaped one is a literal character to
+# every construct. Left alone, as they mean nothing: ' " , ; ? % and @ (see _AUTOLINK).
+_MD_PUNCT = re.compile(r"([!#$&()*+\-./:<=>\[\\\]^_`{|}~])")
+# GFM autolink literals (http://, www., e-mail) are found in the parsed text, where escapes are
+# already resolved: an invisible WORD JOINER inside the pattern breaks them.
+_WJ = "\u2060"
+_AUTOLINK = re.compile(r"(?i)(?<=:)(?=//)|(?<=w)(?=ww\.)|(?=@)")
+
+
+def inert(value: object) -> str:
+    """`value` as Streamlit Markdown source that renders as exactly its text (see the module
+    docstring). Control characters are made visible (`visible`). Never put the result inside a
+    code span: there the backslashes would show."""
+    text = _AUTOLINK.sub(_WJ, visible("" if value is None else str(value)))
+    text = _MD_PUNCT.sub(r"\\\1", text)
+    # four leading spaces would start an indented code block
+    return re.sub(r"^ +", lambda m: "\u00a0" * len(m.group()), text)
 
 
 def escape_token(token: str) -> str:

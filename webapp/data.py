@@ -83,9 +83,9 @@ def count_features(run: Run, sae: str, flt: store.FeatureFilter) -> int:
     return feature_table(run, sae).count(flt)
 
 
-@_cache(max_entries=4)
 def features_csv(run: Run, sae: str, flt: store.FeatureFilter, sort_by: str, descending: bool) -> bytes:
-    return store.features_csv(_cur(run), run.dir, sae, flt, sort_by, descending)
+    """Every matching row as formula-safe CSV (store.csv_bytes), built when the button is pressed."""
+    return feature_table(run, sae).csv(flt, sort_by, descending)
 
 
 @_cache(max_entries=1024)

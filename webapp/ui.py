@@ -1,8 +1,9 @@
-"""Small rendering helpers shared by the pages (links, example lists, number formats)."""
+"""Small rendering helpers shared by the pages (links, example lists, number formats, pagers).
+
+Every label these put into Streamlit Markdown goes through explorer.render.inert."""
 
 from __future__ import annotations
 
-import hashlib
 import html
 import math
 from typing import Any, Sequence
@@ -13,10 +14,12 @@ import streamlit as st
 
 from explorer import render
 from explorer.figures import SAE_LABELS
-from webapp import data
+from explorer.render import inert
+from webapp import data, urlstate
 from webapp.state import Run
 
 FEATURE_PAGE = "pages/3_feature.py"
+PROBE_PAGE = "pages/6_live_probe.py"
 OTHER_SAE = {"base_sae": "finetuned_sae", "finetuned_sae": "base_sae"}
 
 
@@ -28,8 +31,20 @@ def feature_url(run: Run, sae: str, feature_id: int) -> str:
     return "/feature?" + urlencode(feature_params(run, sae, feature_id))
 
 
+def sae_label(sae: str) -> str:
+    """An SAE's name for Markdown ("base SAE"; an unknown name as inert text)."""
+    return inert(SAE_LABELS.get(sae, sae))
+
+
 def feature_link(run: Run, sae: str, feature_id: int, label: str | None = None, **kw: Any) -> None:
-    st.page_link(FEATURE_PAGE, label=label or f"{SAE_LABELS.get(sae, sae)} feature {int(feature_id)}", query_params=feature_params(run, sae, feature_id), icon=":material/open_in_new:", **kw)
+    text = label or f"{SAE_LABELS.get(sae, sae)} feature {int(feature_id)}"
+    st.page_link(FEATURE_PAGE, label=inert(text), query_params=feature_params(run, sae, feature_id), icon=":material/open_in_new:", **kw)
+
+
+def probe_link(run: Run, sae: str, feature_id: int, label: str | None = None, **kw: Any) -> None:
+    """The Live probe with this feature preselected (its activations on a prompt, and steering)."""
+    text = label or f"Probe and steer {SAE_LABELS.get(sae, sae)} feature {int(feature_id)} live"
+    st.page_link(PROBE_PAGE, label=inert(text), query_params=feature_params(run, sae, feature_id), icon=":material/science:", **kw)
 
 
 def open_feature(run: Run, sae: str, feature_id: int) -> None:
@@ -87,7 +102,7 @@ def example_blocks(run: Run, rows: pd.DataFrame, max_value: float, models: Seque
 
 def show_examples(run: Run, rows: pd.DataFrame, max_value: float, title: str | None = None, empty: str = "No examples.", caption_fn=None) -> None:
     if rows is None or len(rows) == 0:
-        st.caption(empty)
+        st.caption(inert(empty))
         return
     st.html(render.examples_html(example_blocks(run, rows, max_value, caption_fn=caption_fn), title))
 
@@ -99,15 +114,12 @@ def inline_example(run: Run, row: Any, max_value: float, model: str) -> str:
     return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus)}</div>'
 
 
-def pager(key: str, n_rows: int, page_size: int, reset_on: object = None) -> int:
-    """Page controls (st.pagination); returns the 0-based row offset.
-
-    The widget's key includes a digest of `reset_on` (the filters, sort, page size), so a new
-    selection starts again at page 1 without writing widget state by hand.
-    """
+def pager(param: str, n_rows: int, page_size: int) -> int:
+    """Page controls (st.pagination) bound to query parameter `param` (1-based page number;
+    a page past the end falls back to page 1); returns the 0-based row offset. The widgets
+    whose change makes a new list (filters, sort, page size) reset `param` (urlstate resets)."""
     n_pages = max(1, math.ceil(n_rows / page_size))
     if n_pages == 1:
         return 0
-    digest = hashlib.sha1(repr((reset_on, page_size, n_rows)).encode()).hexdigest()[:12]
-    page = st.pagination(n_pages, key=f"{key}_{digest}", max_visible_pages=7)
+    page = urlstate.widget(st.pagination, param, n_pages, key=f"pager_{param}", default=1, codec=urlstate.integer(1, n_pages), quiet=True, max_visible_pages=7)
     return (min(int(page or 1), n_pages) - 1) * page_size
