@@ -719,17 +719,22 @@ def born_lost_page(con, run_dir: Path | str, which: str, threshold: float, limit
 # ---------------------------------------------------------------------------- similarity views
 
 
-def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
+_NOT_BOTH_DEAD = " AND cross_class IS DISTINCT FROM 'both_dead'"
+
+
+def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False,
+              exclude_both_dead: bool = False) -> pd.DataFrame:
     """Histogram of one numeric feature column (NaN excluded; n_nan reported) computed in DuckDB.
 
     Returns bin_left, bin_right, count, plus attrs n_nan and n. With `log_density`, bins
-    log10(column + 1e-10).
+    log10(column + 1e-10). `exclude_both_dead` leaves out the features dead on both models.
     """
     expr = f"log10({column} + {LOG_DENSITY_EPS})" if log_density else _nan_null(column)
     if column not in _FEATURE_COLUMNS:
         raise ValueError(f"unknown column {column!r}")
     path = _path(run_dir, FEATURES_FILE)
-    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE sae = ?)", [path, sae]).fetchone()
+    where = "sae = ?" + (_NOT_BOTH_DEAD if exclude_both_dead else "")
+    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE {where})", [path, sae]).fetchone()
     vmin, vmax, n, n_nan = stats
     lo = vmin if lo is None else lo
     hi = vmax if hi is None else hi
@@ -740,7 +745,7 @@ def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, l
             hi = lo + 1e-9
         width = (hi - lo) / bins
         rows = con.execute(
-            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE sae = ?) "
+            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE {where}) "
             "WHERE v IS NOT NULL AND v >= ? AND v <= ? GROUP BY 1",
             [lo, width, bins - 1, path, sae, lo, hi],
         ).fetchall()
@@ -770,16 +775,18 @@ def density_regression(con, run_dir: Path | str, sae: str = "base_sae", alive_on
 SCATTER_COLUMNS = ("density_base", "density_finetuned", "act_similarity", "logit_similarity", "act_error", "cross_class", "status_base", "status_finetuned")
 
 
-def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0) -> pd.DataFrame:
-    """Per-feature points for scatter/parallel plots: all features, or a deterministic sample of
-    `max_points` (hash of feature_id and seed) when the SAE is larger."""
+def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0, exclude_both_dead: bool = False) -> pd.DataFrame:
+    """Per-feature points for scatter/parallel plots: all features (or all but those dead on
+    both models), or a deterministic sample of `max_points` (hash of feature_id and seed) when
+    there are more."""
     path = _path(run_dir, FEATURES_FILE)
-    n = int(con.execute("SELECT count(*) FROM read_parquet(?) WHERE sae = ?", [path, sae]).fetchone()[0])
+    where = "sae = ?" + (_NOT_BOTH_DEAD if exclude_both_dead else "")
+    n = int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", [path, sae]).fetchone()[0])
     cols = ", ".join(("feature_id", *SCATTER_COLUMNS))
     if n <= max_points:
-        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE sae = ? ORDER BY feature_id", [path, sae])
+        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE {where} ORDER BY feature_id", [path, sae])
     else:
-        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE sae = ? ORDER BY hash(feature_id + ?) LIMIT ?", [path, sae, int(seed), int(max_points)])
+        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE {where} ORDER BY hash(feature_id + ?) LIMIT ?", [path, sae, int(seed), int(max_points)])
     df.attrs["n_total"] = n
     return df
 

@@ -36,6 +36,7 @@ def bound(fn, param, *args, key, default, codec, **kw):
 with state.guard():
     top = st.columns([1, 1, 1, 1])
     sae = state.sae_picker(run, "features_sae", top[0], resets=(PAGE,))
+    state.set_params(feature=None)  # a feature id means nothing on this page: not in its links
     sort_by = bound(top[1].selectbox, "sort", "Sort by", list(SORT_LABELS), key="features_sort", default="feature_id", codec=urlstate.choice(SORT_LABELS), format_func=SORT_LABELS.get)
     descending = bound(top[2].toggle, "desc", "Descending", key="features_desc", default=False, codec=urlstate.flag())
     page_size = bound(top[3].selectbox, "rows", "Rows per page", PAGE_SIZES, key="features_page_size", default=50, codec=urlstate.choice(PAGE_SIZES))
@@ -84,7 +85,7 @@ with state.guard():
     @state.fragment
     def table(flt: store.FeatureFilter, n: int) -> None:
         hidden = "" if show_dead or n_both_dead == 0 else f" ({n_both_dead:,} dead on both models hidden)"
-        st.markdown(f"**{n:,}** of {run.d_sae(sae):,} features match{inert(hidden)}.")
+        st.markdown(f"**{n:,}** of {run.d_sae(sae):,} features match" + hidden + ".")
         if n == 0:
             st.info("No feature matches these filters.")
             return

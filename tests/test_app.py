@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import schema, store
 from explorer.synthetic import make_run
+from tests.helpers import md_text
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
@@ -130,14 +131,22 @@ def test_overview_key_elements(app, runs):
 
 
 def test_features_table_filters_pages_and_sorts(app, runs):
+    feats = _feats(runs)
+    base = feats[feats.sae == "base_sae"]
+    n_both_dead = int((base.cross_class == "both_dead").sum())
+    assert n_both_dead > 0
     at = app("features", run="synth", sae="base_sae")
     _no_traceback(at)
+    # features dead on both models are hidden by default, with their count and a toggle
+    assert any(md_text(m.value) == f"**{N - n_both_dead:,}** of {N:,} features match ({n_both_dead:,} dead on both models hidden)." for m in at.markdown)
+    assert at.toggle(key="f_both_dead").label == f"Show the {n_both_dead:,} features dead on both models"
+    assert at.dataframe[0].value.feature_id.tolist() == base[base.cross_class != "both_dead"].feature_id.tolist()[:50]
+    at.toggle(key="f_both_dead").set_value(True).run()
+    assert at.query_params["both_dead"] in ("1", ["1"])
     df = at.dataframe[0].value
     assert len(df) == 50  # one page, not the whole table
     assert df.feature_id.tolist() == list(range(50))
     assert any(f"**{N:,}** of {N:,} features match." == m.value for m in at.markdown)
-    feats = _feats(runs)
-    base = feats[feats.sae == "base_sae"]
 
     at.multiselect(key="f_status_base").select("regular").run()
     n_regular = int((base.status_base == "regular").sum())
@@ -309,16 +318,27 @@ def test_similarity_page(app, runs):
     x, y = np.log10(base.density_base + 1e-10), np.log10(base.density_finetuned + 1e-10)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Pearson R, all features"] == f"{np.corrcoef(x, y)[0, 1]:.3f}"
-    charts = at.get("plotly_chart")
-    assert len(charts) == 6
-    spec = json.loads(charts[4].proto.spec)  # the scatter carries feature ids for click-to-open
-    cd = spec["data"][0]["customdata"]
-    if isinstance(cd, dict):  # plotly's typed-array encoding
-        import base64
+    def scatter_ids(at):
+        charts = at.get("plotly_chart")
+        assert len(charts) == 6
+        spec = json.loads(charts[4].proto.spec)  # the scatter carries feature ids for click-to-open
+        cd = spec["data"][0]["customdata"]
+        if isinstance(cd, dict):  # plotly's typed-array encoding
+            import base64
 
-        cd = np.frombuffer(base64.b64decode(cd["bdata"]), dtype=np.dtype(cd["dtype"])).tolist()
-    assert sorted(cd) == sorted(base.feature_id.tolist())
+            cd = np.frombuffer(base64.b64decode(cd["bdata"]), dtype=np.dtype(cd["dtype"])).tolist()
+        return sorted(cd)
+
+    # features dead on both models are hidden by default (a toggle shows them); R uses them all
+    alive = base[base.cross_class != "both_dead"]
+    assert len(alive) < len(base)
+    assert scatter_ids(at) == sorted(alive.feature_id.tolist())
+    assert any(f"{int(alive.act_similarity.isna().sum()):,} without a value" in c.value for c in at.caption)
+    at.toggle(key="sim_both_dead").set_value(True).run()
+    _no_traceback(at)
+    assert scatter_ids(at) == sorted(base.feature_id.tolist())
     assert any(f"{int(base.act_similarity.isna().sum()):,} without a value" in c.value for c in at.caption)
+    assert {m.label: m.value for m in at.metric}["Pearson R, all features"] == f"{np.corrcoef(x, y)[0, 1]:.3f}"
 
 
 def test_similarity_and_features_one_sae(app):

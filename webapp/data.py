@@ -132,14 +132,15 @@ def _with_attrs(pair: tuple[pd.DataFrame, dict]) -> pd.DataFrame:
 
 
 @_cache(max_entries=128)
-def _histogram(run: Run, sae: str, column: str, bins: int, lo: float | None, hi: float | None, log_density: bool) -> tuple[pd.DataFrame, dict]:
-    df = store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density)
+def _histogram(run: Run, sae: str, column: str, bins: int, lo: float | None, hi: float | None, log_density: bool, exclude_both_dead: bool) -> tuple[pd.DataFrame, dict]:
+    df = store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density, exclude_both_dead)
     return df, dict(df.attrs)
 
 
-def histogram(run: Run, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
+def histogram(run: Run, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False,
+              exclude_both_dead: bool = False) -> pd.DataFrame:
     """Binned column (attrs: n, n_nan)."""
-    return _with_attrs(_histogram(run, sae, column, bins, lo, hi, log_density))
+    return _with_attrs(_histogram(run, sae, column, bins, lo, hi, log_density, exclude_both_dead))
 
 
 @_cache(max_entries=64)
@@ -148,14 +149,14 @@ def density_regression(run: Run, sae: str, alive_on_both: bool = False) -> dict[
 
 
 @_cache(max_entries=16)
-def _scatter_sample(run: Run, sae: str, max_points: int) -> tuple[pd.DataFrame, dict]:
-    df = store.scatter_sample(_cur(run), run.dir, sae, max_points)
+def _scatter_sample(run: Run, sae: str, max_points: int, exclude_both_dead: bool) -> tuple[pd.DataFrame, dict]:
+    df = store.scatter_sample(_cur(run), run.dir, sae, max_points, exclude_both_dead=exclude_both_dead)
     return df, dict(df.attrs)
 
 
-def scatter_sample(run: Run, sae: str, max_points: int = 20000) -> pd.DataFrame:
+def scatter_sample(run: Run, sae: str, max_points: int = 20000, exclude_both_dead: bool = False) -> pd.DataFrame:
     """Per-feature points (attrs: n_total)."""
-    return _with_attrs(_scatter_sample(run, sae, max_points))
+    return _with_attrs(_scatter_sample(run, sae, max_points, exclude_both_dead))
 
 
 @_cache(max_entries=16)

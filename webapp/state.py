@@ -106,7 +106,11 @@ class Run:
         return [s for s in self.manifest.get("saes", []) if s in schema.SAES]
 
     def d_sae(self, sae: str) -> int:
-        return int(self.manifest.get("d_sae", {}).get(sae, 0))
+        d = self.manifest.get("d_sae")
+        try:
+            return max(0, int(d.get(sae, 0))) if isinstance(d, dict) else 0
+        except (TypeError, ValueError):  # a hand-edited manifest may hold anything
+            return 0
 
     @property
     def config(self) -> dict[str, Any]:
@@ -317,11 +321,12 @@ def _unknown_sae(run: Run, raw: Any, fallback: str) -> str:
     return f"SAE {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(run.saes)}); showing {fallback}."
 
 
-def sae_picker(run: Run, key: str, container: Any = st, resets: tuple[str, ...] = (), **kwargs: Any) -> str:
-    """The SAE selectbox, bound to `?sae=` (an unknown SAE: sae_param's warning, then the default)."""
+def sae_picker(run: Run, key: str, container: Any = st, resets: tuple[str, ...] = (), saes: list[str] | None = None, **kwargs: Any) -> str:
+    """The SAE selectbox (of `saes`, default the run's), bound to `?sae=` (an unknown SAE:
+    sae_param's warning, then the default)."""
     from explorer.figures import SAE_LABELS
 
-    saes = run.saes or ["base_sae"]
+    saes = list(saes or run.saes or ["base_sae"])
     default = "base_sae" if "base_sae" in saes else saes[0]
     return urlstate.widget(
         container.selectbox, SAE_PARAM, "SAE", saes, key=key, default=default, codec=urlstate.choice(saes), resets=resets,

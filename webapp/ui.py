@@ -59,6 +59,30 @@ def legend() -> None:
     st.html(f'<div style="font-size:0.85rem;color:#444">Colours:{items}</div>')
 
 
+def num(v: Any, default: float | None = None) -> float | None:
+    """A number from a run file (a hand-edited manifest may hold anything): finite float, else `default`."""
+    if isinstance(v, bool):
+        return default
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return default
+    return f if math.isfinite(f) else default
+
+
+def alert(level: str, body: str) -> None:
+    """A coloured box by level ("yes" success, "partly" warning, "no" error, else info); `body`
+    is Markdown the caller built (data in it through inert)."""
+    if level == "yes":
+        st.success(body)
+    elif level == "partly":
+        st.warning(body)
+    elif level == "no":
+        st.error(body)
+    else:
+        st.info(body)
+
+
 def fmt(v: Any, spec: str = ".3g", nan: str = "n/a") -> str:
     try:
         f = float(v)
