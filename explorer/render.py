@@ -9,7 +9,8 @@ hold control characters, emoji and right-to-left text. Rules here:
 * every attribute value (the tooltip) is escaped with quote=True;
 * each token span isolates its bidi direction (`unicode-bidi: isolate`), so right-to-left text
   cannot reorder the tokens around it;
-* colours are computed here from numbers only, never from strings.
+* colours are computed here from numbers only, never from strings; a token with no activation
+  has no style at all.
 
 The functions return HTML strings for `st.html` (or `st.markdown(unsafe_allow_html=True)`);
 they do not import streamlit.
@@ -111,20 +112,40 @@ def _alpha(value: float, max_value: float) -> float:
     return max(0.0, min(1.0, value / max_value))
 
 
-def token_span(token: str, value: float, max_value: float, model: str = "base", focus: bool = False, title_prefix: str = "") -> str:
-    """One highlighted token: background intensity = value / max_value in the model's colour."""
-    r, g, b = MODEL_RGB.get(model, MODEL_RGB["base"])
+def _span(shown: str, text: str, title_repr: str, value: float, max_value: float, rgb: tuple[int, int, int], focus: bool, title_prefix: str = "") -> str:
+    # shown: the token's display form; text: it escaped for HTML; title_repr: repr(shown)
     a = _alpha(value, max_value)
     val = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
-    title = f"{title_prefix}{display_token(token)!r}: {val:.4g}"
+    title = html.escape(f"{title_prefix}{title_repr}: {val:.4g}", quote=True)
     cls = "sx-tok sx-focus" if focus else "sx-tok"
-    style = f"background:rgba({r},{g},{b},{0.85 * a:.3f})" + (";color:#fff" if a > 0.6 else "")
-    return f'<span class="{cls}" style="{style}" title="{html.escape(title, quote=True)}">{escape_token(token)}</span>'
+    if a <= 0:  # no background: most tokens of a window (and a third of the page's bytes)
+        return f'<span class="{cls}" title="{title}">{text}</span>'
+    style = f"background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.85 * a:.3f})" + (";color:#fff" if a > 0.6 else "")
+    return f'<span class="{cls}" style="{style}" title="{title}">{text}</span>'
+
+
+def token_span(token: str, value: float, max_value: float, model: str = "base", focus: bool = False, title_prefix: str = "") -> str:
+    """One highlighted token: background intensity = value / max_value in the model's colour."""
+    shown = display_token(token)
+    return _span(shown, html.escape(shown, quote=True), repr(shown), value, max_value, MODEL_RGB.get(model, MODEL_RGB["base"]), focus, title_prefix)
+
+
+def _prepared(tokens: Sequence[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for t in tokens:
+        shown = display_token(t)
+        out.append((shown, html.escape(shown, quote=True), repr(shown)))
+    return out
+
+
+def _highlight(prepared: Sequence[tuple[str, str, str]], values: Sequence[float], max_value: float, model: str, focus: int | None) -> str:
+    rgb = MODEL_RGB.get(model, MODEL_RGB["base"])
+    return "".join(_span(p[0], p[1], p[2], float(v), max_value, rgb, i == focus) for i, (p, v) in enumerate(zip(prepared, values)))
 
 
 def highlight(tokens: Sequence[str], values: Sequence[float], max_value: float, model: str = "base", focus: int | None = None) -> str:
     """A sequence of highlighted tokens (no container)."""
-    return "".join(token_span(t, float(v), max_value, model, focus=(i == focus)) for i, (t, v) in enumerate(zip(tokens, values)))
+    return _highlight(_prepared(tokens), values, max_value, model, focus)
 
 
 def example_block(
@@ -136,6 +157,7 @@ def example_block(
 ) -> str:
     """One window, one line per model (same tokens), each in its model's colour."""
     lines = []
+    prepared = _prepared(tokens)  # each token displayed and escaped once, for every line
     for model, values in acts_by_model.items():
         if values is None:
             continue
@@ -144,7 +166,7 @@ def example_block(
         label = html.escape(str(model))
         lines.append(
             f'<div class="sx-ex" data-model="{html.escape(str(model), quote=True)}"><span class="sx-lbl">{label}</span>'
-            f"{highlight(tokens, vals, max_value, model, focus)}"
+            f"{_highlight(prepared, vals, max_value, model, focus)}"
             f'<span class="sx-act">max {peak:.3g}</span></div>'
         )
     cap = f'<div class="sx-cap">{html.escape(caption)}</div>' if caption else ""

@@ -4,7 +4,7 @@ import streamlit as st
 
 from explorer import figures, render
 from explorer.render import inert
-from webapp import charts, data, state, ui
+from webapp import charts, data, state, ui, urlstate
 
 run = state.run_picker()
 st.title("Feature")
@@ -35,7 +35,6 @@ with state.guard():
     if row is None:
         st.error(inert(f"Feature {fid} of {sae} is not in run {run.run_id!r}. The run may be incomplete; re-run its precompute."))
         st.stop()
-    examples = data.feature_examples(run, sae, fid)
 
     st.subheader(f"{ui.sae_label(sae)} · feature {fid:d}")
     ui.legend()
@@ -87,25 +86,18 @@ with state.guard():
     )
     cols = st.columns(2)
     for col, m in zip(cols, figures.MODELS):
-        top = examples[(examples["model"] == m) & (examples["kind"] == "top")]
         with col:
             st.markdown(f"**Top on the {render.MODEL_LABELS[m]}**, with the other model's activations")
-            ui.show_examples(
-                run, top, max_value,
-                empty=f"No examples: the feature never fires on the {render.MODEL_LABELS[m]}.",
-                caption_fn=lambda r: f"#{int(r.rank) + 1} · seq {int(r.seq_id)} pos {int(r.position)} · activation {float(r.activation):.3g}",
-            )
+            ui.feature_examples(run, sae, fid, m, "top", max_value, empty=f"No examples: the feature never fires on the {render.MODEL_LABELS[m]}.")
 
-    with st.expander("Quantile examples (sampled within activation bins)"):
+    st.markdown("### Quantile examples")
+    # drawn on request: they are two thirds of the page's bytes (about 360 KB of HTML on the demo)
+    if urlstate.widget(st.toggle, "quantiles", "Show the quantile examples (sampled within activation bins)", key="feature_quantiles", default=False, codec=urlstate.flag()):
         cols = st.columns(2)
         for col, m in zip(cols, figures.MODELS):
-            q = examples[(examples["model"] == m) & (examples["kind"] == "quantile")]
             with col:
-                st.markdown(f"**{render.MODEL_LABELS[m].capitalize()}**")
-                ui.show_examples(
-                    run, q, max_value, empty="No quantile examples.",
-                    caption_fn=lambda r: f"bin {int(r.bin)} [{float(r.bin_low):.3g}, {float(r.bin_high):.3g}) · activation {float(r.activation):.3g}",
-                )
+                st.markdown("**" + inert(render.MODEL_LABELS[m].capitalize()) + "**")
+                ui.feature_examples(run, sae, fid, m, "quantile", max_value, empty="No quantile examples.")
 
     # ---- logits
     st.markdown("### Logits: W_dec[i] @ W_U, each model's own unembedding")

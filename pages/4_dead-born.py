@@ -20,8 +20,7 @@ def feature_rows(df, sae: str, example_model: str, note) -> None:
     if df.empty:
         st.caption("None.")
         return
-    ex = data.top_examples(run, sae, tuple(int(x) for x in df["feature_id"]), example_model)
-    by_fid = {int(r.feature_id): r for r in ex.itertuples(index=False)}
+    by_fid = ui.inline_examples(run, sae, tuple(int(x) for x in df["feature_id"]), example_model)
     for r in df.itertuples(index=False):
         fid = int(r.feature_id)
         with st.container(border=True):
@@ -30,11 +29,11 @@ def feature_rows(df, sae: str, example_model: str, note) -> None:
                 ui.feature_link(run, sae, fid, label=f"feature {fid}")
                 st.caption(inert(note(r)))
             with c2:
-                e = by_fid.get(fid)
-                if e is None:
+                block = by_fid.get(fid)
+                if block is None:
                     st.caption(f"No top example on the {render.MODEL_LABELS[example_model]}.")
                 else:
-                    st.html(ui.inline_example(run, e, float(e.activation) or 1.0, example_model))
+                    st.html(block)
 
 
 def class_list(cross_class: str, title: str, explain: str, example_model: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_probe_run
+from tests.helpers import make_probe_run, md_text
 from streamlit.testing.v1 import AppTest
 
 from explorer.synthetic import make_run
@@ -66,7 +66,7 @@ def test_empty_prompt_gets_a_friendly_message(monkeypatch, probe_runs):
     at.text_area(key="probe_text").set_value("   \n ")
     at.button[0].click().run()
     assert not at.exception
-    assert any("empty" in w.value for w in at.warning)
+    assert any("empty" in md_text(w.value) for w in at.warning)
     assert "Top features per token" not in [h.value for h in at.subheader]
 
 
@@ -75,7 +75,7 @@ def test_long_and_odd_prompt_gets_notices(monkeypatch, probe_runs):
     at.text_area(key="probe_text").set_value("<script>alert(1)</script> \u202e\x07 😀 שלום " * 40)
     at.button[0].click().run()
     assert not at.exception
-    notes = " ".join(x.value for x in list(at.warning) + list(at.info))
+    notes = md_text(" ".join(x.value for x in list(at.warning) + list(at.info)))
     assert "context" in notes and "control characters" in notes and "right-to-left" in notes
     body = _html(at)
     assert "<script" not in body and "&lt;" in body  # every token escaped (tokens split "<script>")
@@ -102,7 +102,7 @@ def test_feature_query_param_and_steering(monkeypatch, probe_runs):
     for m in ("base", "finetuned"):
         assert f'data-probe="steering-{m}"' in body
     assert body.count('data-probe="steered"') == 2 and body.count('data-probe="unsteered"') == 2
-    assert any("W_dec[7]" in md.value for md in at.markdown)
+    assert any("W_dec[7]" in md_text(md.value) for md in at.markdown)
 
 
 @pytest.mark.parametrize("bad", ["abc", "-3", "99999", "1e3"])

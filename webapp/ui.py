@@ -16,7 +16,7 @@ from explorer import render
 from explorer.figures import SAE_LABELS
 from explorer.render import inert
 from webapp import data, urlstate
-from webapp.state import Run
+from webapp.state import HASH_FUNCS, Run, vocab
 
 FEATURE_PAGE = "pages/3_feature.py"
 PROBE_PAGE = "pages/6_live_probe.py"
@@ -115,13 +115,42 @@ def density(v: Any) -> str:
 def example_blocks(run: Run, rows: pd.DataFrame, max_value: float, models: Sequence[str] = ("base", "finetuned"), caption_fn=None) -> list[str]:
     """HTML blocks of example windows: the same tokens on each model, highlighted."""
     blocks = []
+    v = vocab(run)
     for r in rows.itertuples(index=False):
-        tokens = data.token_strings(run, r.token_ids)
+        tokens = [v[i] if 0 <= i < len(v) else f"<id {i}>" for i in (int(x) for x in r.token_ids)]
         acts = {m: getattr(r, f"acts_{m}") for m in models}
         focus = int(r.position) - int(r.window_start)
         cap = caption_fn(r) if caption_fn else None
         blocks.append(render.example_block(tokens, acts, max_value, focus=focus, caption=cap))
     return blocks
+
+
+def _top_caption(r: Any) -> str:
+    return f"#{int(r.rank) + 1} · seq {int(r.seq_id)} pos {int(r.position)} · activation {float(r.activation):.3g}"
+
+
+def _quantile_caption(r: Any) -> str:
+    return f"bin {int(r.bin)} [{float(r.bin_low):.3g}, {float(r.bin_high):.3g}) · activation {float(r.activation):.3g}"
+
+
+@st.cache_data(show_spinner=False, hash_funcs=HASH_FUNCS, max_entries=2048)
+def _feature_examples_html(run: Run, sae: str, feature_id: int, model: str, kind: str, max_value: float) -> str | None:
+    # ~140 windows of ~17 highlighted tokens on the feature page: built once per feature
+    ex = data.feature_examples(run, sae, feature_id)
+    rows = ex[(ex["model"] == model) & (ex["kind"] == kind)]
+    if len(rows) == 0:
+        return None
+    return render.examples_html(example_blocks(run, rows, max_value, caption_fn=_top_caption if kind == "top" else _quantile_caption))
+
+
+def feature_examples(run: Run, sae: str, feature_id: int, model: str, kind: str, max_value: float, empty: str = "No examples.") -> None:
+    """One feature's top or quantile examples selected on `model`, each window drawn on both
+    models (HTML cached per feature)."""
+    body = _feature_examples_html(run, sae, int(feature_id), model, kind, float(max_value))
+    if body is None:
+        st.caption(inert(empty))
+    else:
+        st.html(body)
 
 
 def show_examples(run: Run, rows: pd.DataFrame, max_value: float, title: str | None = None, empty: str = "No examples.", caption_fn=None) -> None:
@@ -131,11 +160,17 @@ def show_examples(run: Run, rows: pd.DataFrame, max_value: float, title: str | N
     st.html(render.examples_html(example_blocks(run, rows, max_value, caption_fn=caption_fn), title))
 
 
-def inline_example(run: Run, row: Any, max_value: float, model: str) -> str:
-    """One short highlighted window (one model) for list rows."""
-    tokens = data.token_strings(run, row.token_ids)
-    focus = int(row.position) - int(row.window_start)
-    return render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(row, f"acts_{model}"), max_value, model, focus)}</div>'
+@st.cache_data(show_spinner=False, hash_funcs=HASH_FUNCS, max_entries=512)
+def inline_examples(run: Run, sae: str, ids: tuple[int, ...], model: str) -> dict[int, str]:
+    """For list rows: each feature's rank-0 top example on `model`, one short highlighted window
+    (HTML, scaled to its own activation), by feature id; features without one are absent."""
+    v = vocab(run)
+    out = {}
+    for r in data.top_examples(run, sae, ids, model).itertuples(index=False):
+        tokens = [v[i] if 0 <= i < len(v) else f"<id {i}>" for i in (int(x) for x in r.token_ids)]
+        focus = int(r.position) - int(r.window_start)
+        out[int(r.feature_id)] = render.CSS + f'<div class="sx-ex">{render.highlight(tokens, getattr(r, f"acts_{model}"), float(r.activation) or 1.0, model, focus)}</div>'
+    return out
 
 
 def pager(param: str, n_rows: int, page_size: int) -> int:
