@@ -27,7 +27,7 @@ with state.guard():
     )
     outliers = "excluded" if outliers_off else "included"
     v = verdict(metrics, cross, outliers)
-    ui.alert(v.level, "**Does the base SAE transfer?** " + inert(v.headline))
+    ui.alert(v.level, "Does the base SAE transfer?", v.headline)
     with st.expander("How this verdict is reached"):
         for line in v.details:
             st.markdown("- " + inert(line))

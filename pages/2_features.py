@@ -84,8 +84,7 @@ with state.guard():
 
     @state.fragment
     def table(flt: store.FeatureFilter, n: int) -> None:
-        hidden = "" if show_dead or n_both_dead == 0 else f" ({n_both_dead:,} dead on both models hidden)"
-        st.markdown(f"**{n:,}** of {run.d_sae(sae):,} features match" + hidden + ".")
+        st.markdown(f"**{n:,}** of {run.d_sae(sae):,} features match" + ("" if show_dead or n_both_dead == 0 else f" ({n_both_dead:,} dead on both models hidden)") + ".")
         if n == 0:
             st.info("No feature matches these filters.")
             return

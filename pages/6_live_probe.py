@@ -129,7 +129,7 @@ with state.guard():
     seqs = None
     with st.form("probe_form", border=True):
         if source == TYPED:
-            st.text_area("Prompt", key=K_TEXT, height=140, help=f"Longer prompts are cut to the models' context ({pair.base.cfg.n_ctx} tokens).")
+            st.text_area("Prompt", key=K_TEXT, height=140, help=f"Longer prompts are cut to the models' context ({pair.base.cfg.n_ctx:d} tokens).")
         else:
             seqs = data.sequences(run, limit=N_SEQUENCES)
             if len(seqs) == 0:

@@ -70,17 +70,17 @@ def num(v: Any, default: float | None = None) -> float | None:
     return f if math.isfinite(f) else default
 
 
-def alert(level: str, body: str) -> None:
-    """A coloured box by level ("yes" success, "partly" warning, "no" error, else info); `body`
-    is Markdown the caller built (data in it through inert)."""
+def alert(level: str, bold: str, text: str) -> None:
+    """A coloured box by level ("yes" success, "partly" warning, "no" error, else info): `bold`
+    in bold, then `text`, both shown as text."""
     if level == "yes":
-        st.success(body)
+        st.success("**" + inert(bold) + "** " + inert(text))
     elif level == "partly":
-        st.warning(body)
+        st.warning("**" + inert(bold) + "** " + inert(text))
     elif level == "no":
-        st.error(body)
+        st.error("**" + inert(bold) + "** " + inert(text))
     else:
-        st.info(body)
+        st.info("**" + inert(bold) + "** " + inert(text))
 
 
 def fmt(v: Any, spec: str = ".3g", nan: str = "n/a") -> str:
