@@ -16,8 +16,8 @@ OVERVIEW = "pages/1_overview.py"
 def _overview_alias() -> None:
     """/overview?...: Streamlit serves the default page at "/" only, so a link to /overview on a
     warm server would get its "Page not found" dialog. This hidden page forwards it, query and
-    all, to the Overview at "/"."""
-    st.switch_page(OVERVIEW, query_params=st.query_params.to_dict())
+    all, to the Overview at "/" (a repeated parameter keeps its first value, as everywhere)."""
+    st.switch_page(OVERVIEW, query_params={k: st.query_params.get_all(k)[0] for k in st.query_params})
 
 
 PAGES = [

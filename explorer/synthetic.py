@@ -353,6 +353,8 @@ def make_run(
         "tokenizer_check": compare_vocabularies({t: i for i, t in enumerate(vocab)}, {t: i for i, t in enumerate(vocab)}).to_dict(),
         "n_tokens": n_tokens,
         "n_sequences": n_sequences,
+        "n_counted_tokens": n_tokens - n_sequences,  # BOS (token 0) opens every sequence and is not counted
+        "special_token_ids": [0],
         "saes": saes,
         "d_sae": {s: n_features for s in saes},
         "act_hist_edges": schema.ACT_HIST_EDGES.tolist(),

@@ -329,7 +329,7 @@ def sae_picker(run: Run, key: str, container: Any = st, resets: tuple[str, ...] 
     saes = list(saes or run.saes or ["base_sae"])
     default = "base_sae" if "base_sae" in saes else saes[0]
     return urlstate.widget(
-        container.selectbox, SAE_PARAM, "SAE", saes, key=key, default=default, codec=urlstate.choice(saes), resets=resets,
+        container.selectbox, SAE_PARAM, "SAE", saes, key=key, default=default, codec=urlstate.choice(saes), resets=resets, always=True,
         invalid=lambda raw, _: _unknown_sae(run, raw, default), format_func=lambda s: SAE_LABELS.get(s, s), **kwargs,
     )
 

@@ -90,10 +90,11 @@ def read(param: str, codec: "Codec", default: Any, invalid: Callable[[str, str],
 
 def widget(fn: Callable[..., Any], param: str, *args: Any, key: str, default: Any, codec: "Codec",
            resets: Iterable[str] = (), invalid: Callable[[str, str], str] | None = None, quiet: bool = False,
-           on_change: Callable[[], None] | None = None, **kwargs: Any) -> Any:
+           always: bool = False, on_change: Callable[[], None] | None = None, **kwargs: Any) -> Any:
     """Draw widget `fn(*args, key=key, **kwargs)` (its label first, as Streamlit takes it) bound
     to query parameter `param` (see the module docstring). Returns the widget's value. Pass no
-    default value to `fn`: it comes from the URL (or `default`) through st.session_state."""
+    default value to `fn`: it comes from the URL (or `default`) through st.session_state.
+    `always`: write the value even when it is the default (the SAE: links always name it)."""
     value = codec.norm(read(param, codec, default, invalid, quiet))
     if key not in st.session_state or codec.norm(st.session_state[key]) != value:
         st.session_state[key] = codec.widget(value)  # only when it differs: a set value is a "new" value to Streamlit
@@ -101,7 +102,7 @@ def widget(fn: Callable[..., Any], param: str, *args: Any, key: str, default: An
 
     def changed() -> None:
         v = codec.norm(st.session_state.get(key))
-        write({param: None if v == codec.norm(default) else codec.dump(v), **{r: None for r in reset}})
+        write({param: None if v == codec.norm(default) and not always else codec.dump(v), **{r: None for r in reset}})
         if on_change is not None:
             on_change()
 
