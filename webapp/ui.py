@@ -48,7 +48,13 @@ def probe_link(run: Run, sae: str, feature_id: int, label: str | None = None, **
 
 
 def open_feature(run: Run, sae: str, feature_id: int) -> None:
-    st.switch_page(FEATURE_PAGE, query_params=feature_params(run, sae, feature_id))
+    """Go to a feature's page from a table row or a chart point. The current page's selection
+    rides along in the query: Streamlit's switch_page first writes the new query under the OLD
+    page's path (one history entry), then changes the page (another), so Back lands on
+    "this page + the new query"; with this page's own parameters still in it, that restores
+    this page as it was (the feature page ignores parameters it does not use)."""
+    here = {k: st.query_params.get_all(k)[0] for k in st.query_params}
+    st.switch_page(FEATURE_PAGE, query_params={**here, **feature_params(run, sae, feature_id)})
 
 
 def legend() -> None:
