@@ -538,6 +538,17 @@ class FeatureTable:
         """Every matching feature id, in order."""
         return self.feature_id[self.page_rows(flt, sort_by, descending, self.n, 0)]
 
+    def rows(self, ids: Iterable[int], columns: Sequence[str] = TABLE_COLUMNS) -> pd.DataFrame:
+        """Rows of the given feature ids, in the order given (unknown ids skipped): what
+        `features_by_ids` answers for table columns, without reading the file."""
+        ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+        cols = [c for c in columns if c in self.table.column_names]
+        if "feature_id" not in cols:
+            cols = ["feature_id", *cols]
+        pos = np.searchsorted(self.feature_id, ids)
+        ok = (pos < self.n) & (self.feature_id[np.minimum(pos, max(self.n - 1, 0))] == ids) if self.n else np.zeros(len(ids), bool)
+        return self.table.select(cols).take(pa.array(pos[ok], pa.int64())).to_pandas()
+
     def csv(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:
         """Every matching row (table columns), in order, as formula-safe CSV (`csv_bytes`)."""
         return csv_bytes(self.page(flt, sort_by, descending, self.n, 0))
@@ -808,6 +819,35 @@ def candidate_matches(con, run_dir: Path | str, sae: str, feature_id: int, limit
         "ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, other_feature_id LIMIT ?",
         [_path(run_dir, MATCHES_FILE), int(feature_id), int(limit)],
     )
+
+
+class MatchesIndex:
+    """matches.parquet in memory, rows grouped by the feature of either SAE: `candidates`
+    answers what `candidate_matches` answers (same columns, order and limit) without a scan."""
+
+    COLUMNS = ["other_feature_id", "act_corr", "dec_cos", "score", "assigned"]
+
+    def __init__(self, df: pd.DataFrame | None):
+        self._by: dict[str, dict[int, pd.DataFrame]] = {"base_sae": {}, "finetuned_sae": {}}
+        if df is None or df.empty:
+            return
+        df = df.assign(_null=df["score"].isna(), _neg=-df["score"].fillna(0.0))
+        for sae, mine, other in (("base_sae", "base_feature_id", "finetuned_feature_id"), ("finetuned_sae", "finetuned_feature_id", "base_feature_id")):
+            d = df.rename(columns={other: "other_feature_id"}).sort_values(["_null", "_neg", "other_feature_id"], kind="stable")
+            for fid, g in d.groupby(mine, sort=False):
+                self._by[sae][int(fid)] = g[self.COLUMNS].reset_index(drop=True)
+
+    @classmethod
+    def open(cls, run_dir: Path | str) -> "MatchesIndex":
+        if not has_table(run_dir, MATCHES_FILE):
+            return cls(None)
+        return cls(pq.read_table(_path(run_dir, MATCHES_FILE)).to_pandas())
+
+    def candidates(self, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
+        g = self._by.get(sae, {}).get(int(feature_id))
+        if g is None:
+            return pd.DataFrame({c: pd.Series(dtype="int32" if c == "other_feature_id" else "bool" if c == "assigned" else "float64") for c in self.COLUMNS})
+        return g.head(max(0, int(limit))).copy()
 
 
 # ---------------------------------------------------------------------------- examples

@@ -146,3 +146,23 @@ def test_invalid_utf8_vocab_is_a_run_error(tmp_path):
     pq.write_table(pa.table({"token_id": pa.array([0, 1, 2], pa.int32()), "token_str": arr}), run / "vocab.parquet")
     with pytest.raises(RunError, match="damaged.*vocab.parquet.*UTF-8"):
         store.vocab(run)
+
+
+def test_in_memory_rows_and_matches_equal_the_file_queries(run_dir, table):
+    """FeatureTable.rows and MatchesIndex (the feature page's neighbours and candidate matches,
+    read without a file scan) answer what features_by_ids and candidate_matches answer."""
+    con = store.connect()
+    ids = [7, 3, 149, 0, 99999, 42]
+    cols = ["feature_id", "density_base", "density_finetuned", "top_tokens"]
+    want = store.features_by_ids(con, run_dir, "base_sae", ids, cols)
+    got = table.rows(ids, cols)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), check_dtype=False)
+    mi = store.MatchesIndex.open(run_dir)
+    for sae in ("base_sae", "finetuned_sae"):
+        for fid in (0, 5, 17, 80, 149):
+            for limit in (3, 10):
+                want = store.candidate_matches(con, run_dir, sae, fid, limit)
+                got = mi.candidates(sae, fid, limit)
+                assert list(got.columns) == list(want.columns)
+                pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), check_dtype=False)
+    assert mi.candidates("base_sae", 10**6).empty

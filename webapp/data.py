@@ -105,12 +105,19 @@ def top_examples(run: Run, sae: str, ids: tuple[int, ...], model: str | None = N
 
 @_cache(max_entries=1024)
 def features_by_ids(run: Run, sae: str, ids: tuple[int, ...], columns: tuple[str, ...] = store.TABLE_COLUMNS) -> pd.DataFrame:
+    if set(columns) <= set(store.TABLE_COLUMNS):  # in memory (the features table), no file read
+        return feature_table(run, sae).rows(ids, columns)
     return store.features_by_ids(_cur(run), run.dir, sae, ids, columns)
 
 
-@_cache(max_entries=1024)
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _matches_index(path: str, token: tuple[int, int]) -> store.MatchesIndex:
+    return store.MatchesIndex.open(path)
+
+
 def candidate_matches(run: Run, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
-    return store.candidate_matches(_cur(run), run.dir, sae, feature_id, limit)
+    """Candidate partners in the other SAE, best first (in memory: store.MatchesIndex)."""
+    return _matches_index(run.path, run.token).candidates(sae, feature_id, limit)
 
 
 @_cache(max_entries=256)
