@@ -414,3 +414,47 @@ def test_guard_turns_errors_into_friendly_messages(kind, message):
     assert not at.exception
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and message in errors[0] and "secret internals" not in errors[0]
+
+
+# ---------------------------------------------------------------- issue 13: the feature page for researchers
+
+
+def test_dead_feature_says_so_instead_of_an_empty_chart(app, runs):
+    feats = _feats(runs)
+    dead = feats[(feats.sae == "base_sae") & (feats.cross_class == "both_dead")]
+    assert len(dead)
+    fid = int(dead.feature_id.iloc[0])
+    at = app("feature", run="synth", sae="base_sae", feature=fid)
+    _no_traceback(at)
+    assert any("dead on both models" in md_text(i.value) and "never fires" in md_text(i.value) for i in at.info)
+    assert not at.get("plotly_chart")  # no empty histogram
+    # a live feature has its histogram
+    alive = int(feats[(feats.sae == "base_sae") & (feats.cross_class == "both_alive")].feature_id.iloc[0])
+    at = app("feature", run="synth", sae="base_sae", feature=alive)
+    assert len(at.get("plotly_chart")) == 1 and not any("dead on both models" in md_text(i.value) for i in at.info)
+
+
+def test_activation_histogram_marks_the_quantile_bins(app, runs):
+    feats = _feats(runs)
+    ex = pd.read_parquet(runs / "synth" / "examples.parquet")
+    q = ex[(ex.sae == "base_sae") & (ex.kind == "quantile")]
+    fid = int(q.feature_id.value_counts().index[0])
+    at = app("feature", run="synth", sae="base_sae", feature=fid)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    marks = [t for t in spec["data"] if str(t.get("name", "")).startswith("quantile bins")]
+    assert marks, [t.get("name") for t in spec["data"]]
+    for t in marks:
+        model = "base" if "(base model)" in t["name"] else "finetuned"
+        bins = q[(q.feature_id == fid) & (q.model == model)][["bin_low", "bin_high"]].drop_duplicates()
+        want = sorted({round(float(v), 5) for v in pd.concat([bins.bin_low, bins.bin_high]) if v > 0})
+        got = sorted({round(float(x), 5) for x in t["x"] if x is not None})
+        assert got == want
+        assert all("quantile bin" in s for s in t["text"] if s)
+
+
+def test_feature_page_links_to_the_live_probe(app):
+    at = app("feature", run="synth", sae="finetuned_sae", feature=9)
+    link = [l for l in at.get("page_link") if "Probe and steer" in l.proto.label]
+    assert len(link) == 1
+    assert link[0].proto.page.endswith("live_probe") or "live_probe" in link[0].proto.page
+    assert "feature=9" in link[0].proto.query_string and "sae=finetuned_sae" in link[0].proto.query_string
