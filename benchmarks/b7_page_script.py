@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,8 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine, write_result  # noqa: E402
-from benchmarks.load_protocol import SEARCH_TERMS, cpu_seconds, loadavg, server_pid  # noqa: E402
+from benchmarks._common import machine, smoke_run, write_result  # noqa: E402
+from benchmarks._common import SEARCH_TERMS  # noqa: E402
+from benchmarks.load_protocol import cpu_seconds, loadavg, server_pid  # noqa: E402
 from tests.st_protocol import Session, text  # noqa: E402
 
 GOAL_MS = 300.0
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     run = a.run
     if a.smoke:
-        from explorer.synthetic import make_run
-
-        tmp = tempfile.TemporaryDirectory(prefix="b7-smoke-")
-        run = make_run(Path(tmp.name) / "synth", n_features=120, seed=0)
+        tmp, run = smoke_run("b7-smoke-", 120)
     manifest = rundir.open_run(run)
     load_before = loadavg()
     with streamlit_server(runs_dir=run.resolve().parent, timeout=180) as url:

@@ -44,27 +44,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import PROMPTS, SEARCH_TERMS, load_summary, machine, print_load_summary, write_result  # noqa: E402
 from tests.st_protocol import Session, text, trigger  # noqa: E402
 
 ACTIONS = ("feature", "filter", "probe")
 WEIGHTS = (0.45, 0.35, 0.20)
 RECORDED = ACTIONS + ("features_open", "probe_open")
-SEARCH_TERMS = ["the", "def", "import", "(", "in", "x", "return", "of", "self", "zzzz-no-match", "is", "and", "for", ":"]
-PROMPTS = [
-    "def add(a, b):\n    return a + b",
-    "The cat sat on the mat and looked at the door.",
-    "import numpy as np\nx = np.zeros(3)",
-    "Once upon a time, there was a little girl.",
-    "<script>alert(1)</script> for i in range(10): print(i)",
-    "class Foo:\n    def __init__(self):\n        self.x = 1",
-]
 
 
 def loadavg() -> str:
@@ -162,20 +152,10 @@ class Client:
 
 
 def summarize(records: list[dict]) -> dict:
-    out = {}
-    for action in RECORDED + ("connect", "all"):
-        rs = [r for r in records if action == "all" or r["action"] == action]
-        if not rs and action != "all":
-            continue
-        ok = [r["seconds"] for r in rs if not r["error"] and r["seconds"] is not None]
-        out[action] = {
-            "n": len(rs),
-            "errors": sum(1 for r in rs if r["error"]),
-            "p50_s": float(np.percentile(ok, 50)) if ok else None,
-            "p95_s": float(np.percentile(ok, 95)) if ok else None,
-            "max_s": float(max(ok)) if ok else None,
-            "script_finished": sum(1 for r in rs if r["status"] in ("finished", "fragment_finished")),
-        }
+    """load_summary, plus how many actions the server answered with script_finished."""
+    out = load_summary(records, RECORDED + ("connect",), skip_empty=True)
+    for action, s in out.items():
+        s["script_finished"] = sum(1 for r in records if (action == "all" or r["action"] == action) and r["status"] in ("finished", "fragment_finished"))
     return out
 
 
@@ -254,13 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.sessions} sessions, {args.duration:.0f} s ({res['wall_s']:.0f} s wall), think {args.think_min}-{args.think_max} s: "
           f"{summary['all']['n']} actions, {summary['all']['errors']} errors; server CPU {fmt(res['server_cpu_s'])}")
     print(f"  loadavg before: {res['loadavg_before']}   after: {res['loadavg_after']}")
-    for a in RECORDED:
-        if a in summary:
-            s = summary[a]
-            print(f"  {a:14s} n={s['n']:4d} errors={s['errors']:3d} p50={fmt(s['p50_s'])} p95={fmt(s['p95_s'])} max={fmt(s['max_s'])}")
-    for e in result["error_samples"][:10]:
-        print("  error:", e)
-    print("wrote", out)
+    print_load_summary(summary, RECORDED, result["error_samples"], out, width=14, digits=3)
     return 0 if not errors and summary["all"]["n"] > 0 else 1
 
 

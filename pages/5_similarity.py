@@ -4,7 +4,6 @@ are built once per (run, SAE, selection) and shared (webapp.charts)."""
 
 import streamlit as st
 
-from explorer import figures
 from explorer.render import inert
 from webapp import charts, data, state, ui, urlstate
 

@@ -10,6 +10,15 @@ from types import ModuleType
 from explorer.synthetic import make_run, point_at_pair
 
 REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+# the pages AppTests switch to (the live probe has its own tests: it loads models)
+PAGES = {
+    "overview": "pages/1_overview.py",
+    "features": "pages/2_features.py",
+    "feature": "pages/3_feature.py",
+    "dead_born": "pages/4_dead-born.py",
+    "similarity": "pages/5_similarity.py",
+}
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -17,17 +17,8 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import schema, store
 from explorer.synthetic import make_run
-from tests.helpers import md_text
+from tests.helpers import APP, PAGES, REPO, md_text
 
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
-PAGES = {
-    "overview": "pages/1_overview.py",
-    "features": "pages/2_features.py",
-    "feature": "pages/3_feature.py",
-    "dead_born": "pages/4_dead-born.py",
-    "similarity": "pages/5_similarity.py",
-}
 N = 120
 
 
@@ -435,7 +426,6 @@ def test_dead_feature_says_so_instead_of_an_empty_chart(app, runs):
 
 
 def test_activation_histogram_marks_the_quantile_bins(app, runs):
-    feats = _feats(runs)
     ex = pd.read_parquet(runs / "synth" / "examples.parquet")
     q = ex[(ex.sae == "base_sae") & (ex.kind == "quantile")]
     fid = int(q.feature_id.value_counts().index[0])

@@ -9,7 +9,6 @@ what a browser's frontend receives, without a browser.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -22,17 +22,8 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import rundir, schema, store
 from explorer.synthetic import make_run
-from tests.helpers import md_text
+from tests.helpers import APP, PAGES, REPO, md_text
 
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
-PAGES = {
-    "overview": "pages/1_overview.py",
-    "features": "pages/2_features.py",
-    "feature": "pages/3_feature.py",
-    "dead_born": "pages/4_dead-born.py",
-    "similarity": "pages/5_similarity.py",
-}
 N = 150
 
 
