@@ -233,7 +233,28 @@ class Session:
 
 
 def run_sync(coro):
-    return asyncio.run(coro)
+    """Run `coro` to completion from synchronous code; in a thread of its own when this thread
+    already runs an event loop (Playwright's sync API does, in the browser tests' session)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import threading
+
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=target, name="st_protocol.run_sync")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def params(query_string: str) -> dict[str, list[str]]:

@@ -136,11 +136,15 @@ def _visit(page, url: str, port: int, ready: str | None = None) -> list[str]:
     wait_idle(page, timeout_ms=180_000)
     if ready:
         page.wait_for_selector(ready, timeout=180_000)
-    for el in page.locator(".sx-tok").all()[:40]:
-        el.hover(timeout=5000, force=True)  # tooltips
-    for el in page.locator('[data-testid="stTooltipIcon"]').all()[:20]:
-        el.hover(timeout=5000, force=True)  # help= tooltips (rendered on hover)
-        page.wait_for_timeout(100)
+    from playwright.sync_api import Error as PlaywrightError
+
+    for sel, n in ((".sx-tok", 40), ('[data-testid="stTooltipIcon"]', 20)):  # token tooltips; help= tooltips (drawn on hover)
+        for el in page.locator(sel).all()[:n]:
+            try:
+                el.hover(timeout=5000, force=True)
+            except PlaywrightError:  # re-rendered meanwhile (a busy machine): the DOM check below still runs
+                continue
+            page.wait_for_timeout(50)
     page.mouse.wheel(0, 4000)
     page.wait_for_timeout(800)
     bad = page.evaluate(DOM_CHECK, [list(MARKS), port])
