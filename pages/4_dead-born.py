@@ -23,17 +23,13 @@ def feature_rows(df, sae: str, example_model: str, note) -> None:
     by_fid = ui.inline_examples(run, sae, tuple(int(x) for x in df["feature_id"]), example_model)
     for r in df.itertuples(index=False):
         fid = int(r.feature_id)
-        with st.container(border=True):
-            c1, c2 = st.columns([1, 2])
-            with c1:
-                ui.feature_link(run, sae, fid, label=f"feature {fid}")
-                st.caption(inert(note(r)))
-            with c2:
-                block = by_fid.get(fid)
-                if block is None:
-                    st.caption(f"No top example on the {render.MODEL_LABELS[example_model]}.")
-                else:
-                    st.html(block)
+        with st.container(border=True):  # three elements a row: 40 rows a page are ~120 messages, not ~300
+            ui.feature_link(run, sae, fid, label=f"feature {fid} · {note(r)}")
+            block = by_fid.get(fid)
+            if block is None:
+                st.caption(f"No top example on the {render.MODEL_LABELS[example_model]}.")
+            else:
+                st.html(block)
 
 
 def class_list(cross_class: str, title: str, explain: str, example_model: str) -> None:

@@ -10,7 +10,6 @@ In the URL (webapp.urlstate): `sae`, `feature`, `pos` (predict after position), 
 """
 
 import math
-from urllib.parse import quote
 
 import pandas as pd
 import streamlit as st
@@ -92,20 +91,6 @@ def _feature_table(df: pd.DataFrame, sae: str) -> pd.DataFrame:
     if "token_str" in out:
         out["token_str"] = out["token_str"].map(render.display_token)
     return out
-
-
-def _top_features_table(tops: dict[str, pd.DataFrame], sae: str) -> tuple[pd.DataFrame, list[str]]:
-    """One row per token; per model, TOP_K link cells to the feature pages (display: "id (act)")."""
-    table = pd.DataFrame({"position": range(prompt.n_tokens), "token": [render.display_token(t) for t in prompt.token_strs]})
-    links = []
-    for m, df in tops.items():
-        for k in range(TOP_K):
-            sub = df[df["rank"] == k]
-            col = f"{m} #{k + 1}"
-            cells = {int(r.position): ui.feature_url(run, sae, int(r.feature_id)) + "#" + quote(f"{int(r.feature_id)} ({r.activation:.3g})") for r in sub.itertuples(index=False)}
-            table[col] = table["position"].map(cells)
-            links.append(col)
-    return table, links
 
 
 run = state.run_picker()
@@ -206,8 +191,7 @@ with state.guard():
     # ---------------------------------------------------------------- top features per token
     st.subheader("Top features per token")
     st.caption(f"The {TOP_K:d} most active {ui.sae_label(sae)} features at each token on each model, as feature (activation); click one to open its feature page.")
-    tops = {m: result.top_features_per_token(sae, m, TOP_K) for m in ("base", "finetuned")}
-    table, link_cols = _top_features_table(tops, sae)
+    table, link_cols = live.top_features_table(key, kind, value, exclude, sae, TOP_K, ui.feature_url_prefix(run, sae))
     st.dataframe(
         table, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(table)), key="probe_top_features",
         column_config={c: st.column_config.LinkColumn(c, display_text=r"#(.+)$", help="open this feature's page (a new tab)") for c in link_cols},
@@ -277,15 +261,10 @@ def predictions_panel() -> None:
         )
         if pos < n - 1:
             st.caption("The actual next token is ‹" + inert(render.display_token(prompt.token_strs[pos + 1])) + "›.")
-        variants = [CLEAN, *(spliced(s) for s in result.sae_names), ZERO_ABLATED]
-        names = {CLEAN: "clean", ZERO_ABLATED: "zero-ablated", **{spliced(s): f"spliced ({SAE_LABELS.get(s, s)})" for s in result.sae_names}}
+        labels = ((CLEAN, "clean"), *((spliced(s), f"spliced ({SAE_LABELS.get(s, s)})") for s in result.sae_names), (ZERO_ABLATED, "zero-ablated"))
         cols = st.columns(2)
         for col, m in zip(cols, ("base", "finetuned")):
-            p = result.next_token_predictions(m, pos)
-            wide = pd.DataFrame({"rank": sorted(p["rank"].unique() + 1)})
-            for v in variants:
-                q = p[p["variant"] == v].sort_values("rank")
-                wide[names[v]] = [f"‹{render.display_token(t)}›  {100 * pr:.1f}%" for t, pr in zip(q["token_str"], q["prob"])]
+            wide = live.predictions_table(key, kind, value, exclude, m, int(pos), labels)
             with col:
                 st.markdown(f"**{render.MODEL_LABELS[m]}**")
                 st.dataframe(wide, hide_index=True, width="stretch")  # token strings in cells: plain text

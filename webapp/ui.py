@@ -31,6 +31,11 @@ def feature_url(run: Run, sae: str, feature_id: int) -> str:
     return "/feature?" + urlencode(feature_params(run, sae, feature_id))
 
 
+def feature_url_prefix(run: Run, sae: str) -> str:
+    """feature_url up to the feature id ("/feature?run=..&sae=..&feature="), for many links."""
+    return "/feature?" + urlencode({"run": run.run_id, "sae": sae}) + "&feature="
+
+
 def sae_label(sae: str) -> str:
     """An SAE's name for Markdown ("base SAE"; an unknown name as inert text)."""
     return inert(SAE_LABELS.get(sae, sae))
