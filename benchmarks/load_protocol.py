@@ -170,15 +170,17 @@ async def warm_up(url: str, run_id: str, d_sae: dict[str, int]) -> None:
 async def drive(url: str, args, run_id: str, d_sae: dict[str, int]) -> dict:
     await warm_up(url, run_id, d_sae)
     pid = server_pid(int(url.rsplit(":", 1)[1])) if url.startswith("http://127.0.0.1:") else None
-    load_before, cpu_before = loadavg(), cpu_seconds(pid)
+    load_before, cpu_before, client_before = loadavg(), cpu_seconds(pid), cpu_seconds(os.getpid())
     t_start = time.monotonic()
     deadline = t_start + args.duration
     clients = [Client(i, url, run_id, d_sae, deadline, args, random.Random(args.seed * 1000 + i)) for i in range(args.sessions)]
     await asyncio.gather(*(c.run() for c in clients))
     wall = time.monotonic() - t_start
     cpu_after = cpu_seconds(pid)
+    client_after = cpu_seconds(os.getpid())
     return {"records": [r for c in clients for r in c.records], "wall_s": wall, "loadavg_before": load_before, "loadavg_after": loadavg(),
-            "server_cpu_s": None if cpu_before is None or cpu_after is None else cpu_after - cpu_before}
+            "server_cpu_s": None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
+            "client_cpu_s": None if client_before is None or client_after is None else client_after - client_before}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     write_result(out, result)
     fmt = lambda v: f"{v:.3f} s" if v is not None else "-"  # noqa: E731
     print(f"{args.sessions} sessions, {args.duration:.0f} s ({res['wall_s']:.0f} s wall), think {args.think_min}-{args.think_max} s: "
-          f"{summary['all']['n']} actions, {summary['all']['errors']} errors; server CPU {fmt(res['server_cpu_s'])}")
+          f"{summary['all']['n']} actions, {summary['all']['errors']} errors; CPU: server {fmt(res['server_cpu_s'])}, client {fmt(res['client_cpu_s'])}")
     print(f"  loadavg before: {res['loadavg_before']}   after: {res['loadavg_after']}")
     print_load_summary(summary, RECORDED, result["error_samples"], out, width=14, digits=3)
     return 0 if not errors and summary["all"]["n"] > 0 else 1
