@@ -262,3 +262,15 @@ def test_inert_of_non_strings():
     assert md_text(inert(None)) == ""
     assert md_text(inert(0.5)) == "0.5"
     assert md_text(inert(["a", "b"])) == "['a', 'b']"
+
+
+def test_iframes_get_constant_html_only():
+    """st.iframe runs its HTML's scripts (the copy-link button): only a module constant, never data."""
+    found = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and _name(node.func) == "iframe":
+                arg = node.args[0] if node.args else None
+                ok = isinstance(arg, ast.Constant) or (isinstance(arg, ast.Name) and _const_name(arg.id))
+                found.append((path.name, node.lineno, ok))
+    assert found and all(ok for _, _, ok in found), found
