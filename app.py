@@ -10,8 +10,21 @@ import streamlit as st
 # fonts.gstatic.com, and the app must make no outbound requests.
 st.set_page_config(page_title="SAE Transfer Explorer", layout="wide")
 
+OVERVIEW = "pages/1_overview.py"
+
+
+def _overview_alias() -> None:
+    """/overview?...: Streamlit serves the default page at "/" only, so a link to /overview on a
+    warm server would get its "Page not found" dialog. This hidden page forwards it, query and
+    all, to the Overview at "/" (a repeated parameter keeps its first value, as everywhere)."""
+    st.switch_page(OVERVIEW, query_params={k: st.query_params.get_all(k)[0] for k in st.query_params})
+
+
 PAGES = [
-    st.Page("pages/1_overview.py", title="Overview", url_path="overview", default=True),
+    # the default page is served at "/"; its own url_path only names it (it must differ from
+    # the alias's), and the hidden alias answers /overview
+    st.Page(OVERVIEW, title="Overview", url_path="home", default=True),
+    st.Page(_overview_alias, title="Overview", url_path="overview", visibility="hidden"),
     st.Page("pages/2_features.py", title="Features", url_path="features"),
     st.Page("pages/3_feature.py", title="Feature", url_path="feature"),
     st.Page("pages/4_dead-born.py", title="Dead & born", url_path="dead-born"),

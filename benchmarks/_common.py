@@ -98,6 +98,59 @@ def load_script(path: Path | str, name: str | None = None):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+# what the load tests type: search terms for the features table, prompts for the live probe
+SEARCH_TERMS = ["the", "def", "import", "(", "in", "x", "return", "of", "self", "zzzz-no-match"]
+PROMPTS = [
+    "def add(a, b):\n    return a + b",
+    "The cat sat on the mat and looked at the door.",
+    "import numpy as np\nx = np.zeros(3)",
+    "Once upon a time, there was a little girl.",
+    "<script>alert(1)</script> for i in range(10): print(i)",
+    "class Foo:\n    def __init__(self):\n        self.x = 1",
+]
+
+
+def load_summary(records: list[dict], actions, skip_empty: bool = False) -> dict:
+    """Per action (and "all"): n, errors, p50/p95/max seconds of the actions without an error."""
+    import numpy as np
+
+    out = {}
+    for action in (*actions, "all"):
+        rs = [r for r in records if action == "all" or r["action"] == action]
+        if skip_empty and not rs and action != "all":
+            continue
+        ok = [r["seconds"] for r in rs if not r["error"] and r["seconds"] is not None]
+        out[action] = {
+            "n": len(rs),
+            "errors": sum(1 for r in rs if r["error"]),
+            "p50_s": float(np.percentile(ok, 50)) if ok else None,
+            "p95_s": float(np.percentile(ok, 95)) if ok else None,
+            "max_s": float(max(ok)) if ok else None,
+        }
+    return out
+
+
+def print_load_summary(summary: dict, actions, error_samples: list, out: Path, width: int = 8, digits: int = 2) -> None:
+    """The per-action lines of a load test (n, errors, p50/p95/max), its first errors and where
+    the result went (benchmarks/load_test.py, benchmarks/load_protocol.py)."""
+    fmt = lambda v: f"{v:.{digits}f} s" if v is not None else "-"  # noqa: E731
+    for a in actions:
+        if a in summary:
+            s = summary[a]
+            print(f"  {a:{width}s} n={s['n']:4d} errors={s['errors']:3d} p50={fmt(s['p50_s'])} p95={fmt(s['p95_s'])} max={fmt(s['max_s'])}")
+    for e in error_samples[:10]:
+        print("  error:", e)
+    print("wrote", out)
+
+
+def smoke_run(prefix: str, n_features: int):
+    """(temp dir, run dir): a synthetic run for a benchmark's --smoke mode; clean up the temp dir."""
+    import tempfile
+
+    from explorer.synthetic import make_run
+
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return tmp, make_run(Path(tmp.name) / "synth", n_features=n_features, seed=0)
 
 
 def write_result(out: Path, result: dict, indent: int = 1) -> Path:

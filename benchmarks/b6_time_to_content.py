@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import machine, smoke_run, write_result  # noqa: E402
 from tests.browser_utils import CHROMIUM_ARGS, CHROMIUM_PATH, streamlit_server  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "b6.json"
@@ -133,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     runs = a.run
     if a.smoke:
-        from explorer.synthetic import make_run
-
-        tmp = tempfile.TemporaryDirectory(prefix="b6-smoke-")
-        runs = [make_run(Path(tmp.name) / "synth", n_features=200, seed=0)]
+        tmp, run = smoke_run("b6-smoke-", 200)
+        runs = [run]
         a.cold, a.warm = 1, 1
     runs = runs or default_runs()
     if not runs:

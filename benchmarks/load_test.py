@@ -35,24 +35,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import PROMPTS, SEARCH_TERMS, load_summary, print_load_summary  # noqa: E402
 from tests.browser_utils import CHROMIUM_ARGS, CHROMIUM_PATH, streamlit_server  # noqa: E402
 
 ACTIONS = ("feature", "filter", "probe")
 WEIGHTS = (0.45, 0.3, 0.25)
-SEARCH_TERMS = ["the", "def", "import", "(", "in", "x", "return", "of", "self", "zzzz-no-match"]
-PROMPTS = [
-    "def add(a, b):\n    return a + b",
-    "The cat sat on the mat and looked at the door.",
-    "import numpy as np\nx = np.zeros(3)",
-    "Once upon a time, there was a little girl.",
-    "<script>alert(1)</script> for i in range(10): print(i)",
-    "class Foo:\n    def __init__(self):\n        self.x = 1",
-]
 
 IDLE_JS = """() => {
     const app = document.querySelector('[data-testid="stApp"]');
@@ -155,18 +146,7 @@ class Session:
 
 
 def summarize(records: list[dict]) -> dict:
-    out = {}
-    for action in ACTIONS + ("all",):
-        rs = [r for r in records if action in ("all", r["action"])]
-        ok = [r["seconds"] for r in rs if not r["error"]]
-        out[action] = {
-            "n": len(rs),
-            "errors": sum(1 for r in rs if r["error"]),
-            "p50_s": float(np.percentile(ok, 50)) if ok else None,
-            "p95_s": float(np.percentile(ok, 95)) if ok else None,
-            "max_s": float(max(ok)) if ok else None,
-        }
-    return out
+    return load_summary(records, ACTIONS)
 
 
 async def drive(url: str, args, run_id: str, d_sae: dict[str, int]) -> tuple[list[dict], float]:
@@ -252,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.sessions} sessions, {args.duration:.0f} s of load ({wall:.0f} s wall): {summary['all']['n']} actions, {summary['all']['errors']} errors")
-    for a in ACTIONS:
-        s = summary[a]
-        fmt = lambda v: f"{v:.2f} s" if v is not None else "-"  # noqa: E731
-        print(f"  {a:8s} n={s['n']:4d} errors={s['errors']:3d} p50={fmt(s['p50_s'])} p95={fmt(s['p95_s'])} max={fmt(s['max_s'])}")
-    for e in result["error_samples"][:10]:
-        print("  error:", e)
-    print("wrote", out)
+    print_load_summary(summary, ACTIONS, result["error_samples"], out)
     return 0 if not errors and summary["all"]["n"] > 0 else 1
 
 

@@ -100,10 +100,16 @@ def resid_by_position(df: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
 
 
-def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Sequence[int]], title: str = "Activation histogram") -> go.Figure:
-    """Counts of positive activations in log-spaced bins, both models overlaid."""
+def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Sequence[int]], title: str = "Activation histogram",
+                          quantile_bins: dict[str, Sequence[tuple[int, float, float]]] | None = None) -> go.Figure:
+    """Counts of positive activations in log-spaced bins, both models overlaid.
+
+    `quantile_bins` (model -> (bin, low, high) of the quantile examples' activation bins) are
+    marked as dashed vertical lines at each bin's edges, in the model's colour; hovering a line
+    names its bin and range."""
     edges = np.asarray(edges, dtype=float)
     fig = go.Figure()
+    top = 0
     for m in MODELS:
         counts = hist_by_model.get(m)
         if counts is None:
@@ -112,10 +118,26 @@ def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Seque
         nz = np.flatnonzero(counts)
         if not len(nz):
             continue
+        top = max(top, int(counts.max()))
         lo, hi = max(nz[0] - 1, 0), min(nz[-1] + 2, len(counts))
         fig.add_trace(_step(edges[:-1][lo:hi], edges[1:][lo:hi], counts[lo:hi], MODEL_COLORS[m], MODEL_LABELS[m], " tokens"))
+    for m, bins in (quantile_bins or {}).items():
+        xs, ys, text = [], [], []
+        for b, low, high in sorted(bins):
+            for x in (low, high):
+                if not (math.isfinite(x) and x > 0):
+                    continue
+                label = f"quantile bin {int(b)}: [{low:.3g}, {high:.3g}]"
+                xs += [x, x, None]
+                ys += [0, top or 1, None]
+                text += [label, label, None]
+        if xs:
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, mode="lines", name=f"quantile bins ({MODEL_LABELS.get(m, m)})", text=text,
+                line=dict(color=MODEL_COLORS.get(m, NEUTRAL), dash="dot", width=1), hovertemplate="%{text}<extra></extra>",
+            ))
     fig.update_xaxes(type="log")
-    return _layout(fig, title, "activation (SAE units, log scale)", "tokens", height=280)
+    return _layout(fig, title, "activation (SAE units, log scale)", "tokens", height=300)
 
 
 def two_model_histogram(hists: dict[str, pd.DataFrame], title: str, x_title: str, y_title: str = "features") -> go.Figure:

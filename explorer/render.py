@@ -9,7 +9,8 @@ hold control characters, emoji and right-to-left text. Rules here:
 * every attribute value (the tooltip) is escaped with quote=True;
 * each token span isolates its bidi direction (`unicode-bidi: isolate`), so right-to-left text
   cannot reorder the tokens around it;
-* colours are computed here from numbers only, never from strings;
+* colours are computed here from numbers only, never from strings; a token with no activation
+  has no style at all;
 * a window's token strings may come grouped (explorer/tokens.py): the pieces of a character split
   over byte tokens are empty strings before the token that completes it; `highlight(...,
   grouped=True)` draws such a run as ONE span (the character, at the run's largest activation) whose tooltip lists every
@@ -17,12 +18,21 @@ hold control characters, emoji and right-to-left text. Rules here:
 
 The functions return HTML strings for `st.html` (or `st.markdown(unsafe_allow_html=True)`);
 they do not import streamlit.
+
+`inert(value)` is the other half: the ONE way a string from a run file, a corpus, a tokenizer
+or a URL reaches Streamlit's Markdown (st.markdown, st.caption, alerts, metric labels and
+values, widget labels, radio/slider option labels, help= tooltips, expander and page-link
+labels, st.table cells). It returns Markdown source that renders as exactly the text: no
+emphasis, code spans, KaTeX, `:red[...]` colours, `:material/...:` icons, emoji shortcodes,
+links, autolinks or images (tests/test_inert_text.py scans the pages for sinks that bypass it;
+tests/test_browser_inert.py checks the DOM in Chromium).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -47,14 +57,11 @@ CSS = """
 """
 
 
-def display_token(token: str) -> str:
-    """The visible form of a token (unescaped): whitespace and control characters shown."""
-    if token is None:
-        return "\u2205"
-    if token and set(str(token)) == {" "}:
-        return "\u00b7" * len(token)  # a run of spaces alone would be an empty box
+def visible(text: str) -> str:
+    """`text` with newlines, tabs and control/format characters (bidi overrides included) made
+    visible: a return symbol, an arrow, or their code. Unescaped."""
     out = []
-    for ch in str(token):
+    for ch in str(text):
         if ch in _VISIBLE:
             out.append(_VISIBLE[ch])
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and ch not in "\u200d":
@@ -63,6 +70,37 @@ def display_token(token: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def display_token(token: str) -> str:
+    """The visible form of a token (unescaped): whitespace and control characters shown."""
+    if token is None:
+        return "\u2205"
+    if token and set(str(token)) == {" "}:
+        return "\u00b7" * len(token)  # a run of spaces alone would be an empty box
+    return visible(token)
+
+
+# ASCII punctuation with a meaning somewhere in Markdown or in Streamlit's own syntax (emphasis,
+# code, links, images, HTML, tables, headings, lists, $ KaTeX, :red[...] directives, and the
+# `:material/` and `:shortcode:` patterns, which Streamlit matches on the source text):
+# CommonMark lets each be backslash-escaped, and an escaped one is a literal character to
+# every construct. Left alone, as they mean nothing: ' " , ; ? % and @ (see _AUTOLINK).
+_MD_PUNCT = re.compile(r"([!#$&()*+\-./:<=>\[\\\]^_`{|}~])")
+# GFM autolink literals (http://, www., e-mail) are found in the parsed text, where escapes are
+# already resolved: an invisible WORD JOINER inside the pattern breaks them.
+_WJ = "\u2060"
+_AUTOLINK = re.compile(r"(?i)(?<=:)(?=//)|(?<=w)(?=ww\.)|(?=@)")
+
+
+def inert(value: object) -> str:
+    """`value` as Streamlit Markdown source that renders as exactly its text (see the module
+    docstring). Control characters are made visible (`visible`). Never put the result inside a
+    code span: there the backslashes would show."""
+    text = _AUTOLINK.sub(_WJ, visible("" if value is None else str(value)))
+    text = _MD_PUNCT.sub(r"\\\1", text)
+    # four leading spaces would start an indented code block
+    return re.sub(r"^ +", lambda m: "\u00a0" * len(m.group()), text)
 
 
 def escape_token(token: str) -> str:
@@ -78,15 +116,35 @@ def _alpha(value: float, max_value: float) -> float:
     return max(0.0, min(1.0, value / max_value))
 
 
-def token_span(token: str, value: float, max_value: float, model: str = "base", focus: bool = False, title_prefix: str = "") -> str:
-    """One highlighted token: background intensity = value / max_value in the model's colour."""
-    r, g, b = MODEL_RGB.get(model, MODEL_RGB["base"])
+def _span(shown: str, text: str, title_repr: str, value: float, max_value: float, rgb: tuple[int, int, int], focus: bool, title_prefix: str = "") -> str:
+    # shown: the token's display form; text: it escaped for HTML; title_repr: repr(shown)
     a = _alpha(value, max_value)
     val = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
-    title = f"{title_prefix}{display_token(token)!r}: {val:.4g}"
+    title = html.escape(f"{title_prefix}{title_repr}: {val:.4g}", quote=True)
     cls = "sx-tok sx-focus" if focus else "sx-tok"
-    style = f"background:rgba({r},{g},{b},{0.85 * a:.3f})" + (";color:#fff" if a > 0.6 else "")
-    return f'<span class="{cls}" style="{style}" title="{html.escape(title, quote=True)}">{escape_token(token)}</span>'
+    if a <= 0:  # no background: most tokens of a window (and a third of the page's bytes)
+        return f'<span class="{cls}" title="{title}">{text}</span>'
+    style = f"background:rgba({rgb[0]},{rgb[1]},{rgb[2]},{0.85 * a:.3f})" + (";color:#fff" if a > 0.6 else "")
+    return f'<span class="{cls}" style="{style}" title="{title}">{text}</span>'
+
+
+def token_span(token: str, value: float, max_value: float, model: str = "base", focus: bool = False, title_prefix: str = "") -> str:
+    """One highlighted token: background intensity = value / max_value in the model's colour."""
+    shown = display_token(token)
+    return _span(shown, html.escape(shown, quote=True), repr(shown), value, max_value, MODEL_RGB.get(model, MODEL_RGB["base"]), focus, title_prefix)
+
+
+def _prepared(tokens: Sequence[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for t in tokens:
+        shown = display_token(t)
+        out.append((shown, html.escape(shown, quote=True), repr(shown)))
+    return out
+
+
+def _highlight(prepared: Sequence[tuple[str, str, str]], values: Sequence[float], max_value: float, model: str, focus: int | None) -> str:
+    rgb = MODEL_RGB.get(model, MODEL_RGB["base"])
+    return "".join(_span(p[0], p[1], p[2], float(v), max_value, rgb, i == focus) for i, (p, v) in enumerate(zip(prepared, values)))
 
 
 def highlight(
@@ -95,6 +153,8 @@ def highlight(
 ) -> str:
     """A sequence of highlighted tokens (no container); `titles` (e.g. "id 17 · piece 'Ġcaf'") go
     into each token's tooltip. `grouped`: empty tokens merge into the next one (module docstring)."""
+    if titles is None and not grouped:
+        return _highlight(_prepared(tokens), values, max_value, model, focus)
     out = []
     group: list[int] = []
     items = list(zip(tokens, values))
@@ -126,6 +186,7 @@ def example_block(
 ) -> str:
     """One window, one line per model (same tokens), each in its model's colour."""
     lines = []
+    prepared = _prepared(tokens)  # each token displayed and escaped once, for every line
     for model, values in acts_by_model.items():
         if values is None:
             continue
@@ -134,7 +195,7 @@ def example_block(
         label = html.escape(str(model))
         lines.append(
             f'<div class="sx-ex" data-model="{html.escape(str(model), quote=True)}"><span class="sx-lbl">{label}</span>'
-            f"{highlight(tokens, vals, max_value, model, focus, titles, grouped)}"
+            f"{highlight(tokens, vals, max_value, model, focus, titles, grouped) if titles is not None or grouped else _highlight(prepared, vals, max_value, model, focus)}"
             f'<span class="sx-act">max {peak:.3g}</span></div>'
         )
     cap = f'<div class="sx-cap">{html.escape(caption)}</div>' if caption else ""

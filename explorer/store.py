@@ -16,6 +16,10 @@ is written, and opening a store creates nothing on disk.
 * Floating NaN (e.g. act_similarity of a constant feature) is treated as missing in filters,
   sorts and statistics: DuckDB orders NaN above every number, so every numeric column goes
   through `_nan_null` first.
+* Search (`FeatureFilter.search`): a substring of the top tokens (in DuckDB or FeatureTable), or,
+  in FeatureTable with its `SearchIndex`, an exact token, a substring or an RE2 regular
+  expression over each top token and over each top example's context window.
+* CSV (`csv_bytes`): text cells that a spreadsheet would run as a formula are written as text.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from explorer import schema
+from explorer.errors import ExplorerError, RunError
 
 LOG_DENSITY_EPS = 1e-10  # METHODS.md section 3: plot log10(density + 1e-10)
 
@@ -102,8 +107,18 @@ def _df(con, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
 
 
 def vocab(run_dir: Path | str) -> list[str]:
-    """Token strings indexed by token id (missing ids -> ''). Unescaped: escape before HTML."""
+    """Token strings indexed by token id (missing ids -> ''). Unescaped: escape before HTML.
+
+    A token string that is not valid UTF-8 (a file changed after its checksum was written, or
+    written by a broken tool) is a RunError that says the run is damaged."""
     t = pq.read_table(_path(run_dir, "vocab.parquet"), columns=["token_id", "token_str"])
+    try:
+        t.validate(full=True)  # checks UTF-8; reading alone does not
+    except pa.ArrowInvalid:
+        raise RunError(
+            f"Run {Path(run_dir).name!r} is damaged: vocab.parquet holds token strings that are not valid UTF-8 "
+            "(the file was changed or written by a broken tool). Re-run its precompute."
+        ) from None
     ids = t.column("token_id").to_numpy()
     strs = t.column("token_str").to_pylist()
     out = [""] * (int(ids.max()) + 1 if len(ids) else 0)
@@ -190,14 +205,29 @@ def born_lost_counts(con, run_dir: Path | str, threshold: float) -> dict[str, in
 # ---------------------------------------------------------------------------- features table
 
 
+SEARCH_MODES = ("substring", "exact", "regex")
+MAX_SEARCH_CHARS = 200
+
+
+class SearchError(ExplorerError):
+    """A search the features table cannot run (an invalid or too long regular expression)."""
+
+
 @dataclass(frozen=True)
 class FeatureFilter:
     """Filters of the features table. Empty tuples mean "any"; None bounds mean unbounded.
 
     Density bounds are on log10(density + 1e-10) of `density_model`. Similarity bounds apply to
     act_similarity; features whose similarity is NaN (constant on one model) are kept only if
-    `include_nan_similarity`. `search` matches (case-insensitively) a substring of the
-    top-example tokens.
+    `include_nan_similarity`. `exclude_both_dead` drops the features dead on both models.
+
+    Search: `search_mode` "substring" (the default) matches `search` case-insensitively as a
+    substring of the top-example tokens; "exact" matches features whose top token (with
+    surrounding whitespace stripped) equals one of the space-separated words of `search`; "regex"
+    matches an RE2 regular expression (no back-references or look-arounds; linear time) against
+    each top token. With `search_contexts`, each top example's context window (its tokens joined
+    as text) is searched too. Only "substring" without contexts runs in DuckDB (`where`); the
+    rest needs FeatureTable and its SearchIndex.
     """
 
     status_base: tuple[str, ...] = ()
@@ -210,9 +240,21 @@ class FeatureFilter:
     similarity_max: float | None = None
     include_nan_similarity: bool = True
     search: str = ""
+    search_mode: str = "substring"
+    search_contexts: bool = False
+    exclude_both_dead: bool = False
+
+    def searching(self) -> bool:
+        return bool(self.search.strip())
 
     def where(self, sae: str) -> tuple[str, list[Any]]:
+        if self.searching() and (self.search_mode != "substring" or self.search_contexts):
+            raise ValueError("exact-token, regex and context search run in FeatureTable (its SearchIndex), not in DuckDB")
+        if self.search_mode not in SEARCH_MODES:
+            raise ValueError(f"search_mode must be one of {SEARCH_MODES}")
         clauses, params = ["sae = ?"], [sae]
+        if self.exclude_both_dead:
+            clauses.append("cross_class IS DISTINCT FROM 'both_dead'")
         for col, values, allowed in (
             ("status_base", self.status_base, schema.STATUSES),
             ("status_finetuned", self.status_finetuned, schema.STATUSES),
@@ -323,6 +365,9 @@ class FeatureTable:
         self._floats: dict[str, np.ndarray] = {}
         self._orders: dict[tuple[str, bool], np.ndarray] = {}
         self._masks: dict[FeatureFilter, np.ndarray | None] = {}
+        self.run_dir: Path | None = None  # set by open(): where the SearchIndex is built from
+        self.sae: str | None = None
+        self._search: SearchIndex | None = None
 
     @classmethod
     def open(cls, run_dir: Path | str, sae: str) -> "FeatureTable":
@@ -333,7 +378,20 @@ class FeatureTable:
         t = pq.ParquetFile(idx.path, metadata=idx.metadata).read_row_groups(groups, columns=[*cols, "sae"])
         if any(not (idx.sae_min[g] == idx.sae_max[g] == sae) for g in groups):  # a row group holding another SAE too
             t = t.filter(pc.equal(t.column("sae"), sae))
-        return cls(t.select(cols))
+        table = cls(t.select(cols))
+        table.run_dir, table.sae = Path(run_dir), sae
+        return table
+
+    def search_index(self) -> "SearchIndex":
+        """The exact/regex/context search index of this SAE, built on first use (the top
+        examples of every feature and the vocabulary; ~0.5 s for the demo run)."""
+        if self._search is None:
+            if self.run_dir is None or self.sae is None:
+                raise SearchError("This features table was not opened from a run, so it has no search index.")
+            index = SearchIndex.build(self.run_dir, self.sae, self.feature_id)
+            with self._lock:
+                self._search = index
+        return self._search
 
     # -- columns as float64 numpy with NaN for missing (NULL or NaN)
     def _float(self, col: str) -> np.ndarray:
@@ -454,9 +512,17 @@ class FeatureTable:
             _and(ok | missing if flt.include_nan_similarity else ok)
         elif not flt.include_nan_similarity:
             _and(~missing)
-        if flt.search.strip():
-            needle = pc.utf8_lower(pa.scalar(flt.search.strip())).as_py()
-            _and(pc.match_substring(self._tokens_lower(), needle).to_numpy(zero_copy_only=False).astype(bool))
+        if flt.exclude_both_dead:
+            codes, words = self._codes["cross_class"]
+            _and(codes != (words.index("both_dead") if "both_dead" in words else -2))
+        if flt.searching():
+            if flt.search_mode not in SEARCH_MODES:
+                raise ValueError(f"search_mode must be one of {SEARCH_MODES}")
+            if flt.search_mode == "substring" and not flt.search_contexts:
+                needle = pc.utf8_lower(pa.scalar(flt.search.strip())).as_py()
+                _and(pc.match_substring(self._tokens_lower(), needle).to_numpy(zero_copy_only=False).astype(bool))
+            else:
+                _and(self.search_index().mask(flt.search, flt.search_mode, flt.search_contexts))
         return m
 
     def count(self, flt: FeatureFilter = FeatureFilter()) -> int:
@@ -485,6 +551,123 @@ class FeatureTable:
         """Every matching feature id, in order."""
         return self.feature_id[self.page_rows(flt, sort_by, descending, self.n, 0)]
 
+    def rows(self, ids: Iterable[int], columns: Sequence[str] = TABLE_COLUMNS) -> pd.DataFrame:
+        """Rows of the given feature ids, in the order given (unknown ids skipped): what
+        `features_by_ids` answers for table columns, without reading the file."""
+        ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+        cols = [c for c in columns if c in self.table.column_names]
+        if "feature_id" not in cols:
+            cols = ["feature_id", *cols]
+        pos = np.searchsorted(self.feature_id, ids)
+        ok = (pos < self.n) & (self.feature_id[np.minimum(pos, max(self.n - 1, 0))] == ids) if self.n else np.zeros(len(ids), bool)
+        return self.table.select(cols).take(pa.array(pos[ok], pa.int64())).to_pandas()
+
+    def csv(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:
+        """Every matching row (table columns), in order, as formula-safe CSV (`csv_bytes`)."""
+        return csv_bytes(self.page(flt, sort_by, descending, self.n, 0))
+
+
+class SearchIndex:
+    """What the features table searches beyond the top_tokens column: per SAE, the token at the
+    max of each top example (`top_ids`, owner row `top_row`) and each top example's window of
+    tokens (`ctx_ids` flat with owner row `ctx_tok_row`; as text, `ctx_text` with owner
+    `ctx_row`). Rows are positions in the FeatureTable (feature_id order).
+
+    Exact: token ids whose string, stripped, equals a query word; substring: case-insensitive
+    over the token strings / window texts; regex: RE2 (pyarrow.compute), linear time, over each
+    token string / window text. Thread-safe (read-only after build)."""
+
+    def __init__(self, vocab: list[str], n_rows: int, top_row: np.ndarray, top_ids: np.ndarray,
+                 ctx_row: np.ndarray, ctx_ids: np.ndarray, ctx_offsets: np.ndarray):
+        self.vocab = vocab
+        self.n = n_rows
+        self.top_row, self.top_ids = top_row, top_ids
+        self.ctx_row, self.ctx_ids, self.ctx_offsets = ctx_row, ctx_ids, ctx_offsets
+        self.ctx_tok_row = np.repeat(ctx_row, np.diff(ctx_offsets))
+        v = np.array(vocab + [""], dtype=object)
+        safe = lambda ids: np.where((ids >= 0) & (ids < len(vocab)), ids, len(vocab))  # noqa: E731
+        self.top_text = pa.array(v[safe(top_ids)].tolist(), pa.string())
+        toks = v[safe(ctx_ids)]
+        self.ctx_text = pa.array(["".join(toks[a:b]) for a, b in zip(ctx_offsets[:-1], ctx_offsets[1:])], pa.string())
+        self._lower: dict[str, pa.Array] = {}
+        self._stripped = {i: t.strip() for i, t in enumerate(vocab)}
+
+    @classmethod
+    def build(cls, run_dir: Path | str, sae: str, feature_ids: np.ndarray) -> "SearchIndex":
+        index = ExamplesIndex.open(run_dir)
+        groups = [g for g, (lo, hi) in enumerate(zip(index.sae_min, index.sae_max)) if lo <= sae <= hi]
+        t = pq.ParquetFile(index.path, metadata=index.metadata).read_row_groups(groups, columns=["sae", "feature_id", "kind", "position", "window_start", "token_ids"])
+        t = t.filter(pc.and_(pc.equal(t.column("sae"), sae), pc.equal(t.column("kind"), "top")))
+        fid = t.column("feature_id").to_numpy().astype(np.int64)
+        rows = np.searchsorted(feature_ids, fid)
+        keep = (rows < len(feature_ids)) & (feature_ids[np.minimum(rows, max(len(feature_ids) - 1, 0))] == fid) if len(feature_ids) else np.zeros(len(fid), bool)
+        lists = t.column("token_ids").combine_chunks() if t.num_rows else pa.array([], pa.list_(pa.int32()))
+        offsets = lists.offsets.to_numpy().astype(np.int64) - (lists.offsets[0].as_py() if len(lists) else 0)
+        flat = lists.values.to_numpy().astype(np.int64) if len(lists) else np.zeros(0, np.int64)
+        at = t.column("position").to_numpy().astype(np.int64) - t.column("window_start").to_numpy().astype(np.int64)
+        lengths = np.diff(offsets)
+        inside = (at >= 0) & (at < lengths)
+        top_ids = np.where(inside, flat[np.minimum(offsets[:-1] + np.maximum(at, 0), max(len(flat) - 1, 0))] if len(flat) else -1, -1)
+        sel = np.flatnonzero(keep)
+        starts, ends = offsets[:-1][sel], offsets[1:][sel]
+        ctx_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        ctx_ids = np.concatenate([flat[a:b] for a, b in zip(starts, ends)]) if len(sel) else np.zeros(0, np.int64)
+        top_sel = sel[inside[sel]]
+        return cls(vocab(run_dir), len(feature_ids), rows[top_sel], top_ids[top_sel], rows[sel], ctx_ids, ctx_offsets)
+
+    def _low(self, name: str) -> pa.Array:
+        if name not in self._lower:
+            self._lower[name] = pc.utf8_lower(getattr(self, name))
+        return self._lower[name]
+
+    def mask(self, query: str, mode: str, contexts: bool) -> np.ndarray:
+        """Rows with a match (see FeatureFilter)."""
+        q = query.strip()
+        if len(q) > MAX_SEARCH_CHARS:
+            raise SearchError(f"The search is {len(q)} characters long; at most {MAX_SEARCH_CHARS} are allowed.")
+        out = np.zeros(self.n, dtype=bool)
+        if mode == "exact":
+            words = set(q.split())
+            ids = np.fromiter((i for i, t in self._stripped.items() if t in words), dtype=np.int64)
+            out[self.top_row[np.isin(self.top_ids, ids)]] = True
+            if contexts:
+                out[self.ctx_tok_row[np.isin(self.ctx_ids, ids)]] = True
+            return out
+        targets = [("top_text", self.top_row)] + ([("ctx_text", self.ctx_row)] if contexts else [])
+        for name, owner in targets:
+            if mode == "substring":
+                hit = pc.match_substring(self._low(name), pc.utf8_lower(pa.scalar(q)).as_py())
+            elif mode == "regex":
+                try:
+                    hit = pc.match_substring_regex(getattr(self, name), q)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    reason = str(exc).split(":", 1)[-1].strip() or "invalid"
+                    raise SearchError(
+                        f"The regular expression cannot be used: {reason}. The search uses RE2 syntax "
+                        "(no back-references or look-arounds)."
+                    ) from None
+            else:
+                raise ValueError(f"search_mode must be one of {SEARCH_MODES}")
+            out[owner[hit.to_numpy(zero_copy_only=False).astype(bool)]] = True
+        return out
+
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    """`df` as CSV that spreadsheets cannot run: a text cell beginning with = + - @, a tab or a
+    carriage return gets a leading single quote, so Excel, LibreOffice and Google Sheets show
+    it as text (the OWASP rule for CSV injection), and every text cell is quoted. Numbers are
+    written as numbers (a negative number is not a formula)."""
+    import csv
+
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object or pd.api.types.is_string_dtype(out[c]):
+            out[c] = out[c].map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_PREFIXES) else v)
+    return out.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC).encode()
+
 
 def _empty_features(columns: Sequence[str]) -> pd.DataFrame:
     """No rows, with the dtypes a page with rows has."""
@@ -495,7 +678,7 @@ def features_csv(con, run_dir: Path | str, sae: str, flt: FeatureFilter = Featur
     """Every row matching the filter (table columns) as CSV bytes; built only when asked for."""
     where, params = flt.where(sae)
     sql = f"SELECT {', '.join(TABLE_COLUMNS)} FROM read_parquet(?) WHERE {where} ORDER BY {_order(sort_by, descending)}"
-    return _df(con, sql, [_path(run_dir, FEATURES_FILE), *params]).to_csv(index=False).encode()
+    return csv_bytes(_df(con, sql, [_path(run_dir, FEATURES_FILE), *params]))
 
 
 def feature(con, run_dir: Path | str, sae: str, feature_id: int) -> dict[str, Any] | None:
@@ -560,17 +743,22 @@ def born_lost_page(con, run_dir: Path | str, which: str, threshold: float, limit
 # ---------------------------------------------------------------------------- similarity views
 
 
-def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
+_NOT_BOTH_DEAD = " AND cross_class IS DISTINCT FROM 'both_dead'"
+
+
+def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False,
+              exclude_both_dead: bool = False) -> pd.DataFrame:
     """Histogram of one numeric feature column (NaN excluded; n_nan reported) computed in DuckDB.
 
     Returns bin_left, bin_right, count, plus attrs n_nan and n. With `log_density`, bins
-    log10(column + 1e-10).
+    log10(column + 1e-10). `exclude_both_dead` leaves out the features dead on both models.
     """
     expr = f"log10({column} + {LOG_DENSITY_EPS})" if log_density else _nan_null(column)
     if column not in _FEATURE_COLUMNS:
         raise ValueError(f"unknown column {column!r}")
     path = _path(run_dir, FEATURES_FILE)
-    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE sae = ?)", [path, sae]).fetchone()
+    where = "sae = ?" + (_NOT_BOTH_DEAD if exclude_both_dead else "")
+    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE {where})", [path, sae]).fetchone()
     vmin, vmax, n, n_nan = stats
     lo = vmin if lo is None else lo
     hi = vmax if hi is None else hi
@@ -581,7 +769,7 @@ def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, l
             hi = lo + 1e-9
         width = (hi - lo) / bins
         rows = con.execute(
-            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE sae = ?) "
+            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE {where}) "
             "WHERE v IS NOT NULL AND v >= ? AND v <= ? GROUP BY 1",
             [lo, width, bins - 1, path, sae, lo, hi],
         ).fetchall()
@@ -611,16 +799,18 @@ def density_regression(con, run_dir: Path | str, sae: str = "base_sae", alive_on
 SCATTER_COLUMNS = ("density_base", "density_finetuned", "act_similarity", "logit_similarity", "act_error", "cross_class", "status_base", "status_finetuned")
 
 
-def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0) -> pd.DataFrame:
-    """Per-feature points for scatter/parallel plots: all features, or a deterministic sample of
-    `max_points` (hash of feature_id and seed) when the SAE is larger."""
+def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0, exclude_both_dead: bool = False) -> pd.DataFrame:
+    """Per-feature points for scatter/parallel plots: all features (or all but those dead on
+    both models), or a deterministic sample of `max_points` (hash of feature_id and seed) when
+    there are more."""
     path = _path(run_dir, FEATURES_FILE)
-    n = int(con.execute("SELECT count(*) FROM read_parquet(?) WHERE sae = ?", [path, sae]).fetchone()[0])
+    where = "sae = ?" + (_NOT_BOTH_DEAD if exclude_both_dead else "")
+    n = int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", [path, sae]).fetchone()[0])
     cols = ", ".join(("feature_id", *SCATTER_COLUMNS))
     if n <= max_points:
-        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE sae = ? ORDER BY feature_id", [path, sae])
+        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE {where} ORDER BY feature_id", [path, sae])
     else:
-        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE sae = ? ORDER BY hash(feature_id + ?) LIMIT ?", [path, sae, int(seed), int(max_points)])
+        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE {where} ORDER BY hash(feature_id + ?) LIMIT ?", [path, sae, int(seed), int(max_points)])
     df.attrs["n_total"] = n
     return df
 
@@ -642,6 +832,35 @@ def candidate_matches(con, run_dir: Path | str, sae: str, feature_id: int, limit
         "ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, other_feature_id LIMIT ?",
         [_path(run_dir, MATCHES_FILE), int(feature_id), int(limit)],
     )
+
+
+class MatchesIndex:
+    """matches.parquet in memory, rows grouped by the feature of either SAE: `candidates`
+    answers what `candidate_matches` answers (same columns, order and limit) without a scan."""
+
+    COLUMNS = ["other_feature_id", "act_corr", "dec_cos", "score", "assigned"]
+
+    def __init__(self, df: pd.DataFrame | None):
+        self._by: dict[str, dict[int, pd.DataFrame]] = {"base_sae": {}, "finetuned_sae": {}}
+        if df is None or df.empty:
+            return
+        df = df.assign(_null=df["score"].isna(), _neg=-df["score"].fillna(0.0))
+        for sae, mine, other in (("base_sae", "base_feature_id", "finetuned_feature_id"), ("finetuned_sae", "finetuned_feature_id", "base_feature_id")):
+            d = df.rename(columns={other: "other_feature_id"}).sort_values(["_null", "_neg", "other_feature_id"], kind="stable")
+            for fid, g in d.groupby(mine, sort=False):
+                self._by[sae][int(fid)] = g[self.COLUMNS].reset_index(drop=True)
+
+    @classmethod
+    def open(cls, run_dir: Path | str) -> "MatchesIndex":
+        if not has_table(run_dir, MATCHES_FILE):
+            return cls(None)
+        return cls(pq.read_table(_path(run_dir, MATCHES_FILE)).to_pandas())
+
+    def candidates(self, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
+        g = self._by.get(sae, {}).get(int(feature_id))
+        if g is None:
+            return pd.DataFrame({c: pd.Series(dtype="int32" if c == "other_feature_id" else "bool" if c == "assigned" else "float64") for c in self.COLUMNS})
+        return g.head(max(0, int(limit))).copy()
 
 
 # ---------------------------------------------------------------------------- examples

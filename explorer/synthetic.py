@@ -358,6 +358,8 @@ def make_run(
                        "d_vocab": n_vocab, "n_ctx": context} for m in schema.MODELS},
         "n_tokens": n_tokens,
         "n_sequences": n_sequences,
+        "n_counted_tokens": n_tokens - n_sequences,  # BOS (token 0) opens every sequence and is not counted
+        "special_token_ids": [0],
         "saes": saes,
         "d_sae": {s: n_features for s in saes},
         "act_hist_edges": schema.ACT_HIST_EDGES.tolist(),

@@ -5,27 +5,33 @@ import streamlit as st
 
 from explorer import figures
 from explorer.hooks import hook_kind
-from webapp import data, state, ui
+from explorer.render import inert
+from webapp import charts, data, state, ui, urlstate
 from webapp.verdict import verdict
 
 run = state.run_picker()
 st.title("Overview")
 
+RESID_LABELS = {"cosine": "mean cosine", "l2": "mean L2 distance", "seq_mean_cosine": "mean per-sequence cosine", "seq_mean_l2": "mean per-sequence L2"}
+
 with state.guard():
     cfg = run.config
     thresholds = cfg.get("thresholds", {}) or {}
+    thresholds = thresholds if isinstance(thresholds, dict) else {}
     metrics = data.metrics(run)
     cross = data.cross_class_counts(run, "base_sae")
 
     # ---- verdict first: the question this tool answers
-    outliers_off = st.toggle("Exclude outlier tokens", value=False, key="overview_outliers", help="Recompute the quality numbers without tokens whose activation norm exceeds the outlier threshold (e.g. BOS).")
+    outliers_off = urlstate.widget(
+        st.toggle, "outliers", "Exclude outlier tokens", key="overview_outliers", default=False, codec=urlstate.flag(),
+        help="Recompute the quality numbers without tokens whose activation norm exceeds the outlier threshold (e.g. BOS).",
+    )
     outliers = "excluded" if outliers_off else "included"
     v = verdict(metrics, cross, outliers)
-    box = {"yes": st.success, "partly": st.warning, "no": st.error, "unknown": st.info}[v.level]
-    box(f"**Does the base SAE transfer?** {v.headline}")
+    ui.alert(v.level, "Does the base SAE transfer?", v.headline)
     with st.expander("How this verdict is reached"):
         for line in v.details:
-            st.markdown(f"- {line}")
+            st.markdown("- " + inert(line))
 
     # ---- headline counts
     st.subheader("Headline counts")
@@ -36,10 +42,10 @@ with state.guard():
     cols[1].metric("died", f"{cross.get('died', 0):,}", help="base SAE features alive on base, dead on the finetuned model")
     cols[2].metric("woke", f"{cross.get('woke', 0):,}", help="base SAE features dead on base, alive on the finetuned model")
     if "finetuned_sae" in run.saes:
-        thr = float(thresholds.get("match", 0.5))
+        thr = ui.num(thresholds.get("match"), 0.5)
         bl = data.born_lost_counts(run, thr)
-        cols[3].metric("born", f"{bl['born']:,}", help=f"finetuned SAE features (alive) whose best match in the base SAE scores below {thr}")
-        cols[4].metric("lost", f"{bl['lost']:,}", help=f"base SAE features (alive) whose best match in the finetuned SAE scores below {thr}")
+        cols[3].metric("born", f"{bl['born']:,}", help=f"finetuned SAE features (alive) whose best match in the base SAE scores below {thr:g}")
+        cols[4].metric("lost", f"{bl['lost']:,}", help=f"base SAE features (alive) whose best match in the finetuned SAE scores below {thr:g}")
     else:
         cols[3].metric("born", "n/a", help="needs a finetuned SAE in the run")
         cols[4].metric("lost", "n/a", help="needs a finetuned SAE in the run")
@@ -56,7 +62,7 @@ with state.guard():
         key="quality_table",
         column_config={
             "model": st.column_config.TextColumn("model", help="the model whose activations the SAE encodes"),
-            "n_tokens": st.column_config.NumberColumn("tokens", format="%d"),
+            "n_tokens": st.column_config.NumberColumn("tokens counted", format="%d", help="tokens these numbers average over: the sample less its special tokens (BOS), as SAELens evals count; with outliers excluded, less those too"),
             "l0": st.column_config.NumberColumn("L0", format="%.2f", help="mean number of active features per token"),
             "mse": st.column_config.NumberColumn("MSE", format="%.4g", help="squared error summed over dimensions, mean over tokens"),
             "explained_variance": st.column_config.NumberColumn("explained var.", format="%.4f", help="SAELens convention, mean over tokens"),
@@ -69,43 +75,46 @@ with state.guard():
             "outlier_fraction": st.column_config.NumberColumn("outlier share", format="%.4f"),
         },
     )
+    st.caption(inert(state.token_counts(run) + " The quality table's “tokens counted” are the latter (fewer still with outliers excluded), the sidebar shows the former."))
     nonfinite = int(shown[["n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"]].sum().sum())
     if nonfinite:
-        st.warning(f"{nonfinite} token losses were NaN/inf; they are counted in the table and excluded from the means.")
-    outl = thresholds.get("outlier_norm") or (f"{thresholds.get('outlier_norm_factor')} × √d_model (after scaling the mean norm to √d_model)" if thresholds.get("outlier_norm_factor") else "n/a")
-    st.caption(f"Outlier threshold: {outl}. The toggle above switches every number on this page that depends on it.")
-    q = metrics[metrics["outliers"] == outliers]
+        st.warning(f"{nonfinite:,} token losses were NaN/inf; they are counted in the table and excluded from the means.")
+    factor = thresholds.get("outlier_norm_factor")
+    outl = thresholds.get("outlier_norm") or (f"{factor} × √d_model (after scaling the mean norm to √d_model)" if factor else "n/a")
+    st.caption("Outlier threshold: " + inert(outl) + ". The toggle above switches every number on this page that depends on it.")
+    q_ce, q_ev = charts.quality(run, outliers)
     c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.quality_bars(q, "ce_recovered", "CE recovered", "CE recovered (1 = perfect)"), key="q_ce")
-    c2.plotly_chart(figures.quality_bars(q, "explained_variance", "Explained variance", "explained variance (per token, mean)"), key="q_ev")
+    c1.plotly_chart(q_ce, key="q_ce")
+    c2.plotly_chart(q_ev, key="q_ev")
 
     # ---- similarity of the activations at the hook (residual stream, MLP out, ...)
     kind = hook_kind(cfg.get("hook"))
-    st.subheader(f"{kind.label[:1].upper() + kind.label[1:]} similarity at the hook (same tokens, both models)")
-    pos, hists, summary = data.resid(run)
+    st.subheader(inert(kind.label[:1].upper() + kind.label[1:] + " similarity at the hook (same tokens, both models)"))
+    _, _, summary = data.resid(run)
+    resid_figs = charts.resid(run)
     means = {r.metric: r for r in summary.itertuples()}
-    c = st.columns(4)
-    for col, (metric, label) in zip(c, (("cosine", "mean cosine"), ("l2", "mean L2 distance"), ("seq_mean_cosine", "mean per-sequence cosine"), ("seq_mean_l2", "mean per-sequence L2"))):
+    for col, metric in zip(st.columns(4), RESID_LABELS):
         r = means.get(metric)
-        col.metric(label, ui.fmt(r.mean, ".4f") if r is not None else "n/a", help=f"std {ui.fmt(r.std, '.3g')} over {r.n:,}" if r is not None else None)
+        col.metric(RESID_LABELS[metric], ui.fmt(r.mean, ".4f") if r is not None else "n/a", help=f"std {ui.fmt(r.std, '.3g')} over {ui.fmt(r.n, ',d')}" if r is not None else None)
     if kind.residual:
-        st.caption("For scale (Study T): mean cosine 0.669 for Gemma-2b vs its python-codes finetune, 0.965 for Mistral-7B vs MetaMath.")
+        st.caption("For scale (Study T): mean cosine 0.669 for Gemma-2b vs its python-codes finetune, 0.965 for Mistral-7B vs MetaMath. The similarity covers every token, special tokens included.")
     else:
-        st.caption(f"This run's hook reads {kind.label}, not the residual stream: Study T's residual-stream cosines do not compare.")
+        st.caption(inert(f"This run's hook reads {kind.label}, not the residual stream: Study T's residual-stream cosines do not compare. The similarity covers every token, special tokens included."))
     c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.resid_histogram(hists, "cosine"), key="resid_cos")
-    c2.plotly_chart(figures.resid_histogram(hists, "l2"), key="resid_l2")
-    st.plotly_chart(figures.resid_by_position(pos), key="resid_pos")
+    c1.plotly_chart(resid_figs["cosine"], key="resid_cos")
+    c2.plotly_chart(resid_figs["l2"], key="resid_l2")
+    st.plotly_chart(resid_figs["position"], key="resid_pos")
     with st.expander("Per-sequence means"):
         c1, c2 = st.columns(2)
-        c1.plotly_chart(figures.resid_histogram(hists, "seq_mean_cosine"), key="resid_scos")
-        c2.plotly_chart(figures.resid_histogram(hists, "seq_mean_l2"), key="resid_sl2")
+        c1.plotly_chart(resid_figs["seq_mean_cosine"], key="resid_scos")
+        c2.plotly_chart(resid_figs["seq_mean_l2"], key="resid_sl2")
 
     # ---- run config and tokenizer check
     st.subheader("Run")
     tok = run.manifest.get("tokenizer_check") or {}
-    share = tok.get("matching_id_share")
-    min_share = float(thresholds.get("min_matching_id_share", 0.99))
+    tok = tok if isinstance(tok, dict) else {}
+    share = ui.num(tok.get("matching_id_share"))
+    min_share = ui.num(thresholds.get("min_matching_id_share"), 0.99)
     if share is None:
         st.info("This run has no tokenizer check.")
     elif share < min_share:
@@ -113,29 +122,32 @@ with state.guard():
     else:
         st.success(
             f"Tokenizer check passed: {share:.4%} of tokens have the same id in both tokenizers "
-            f"({tok.get('n_only_in_base', 0)} only in base, {tok.get('n_only_in_finetuned', 0)} only in finetuned, "
-            f"{tok.get('n_same_string_different_id', 0)} same string with a different id)."
+            f"({ui.fmt(tok.get('n_only_in_base', 0), 'd')} only in base, {ui.fmt(tok.get('n_only_in_finetuned', 0), 'd')} only in finetuned, "
+            f"{ui.fmt(tok.get('n_same_string_different_id', 0), 'd')} same string with a different id)."
         )
-    models = cfg.get("models", {})
-    saes = cfg.get("saes", {})
-    sample = cfg.get("sample", {})
+    models = cfg.get("models", {}) or {}
+    saes = cfg.get("saes", {}) or {}
+    sample = cfg.get("sample", {}) or {}
 
     def _spec(s: dict) -> str:
         s = s if isinstance(s, dict) else {}  # a hand-edited manifest may hold anything here
         return str(s.get("path") or "") or " + ".join(str(x) for x in (s.get("name"), s.get("hf_model"), s.get("release"), s.get("sae_id")) if x) or "?"
 
+    corpus = cfg.get("corpus") or {}
     rows = [
         ("run id", run.run_id),
         ("created", str(run.manifest.get("created_at", "?"))),
         ("hook", str(cfg.get("hook", "?"))),
-        ("base model", _spec(models.get("base"))),
-        ("finetuned model", _spec(models.get("finetuned"))),
-        *[(f"{figures.SAE_LABELS.get(k, k)}", f"{_spec(v)} ({run.d_sae(k):,} features)") for k, v in saes.items()],
-        ("corpus", str((cfg.get("corpus") or {}).get("path", "?"))),
-        ("tokens used", f"{run.manifest.get('n_tokens', 0):,} in {run.manifest.get('n_sequences', 0):,} sequences of {sample.get('context_size', '?')}"),
-        ("seed", str(sample.get("seed", "?"))),
+        ("base model", _spec(models.get("base") if isinstance(models, dict) else None)),
+        ("finetuned model", _spec(models.get("finetuned") if isinstance(models, dict) else None)),
+        *[(f"{figures.SAE_LABELS.get(k, k)}", f"{_spec(v)} ({run.d_sae(k):,} features)") for k, v in (saes.items() if isinstance(saes, dict) else [])],
+        ("corpus", str(corpus.get("path", "?") if isinstance(corpus, dict) else corpus)),
+        ("tokens", state.token_counts(run)),
+        ("sequences", f"{run.manifest.get('n_sequences', '?')} of {sample.get('context_size', '?') if isinstance(sample, dict) else '?'} tokens"),
+        ("seed", str(sample.get("seed", "?") if isinstance(sample, dict) else "?")),
         ("thresholds", ", ".join(f"{k} = {v}" for k, v in thresholds.items())),
     ]
-    st.table(pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting"))
+    # a dataframe, not st.table: its cells are plain text (st.table renders Markdown)
+    st.dataframe(pd.DataFrame(rows, columns=["setting", "value"]), hide_index=True, key="run_table", column_config={"value": st.column_config.TextColumn("value", width="large")})
     with st.expander("Full manifest"):
         st.json({k: v for k, v in run.manifest.items() if k != "files"}, expanded=False)

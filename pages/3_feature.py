@@ -1,53 +1,57 @@
 """Feature page: one feature of one SAE on both models. Deep link: /feature?run=&sae=&feature=N"""
 
-import math
-
 import streamlit as st
 
 from explorer import figures, render
-from webapp import data, state, ui
+from explorer.render import inert
+from webapp import charts, data, state, ui, urlstate
 
 run = state.run_picker()
 st.title("Feature")
 
-_SAE_KEY, _FID_KEY = "feature_page_sae", "feature_page_id"
+_FID_KEY = "feature_page_id"
 
 
 def _on_pick() -> None:
-    state.set_params(sae=st.session_state[_SAE_KEY], feature=st.session_state[_FID_KEY])
+    state.set_params(feature=int(st.session_state[_FID_KEY]))
 
 
 with state.guard():
-    sae = state.sae_param(run)
+    c1, c2, _ = st.columns([1, 1, 2])
+    sae = state.sae_picker(run, "feature_page_sae", c1)
     d_sae = run.d_sae(sae)
     fid = state.feature_param(run, sae)
     bad_param = fid is None and st.query_params.get(state.FEATURE_PARAM) not in (None, "")
-
-    c1, c2, _ = st.columns([1, 1, 2])
-    st.session_state[_SAE_KEY] = sae
-    c1.selectbox("SAE", run.saes, key=_SAE_KEY, format_func=lambda s: figures.SAE_LABELS.get(s, s), on_change=_on_pick)
-    st.session_state[_FID_KEY] = fid if fid is not None else 0
-    c2.number_input(f"Feature (0 to {d_sae - 1})", min_value=0, max_value=max(0, d_sae - 1), step=1, key=_FID_KEY, on_change=_on_pick)
+    value = fid if fid is not None else 0
+    if st.session_state.get(_FID_KEY) != value:
+        st.session_state[_FID_KEY] = value  # the URL is the source of truth (restored on Back)
+    c2.number_input(f"Feature (0 to {max(0, d_sae - 1):,d})", min_value=0, max_value=max(0, d_sae - 1), step=1, key=_FID_KEY, on_change=_on_pick)
     if fid is None:
         if not bad_param:
             st.info("Choose a feature above, or open one from the Features, Dead & born or Similarity pages.")
         st.stop()
-    state.set_params(sae=sae, feature=fid)
 
     row = data.feature(run, sae, fid)
     if row is None:
-        st.error(f"Feature {fid} of {sae} is not in run {run.run_id!r}. The run may be incomplete; re-run its precompute.")
+        st.error(inert(f"Feature {fid} of {sae} is not in run {run.run_id!r}. The run may be incomplete; re-run its precompute."))
         st.stop()
-    examples = data.feature_examples(run, sae, fid)
 
-    st.subheader(f"{figures.SAE_LABELS.get(sae, sae)} · feature {fid}")
+    st.subheader(f"{ui.sae_label(sae)} · feature {fid:d}")
     ui.legend()
+    ui.probe_link(run, sae, fid)
+
+    dead_on = [m for m in figures.MODELS if not (ui.num(row.get(f"density_{m}"), 0.0) > 0)]
+    if len(dead_on) == len(figures.MODELS):
+        st.info(inert(
+            f"This feature is dead on both models: it never fires on any of the run's counted tokens ({state.token_counts(run)}) "
+            "So it has no activation histogram, no examples and no activation similarity; its logits and decoder neighbours below are still defined."
+        ), icon=":material/block:")
 
     # ---- per-model statistics, side by side
     cols = st.columns(2)
     for col, m in zip(cols, figures.MODELS):
         with col:
-            st.markdown(f"**On the {render.MODEL_LABELS[m]}** · status `{row[f'status_{m}']}`")
+            st.markdown(f"**On the {render.MODEL_LABELS[m]}** · status " + inert(row[f"status_{m}"]))
             a, b, c = st.columns(3)
             a.metric("density", ui.density(row[f"density_{m}"]), help="share of tokens where the feature fires (> 0)")
             b.metric("max activation", ui.fmt(row[f"max_act_{m}"]))
@@ -59,21 +63,21 @@ with state.guard():
     a.metric("activation similarity", ui.fmt(row["act_similarity"], ".3f"), help="Pearson correlation over tokens of this feature's activation on base vs finetuned; n/a when the feature is constant on one model")
     b.metric("activation error", ui.fmt(row["act_error"], ".3g"), help="mean |log10(f_base + eps) - log10(f_finetuned + eps)|, eps = 1e-10 (depends on eps)")
     c.metric("logit similarity", ui.fmt(row["logit_similarity"], ".4f"), help="Pearson over the vocabulary of W_dec[i] @ W_U(base) and W_dec[i] @ W_U(finetuned)")
-    d.metric("cross-model class", str(row["cross_class"]).replace("_", " "))
+    d.metric("cross-model class", inert(str(row["cross_class"]).replace("_", " ")))
     st.caption(
         "Caveat on logit similarity: it is high whenever the unembedding W_U barely changed in finetuning, "
         "so it mostly measures W_U, and says little about whether the feature itself transferred."
     )
 
-    edges = run.manifest.get("act_hist_edges")
-    if edges and any(row.get(f"act_hist_{m}") for m in figures.MODELS):
-        st.plotly_chart(
-            figures.activation_histograms(edges, {m: row[f"act_hist_{m}"] for m in figures.MODELS}, "Activation histogram (positive activations)"),
-            key="feature_act_hist",
-        )
+    hist = charts.activation(run, sae, fid)
+    if hist is not None:
+        st.plotly_chart(hist, key="feature_act_hist")
+        if dead_on:
+            st.caption(f"It never fires on the {render.MODEL_LABELS[dead_on[0]]}, so only the other model's histogram is drawn.")
+        st.caption("Dotted lines: the edges of the quantile bins the quantile examples below are sampled from (hover one for its range).")
 
     # ---- examples: the same contexts on both models
-    max_value = max(float(row["max_act_base"] or 0), float(row["max_act_finetuned"] or 0)) or 1.0
+    max_value = max(ui.num(row["max_act_base"], 0.0), ui.num(row["max_act_finetuned"], 0.0)) or 1.0
     st.markdown("### Top examples")
     st.caption(
         "Each window shows the same tokens on both models: the base line in blue, the finetuned line in orange, "
@@ -82,25 +86,18 @@ with state.guard():
     )
     cols = st.columns(2)
     for col, m in zip(cols, figures.MODELS):
-        top = examples[(examples["model"] == m) & (examples["kind"] == "top")]
         with col:
             st.markdown(f"**Top on the {render.MODEL_LABELS[m]}**, with the other model's activations")
-            ui.show_examples(
-                run, top, max_value,
-                empty=f"No examples: the feature never fires on the {render.MODEL_LABELS[m]}.",
-                caption_fn=lambda r: f"#{int(r.rank) + 1} · seq {int(r.seq_id)} pos {int(r.position)} · activation {float(r.activation):.3g}",
-            )
+            ui.feature_examples(run, sae, fid, m, "top", max_value, empty=f"No examples: the feature never fires on the {render.MODEL_LABELS[m]}.")
 
-    with st.expander("Quantile examples (sampled within activation bins)"):
+    st.markdown("### Quantile examples")
+    # drawn on request: they are two thirds of the page's bytes (about 360 KB of HTML on the demo)
+    if urlstate.widget(st.toggle, "quantiles", "Show the quantile examples (sampled within activation bins)", key="feature_quantiles", default=False, codec=urlstate.flag()):
         cols = st.columns(2)
         for col, m in zip(cols, figures.MODELS):
-            q = examples[(examples["model"] == m) & (examples["kind"] == "quantile")]
             with col:
-                st.markdown(f"**{render.MODEL_LABELS[m].capitalize()}**")
-                ui.show_examples(
-                    run, q, max_value, empty="No quantile examples.",
-                    caption_fn=lambda r: f"bin {int(r.bin)} [{float(r.bin_low):.3g}, {float(r.bin_high):.3g}) · activation {float(r.activation):.3g}",
-                )
+                st.markdown("**" + inert(render.MODEL_LABELS[m].capitalize()) + "**")
+                ui.feature_examples(run, sae, fid, m, "quantile", max_value, empty="No quantile examples.")
 
     # ---- logits
     st.markdown("### Logits: W_dec[i] @ W_U, each model's own unembedding")
@@ -111,7 +108,7 @@ with state.guard():
             ids = row.get(f"logit_{sign}_ids_{m}") or []
             vals = row.get(f"logit_{sign}_values_{m}") or []
             with cols[i]:
-                st.markdown(f"**{label}, {m}**")
+                st.markdown("**" + inert(f"{label}, {m}") + "**")
                 if ids:
                     st.html(render.token_list_html(data.token_strings(run, ids), vals, m))
                 else:
@@ -135,7 +132,7 @@ with state.guard():
             st.caption("No neighbours stored.")
     with right:
         other = ui.OTHER_SAE[sae]
-        st.markdown(f"### Best match in the {figures.SAE_LABELS.get(other, other)}")
+        st.markdown(f"### Best match in the {ui.sae_label(other)}")
         if other not in run.saes or row.get("match_feature_id") is None:
             st.caption("This run has one SAE: no cross-SAE match.")
         else:
@@ -147,8 +144,8 @@ with state.guard():
             c.metric("decoder cosine", ui.fmt(row["match_dec_cos"], ".3f"))
             if row.get("assigned_feature_id") is not None:
                 aid = int(row["assigned_feature_id"])
-                st.caption(f"One-to-one (Hungarian) partner: feature {aid}, score {ui.fmt(row['assigned_score'], '.3f')}")
+                st.caption(f"One-to-one (Hungarian) partner: feature {aid:d}, score {ui.fmt(row['assigned_score'], '.3f')}")
             cands = data.candidate_matches(run, sae, fid, 10)
             if len(cands) > 1:
-                with st.expander(f"{len(cands)} candidate matches"):
+                with st.expander(f"{len(cands):d} candidate matches"):
                     st.dataframe(cands, hide_index=True, column_config={"other_feature_id": st.column_config.NumberColumn("feature", format="%d")})

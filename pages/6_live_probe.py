@@ -3,9 +3,12 @@
 Thin: explorer.probe does the work (through webapp.live's caches), explorer.render the HTML.
 The prompt form reruns the page only on submit; the feature view, the prediction view and the
 steering panel are fragments, so changing them reruns only their panel.
+
+In the URL (webapp.urlstate): `sae`, `feature`, `pos` (predict after position), and the prompt:
+`prompt` when it is at most MAX_URL_PROMPT characters, or `seq` for a corpus sequence, with
+`exclude_special=0` when special tokens are counted. A longer prompt stays in the session only.
 """
 
-import html
 import math
 
 import pandas as pd
@@ -15,16 +18,21 @@ from explorer import render
 from explorer.errors import ExplorerError
 from explorer.figures import SAE_LABELS
 from explorer.probe import CLEAN, ZERO_ABLATED, spliced
-from webapp import data, live, state, ui
+from explorer.render import inert
+from webapp import data, live, state, ui, urlstate
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n'
 TYPED, CORPUS = "Type a prompt", "Pick from the corpus"
 K_SOURCE, K_TEXT, K_SEQ, K_EXCL, K_SUBMITTED = "probe_source", "probe_text", "probe_seq", "probe_exclude_special", "probe_submitted"
 K_SAE, K_FID, K_DIFF_BY, K_POS = "probe_sae", "probe_feature", "probe_diff_by", "probe_position"
+K_URL_SEEN = "probe_url_request"  # the URL's request the form was last set to
 K_STEER_MODE, K_STEER_FID, K_STEER_COEF, K_STEER_N, K_STEER_REQ = "steer_mode", "steer_feature", "steer_coef", "steer_n", "steer_request"
 RAW, SCALED = "raw decoder direction", "x the feature's max activation on the base model (from the run)"
 N_SEQUENCES = 200
 TOP_K = 5
+MAX_URL_PROMPT = 500
+DIFF_LABELS = {"max": "largest |difference| at one token", "sum": "summed |difference| over the prompt"}  # characters of a typed prompt kept in the URL
+P_PROMPT, P_SEQ, P_EXCL, P_POS = "prompt", "seq", "exclude_special", "pos"
 
 
 def _preview(text: str, n: int = 90) -> str:
@@ -33,13 +41,48 @@ def _preview(text: str, n: int = 90) -> str:
 
 
 def _submit(seqs: pd.DataFrame | None) -> None:
+    """The form's submit: the request goes to the session and, when it fits, to the URL (a new
+    prompt starts at its last position: `pos` is removed)."""
     exclude = bool(st.session_state.get(K_EXCL, True))
+    url = {P_POS: None, P_EXCL: None if exclude else "0"}
     if st.session_state.get(K_SOURCE) == CORPUS and seqs is not None and st.session_state.get(K_SEQ) is not None:
         row = seqs[seqs["seq_id"] == st.session_state[K_SEQ]]
         if len(row):
-            st.session_state[K_SUBMITTED] = ("ids", tuple(int(i) for i in row.iloc[0]["token_ids"]), exclude)
+            st.session_state[K_SUBMITTED] = ("ids", tuple(int(i) for i in row.iloc[0]["token_ids"]), exclude, int(st.session_state[K_SEQ]))
+            urlstate.write({**url, P_SEQ: int(st.session_state[K_SEQ]), P_PROMPT: None})
             return
-    st.session_state[K_SUBMITTED] = ("text", st.session_state.get(K_TEXT, ""), exclude)
+    text = st.session_state.get(K_TEXT, "")
+    st.session_state[K_SUBMITTED] = ("text", text, exclude, None)
+    urlstate.write({**url, P_SEQ: None, P_PROMPT: text if 0 < len(text) <= MAX_URL_PROMPT else None})
+
+
+def _url_request() -> tuple | None:
+    """The prompt named by the URL (`seq` or `prompt`); None if none. When the URL's request
+    changes (a link, Back), the form's widgets are set to it; otherwise they are left alone (the
+    user may be switching the source or typing a new prompt)."""
+    exclude = urlstate.read(P_EXCL, urlstate.flag(), True)
+    seq = urlstate.read(P_SEQ, urlstate.integer(0, 2**31 - 1), None)
+    request = None
+    if seq is not None:
+        rows = data.sequences(run, limit=1, offset=seq)
+        if len(rows) and int(rows.iloc[0]["seq_id"]) == seq:
+            request = ("ids", tuple(int(i) for i in rows.iloc[0]["token_ids"]), exclude, seq)
+        else:
+            st.warning(inert(f"The link's sequence {seq} is not in this run's token sample; showing the default prompt."), icon=":material/link_off:")
+            urlstate.write({P_SEQ: None})
+    if request is None:
+        prompt = urlstate.read(P_PROMPT, urlstate.text(MAX_URL_PROMPT), None)
+        if prompt is not None:
+            request = ("text", prompt, exclude, None)
+    if request is not None and st.session_state.get(K_URL_SEEN) != request:
+        st.session_state[K_URL_SEEN] = request
+        st.session_state[K_SOURCE] = CORPUS if request[0] == "ids" else TYPED
+        st.session_state[K_EXCL] = exclude
+        if request[0] == "ids":
+            st.session_state[K_SEQ] = seq
+        else:
+            st.session_state[K_TEXT] = request[1]
+    return request
 
 
 def _feature_table(df: pd.DataFrame, sae: str) -> pd.DataFrame:
@@ -63,6 +106,7 @@ with state.guard():
     saes = [s for s in run.saes if s in pair.saes] or list(pair.saes)
 
     # ---------------------------------------------------------------- the prompt
+    from_url = _url_request()
     st.session_state.setdefault(K_SOURCE, TYPED)
     st.session_state.setdefault(K_TEXT, DEFAULT_PROMPT)
     st.session_state.setdefault(K_EXCL, True)
@@ -70,39 +114,42 @@ with state.guard():
     seqs = None
     with st.form("probe_form", border=True):
         if source == TYPED:
-            st.text_area("Prompt", key=K_TEXT, height=140, help=f"Longer prompts are cut to the models' context ({pair.base.cfg.n_ctx} tokens).")
+            st.text_area("Prompt", key=K_TEXT, height=140, help=f"Longer prompts are cut to the models' context ({pair.base.cfg.n_ctx:d} tokens).")
         else:
             seqs = data.sequences(run, limit=N_SEQUENCES)
             if len(seqs) == 0:
                 st.info("This run's token sample is empty; type a prompt instead.")
             else:
+                # selectbox options are plain text in Streamlit (no Markdown): no inert needed
                 labels = {int(r.seq_id): f"#{int(r.seq_id)} · {r.source} · {_preview(live.decode(key, tuple(int(i) for i in r.token_ids[1:])))}" for r in seqs.itertuples()}
+                if from_url is not None and from_url[3] is not None and from_url[3] not in labels:
+                    row = data.sequences(run, limit=1, offset=from_url[3]).iloc[0]
+                    labels[int(row.seq_id)] = f"#{int(row.seq_id)} · {row.source} · {_preview(live.decode(key, tuple(int(i) for i in row.token_ids[1:])))}"
+                    seqs = pd.concat([seqs, data.sequences(run, limit=1, offset=from_url[3])], ignore_index=True)
                 if st.session_state.get(K_SEQ) not in labels:
                     st.session_state[K_SEQ] = next(iter(labels))
                 st.selectbox("Corpus sequence (from the run's token sample)", list(labels), key=K_SEQ, format_func=lambda i: labels.get(i, str(i)))
         st.checkbox("Leave special tokens (BOS) out of the metrics, as sae_lens evals do", key=K_EXCL)
         st.form_submit_button("Run probe", type="primary", on_click=_submit, args=(seqs,))
 
-    kind, value, exclude = st.session_state.get(K_SUBMITTED) or ("text", DEFAULT_PROMPT, True)
+    kind, value, exclude, _seq = from_url or st.session_state.get(K_SUBMITTED) or ("text", DEFAULT_PROMPT, True, None)
     try:
         result = live.probe(key, kind, value, exclude)
     except ExplorerError as exc:
-        st.warning(str(exc), icon=":material/edit_note:")
+        st.warning(inert(str(exc)), icon=":material/edit_note:")
         st.stop()
     prompt = result.prompt
     for note in prompt.notices + result.notices:
-        (st.warning if "context" in note else st.info)(note, icon=":material/info:")
-    st.caption(f"{prompt.n_tokens} tokens · hook `{result.hook}` · {len(result.sae_names)} SAE(s) · probed in {1000 * result.seconds:.0f} ms")
+        if "context" in note:
+            st.warning(inert(note), icon=":material/info:")
+        else:
+            st.info(inert(note), icon=":material/info:")
+    st.caption(f"{prompt.n_tokens:d} tokens · hook " + inert(result.hook) + f" · {len(result.sae_names):d} SAE(s) · probed in {1000 * result.seconds:.0f} ms")
+    if kind == "text" and len(value) > MAX_URL_PROMPT:
+        st.caption(f"This prompt has {len(value):,} characters: links keep prompts of up to {MAX_URL_PROMPT:,}, so a copied link opens the default prompt.")
 
     # ---------------------------------------------------------------- SAE (drives every view below)
-    sae = state.sae_param(run)
-    if sae not in result.sae_names:
-        sae = result.sae_names[0]
-    st.session_state[K_SAE] = sae
-    st.selectbox(
-        "SAE", list(result.sae_names), key=K_SAE, format_func=lambda s: SAE_LABELS.get(s, s),
-        on_change=lambda: state.set_params(sae=st.session_state[K_SAE], feature=None),
-    )
+    sae = state.sae_picker(run, K_SAE, saes=list(result.sae_names), resets=(state.FEATURE_PARAM,))
     d_sae = result.d_sae[sae]
 
 
@@ -114,11 +161,12 @@ def feature_panel() -> None:
         if fid is None or fid >= d_sae:
             acts = result.feature_acts[(sae, "base")][result.eval_mask] if result.eval_mask.any() else result.feature_acts[(sae, "base")]
             fid = int(acts.max(axis=0).argmax())
-        st.session_state[K_FID] = fid
+        if st.session_state.get(K_FID) != fid:
+            st.session_state[K_FID] = fid
         c1, c2 = st.columns([1, 3])
         c1.number_input(
-            f"Feature (0 to {d_sae - 1})", min_value=0, max_value=d_sae - 1, step=1, key=K_FID,
-            on_change=lambda: state.set_params(sae=sae, feature=int(st.session_state[K_FID])),
+            f"Feature (0 to {d_sae - 1:d})", min_value=0, max_value=d_sae - 1, step=1, key=K_FID,
+            on_change=lambda: state.set_params(feature=int(st.session_state[K_FID])),
             help="Defaults to the feature most active on this prompt (base model); ?feature= in the URL picks one.",
         )
         with c2:
@@ -145,18 +193,17 @@ feature_panel()
 with state.guard():
     # ---------------------------------------------------------------- top features per token
     st.subheader("Top features per token")
-    st.caption(f"The {TOP_K} most active {SAE_LABELS.get(sae, sae)} features at each token, as feature (activation).")
-    tops = {m: result.top_features_per_token(sae, m, TOP_K) for m in ("base", "finetuned")}
-    table = pd.DataFrame({"position": range(prompt.n_tokens), "token": [render.display_token(t) for t in prompt.token_labels]})
-    for m, df in tops.items():
-        cell = df.assign(s=df["feature_id"].astype(str) + " (" + df["activation"].map(lambda v: f"{v:.3g}") + ")").groupby("position")["s"].agg(", ".join)
-        table[render.MODEL_LABELS[m]] = table["position"].map(cell).fillna("")
-    st.dataframe(table, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(table)))
+    st.caption(f"The {TOP_K:d} most active {ui.sae_label(sae)} features at each token on each model, as feature (activation); click one to open its feature page.")
+    table, link_cols = live.top_features_table(key, kind, value, exclude, sae, TOP_K, ui.feature_url_prefix(run, sae))
+    st.dataframe(
+        table, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(table)), key="probe_top_features",
+        column_config={c: st.column_config.LinkColumn(c, display_text=r"#(.+)$", help="open this feature's page (a new tab)") for c in link_cols},
+    )
 
     # ---------------------------------------------------------------- differing features
     st.subheader("Features that differ most between the models")
     st.session_state.setdefault(K_DIFF_BY, "max")
-    by = st.radio("Rank by", ["max", "sum"], key=K_DIFF_BY, horizontal=True, format_func=lambda b: {"max": "largest |difference| at one token", "sum": "summed |difference| over the prompt"}[b])
+    by = st.radio("Rank by", ["max", "sum"], key=K_DIFF_BY, horizontal=True, format_func=DIFF_LABELS.get)
     diff = result.differing_features(sae, k=20, by=by)
     if diff.empty:
         st.caption("No feature's activation differs between the models on the counted tokens of this prompt.")
@@ -182,7 +229,7 @@ with state.guard():
     # ---------------------------------------------------------------- reconstruction
     st.subheader("Reconstruction on this prompt")
     rec = result.reconstruction.copy()
-    rec["sae"] = rec["sae"].map(lambda s: SAE_LABELS.get(s, s))
+    rec["sae"] = rec["sae"].map(lambda s: SAE_LABELS.get(s, s))  # a dataframe: plain text
     rec["model"] = rec["model"].map(render.MODEL_LABELS)
     st.dataframe(
         rec[["sae", "model", "n_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered"]],
@@ -209,27 +256,21 @@ def predictions_panel() -> None:
     """Next-token predictions at one position, clean vs spliced (reruns alone)."""
     with state.guard():
         n = prompt.n_tokens
-        if st.session_state.get(K_POS, n - 1) >= n:
-            st.session_state[K_POS] = n - 1
-        st.session_state.setdefault(K_POS, n - 1)
-        pos = st.select_slider(
-            "Predict after position", options=list(range(n)), key=K_POS,
-            format_func=lambda i: f"{i}: {render.display_token(prompt.token_labels[i])[:16]}",
+        # bound to ?pos= (default: the last position); its value is set on every run, so a new
+        # prompt's slider (new options) never keeps a stale or a reset value
+        pos = urlstate.widget(
+            st.select_slider, P_POS, "Predict after position", key=K_POS, default=n - 1, codec=urlstate.integer(0, n - 1), quiet=True,
+            options=list(range(n)), format_func=lambda i: f"{i:d}: " + inert(render.display_token(prompt.token_labels[i])[:16]),
         )
         if pos < n - 1:
-            st.caption(f"The actual next token is ‹{render.display_token(prompt.token_labels[pos + 1])}›.")
-        variants = [CLEAN, *(spliced(s) for s in result.sae_names), ZERO_ABLATED]
-        names = {CLEAN: "clean", ZERO_ABLATED: "zero-ablated", **{spliced(s): f"spliced ({SAE_LABELS.get(s, s)})" for s in result.sae_names}}
+            st.caption("The actual next token is ‹" + inert(render.display_token(prompt.token_labels[pos + 1])) + "›.")
+        labels = ((CLEAN, "clean"), *((spliced(s), f"spliced ({SAE_LABELS.get(s, s)})") for s in result.sae_names), (ZERO_ABLATED, "zero-ablated"))
         cols = st.columns(2)
         for col, m in zip(cols, ("base", "finetuned")):
-            p = result.next_token_predictions(m, pos)
-            wide = pd.DataFrame({"rank": sorted(p["rank"].unique() + 1)})
-            for v in variants:
-                q = p[p["variant"] == v].sort_values("rank")
-                wide[names[v]] = [f"‹{render.display_token(t)}›  {100 * pr:.1f}%" for t, pr in zip(q["token_str"], q["prob"])]
+            wide = live.predictions_table(key, kind, value, exclude, m, int(pos), labels)
             with col:
                 st.markdown(f"**{render.MODEL_LABELS[m]}**")
-                st.dataframe(wide, hide_index=True, width="stretch")
+                st.dataframe(wide, hide_index=True, width="stretch")  # token strings in cells: plain text
 
 
 st.subheader("Next-token predictions: clean vs spliced")
@@ -261,7 +302,7 @@ def steering_panel() -> None:
         scale, label = None, ""
         with st.form("steer_form", border=True):
             c1, c2, c3 = st.columns([1, 2, 1])
-            c1.number_input(f"Feature of the {SAE_LABELS.get(sae, sae)}", min_value=0, max_value=d_sae - 1, step=1, key=K_STEER_FID)
+            c1.number_input(f"Feature of the {ui.sae_label(sae)}", min_value=0, max_value=d_sae - 1, step=1, key=K_STEER_FID)
             c2.slider("Coefficient", min_value=-100.0, max_value=100.0, step=0.5, key=K_STEER_COEF, help="coef x W_dec[feature] is added to the activation at the hook, at every position, on both models")
             c3.number_input("New tokens", min_value=1, max_value=64, step=1, key=K_STEER_N)
             go = st.form_submit_button("Steer", type="primary")
@@ -270,7 +311,7 @@ def steering_panel() -> None:
             row = data.feature(run, sae, fid)
             max_act = float(row["max_act_base"]) if row and row.get("max_act_base") is not None else float("nan")
             if not (math.isfinite(max_act) and max_act > 0):
-                st.info(f"Feature {fid} never fired on the base model in the run (max activation {ui.fmt(max_act)}), so the raw decoder direction is used.")
+                st.info(f"Feature {fid:d} never fired on the base model in the run (max activation {ui.fmt(max_act)}), so the raw decoder direction is used.")
             else:
                 scale, label = max_act, "max activation on the base model (run)"
         request = (prompt.token_ids, sae, fid, float(st.session_state[K_STEER_COEF]), int(st.session_state[K_STEER_N]), scale, label)
@@ -281,9 +322,9 @@ def steering_panel() -> None:
             st.caption("Choose a feature and a coefficient, then press Steer.")
             return
         res = live.steer(key, *req)
-        st.markdown(f"Added **{html.escape(res.description)}** (norm {res.vector_norm:.3g}) at `{result.hook}`, every position; greedy decoding.")
+        st.markdown("Added **" + inert(res.description) + f"** (norm {res.vector_norm:.3g}) at " + inert(result.hook) + ", every position; greedy decoding.")
         for note in res.notices:
-            st.info(note)
+            st.info(inert(note))
         tail = list(prompt.token_strs[-12:])
         blocks = []
         for r in res.continuations.itertuples(index=False):
@@ -296,7 +337,7 @@ def steering_panel() -> None:
                     f"{prefix}{_continuation_html(toks, r.first_difference, r.model, kind)}</div>"
                 )
             verdict = "unchanged" if not r.changed else f"diverges at new token {r.first_difference}"
-            blocks.append(f'<div class="sx-block" data-probe="steering-{r.model}"><h6>{html.escape(render.MODEL_LABELS[r.model])} · {verdict}</h6>{"".join(lines)}</div>')
+            blocks.append(f'<div class="sx-block" data-probe="steering-{r.model}"><h6>{render.escape_token(render.MODEL_LABELS[r.model])} · {verdict}</h6>{"".join(lines)}</div>')
         st.html(render.examples_html(blocks))
         ui.feature_link(run, sae, fid)
 

@@ -140,7 +140,7 @@ def _storage_read(uri: str, key: str) -> bytes | None:
 
 
 def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_bytes: bytes | None, device: str, threads: int | None,
-               storage: str | None, batch_delay: float = 0.0) -> dict[str, Any]:
+               storage: str | None, batch_delay: float = 0.0, base_dir: str | None = None) -> dict[str, Any]:
     """Stream one shard on this worker; returns {"state": bytes} or {"storage": path}, plus timing."""
     import torch
 
@@ -152,7 +152,7 @@ def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_by
     old = os.environ.get(HOOK_CACHE_MB_ENV)
     os.environ[HOOK_CACHE_MB_ENV] = "0"  # the driver cannot read this worker's disk: windows are recomputed there
     try:
-        cfg = RunConfig.from_dict(cfg_dict)
+        cfg = RunConfig.from_dict(cfg_dict, base_dir=base_dir)  # relative paths: the driver's config folder (the same path on every node)
         prep = prepare(cfg, device)
         calib = Calibration(**calib_dict)
         keys = None if keys_bytes is None else np.frombuffer(keys_bytes, np.int64).copy()
@@ -347,7 +347,8 @@ def run_on_ray(cfg: RunConfig, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, a
             keys_bytes = None if keys is None else np.ascontiguousarray(keys, np.int64).tobytes()
             keys_ref = ray.put(keys_bytes)
             cfg_dict = prep.cfg.to_dict()
-            pending = {task.remote(cfg_dict, (i, n_shards), calib_ref, keys_ref, device, threads, storage, batch_delay): i for i in todo}
+            base_dir = str(prep.cfg.root.resolve())
+            pending = {task.remote(cfg_dict, (i, n_shards), calib_ref, keys_ref, device, threads, storage, batch_delay, base_dir): i for i in todo}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(done[0])

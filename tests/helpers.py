@@ -10,6 +10,15 @@ from types import ModuleType
 from explorer.synthetic import make_run, point_at_pair
 
 REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+# the pages AppTests switch to (the live probe has its own tests: it loads models)
+PAGES = {
+    "overview": "pages/1_overview.py",
+    "features": "pages/2_features.py",
+    "feature": "pages/3_feature.py",
+    "dead_born": "pages/4_dead-born.py",
+    "similarity": "pages/5_similarity.py",
+}
 
 
 def load_benchmark(name: str) -> ModuleType:
@@ -25,3 +34,11 @@ def make_probe_run(out: Path, demo: Path) -> Path:
     """A synthetic run (64 features, 512-token vocabulary, context 32) whose config names the
     tiny demo pair, so the live probe can load its models."""
     return point_at_pair(make_run(out, n_features=64, n_vocab=512, context=32), demo)
+
+
+def md_text(body: str) -> str:
+    """What Streamlit shows for Markdown source built with explorer.render.inert: the backslash
+    escapes resolved and the invisible word joiners (which break autolinks) removed."""
+    import re
+
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", body).replace("\u2060", "").replace("\u00a0", " ")

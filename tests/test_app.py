@@ -17,16 +17,8 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import schema, store
 from explorer.synthetic import make_run
+from tests.helpers import APP, PAGES, REPO, md_text
 
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
-PAGES = {
-    "overview": "pages/1_overview.py",
-    "features": "pages/2_features.py",
-    "feature": "pages/3_feature.py",
-    "dead_born": "pages/4_dead-born.py",
-    "similarity": "pages/5_similarity.py",
-}
 N = 120
 
 
@@ -130,14 +122,22 @@ def test_overview_key_elements(app, runs):
 
 
 def test_features_table_filters_pages_and_sorts(app, runs):
+    feats = _feats(runs)
+    base = feats[feats.sae == "base_sae"]
+    n_both_dead = int((base.cross_class == "both_dead").sum())
+    assert n_both_dead > 0
     at = app("features", run="synth", sae="base_sae")
     _no_traceback(at)
+    # features dead on both models are hidden by default, with their count and a toggle
+    assert any(md_text(m.value) == f"**{N - n_both_dead:,}** of {N:,} features match ({n_both_dead:,} dead on both models hidden)." for m in at.markdown)
+    assert at.toggle(key="f_both_dead").label == f"Show the {n_both_dead:,} features dead on both models"
+    assert at.dataframe[0].value.feature_id.tolist() == base[base.cross_class != "both_dead"].feature_id.tolist()[:50]
+    at.toggle(key="f_both_dead").set_value(True).run()
+    assert at.query_params["both_dead"] in ("1", ["1"])
     df = at.dataframe[0].value
     assert len(df) == 50  # one page, not the whole table
     assert df.feature_id.tolist() == list(range(50))
     assert any(f"**{N:,}** of {N:,} features match." == m.value for m in at.markdown)
-    feats = _feats(runs)
-    base = feats[feats.sae == "base_sae"]
 
     at.multiselect(key="f_status_base").select("regular").run()
     n_regular = int((base.status_base == "regular").sum())
@@ -309,16 +309,27 @@ def test_similarity_page(app, runs):
     x, y = np.log10(base.density_base + 1e-10), np.log10(base.density_finetuned + 1e-10)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Pearson R, all features"] == f"{np.corrcoef(x, y)[0, 1]:.3f}"
-    charts = at.get("plotly_chart")
-    assert len(charts) == 6
-    spec = json.loads(charts[4].proto.spec)  # the scatter carries feature ids for click-to-open
-    cd = spec["data"][0]["customdata"]
-    if isinstance(cd, dict):  # plotly's typed-array encoding
-        import base64
+    def scatter_ids(at):
+        charts = at.get("plotly_chart")
+        assert len(charts) == 6
+        spec = json.loads(charts[4].proto.spec)  # the scatter carries feature ids for click-to-open
+        cd = spec["data"][0]["customdata"]
+        if isinstance(cd, dict):  # plotly's typed-array encoding
+            import base64
 
-        cd = np.frombuffer(base64.b64decode(cd["bdata"]), dtype=np.dtype(cd["dtype"])).tolist()
-    assert sorted(cd) == sorted(base.feature_id.tolist())
+            cd = np.frombuffer(base64.b64decode(cd["bdata"]), dtype=np.dtype(cd["dtype"])).tolist()
+        return sorted(cd)
+
+    # features dead on both models are hidden by default (a toggle shows them); R uses them all
+    alive = base[base.cross_class != "both_dead"]
+    assert len(alive) < len(base)
+    assert scatter_ids(at) == sorted(alive.feature_id.tolist())
+    assert any(f"{int(alive.act_similarity.isna().sum()):,} without a value" in c.value for c in at.caption)
+    at.toggle(key="sim_both_dead").set_value(True).run()
+    _no_traceback(at)
+    assert scatter_ids(at) == sorted(base.feature_id.tolist())
     assert any(f"{int(base.act_similarity.isna().sum()):,} without a value" in c.value for c in at.caption)
+    assert {m.label: m.value for m in at.metric}["Pearson R, all features"] == f"{np.corrcoef(x, y)[0, 1]:.3f}"
 
 
 def test_similarity_and_features_one_sae(app):
@@ -394,3 +405,46 @@ def test_guard_turns_errors_into_friendly_messages(kind, message):
     assert not at.exception
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and message in errors[0] and "secret internals" not in errors[0]
+
+
+# ---------------------------------------------------------------- issue 13: the feature page for researchers
+
+
+def test_dead_feature_says_so_instead_of_an_empty_chart(app, runs):
+    feats = _feats(runs)
+    dead = feats[(feats.sae == "base_sae") & (feats.cross_class == "both_dead")]
+    assert len(dead)
+    fid = int(dead.feature_id.iloc[0])
+    at = app("feature", run="synth", sae="base_sae", feature=fid)
+    _no_traceback(at)
+    assert any("dead on both models" in md_text(i.value) and "never fires" in md_text(i.value) for i in at.info)
+    assert not at.get("plotly_chart")  # no empty histogram
+    # a live feature has its histogram
+    alive = int(feats[(feats.sae == "base_sae") & (feats.cross_class == "both_alive")].feature_id.iloc[0])
+    at = app("feature", run="synth", sae="base_sae", feature=alive)
+    assert len(at.get("plotly_chart")) == 1 and not any("dead on both models" in md_text(i.value) for i in at.info)
+
+
+def test_activation_histogram_marks_the_quantile_bins(app, runs):
+    ex = pd.read_parquet(runs / "synth" / "examples.parquet")
+    q = ex[(ex.sae == "base_sae") & (ex.kind == "quantile")]
+    fid = int(q.feature_id.value_counts().index[0])
+    at = app("feature", run="synth", sae="base_sae", feature=fid)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    marks = [t for t in spec["data"] if str(t.get("name", "")).startswith("quantile bins")]
+    assert marks, [t.get("name") for t in spec["data"]]
+    for t in marks:
+        model = "base" if "(base model)" in t["name"] else "finetuned"
+        bins = q[(q.feature_id == fid) & (q.model == model)][["bin_low", "bin_high"]].drop_duplicates()
+        want = sorted({round(float(v), 5) for v in pd.concat([bins.bin_low, bins.bin_high]) if v > 0})
+        got = sorted({round(float(x), 5) for x in t["x"] if x is not None})
+        assert got == want
+        assert all("quantile bin" in s for s in t["text"] if s)
+
+
+def test_feature_page_links_to_the_live_probe(app):
+    at = app("feature", run="synth", sae="finetuned_sae", feature=9)
+    link = [l for l in at.get("page_link") if "Probe and steer" in l.proto.label]
+    assert len(link) == 1
+    assert link[0].proto.page.endswith("live_probe") or "live_probe" in link[0].proto.page
+    assert "feature=9" in link[0].proto.query_string and "sae=finetuned_sae" in link[0].proto.query_string

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_probe_run
+from tests.helpers import make_probe_run, md_text
 from streamlit.testing.v1 import AppTest
 
 from explorer.synthetic import make_run
@@ -66,7 +66,7 @@ def test_empty_prompt_gets_a_friendly_message(monkeypatch, probe_runs):
     at.text_area(key="probe_text").set_value("   \n ")
     at.button[0].click().run()
     assert not at.exception
-    assert any("empty" in w.value for w in at.warning)
+    assert any("empty" in md_text(w.value) for w in at.warning)
     assert "Top features per token" not in [h.value for h in at.subheader]
 
 
@@ -75,7 +75,7 @@ def test_long_and_odd_prompt_gets_notices(monkeypatch, probe_runs):
     at.text_area(key="probe_text").set_value("<script>alert(1)</script> \u202e\x07 😀 שלום " * 40)
     at.button[0].click().run()
     assert not at.exception
-    notes = " ".join(x.value for x in list(at.warning) + list(at.info))
+    notes = md_text(" ".join(x.value for x in list(at.warning) + list(at.info)))
     assert "context" in notes and "control characters" in notes and "right-to-left" in notes
     body = _html(at)
     assert "<script" not in body and "&lt;" in body  # every token escaped (tokens split "<script>")
@@ -102,7 +102,7 @@ def test_feature_query_param_and_steering(monkeypatch, probe_runs):
     for m in ("base", "finetuned"):
         assert f'data-probe="steering-{m}"' in body
     assert body.count('data-probe="steered"') == 2 and body.count('data-probe="unsteered"') == 2
-    assert any("W_dec[7]" in md.value for md in at.markdown)
+    assert any("W_dec[7]" in md_text(md.value) for md in at.markdown)
 
 
 @pytest.mark.parametrize("bad", ["abc", "-3", "99999", "1e3"])
@@ -155,3 +155,85 @@ def test_probe_page_on_the_shipped_demo_run(monkeypatch):
     at.button[1].click().run()
     assert not at.exception
     assert _html(at).count('data-probe="steered"') == 2
+
+
+def _n_tokens(at: AppTest) -> int:
+    import re
+
+    cap = next(c.value for c in at.caption if " tokens · hook" in c.value)
+    return int(re.match(r"(\d+) tokens", cap).group(1))
+
+
+def test_prediction_position_follows_a_longer_prompt(monkeypatch, probe_runs):
+    """A short prompt, then a longer one: "Predict after position" is the new prompt's last
+    position (it jumped to 0, the BOS token, and stayed there for later prompts)."""
+    at = _open(monkeypatch, probe_runs)
+    lengths = []
+    for words in (3, 12, 20, 5):
+        at.text_area(key="probe_text").set_value(" ".join(["the cat"] * words))
+        at.button[0].click().run()
+        assert not at.exception
+        n = _n_tokens(at)
+        lengths.append(n)
+        assert at.select_slider(key="probe_position").value == n - 1, (words, n)
+    assert len(set(lengths)) >= 3  # the prompts really had different lengths
+    # a chosen position goes to the URL, and a new prompt starts again at its last position
+    at.select_slider(key="probe_position").set_value(2).run()
+    assert at.query_params["pos"] in ("2", ["2"])
+    assert any("The actual next token is" in c.value for c in at.caption)
+    at.text_area(key="probe_text").set_value("one two three four five six")
+    at.button[0].click().run()
+    assert "pos" not in at.query_params and at.select_slider(key="probe_position").value == _n_tokens(at) - 1
+
+
+def test_probe_selection_in_the_url(monkeypatch, probe_runs):
+    """The prompt (when short), the feature and the position come from the URL, and go back to it."""
+    at = _open(monkeypatch, probe_runs, prompt="def f(x): return x + 1", feature="9", pos="3", sae="finetuned_sae")
+    assert not at.exception and not at.error
+    assert at.text_area(key="probe_text").value == "def f(x): return x + 1"
+    assert at.number_input(key="probe_feature").value == 9 and at.selectbox(key="probe_sae").value == "finetuned_sae"
+    assert at.select_slider(key="probe_position").value == 3
+    at.text_area(key="probe_text").set_value("import os")
+    at.button[0].click().run()
+    assert at.query_params["prompt"] in ("import os", ["import os"])
+    # a corpus sequence is named by its id; special tokens counted: exclude_special=0
+    at.radio(key="probe_source").set_value("Pick from the corpus").run()
+    at.selectbox(key="probe_seq").set_value(4)
+    at.checkbox(key="probe_exclude_special").uncheck()
+    at.button[0].click().run()
+    q = {k: v if isinstance(v, str) else v[0] for k, v in at.query_params.items()}
+    assert q["seq"] == "4" and "prompt" not in q and q["exclude_special"] == "0"
+    again = _open(monkeypatch, probe_runs, **q)
+    assert again.radio(key="probe_source").value == "Pick from the corpus" and again.selectbox(key="probe_seq").value == 4
+    assert again.checkbox(key="probe_exclude_special").value is False
+    # a long prompt stays in the session, and the page says the link cannot hold it
+    at.radio(key="probe_source").set_value("Type a prompt").run()
+    at.text_area(key="probe_text").set_value("word " * 150)
+    at.button[0].click().run()
+    assert "prompt" not in at.query_params and "seq" not in at.query_params
+    assert any("too long" in c.value or "links keep prompts" in c.value for c in at.caption)
+
+
+def test_top_features_per_token_link_to_feature_pages(monkeypatch, probe_runs):
+    at = _open(monkeypatch, probe_runs, sae="base_sae")
+    df = next(d for d in at.dataframe if "base #1" in d.value.columns)
+    links = df.value["base #1"].dropna().tolist()
+    assert links and all(l.startswith("/feature?run=probe&sae=base_sae&feature=") for l in links)
+    import json as _json
+
+    cfg = _json.loads(df.proto.columns)
+    assert cfg["base #1"]["type_config"]["type"] == "link"
+
+
+def test_feature_page_links_to_the_probe_with_the_feature(monkeypatch, probe_runs):
+    monkeypatch.setenv("SAE_EXPLORER_RUNS_DIR", str(probe_runs))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=240)
+    at.query_params.update({"run": "probe", "sae": "finetuned_sae", "feature": "6"})
+    at.run()
+    at.switch_page("pages/3_feature.py")
+    at.run()
+    link = next(l for l in at.get("page_link") if "Probe and steer" in l.proto.label)
+    assert "feature=6" in link.proto.query_string and "sae=finetuned_sae" in link.proto.query_string
+    at.switch_page(PAGE)
+    at.run()  # where the link goes: the probe with that feature, and steering preset to it
+    assert at.number_input(key="probe_feature").value == 6 and at.number_input(key="steer_feature").value == 6

@@ -126,3 +126,13 @@ def test_b1_smoke_saedashboard_side(tiny_demo, tmp_path):
     assert sd["output_check"] == {"features_checked": 8, "density_mismatches": 0, "top_activation_mismatches": 0, "n_alive": sd["output_check"]["n_alive"]}
     assert result["checks"]["venv_model_sae_vs_explorer_loaders"]["max_abs_diff_features"] < 1e-4
     assert sd["output_bytes"] > 0 and sd["versions"]["sae-dashboard"] == "0.8.0"
+
+
+def test_b9_page_script_smoke(tmp_path):
+    """B9 (every page's server-side script run, tests/st_protocol.py) on a small synthetic run."""
+    out = tmp_path / "b9.json"
+    assert _load("b9_page_script").main(["--smoke", "--n", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["summary"]) == {"overview", "features", "feature (new)", "dead-born", "similarity"}
+    for s in res["summary"].values():
+        assert s["n"] == 2 and 0 < s["median_ms"] <= s["max_ms"]

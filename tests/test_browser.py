@@ -121,8 +121,16 @@ def test_similarity_point_opens_the_feature_page(synthetic_app_url, page):
                  return [r.left + fl._size.l + fl.xaxis.l2p(xs[k]), r.top + fl._size.t + fl.yaxis.l2p(ys[k])]; }""",
         idx,
     )
-    page.mouse.click(xy[0], xy[1])
-    page.wait_for_url(re.compile(r".*/feature\?.*feature=\d+"), timeout=60000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):  # on a busy machine the WebGL scatter may not take the first click
+        page.mouse.click(xy[0], xy[1])
+        try:
+            page.wait_for_url(re.compile(r".*/feature\?.*feature=\d+"), timeout=30000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
     wait_idle(page)
     assert "sae=base_sae" in page.url
     _no_traceback(page)
@@ -163,9 +171,11 @@ def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
         page.get_by_role("button", name=re.compile("Download the .* matching rows as CSV")).click()
     got = pd.read_csv(dl.value.path())
     feats = pd.read_parquet(synthetic_runs / "synth" / "features.parquet")
-    want = feats[feats.sae == "finetuned_sae"].sort_values("feature_id")
+    want = feats[(feats.sae == "finetuned_sae") & (feats.cross_class != "both_dead")].sort_values("feature_id")  # the default view
     assert got.feature_id.tolist() == want.feature_id.tolist()
-    assert got.top_tokens.fillna("").tolist() == want.top_tokens.fillna("").tolist()  # hostile strings intact, as data
+    # hostile strings intact, as data; one that a spreadsheet would run as a formula has a leading quote
+    as_text = lambda v: "'" + v if v.startswith(("=", "+", "-", "@", "\t", "\r")) else v  # noqa: E731
+    assert got.top_tokens.fillna("").tolist() == [as_text(v) for v in want.top_tokens.fillna("")]
 
 
 @pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth"])

@@ -95,7 +95,7 @@ def test_live_probe_deep_link_on_the_shipped_demo(page, app_url):  # noqa: F811
     wait_idle(page, timeout_ms=180_000)
     panel = page.locator('[data-probe="feature-acts"]')
     _wait_for(page, panel, 240_000)
-    assert page.get_by_text("finetuned SAE feature 7").count() >= 1
+    _wait_for(page, page.get_by_text("finetuned SAE feature 7").first, 60_000)
     for model in ("base", "finetuned"):
         assert panel.locator(f'[data-model="{model}"] .sx-tok').count() > 20
     link = page.locator('a[href*="feature=7"]').first

@@ -37,6 +37,7 @@ from explorer.errors import ExplorerError, RunError
 from explorer.synthetic import make_run
 from precompute.__main__ import main as cli
 from tests.bad_artifacts import write_narrow_sae, write_renumbered_tokenizer_model
+from tests.helpers import md_text
 from tests.test_precompute import tiny_config_text, write_tiny_corpus
 
 pytestmark = pytest.mark.slow
@@ -181,7 +182,7 @@ def test_prompt_classes_in_the_app(world, monkeypatch, case):
     at.text_area(key="probe_text").set_value(text)
     at.button[0].click().run()
     _no_traceback(at)
-    shown = " ".join(x.value for x in list(at.warning) + list(at.info) + list(at.error))
+    shown = md_text(" ".join(x.value for x in list(at.warning) + list(at.info) + list(at.error)))
     assert expect in shown, shown
     if expect == "empty":
         assert "Top features per token" not in [h.value for h in at.subheader]
@@ -310,7 +311,7 @@ def test_corrupted_corpus_in_the_cli(world, tmp_path, capsys):
 def test_bad_run_configs_on_the_probe_page(world, monkeypatch, run, message):
     at = _probe_app(monkeypatch, world["runs"], run)
     _no_traceback(at)
-    errors = [e.value for e in at.error]
+    errors = [md_text(e.value) for e in at.error]
     assert len(errors) >= 1 and any(message in e for e in errors), errors
     # and the other pages of the same run still work (its tables are fine)
     at.switch_page("pages/1_overview.py")
@@ -387,7 +388,7 @@ def test_nan_activations_in_the_probe(world, monkeypatch):
     at.text_area(key="probe_text").set_value(text)
     at.button[0].click().run()
     _no_traceback(at)
-    notes = " ".join(x.value for x in list(at.warning) + list(at.info))
+    notes = md_text(" ".join(x.value for x in list(at.warning) + list(at.info)))
     assert "not finite (NaN or inf)" in notes, notes
     assert 'data-probe="feature-acts"' in _html(at)
 

@@ -83,9 +83,9 @@ def count_features(run: Run, sae: str, flt: store.FeatureFilter) -> int:
     return feature_table(run, sae).count(flt)
 
 
-@_cache(max_entries=4)
 def features_csv(run: Run, sae: str, flt: store.FeatureFilter, sort_by: str, descending: bool) -> bytes:
-    return store.features_csv(_cur(run), run.dir, sae, flt, sort_by, descending)
+    """Every matching row as formula-safe CSV (store.csv_bytes), built when the button is pressed."""
+    return feature_table(run, sae).csv(flt, sort_by, descending)
 
 
 @_cache(max_entries=1024)
@@ -105,12 +105,19 @@ def top_examples(run: Run, sae: str, ids: tuple[int, ...], model: str | None = N
 
 @_cache(max_entries=1024)
 def features_by_ids(run: Run, sae: str, ids: tuple[int, ...], columns: tuple[str, ...] = store.TABLE_COLUMNS) -> pd.DataFrame:
+    if set(columns) <= set(store.TABLE_COLUMNS):  # in memory (the features table), no file read
+        return feature_table(run, sae).rows(ids, columns)
     return store.features_by_ids(_cur(run), run.dir, sae, ids, columns)
 
 
-@_cache(max_entries=1024)
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _matches_index(path: str, token: tuple[int, int]) -> store.MatchesIndex:
+    return store.MatchesIndex.open(path)
+
+
 def candidate_matches(run: Run, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
-    return store.candidate_matches(_cur(run), run.dir, sae, feature_id, limit)
+    """Candidate partners in the other SAE, best first (in memory: store.MatchesIndex)."""
+    return _matches_index(run.path, run.token).candidates(sae, feature_id, limit)
 
 
 @_cache(max_entries=256)
@@ -132,14 +139,15 @@ def _with_attrs(pair: tuple[pd.DataFrame, dict]) -> pd.DataFrame:
 
 
 @_cache(max_entries=128)
-def _histogram(run: Run, sae: str, column: str, bins: int, lo: float | None, hi: float | None, log_density: bool) -> tuple[pd.DataFrame, dict]:
-    df = store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density)
+def _histogram(run: Run, sae: str, column: str, bins: int, lo: float | None, hi: float | None, log_density: bool, exclude_both_dead: bool) -> tuple[pd.DataFrame, dict]:
+    df = store.histogram(_cur(run), run.dir, sae, column, bins, lo, hi, log_density, exclude_both_dead)
     return df, dict(df.attrs)
 
 
-def histogram(run: Run, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False) -> pd.DataFrame:
+def histogram(run: Run, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False,
+              exclude_both_dead: bool = False) -> pd.DataFrame:
     """Binned column (attrs: n, n_nan)."""
-    return _with_attrs(_histogram(run, sae, column, bins, lo, hi, log_density))
+    return _with_attrs(_histogram(run, sae, column, bins, lo, hi, log_density, exclude_both_dead))
 
 
 @_cache(max_entries=64)
@@ -148,14 +156,14 @@ def density_regression(run: Run, sae: str, alive_on_both: bool = False) -> dict[
 
 
 @_cache(max_entries=16)
-def _scatter_sample(run: Run, sae: str, max_points: int) -> tuple[pd.DataFrame, dict]:
-    df = store.scatter_sample(_cur(run), run.dir, sae, max_points)
+def _scatter_sample(run: Run, sae: str, max_points: int, exclude_both_dead: bool) -> tuple[pd.DataFrame, dict]:
+    df = store.scatter_sample(_cur(run), run.dir, sae, max_points, exclude_both_dead=exclude_both_dead)
     return df, dict(df.attrs)
 
 
-def scatter_sample(run: Run, sae: str, max_points: int = 20000) -> pd.DataFrame:
+def scatter_sample(run: Run, sae: str, max_points: int = 20000, exclude_both_dead: bool = False) -> pd.DataFrame:
     """Per-feature points (attrs: n_total)."""
-    return _with_attrs(_scatter_sample(run, sae, max_points))
+    return _with_attrs(_scatter_sample(run, sae, max_points, exclude_both_dead))
 
 
 @_cache(max_entries=16)

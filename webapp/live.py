@@ -32,6 +32,8 @@ from explorer.errors import ConfigError, ExplorerError
 from explorer.schema import MODELS, SAES
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from explorer.models import LoadedPair
     from explorer.probe import ProbeResult, SteeringResult
     from webapp.state import Run
@@ -121,6 +123,57 @@ def steer(key: str, token_ids: tuple[int, ...], sae: str, feature_id: int, coef:
     pair = get_pair(key)
     prompt = P.prepare_token_ids(pair, token_ids)
     return P.steer(pair, prompt, sae=sae, feature_id=feature_id, coef=coef, n_new_tokens=n_new_tokens, scale=scale, scale_label=scale_label)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def predictions_table(key: str, kind: str, value: Any, exclude_special_tokens: bool, model: str, position: int, labels: tuple[tuple[str, str], ...]) -> "pd.DataFrame":
+    """The next-token predictions at one position of a probe, one column per variant (in the
+    order of `labels`: (variant, column name)), "‹token›  p%" per rank. Built once per
+    (probe, model, position): a rerun of the page only reads it."""
+    import pandas as pd
+
+    from explorer.render import display_token
+
+    p = probe(key, kind, value, exclude_special_tokens).next_token_predictions(model, position)
+    variant, rank = p["variant"].to_numpy(object), p["rank"].to_numpy()
+    token, prob = p["token_str"].to_numpy(object), p["prob"].to_numpy(dtype=float)
+    ranks = sorted(set(rank.tolist()))
+    cols: dict[str, list] = {"rank": [r + 1 for r in ranks]}
+    for v, name in labels:
+        sel = variant == v
+        by_rank = dict(zip(rank[sel].tolist(), zip(token[sel].tolist(), prob[sel].tolist())))
+        cols[name] = [f"‹{display_token(by_rank[r][0])}›  {100 * by_rank[r][1]:.1f}%" if r in by_rank else "" for r in ranks]
+    return pd.DataFrame(cols)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def top_features_table(key: str, kind: str, value: Any, exclude_special_tokens: bool, sae: str, k: int, url_prefix: str) -> tuple["pd.DataFrame", list[str]]:
+    """One row per token of a probe; per model, k link cells (url_prefix + feature id, with
+    "id (activation)" as the link's text after "#") to the feature pages. Built once per
+    (probe, SAE)."""
+    from urllib.parse import quote
+
+    import numpy as np
+    import pandas as pd
+
+    from explorer.render import display_token
+
+    result = probe(key, kind, value, exclude_special_tokens)
+    n = result.prompt.n_tokens
+    table = pd.DataFrame({"position": np.arange(n), "token": [display_token(t) for t in result.prompt.token_labels]})
+    links = []
+    for m in ("base", "finetuned"):
+        df = result.top_features_per_token(sae, m, k)
+        pos, rank = df["position"].to_numpy(), df["rank"].to_numpy()
+        fid, act = df["feature_id"].to_numpy(), df["activation"].to_numpy(dtype=float)
+        for r in range(k):
+            cells: list = [None] * n
+            for p_, f_, a_ in zip(pos[rank == r].tolist(), fid[rank == r].tolist(), act[rank == r].tolist()):
+                cells[p_] = f"{url_prefix}{f_}#" + quote(f"{f_} ({a_:.3g})")
+            col = f"{m} #{r + 1}"
+            table[col] = cells
+            links.append(col)
+    return table, links
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

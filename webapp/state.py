@@ -17,6 +17,9 @@ live-probe page relies on it):
         The SAE named by `?sae=`; an unknown name gets a warning and falls back to `default`
         (or the first SAE of the run).
 
+    sae_picker(run, key, container=st, resets=()) -> str
+        The SAE selectbox bound to `?sae=` (webapp.urlstate), with sae_param's warning.
+
     feature_param(run, sae, key="feature") -> int | None
         The feature id in `?feature=`; None when absent. Non-numeric, negative, out-of-range
         or huge values show a friendly st.error and return None.
@@ -25,10 +28,16 @@ live-probe page relies on it):
         The pure parser behind feature_param: raises QueryParamError (an ExplorerError).
 
     set_params(**params)
-        Writes query params (None removes one), leaving the others alone.
+        Writes query params (None removes one) in one change of the URL, leaving the others
+        alone (webapp.urlstate.write). Every other selection is bound with webapp.urlstate.
 
     show_error(exc)
-        Shows an ExplorerError (or any exception) as a friendly message, never a traceback.
+        Shows an ExplorerError (or any exception) as a friendly message, never a traceback;
+        the message is shown as text (explorer.render.inert).
+
+    copy_link()
+        The sidebar's "Copy link" button: copies the browser's current URL (every selection
+        of the page is in it).
 
     fragment(func) / @fragment
         st.fragment whose body runs under guard() (use it instead of st.fragment).
@@ -60,6 +69,9 @@ import streamlit as st
 
 from explorer import rundir, schema
 from explorer.errors import ExplorerError, RunError
+from explorer.render import inert
+from webapp import urlstate
+from webapp.urlstate import clip as _clip
 
 log = logging.getLogger("sae_explorer.app")
 
@@ -70,7 +82,6 @@ SAE_PARAM = "sae"
 FEATURE_PARAM = "feature"
 _RUN_STATE = "sae_explorer_run_id"  # plain (non-widget) session key: survives page changes
 _RUN_WIDGET = "sae_explorer_run_picker"
-MAX_PARAM_CHARS = 40
 
 
 class QueryParamError(ExplorerError):
@@ -95,7 +106,11 @@ class Run:
         return [s for s in self.manifest.get("saes", []) if s in schema.SAES]
 
     def d_sae(self, sae: str) -> int:
-        return int(self.manifest.get("d_sae", {}).get(sae, 0))
+        d = self.manifest.get("d_sae")
+        try:
+            return max(0, int(d.get(sae, 0))) if isinstance(d, dict) else 0
+        except (TypeError, ValueError):  # a hand-edited manifest may hold anything
+            return 0
 
     @property
     def config(self) -> dict[str, Any]:
@@ -136,28 +151,12 @@ def open_run(run_id: str) -> Run:
     return Run(run_id=run_id, path=str(path), token=token, manifest=manifest)
 
 
-_MD_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$&:")
-
-
-def _clip(raw: Any) -> str:
-    """A value from the URL, safe to put in a Markdown message: clipped, quoted, non-printing
-    characters replaced, and every Markdown/HTML-special character backslash-escaped (so
-    `[x](javascript:...)` or `<img ...>` in a URL is shown as text, never as a link or tag)."""
-    text = str(raw)
-    text = text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS] + "…"
-    text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
-    return "‘" + "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text) + "’"
-
-
 def _on_run_change() -> None:
     chosen = st.session_state.get(_RUN_WIDGET)
     if chosen:
         st.session_state[_RUN_STATE] = chosen
         # a feature id of one run means nothing in another
-        for key in (SAE_PARAM, FEATURE_PARAM):
-            if key in st.query_params:
-                del st.query_params[key]
-        st.query_params[RUN_PARAM] = chosen
+        st.query_params.from_dict({RUN_PARAM: chosen})  # every other selection is the old run's
 
 
 def _leave_pages_dir_mode() -> None:
@@ -182,6 +181,7 @@ def _leave_pages_dir_mode() -> None:
 def run_picker() -> Run:
     """Sidebar run picker; returns the chosen Run or stops the page with a friendly message."""
     _leave_pages_dir_mode()
+    urlstate.first_wins()
     runs = rundir.list_runs(runs_dir())
     requested = st.query_params.get(RUN_PARAM)
     problem: str | None = None
@@ -213,11 +213,11 @@ def run_picker() -> Run:
 
     with st.sidebar:
         if not runs:
-            st.error(
-                f"No runs found in `{runs_dir()}`. Create one with "
-                "`python -m precompute run --config configs/demo.toml`, or point "
-                f"`{RUNS_DIR_ENV}` at a directory of runs."
-            )
+            st.error(inert(
+                f"No runs found in {runs_dir()}. Create one with "
+                "python -m precompute run --config configs/demo.toml, or point "
+                f"{RUNS_DIR_ENV} at a directory of runs."
+            ))
             st.stop()
         st.session_state[_RUN_WIDGET] = chosen
         st.selectbox(
@@ -229,7 +229,7 @@ def run_picker() -> Run:
             help="A precompute run directory under the runs folder.",
         )
     if problem:
-        st.error(problem)
+        st.error(inert(problem))
         st.stop()
     assert chosen is not None
     st.session_state[_RUN_STATE] = chosen
@@ -240,10 +240,51 @@ def run_picker() -> Run:
     except ExplorerError as exc:
         show_error(exc)
         st.stop()
-    n_tokens = run.manifest.get("n_tokens")
     with st.sidebar:
-        st.caption(f"{n_tokens:,} tokens" if isinstance(n_tokens, int) else "", help=None)
+        st.caption(inert(token_counts(run)))
+        copy_link()
     return run
+
+
+def _count(v: Any) -> int | None:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def token_counts(run: Run) -> str:
+    """The run's token sample in words, with why the SAE statistics count fewer tokens: special
+    tokens (BOS, ...) are left out of them (manifest n_counted_tokens vs n_tokens)."""
+    n, counted = _count(run.manifest.get("n_tokens")), _count(run.manifest.get("n_counted_tokens"))
+    if n is None:
+        return "Token sample size unknown."
+    text = f"{n:,} tokens in the sample"
+    if counted is not None and counted != n:
+        text += f"; {counted:,} count for the SAE and feature statistics ({n - counted:,} special tokens such as BOS left out, as SAELens evals do)"
+    return text + "."
+
+
+_COPY_LINK_HTML = """<!doctype html><html><body style="margin:0;font-family:sans-serif">
+<button id="copy" type="button" style="font:inherit;font-size:14px;padding:4px 10px;border:1px solid #ccc;border-radius:6px;background:#fff;cursor:pointer">Copy link to this view</button>
+<span id="done" style="font-size:12px;color:#555;margin-left:6px"></span>
+<script>
+const done = document.getElementById('done');
+document.getElementById('copy').addEventListener('click', async () => {
+  const url = window.parent.location.href;
+  let ok = false;
+  try { await navigator.clipboard.writeText(url); ok = true; } catch (e) {
+    const t = document.createElement('textarea'); t.value = url; document.body.appendChild(t); t.select();
+    try { ok = document.execCommand('copy'); } catch (e2) { ok = false; }
+    t.remove();
+  }
+  done.textContent = ok ? 'Copied' : url;
+  setTimeout(() => { done.textContent = ''; }, 4000);
+});
+</script></body></html>"""
+
+
+def copy_link() -> None:
+    """A button that copies the browser's current URL: every selection of the page is in its
+    query string (webapp.urlstate), so the link reopens this view. Constant HTML, no data."""
+    st.iframe(_COPY_LINK_HTML, height=40)
 
 
 def parse_feature_id(raw: Any, d_sae: int) -> int | None:
@@ -271,9 +312,26 @@ def sae_param(run: Run, key: str = SAE_PARAM, default: str = "base_sae") -> str:
     if raw is None or raw == "":
         return fallback
     if raw not in saes:
-        st.warning(f"SAE {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(saes)}); showing {fallback}.")
+        st.warning(inert(_unknown_sae(run, raw, fallback)))
         return fallback
     return raw
+
+
+def _unknown_sae(run: Run, raw: Any, fallback: str) -> str:
+    return f"SAE {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(run.saes)}); showing {fallback}."
+
+
+def sae_picker(run: Run, key: str, container: Any = st, resets: tuple[str, ...] = (), saes: list[str] | None = None, **kwargs: Any) -> str:
+    """The SAE selectbox (of `saes`, default the run's), bound to `?sae=` (an unknown SAE:
+    sae_param's warning, then the default)."""
+    from explorer.figures import SAE_LABELS
+
+    saes = list(saes or run.saes or ["base_sae"])
+    default = "base_sae" if "base_sae" in saes else saes[0]
+    return urlstate.widget(
+        container.selectbox, SAE_PARAM, "SAE", saes, key=key, default=default, codec=urlstate.choice(saes), resets=resets, always=True,
+        invalid=lambda raw, _: _unknown_sae(run, raw, default), format_func=lambda s: SAE_LABELS.get(s, s), **kwargs,
+    )
 
 
 def feature_param(run: Run, sae: str, key: str = FEATURE_PARAM) -> int | None:
@@ -285,17 +343,12 @@ def feature_param(run: Run, sae: str, key: str = FEATURE_PARAM) -> int | None:
 
 
 def set_params(**params: Any) -> None:
-    for key, value in params.items():
-        if value is None:
-            if key in st.query_params:
-                del st.query_params[key]
-        elif st.query_params.get(key) != str(value):
-            st.query_params[key] = str(value)
+    urlstate.write(params)
 
 
 def show_error(exc: BaseException) -> None:
     if isinstance(exc, ExplorerError):
-        st.error(str(exc), icon=":material/error:")
+        st.error(inert(str(exc)), icon=":material/error:")
     else:
         st.error(
             "Something went wrong while building this view. The details are in the server log; "

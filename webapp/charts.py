@@ -1,0 +1,82 @@
+"""The pages' plotly figures, built once per (run, selection) and shared: st.cache_resource.
+
+A figure of explorer/figures.py takes 10-25 ms to build from the cached queries of
+webapp/data.py, and as long to unpickle, so st.cache_data (which copies its value on every
+hit) would save nothing; st.plotly_chart only reads a figure (it serializes a dict copy to JSON
+in ~3 ms), so one shared object per key is safe. Keys: the Run (webapp.state.HASH_FUNCS: its
+identity and manifest version) and the selection.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from explorer import figures
+from webapp import data
+from webapp.state import HASH_FUNCS, Run
+
+_figure = lambda **kw: st.cache_resource(show_spinner=False, hash_funcs=HASH_FUNCS, **kw)  # noqa: E731
+
+SIM_BINS = 50
+MAX_POINTS = 20000
+
+
+@_figure(max_entries=32)
+def quality(run: Run, outliers: str) -> tuple[go.Figure, go.Figure]:
+    """CE recovered and explained variance per (SAE, model), outliers included or excluded."""
+    metrics = data.metrics(run)
+    q = metrics[metrics["outliers"] == outliers]
+    return (
+        figures.quality_bars(q, "ce_recovered", "CE recovered", "CE recovered (1 = perfect)"),
+        figures.quality_bars(q, "explained_variance", "Explained variance", "explained variance (per token, mean)"),
+    )
+
+
+@_figure(max_entries=32)
+def resid(run: Run) -> dict[str, go.Figure]:
+    """Residual-stream similarity: a histogram per metric and the by-position curve."""
+    pos, hists, _ = data.resid(run)
+    out = {m: figures.resid_histogram(hists, m) for m in ("cosine", "l2", "seq_mean_cosine", "seq_mean_l2")}
+    out["position"] = figures.resid_by_position(pos)
+    return out
+
+
+@_figure(max_entries=32)
+def similarity(run: Run, sae: str, exclude_both_dead: bool) -> dict[str, go.Figure]:
+    """The Similarity page's figures (the same queries as its captions, webapp.data)."""
+    kw = dict(exclude_both_dead=exclude_both_dead)
+    eps = (run.config.get("thresholds") or {}).get("act_error_eps", 1e-10)
+    try:
+        eps_text = f"{float(eps):g}"
+    except (TypeError, ValueError):
+        eps_text = "eps"
+    pts = data.scatter_sample(run, sae, MAX_POINTS, **kw)
+    return {
+        "act": figures.binned_histogram(data.histogram(run, sae, "act_similarity", SIM_BINS, -1.0, 1.0, **kw), "Activation similarity", "Pearson r over tokens (base vs finetuned)", "features"),
+        "logit": figures.binned_histogram(data.histogram(run, sae, "logit_similarity", SIM_BINS, **kw), "Logit similarity", "Pearson r over the vocabulary", "features"),
+        "error": figures.binned_histogram(data.histogram(run, sae, "act_error", SIM_BINS, **kw), "Activation error", f"mean |Δ log10(f + {eps_text})| over tokens", "features"),
+        "density": figures.two_model_histogram(
+            {m: data.histogram(run, sae, f"density_{m}", SIM_BINS, -10.0, 0.0, log_density=True, **kw) for m in figures.MODELS},
+            "Log-density histograms", "log10(density + 1e-10)  (−10 = never fires)",
+        ),
+        "scatter": figures.density_scatter(pts, data.density_regression(run, sae)),
+        "parcoords": figures.parallel_coordinates(pts),
+    }
+
+
+@_figure(max_entries=256)
+def activation(run: Run, sae: str, feature_id: int) -> go.Figure | None:
+    """One feature's activation histograms on both models with its quantile bins marked; None
+    when it never fires on either model."""
+    row = data.feature(run, sae, feature_id)
+    edges = run.manifest.get("act_hist_edges")
+    if row is None or not edges:
+        return None
+    hists = {m: row.get(f"act_hist_{m}") or [] for m in figures.MODELS}
+    if not any(sum(int(c) for c in h) for h in hists.values()):
+        return None
+    ex = data.feature_examples(run, sae, feature_id)
+    q = ex[ex["kind"] == "quantile"]
+    bins = {m: sorted({(int(r.bin), float(r.bin_low), float(r.bin_high)) for r in q[q["model"] == m].itertuples(index=False)}) for m in figures.MODELS}
+    return figures.activation_histograms(edges, hists, "Activation histogram (positive activations)", quantile_bins={m: b for m, b in bins.items() if b})
