@@ -5,6 +5,7 @@ import math
 import streamlit as st
 
 from explorer import figures, render
+from webapp import crosscoder as crosscoder_ui
 from webapp import data, state, ui
 
 run = state.run_picker()
@@ -152,3 +153,6 @@ with state.guard():
             if len(cands) > 1:
                 with st.expander(f"{len(cands)} candidate matches"):
                     st.dataframe(cands, hide_index=True, column_config={"other_feature_id": st.column_config.NumberColumn("feature", format="%d")})
+
+    # ---- the crosscoder's latents nearest to this feature (issue 16; nothing without a crosscoder)
+    crosscoder_ui.feature_links(run, sae, fid)

@@ -27,6 +27,7 @@ class Prepared:
     special_ids: np.ndarray
     device: str
     inputs: dict[str, Any]
+    crosscoder: Any = None  # explorer.crosscoder.Crosscoder when the config has [crosscoder] (issue 16)
 
     @property
     def n_batches(self) -> int:
@@ -40,6 +41,12 @@ class Prepared:
     def codecs(self) -> dict[str, SaeCodec]:
         """One SaeCodec per SAE, built once per run (their weight norms are computed once)."""
         return {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
+
+    @functools.cached_property
+    def crosscoder_codec(self):
+        from explorer.crosscoder import CrosscoderCodec
+
+        return CrosscoderCodec(self.crosscoder)
 
 
 def _file_fingerprint(path: Path, chunk: int = 16 << 20) -> dict[str, Any]:
@@ -68,6 +75,10 @@ def input_fingerprints(cfg: RunConfig) -> dict[str, Any]:
     for name, spec in cfg.saes.items():
         if spec.path is not None:
             out[name] = _file_fingerprint(cfg.resolve(spec.path) / SAE_WEIGHTS)
+    if cfg.crosscoder is not None:
+        from explorer.crosscoder import weights_file
+
+        out["crosscoder"] = _file_fingerprint(weights_file(cfg.resolve(cfg.crosscoder.path)))
     return out
 
 
@@ -84,6 +95,13 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
         cfg.models["base"], cfg.models["finetuned"], cfg.saes["base_sae"], cfg.saes.get("finetuned_sae"),
         hook=cfg.hook, min_matching_id_share=cfg.thresholds.min_matching_id_share, device=device, root=REPO_ROOT,
     )
+    crosscoder = None
+    if cfg.crosscoder is not None:  # issue 16: one crosscoder over both models at the hook
+        from explorer.crosscoder import check_fits, load_crosscoder
+        from explorer.models import width_at_hook
+
+        crosscoder = load_crosscoder(cfg.resolve(cfg.crosscoder.path), device, cfg.crosscoder.base_layer)
+        check_fits(crosscoder, width_at_hook(pair.base, pair.hook), pair.hook)
     ctx = cfg.sample.context_size
     for label, model in (("base", pair.base), ("finetuned", pair.finetuned)):
         if ctx > model.cfg.n_ctx:
@@ -93,5 +111,5 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     check_token_ids(seqs, vocab, corpus_path)
     sample = sample_sequences(seqs, sources, cfg.sample.n_sequences, cfg.sample.seed, corpus_path)
     special = sorted(set(get_special_token_ids(pair.base.tokenizer)) | set(get_special_token_ids(pair.finetuned.tokenizer)))
-    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg))
+    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), crosscoder)
 

@@ -20,6 +20,7 @@ from precompute import weights as W
 from precompute.accumulators import RESID_METRIC_ORDER, ResidStats
 from precompute.calibration import Calibration
 from precompute.columns import list_col
+from precompute.crosscoder_tables import crosscoder_tables
 from precompute.feature_table import features_table, vocab_strings
 from precompute.forward import ModelRunner
 from precompute.hook_cache import HookActsCache
@@ -56,6 +57,9 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     write("examples.parquet", examples, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE)
     write("tokens.parquet", tokens_table(prep))
     write("vocab.parquet", vocab_table(vocab))
+    if state.crosscoder is not None:  # issue 16
+        for name, table in crosscoder_tables(prep, runners, state.crosscoder, hook_cache, summary).items():
+            write(name, table, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE if name == "crosscoder_examples.parquet" else None)
 
     timing = {**timing, "finalize_seconds": time.time() - t0, "window_batches_from_stream": hook_stats["cached"], "window_batches_recomputed": hook_stats["recomputed"]}
     manifest = build_manifest(prep, state, calib, summary, timing, files)

@@ -35,6 +35,18 @@ def tiny_demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_crosscoder(tiny_demo) -> Path:
+    """A BatchTopK crosscoder trained for a few steps on the tiny demo pair (issue 16):
+    `python -m precompute.crosscoder_train --tiny`, into tiny_demo/crosscoder."""
+    from precompute.crosscoder_train import main
+
+    out = tiny_demo / "crosscoder"
+    if not (out / "crosscoder.safetensors").exists():
+        assert main(["--tiny", "--demo", str(tiny_demo), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def shipped_demo() -> Path:
     path = REPO / "data" / "demo"
     if not (path / "REPORT.json").exists():
