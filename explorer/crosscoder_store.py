@@ -8,7 +8,6 @@ by it), their token ids taken from tokens.parquet, and each model's line is f_j 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -186,12 +185,3 @@ def feature_links(run_dir: Path | str, sae: str, feature_id: int) -> pd.DataFram
                          filters=[("feature_id", "in", [int(x) for x in df["latent_id"]])]).to_pandas()
     info = info.rename(columns={"feature_id": "latent_id"})
     return df.merge(info, on="latent_id", how="left")
-
-
-def finite(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-

@@ -307,19 +307,8 @@ CROSSCODER = _doc(
 
 CROSSCODER_EXAMPLES = _doc(
     pa.schema(
-        [
-            pa.field("feature_id", pa.int32(), nullable=False),
-            pa.field("kind", pa.string(), nullable=False),
-            pa.field("bin", pa.int16()),
-            pa.field("bin_low", pa.float32()),
-            pa.field("bin_high", pa.float32()),
-            pa.field("rank", pa.int16()),
-            pa.field("seq_id", pa.int32()),
-            pa.field("position", pa.int16()),
-            pa.field("activation", pa.float32()),
-            pa.field("window_start", pa.int16()),
-            pa.field("acts", pa.list_(pa.float32())),
-        ]
+        [EXAMPLES.field(n) for n in ("feature_id", "kind", "bin", "bin_low", "bin_high", "rank", "seq_id", "position", "activation", "window_start")]
+        + [pa.field("acts", pa.list_(pa.float32()))]
     ),
     {
         "feature_id": "crosscoder latent",

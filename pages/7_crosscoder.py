@@ -124,22 +124,24 @@ with state.guard():
         "A finetune-only latent with both ν near 0 is really absent from the base model; ν near 1 means the base model needs it too "
         "(an artefact of the crosscoder's sparsity: complete shrinkage or latent decoupling)."
     )
+    j = cc.latent_param(run)
     pts = cs.scatter_points(lat, bands)
     if pts.attrs.get("n_finetune_only", 0) == 0:
         st.caption("No alive latent is in the finetune-only band at these thresholds.")
-    event = st.plotly_chart(figures.latent_scaling_scatter(pts), key="crosscoder_scatter", on_select="rerun", selection_mode="points")
+    # keyed on the shown latent: a new latent starts with no selection (no stale click re-selects one)
+    event = st.plotly_chart(figures.latent_scaling_scatter(pts), key=f"crosscoder_scatter_{j}", on_select="rerun", selection_mode="points")
+    st.caption("Click a point to show that latent below.")
     if pts.attrs.get("n_without_ratio"):
         st.caption(f"{pts.attrs['n_without_ratio']:,} finetune-only latents have no ratio (a zero fit on the finetuned model) and are not drawn.")
     for p in (event.selection.points if event is not None and event.selection else []) or []:
-        j = p.get("customdata")
-        if isinstance(j, list):
-            j = j[0] if j else None
-        if j is not None:
-            state.set_params(latent=int(j))
+        picked = p.get("customdata")
+        if isinstance(picked, list):
+            picked = picked[0] if picked else None
+        if picked is not None and int(picked) != j:
+            state.set_params(latent=int(picked))
             st.rerun()
 
     # ---- one latent
-    j = cc.latent_param(run)
     if j is not None:
         row = cc.latent(run, j)
         st.subheader(f"Latent {j}")

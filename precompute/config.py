@@ -86,6 +86,19 @@ def _positive(section: str, name: str, value: float | int, allow_zero: bool = Fa
         raise ConfigError(f"[{section}] {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
+def _check_example_counts(section: str, cfg: Any, hint: str = "") -> None:
+    """n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample of [examples] or [crosscoder]."""
+    for name in ("n_top", "n_quantile_bins", "n_per_quantile_bin", "quantile_sample"):
+        _positive(section, name, getattr(cfg, name))
+    if cfg.quantile_sample < cfg.n_quantile_bins * cfg.n_per_quantile_bin:
+        raise ConfigError(
+            f"[{section}] quantile_sample ({cfg.quantile_sample}) must be at least n_quantile_bins * n_per_quantile_bin "
+            f"({cfg.n_quantile_bins * cfg.n_per_quantile_bin}){hint}."
+        )
+    if cfg.n_top > 32767 or cfg.quantile_sample > 32767:
+        raise ConfigError(f"[{section}] n_top and quantile_sample must be below 32768.")
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     """A Parquet file with a `token_ids` (list<int>) or `text` column, and an optional `source` column."""
@@ -189,17 +202,9 @@ class ExamplesConfig:
     }
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_quantile_bins", "n_per_quantile_bin", "quantile_sample"):
-            _positive("examples", name, getattr(self, name))
+        _check_example_counts("examples", self, "; about 3x that keeps every bin full")
         for name in ("window_before", "window_after"):
             _positive("examples", name, getattr(self, name), allow_zero=True)
-        if self.quantile_sample < self.n_quantile_bins * self.n_per_quantile_bin:
-            raise ConfigError(
-                f"[examples] quantile_sample ({self.quantile_sample}) must be at least n_quantile_bins * n_per_quantile_bin "
-                f"({self.n_quantile_bins * self.n_per_quantile_bin}); about 3x that keeps every bin full."
-            )
-        if self.n_top > 32767 or self.quantile_sample > 32767:
-            raise ConfigError("[examples] n_top and quantile_sample must be below 32768.")
 
 
 @dataclass(frozen=True)
@@ -256,15 +261,9 @@ class CrosscoderConfig:
             raise ConfigError("[crosscoder] path is required: a crosscoder directory or a dictionary_learning checkpoint.")
         if self.base_layer not in (0, 1):
             raise ConfigError(f"[crosscoder] base_layer is the checkpoint's index of the base model: 0 or 1, got {self.base_layer}.")
-        for name in ("n_top", "n_quantile_bins", "n_per_quantile_bin", "quantile_sample", "n_nearest", "n_links"):
+        _check_example_counts("crosscoder", self)
+        for name in ("n_nearest", "n_links"):
             _positive("crosscoder", name, getattr(self, name))
-        if self.quantile_sample < self.n_quantile_bins * self.n_per_quantile_bin:
-            raise ConfigError(
-                f"[crosscoder] quantile_sample ({self.quantile_sample}) must be at least n_quantile_bins * n_per_quantile_bin "
-                f"({self.n_quantile_bins * self.n_per_quantile_bin})."
-            )
-        if self.n_top > 32767 or self.quantile_sample > 32767:
-            raise ConfigError("[crosscoder] n_top and quantile_sample must be below 32768.")
         if not 0 <= self.base_only_max < self.shared_min <= self.shared_max < self.finetune_only_min <= 1:
             raise ConfigError(
                 "[crosscoder] the relative-norm bands need 0 <= base_only_max < shared_min <= shared_max < finetune_only_min <= 1, got "

@@ -406,7 +406,7 @@ def test_nearest_features_and_links_match_brute_force(planted):
     prep, cc = planted["prep"], planted["cc"]
     links = pq.read_table(planted["dir"] / "crosscoder_links.parquet").to_pandas()
     for s, m in (("base_sae", 0), ("finetuned_sae", 1)):
-        w = prep.pair.saes[s].W_dec.double().numpy()
+        w = prep.pair.saes[s].W_dec.detach().double().numpy()
         w = w / np.linalg.norm(w, axis=1, keepdims=True)
         dd = cc.decoder_in_model_space(m).double().numpy()
         nz = np.linalg.norm(dd, axis=1) > 0
