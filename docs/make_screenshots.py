@@ -27,6 +27,7 @@ def pages(run: str, sae: str, feature: int) -> dict[str, str]:
         "dead_born": f"/dead-born?run={run}",
         "similarity": f"/similarity?run={run}&sae={sae}",
         "live_probe": f"/live_probe?run={run}",
+        "crosscoder": f"/crosscoder?run={run}",
     }
 
 

@@ -14,6 +14,11 @@ st.title("Crosscoder")
 
 PAGE_SIZE = 8
 _OUTER, _SHARED, _SORT = "crosscoder_outer", "crosscoder_shared", "crosscoder_sort"
+SOURCES = {
+    "this project's format": "this project's format",
+    "dictionary_learning CrossCoder": "a dictionary_learning CrossCoder checkpoint",
+    "dictionary_learning BatchTopKCrossCoder": "a dictionary_learning BatchTopKCrossCoder checkpoint",
+}
 SORT_LABELS = {"density": "density", "nu_error": "ν_ε (Latent Scaling)", "nu_recon": "ν_r (Latent Scaling)", "relative_norm": "relative norm", "max_act": "max activation"}
 
 
@@ -74,10 +79,13 @@ with state.guard():
     summ = cc.summary(run)
     lat = cc.latents(run)
     bands = cc.bands_param(run)
+    # manifest strings are never rendered: known values get a label, anything else a neutral one
+    arch = {"batchtopk": "a BatchTopK crosscoder", "relu": "a ReLU (L1) crosscoder"}.get(summ.get("architecture"), "a crosscoder")
+    source = SOURCES.get(summ.get("source"), "an unrecognised source")
     st.caption(
         "One dictionary over both models: each latent has one activation per token, read from the base and the finetuned "
         "activations together, and one decoder row per model (Anthropic 2024, Sparse Crosscoders). "
-        f"{summ.get('source', '')}, {summ.get('architecture', '')}, {len(lat):,} latents."
+        f"This run's: {arch} with {len(lat):,} latents, from {source}."
     )
     ui.legend()
 

@@ -26,24 +26,21 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
-    """A freshly built tiny demo pair: base/, finetuned/, saes/{base_sae,finetuned_sae}/, eval_corpus.parquet."""
+    """A freshly built tiny demo pair: base/, finetuned/, saes/{base_sae,finetuned_sae}/, eval_corpus.parquet,
+    and, as the shipped demo, its crosscoder/ (`python -m precompute.crosscoder_train --tiny`)."""
+    from precompute.crosscoder_train import main as train_crosscoder
     from precompute.demo import main
 
     out = tmp_path_factory.mktemp("tiny_demo") / "demo"
     assert main(["--tiny", "--out", str(out)]) == 0
+    assert train_crosscoder(["--tiny", "--demo", str(out), "--out", str(out / "crosscoder")]) == 0
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_crosscoder(tiny_demo) -> Path:
-    """A BatchTopK crosscoder trained for a few steps on the tiny demo pair (issue 16):
-    `python -m precompute.crosscoder_train --tiny`, into tiny_demo/crosscoder."""
-    from precompute.crosscoder_train import main
-
-    out = tiny_demo / "crosscoder"
-    if not (out / "crosscoder.safetensors").exists():
-        assert main(["--tiny", "--demo", str(tiny_demo), "--out", str(out)]) == 0
-    return out
+    """The tiny demo pair's crosscoder (issue 16): a BatchTopK crosscoder trained for a few steps."""
+    return tiny_demo / "crosscoder"
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ PAGES = {
     "feature": "pages/3_feature.py",
     "dead_born": "pages/4_dead-born.py",
     "similarity": "pages/5_similarity.py",
+    "crosscoder": "pages/7_crosscoder.py",
 }
 N = 120
 

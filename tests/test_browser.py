@@ -168,7 +168,7 @@ def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
     assert got.top_tokens.fillna("").tolist() == want.top_tokens.fillna("").tolist()  # hostile strings intact, as data
 
 
-@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth"])
+@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth", "/crosscoder?run=synth"])
 def test_every_page_url_is_found_as_a_fresh_servers_first_request(synthetic_runs, page, path):
     """In Streamlit's pages/-directory mode a URL must match a page file's name (4_dead-born.py -> dead-born)."""
     from tests.browser_utils import streamlit_server

@@ -610,3 +610,25 @@ def test_feature_page_links_back_to_the_crosscoder(app, planted):
     pl = [b.proto for b in at.get("page_link")]
     mine = [x for x in pl if "7_crosscoder" in x.page or "crosscoder" in x.page]
     assert mine and f"latent {int(row.latent_id)}" in mine[0].label
+
+
+# ------------------------------------------------------------------ the shipped crosscoder
+
+
+def test_shipped_crosscoder_fits_the_demo_and_its_report_reproduces(shipped_demo):
+    """data/demo/crosscoder loads, fits the demo pair's hook, is small, and its last curve point
+    (FVE on the first evaluation sequences of each source) is recomputed from the shipped files."""
+    from precompute.crosscoder_train import Activations, eval_sequences, evaluate
+
+    path = shipped_demo / "crosscoder"
+    cc = load_crosscoder(path)
+    assert (cc.d_in, cc.d_sae, cc.architecture) == (128, 2048, "batchtopk") and cc.meta["hook"] == "blocks.1.hook_resid_pre"
+    assert sum(p.stat().st_size for p in path.iterdir()) < 5 * 2**20
+    data = json.loads((path / "training.json").read_text())
+    report = json.loads((shipped_demo / "REPORT.json").read_text())["crosscoder"]
+    assert report["eval"] == data["info"]["eval"] and "## Crosscoder" in (shipped_demo / "REPORT.md").read_text()
+    last = data["curve"][-1]
+    got = evaluate(cc, Activations(shipped_demo), eval_sequences(shipped_demo, data["info"]["config"]["eval_sequences"]))
+    assert got["base"]["explained_variance"] == pytest.approx(last["eval_fve_base"], abs=1e-4)
+    assert got["finetuned"]["explained_variance"] == pytest.approx(last["eval_fve_finetuned"], abs=1e-4)
+    assert min(last["eval_fve_base"], last["eval_fve_finetuned"]) > 0.7
