@@ -123,6 +123,12 @@ with state.guard():
     b.metric("shared", f"{counts['shared']:,}")
     c.metric("finetune-only", f"{counts['finetune_only']:,}")
     d.metric("alive latents", f"{counts['alive']:,}", help=f"{counts['dead']:,} dead latents (never fired) are left out of the bands and the histogram")
+    rel_alive = lat.loc[cs.alive(lat), "relative_norm"].dropna()
+    if len(rel_alive) and (counts["base_only"] == 0 or counts["finetune_only"] == 0):
+        st.caption(
+            f"The alive latents' relative norms run from {rel_alive.min():.3f} to {rel_alive.max():.3f}: an empty band is a finding "
+            "(no latent that exclusive at this threshold), and moving the sliders lists the most base- or finetune-leaning latents."
+        )
 
     # ---- latent scaling
     st.subheader("Latent Scaling")

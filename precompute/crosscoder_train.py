@@ -385,6 +385,7 @@ def rel_norm(cc) -> dict:
     return {
         "base_only": int((r <= d["base_only_max"]).sum()), "finetune_only": int((r >= d["finetune_only_min"]).sum()),
         "shared": int(((r >= d["shared_min"]) & (r <= d["shared_max"])).sum()), "total": int(len(r)),
+        "percentiles": {str(q): float(np.nanpercentile(r, q)) for q in (0, 1, 50, 99, 100)},
     }
 
 
@@ -420,10 +421,13 @@ def report_lines(info: dict, curve: list[dict], rel_out: str) -> list[str]:
         f"L0 on the evaluation corpus {ev['l0']:.1f}; {info['dead_latents_eval']} of {cfg['d_sae']} latents never fire on it; "
         f"inference threshold {info['threshold']:.4g}. Relative decoder norm ||d_F|| / (||d_B|| + ||d_F||): "
         f"{rel['base_only']} base-only, {rel['shared']} shared, {rel['finetune_only']} finetune-only latents "
-        "(the precompute's default bands).",
+        "(the precompute's default bands)"
+        + (_percentile_text(rel["percentiles"]) if "percentiles" in rel else "."),
         "",
-        "Training curve (loss: sum over both models of ||x - xhat||^2, mean over the batch's tokens; FVE on the training "
-        "batch; eval FVE on the first evaluation sequences of each source):",
+        "Training curve (loss: sum over both models of ||x - xhat||^2, mean over the batch's tokens, in the crosscoder's "
+        "normalised units; FVE and L0 on the training batch, where BatchTopK keeps exactly k per token on average; eval FVE "
+        "on the first evaluation sequences of each source with the inference threshold, which is unset before step "
+        f"{cfg['threshold_start_step']} (every positive latent fires then, so the first eval row is not comparable):",
         "",
         "| step | tokens | loss | FVE base | FVE finetuned | L0 | dead | eval FVE base | eval FVE finetuned |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -439,6 +443,10 @@ def report_lines(info: dict, curve: list[dict], rel_out: str) -> list[str]:
     return lines
 
 
+def _percentile_text(p: dict) -> str:
+    return f"; relative norms from {p['0']:.3f} to {p['100']:.3f} (1st and 99th percentiles {p['1']:.3f} and {p['99']:.3f}, median {p['50']:.3f})."
+
+
 def update_report(demo_dir: Path, out: Path) -> None:
     """REPORT.json["crosscoder"] and the REPORT.md section (replaced if present), from out/training.json."""
     data = json.loads((out / "training.json").read_text())
@@ -448,6 +456,10 @@ def update_report(demo_dir: Path, out: Path) -> None:
         rel_out = str(out)
     report_json = demo_dir / "REPORT.json"
     report = json.loads(report_json.read_text())
+    from explorer.crosscoder import load_crosscoder
+
+    data["info"]["relative_norm_counts"] = rel_norm(load_crosscoder(out))  # from the saved weights
+    (out / "training.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     report["crosscoder"] = {**data["info"], "path": rel_out}
     report_json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     md = demo_dir / "REPORT.md"
