@@ -30,6 +30,7 @@ PAGES = [
     st.Page("pages/4_dead-born.py", title="Dead & born", url_path="dead-born"),
     st.Page("pages/5_similarity.py", title="Similarity", url_path="similarity"),
     st.Page("pages/6_live_probe.py", title="Live probe", url_path="live_probe"),
+    st.Page("pages/7_crosscoder.py", title="Crosscoder", url_path="crosscoder"),
 ]
 
 pg = st.navigation(PAGES)

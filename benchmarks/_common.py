@@ -48,8 +48,10 @@ def corpus_info(demo: Path) -> tuple[int, int]:
 
 def demo_config_text(run_id: str, demo: Path, n_tokens: int, context: int) -> str:
     """configs/demo.toml (both SAEs, the shipped settings) with absolute paths into `demo` and
-    our run_id, n_tokens and context_size."""
+    our run_id, n_tokens and context_size; without its [crosscoder] section, so that the
+    benchmarks keep measuring the SAE pipeline their results in RESULTS.md describe."""
     text = (REPO / "configs" / "demo.toml").read_text()
+    text = re.sub(r"(?ms)^\[crosscoder\].*?(?=^\[|\Z)", "", text)
     text = re.sub(r"(?m)^run_id\s*=.*$", f"run_id = {json.dumps(run_id)}", text)
     text = re.sub(r'(?m)^path\s*=\s*"(?:\.\./)?data/demo/([^"]*)"', lambda m: f"path = {json.dumps(str(Path(demo) / m.group(1)))}", text)
     text = re.sub(r"(?m)^n_tokens\s*=\s*\d+", f"n_tokens = {n_tokens}", text)

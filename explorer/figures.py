@@ -208,3 +208,65 @@ def quality_bars(metrics: pd.DataFrame, column: str, title: str, y_title: str) -
         fig.add_trace(go.Bar(x=[SAE_LABELS.get(s, s) for s in sub["sae"]], y=sub[column], name=MODEL_LABELS[m], marker_color=MODEL_COLORS[m]))
     fig.update_layout(barmode="group")
     return _layout(fig, title, "SAE", y_title, height=300)
+
+
+# ------------------------------------------------------------------ crosscoder (issue 16)
+
+BAND_COLORS = {"base_only": MODEL_COLORS["base"], "shared": "#6d7f3a", "finetune_only": MODEL_COLORS["finetuned"], "other": "#c9ced3"}
+BAND_NAMES = {"base_only": "base-only", "shared": "shared", "finetune_only": "finetune-only", "other": "in between"}
+
+
+def _band_of(x: np.ndarray, bands) -> np.ndarray:
+    out = np.full(len(x), "other", dtype=object)
+    out[x >= bands.shared_min] = np.where(x[x >= bands.shared_min] <= bands.shared_max, "shared", "other")
+    out[x <= bands.base_only_max] = "base_only"
+    out[x >= bands.finetune_only_min] = "finetune_only"
+    return out
+
+
+def relative_norm_histogram(hist: pd.DataFrame, bands, title: str = "Relative decoder norm of the alive latents") -> go.Figure:
+    """Bars over [0, 1] coloured by the band of the bin's centre, the band edges as lines.
+    `bands` has base_only_max, shared_min, shared_max, finetune_only_min (explorer.crosscoder_store.Bands)."""
+    left = hist["bin_left"].to_numpy(dtype=float)
+    right = hist["bin_right"].to_numpy(dtype=float)
+    centre = (left + right) / 2
+    band = _band_of(centre, bands)
+    fig = go.Figure()
+    for b in ("base_only", "other", "shared", "finetune_only"):
+        sel = band == b
+        if not sel.any():
+            continue
+        fig.add_trace(
+            go.Bar(
+                x=centre[sel], y=hist["count"].to_numpy()[sel], width=(right - left)[sel], marker_color=BAND_COLORS[b], name=BAND_NAMES[b],
+                customdata=np.stack([left[sel], right[sel]], axis=1),
+                hovertemplate="[%{customdata[0]:.2f}, %{customdata[1]:.2f}): %{y} latents<extra>" + _safe(BAND_NAMES[b]) + "</extra>",
+            )
+        )
+    for x in (bands.base_only_max, bands.shared_min, bands.shared_max, bands.finetune_only_min):
+        fig.add_vline(x=float(x), line=dict(color="#333", dash="dot", width=1))
+    fig.update_layout(bargap=0, barmode="overlay")
+    fig.update_xaxes(range=[0, 1])
+    return _layout(fig, title, "||d_F|| / (||d_B|| + ||d_F||)   (0 base-only · 0.5 shared · 1 finetune-only)", "latents")
+
+
+def latent_scaling_scatter(points: pd.DataFrame, title: str = "Latent Scaling: finetune-only latents (shared for reference)") -> go.Figure:
+    """nu_error (x) vs nu_recon (y) per latent, coloured by band; customdata = feature_id (Minder et al. 2025, fig. 3)."""
+    fig = go.Figure()
+    for b in ("shared", "finetune_only"):
+        sub = points[points["band"] == b]
+        if sub.empty:
+            continue
+        fig.add_trace(
+            go.Scattergl(
+                x=sub["nu_error"].to_numpy(dtype=float), y=sub["nu_recon"].to_numpy(dtype=float), mode="markers", name=BAND_NAMES[b],
+                marker=dict(size=7 if b == "finetune_only" else 5, color=BAND_COLORS[b], opacity=0.85 if b == "finetune_only" else 0.35),
+                customdata=sub["feature_id"].to_numpy(),
+                hovertemplate="latent %{customdata}<br>ν_ε %{x:.3f}<br>ν_r %{y:.3f}<extra>" + _safe(BAND_NAMES[b]) + "</extra>",
+            )
+        )
+    for v in (0.0, 1.0):
+        fig.add_hline(y=v, line=dict(color="#999", dash="dash", width=1))
+        fig.add_vline(x=v, line=dict(color="#999", dash="dash", width=1))
+    return _layout(fig, title, "ν_ε = β_ε(base) / β_ε(finetuned)   (error: ~0 real, ~1 complete shrinkage)",
+                   "ν_r = β_r(base) / β_r(finetuned)   (~1: latent decoupling)", height=460)

@@ -15,6 +15,7 @@ A run lives in `data/runs/<run_id>/`:
     features.parquet         FEATURES          one row per (sae, feature_id), both models
     examples.parquet         EXAMPLES          top and quantile examples, sorted by (sae, feature_id)
     matches.parquet          MATCHES           candidate pairs between the two SAEs (two-SAE runs)
+    crosscoder*.parquet      CROSSCODER...     a crosscoder over both models (runs with [crosscoder])
 
 Vocabulary (STYLE.md): `feature_id` is the latent index, never a row position; `model` is
 "base" or "finetuned"; `sae` is "base_sae" or "finetuned_sae"; `run_id` names a run.
@@ -32,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # 2: the optional crosscoder tables (issue 16)
 
 MANIFEST = "manifest.json"
 MODELS = ("base", "finetuned")
@@ -272,6 +273,90 @@ MATCHES = _doc(
     },
 )
 
+# ------------------------------------------------------------------ crosscoder (issue 16)
+# One crosscoder over both models (precompute/crosscoder_stats.py defines every quantity): its
+# latent j has one activation f_j(t) per token (from both models' activations) and one decoder
+# row per model, d_j^base and d_j^finetuned (W_dec[m, j], in the crosscoder's normalised space).
+
+CROSSCODER = _doc(
+    pa.schema(
+        [pa.field("feature_id", pa.int32(), nullable=False)]
+        + [pa.field(k, pa.float64()) for k in ("dec_norm_base", "dec_norm_finetuned", "relative_norm", "dec_cos")]
+        + [pa.field(k, pa.float64()) for k in ("density", "mean_act", "mean_active_act", "max_act")]
+        + _model_cols("density", pa.float64())
+        + [pa.field("act_hist", pa.list_(pa.int64()))]
+        + [pa.field(f"beta_{kind}_{m}", pa.float64()) for kind in ("error", "recon") for m in MODELS]
+        + [pa.field(k, pa.float64()) for k in ("nu_error", "nu_recon", "nu_error_mirror", "nu_recon_mirror")]
+        + [pa.field(f"nearest_{s}_{k}", t) for s in SAES for k, t in (("ids", pa.list_(pa.int32())), ("cos", pa.list_(pa.float32())))]
+    ),
+    {
+        "feature_id": "latent index in the crosscoder",
+        "dec_norm_base": "||d_j^base||, the norm of the latent's base decoder row",
+        "dec_norm_finetuned": "||d_j^finetuned||",
+        "relative_norm": "||d_F|| / (||d_B|| + ||d_F||): ~0 base-only, ~0.5 shared, ~1 finetune-only (Anthropic 2024); NaN when both are 0",
+        "dec_cos": "cos(d_j^base, d_j^finetuned); NaN when either is 0",
+        "density": "fraction of counted tokens where the latent fires (f_j > 0)",
+        "mean_act": "mean of f_j over counted tokens",
+        "mean_active_act": "mean of f_j over the tokens where it fires (NaN if dead)",
+        "max_act": "max of f_j (0 if dead)",
+        **{f"density_{m}": f"fraction of counted tokens where the latent writes into the {m} model's reconstruction (f_j > 0 and d_j^{m} != 0)" for m in MODELS},
+        "act_hist": "counts of positive f_j in the bins schema.ACT_HIST_EDGES",
+        **{f"beta_error_{m}": f"Latent Scaling: best scalar fit of f_j d_j^finetuned to the {m} model's error without latent j (activation minus the other latents' reconstruction; Minder et al. 2025)" for m in MODELS},
+        **{f"beta_recon_{m}": f"Latent Scaling: best scalar fit of f_j d_j^finetuned to the {m} model's reconstruction" for m in MODELS},
+        "nu_error": "beta_error_base / beta_error_finetuned (Minder et al.'s nu^epsilon: ~0 a real finetune-only latent, ~1 complete shrinkage)",
+        "nu_recon": "beta_recon_base / beta_recon_finetuned (Minder et al.'s nu^r: ~0 real, ~1 latent decoupling)",
+        "nu_error_mirror": "the mirror for base-only latents: fits of f_j d_j^base, beta_error_finetuned / beta_error_base",
+        "nu_recon_mirror": "the mirror: beta_recon_finetuned / beta_recon_base with f_j d_j^base",
+        **{f"nearest_{s}_ids": f"the {s} features nearest to d_j^{'base' if s == 'base_sae' else 'finetuned'} by decoder cosine (best first; empty if that row is 0, null without the SAE)" for s in SAES},
+        **{f"nearest_{s}_cos": "their decoder cosines" for s in SAES},
+    },
+)
+
+CROSSCODER_EXAMPLES = _doc(
+    pa.schema(
+        [EXAMPLES.field(n) for n in ("feature_id", "kind", "bin", "bin_low", "bin_high", "rank", "seq_id", "position", "activation", "window_start")]
+        + [pa.field("acts", pa.list_(pa.float32()))]
+    ),
+    {
+        "feature_id": "crosscoder latent",
+        "kind": "top (highest f_j) | quantile (a uniform sample of the firing tokens in equal-count activation bins)",
+        "bin": "quantile bin index (0 = lowest); null for top examples",
+        "bin_low": "lowest f_j among the latent's sampled tokens in this bin; null for top",
+        "bin_high": "highest f_j among the latent's sampled tokens in this bin; null for top",
+        "rank": "0-based rank within (kind, bin)",
+        "seq_id": "sequence in tokens.parquet (the window's token ids are read from there)",
+        "position": "position of the selecting token in the sequence",
+        "activation": "f_j at (seq_id, position)",
+        "window_start": "position of the window's first token; the window is acts' length long",
+        "acts": "f_j on each window token (0 at special tokens); model m's line is acts x dec_norm_m",
+    },
+)
+
+CROSSCODER_LINKS = _doc(
+    pa.schema(
+        [pa.field("sae", pa.string(), nullable=False), pa.field("feature_id", pa.int32(), nullable=False), pa.field("rank", pa.int16()),
+         pa.field("latent_id", pa.int32()), pa.field("dec_cos", pa.float32())]
+    ),
+    {
+        "sae": "base_sae (linked through d_j^base) or finetuned_sae (through d_j^finetuned)",
+        "feature_id": "feature of that SAE",
+        "rank": "0 = the crosscoder latent with the largest decoder cosine to this feature",
+        "latent_id": "crosscoder latent",
+        "dec_cos": "cos(W_dec_sae[feature_id], d_latent^model), in the model's own space",
+    },
+)
+
+CROSSCODER_METRICS = _doc(
+    pa.schema(
+        [f for f in METRICS if f.name != "sae"][:5] + [pa.field("explained_variance_pooled", pa.float64())] + [f for f in METRICS if f.name != "sae"][5:]
+    ),
+    {
+        **{k: v.replace("SAE", "crosscoder") for k, v in _metric_docs.items() if k not in ("sae", "model")},
+        "model": "base or finetuned: the model whose activation is reconstructed (the crosscoder reads both)",
+        "explained_variance_pooled": "sae_lens 6.54's explained_variance: 1 - sum ||x - xhat||^2 / sum ||x - mean(x)||^2 over the variant's tokens",
+    },
+)
+
 # file name -> schema; the manifest lists exactly these (MATCHES only for two-SAE runs)
 TABLES: dict[str, pa.Schema] = {
     "vocab.parquet": VOCAB,
@@ -283,8 +368,13 @@ TABLES: dict[str, pa.Schema] = {
     "features.parquet": FEATURES,
     "examples.parquet": EXAMPLES,
     "matches.parquet": MATCHES,
+    "crosscoder.parquet": CROSSCODER,
+    "crosscoder_examples.parquet": CROSSCODER_EXAMPLES,
+    "crosscoder_links.parquet": CROSSCODER_LINKS,
+    "crosscoder_metrics.parquet": CROSSCODER_METRICS,
 }
-OPTIONAL_TABLES = {"matches.parquet"}
+CROSSCODER_TABLES = {"crosscoder.parquet", "crosscoder_examples.parquet", "crosscoder_links.parquet", "crosscoder_metrics.parquet"}
+OPTIONAL_TABLES = {"matches.parquet"} | CROSSCODER_TABLES
 
 # Row-group size of examples.parquet: small enough that one feature's rows are read by
 # row-group pruning on (sae, feature_id).
@@ -321,7 +411,7 @@ MANIFEST_DOCS = {
     "calibration": "outlier thresholds (and the mean norms they come from) per model, and l2_max, fixed on the first sequences",
     "resid_l2_range": "[0, l2_max]: the range of the L2 histograms",
     "resid_clipped": "per resid histogram metric, the values outside its range (counted in the end bins)",
-    "summary": "counts: status and cross-class per SAE, NaN similarities, non-finite explained variance, matching (mode, born/lost at the threshold)",
+    "summary": "counts: status and cross-class per SAE, NaN similarities, non-finite explained variance, matching (mode, born/lost at the threshold); crosscoder (its format, sizes, bands at the config's thresholds, dead latents, pooled explained variance per model)",
     "timing": "stream seconds, tokens streamed, tokens per second, finalize seconds (of the invocation that finished the run)",
     "files": "file name -> {rows, bytes, sha256}",
 }

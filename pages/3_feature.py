@@ -5,6 +5,7 @@ import streamlit as st
 from explorer import figures, render
 from explorer.render import inert
 from webapp import charts, data, state, ui, urlstate
+from webapp import crosscoder as crosscoder_ui
 
 run = state.run_picker()
 st.title("Feature")
@@ -149,3 +150,6 @@ with state.guard():
             if len(cands) > 1:
                 with st.expander(f"{len(cands):d} candidate matches"):
                     st.dataframe(cands, hide_index=True, column_config={"other_feature_id": st.column_config.NumberColumn("feature", format="%d")})
+
+    # ---- the crosscoder's latents nearest to this feature (issue 16; nothing without a crosscoder)
+    crosscoder_ui.feature_links(run, sae, fid)

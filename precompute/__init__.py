@@ -12,10 +12,12 @@ The stages, in the order data passes through them (entry points: `run.run`, `run
 4. `stream`       batch by batch into the accumulators of the pass state (`pass_state`, which
                   also owns checkpoints and shard states), keeping the hook activations for the
                   example windows (`hook_cache`).
-5. `tables`       finalize: one builder per table (`feature_table` builds features.parquet),
-                  the example windows (`examples`), then the manifest (`manifest`), last.
+5. `tables`       finalize: one builder per table (`feature_table` builds features.parquet,
+                  `crosscoder_tables` the crosscoder's), the example windows (`examples`), then
+                  the manifest (`manifest`), last.
 
-Below the stages: `accumulators` (mergeable statistics), `weights` (weights-only statistics and
-matching), `examples`, `corpus`, `config`, and `explorer/` (loading, schema, run directory).
+Below the stages: `accumulators` (mergeable statistics; `crosscoder_stats`, a crosscoder's),
+`weights` (weights-only statistics and matching), `examples`, `corpus`, `config`, and `explorer/` (loading, schema, run directory).
+Beside them: `demo` builds the demo pair, `crosscoder_train` trains its crosscoder.
 Nothing imports upward: entry points call stages, stages call those libraries.
 """

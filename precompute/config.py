@@ -15,6 +15,7 @@
                  min_matching_id_share, act_error_eps
     [examples]   n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample, window_before, window_after
     [matching]   max_all_pairs_d_sae, n_candidates, n_kept_per_feature
+    [crosscoder] path, base_layer, examples and bands (optional: one crosscoder over both models)
 
 Relative paths are resolved against the folder of the config file (`base_dir`; the repository
 root for a config built from a dict without one), at load time: the stored config keeps the
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from explorer.crosscoder import DEFAULT_BANDS
 from explorer.errors import ConfigError, MissingPathError
 from explorer.hf_loading import check_dtype, check_processing
 from explorer.models import DEFAULT_MIN_MATCHING_ID_SHARE, ModelSpec, SAESpec
@@ -92,6 +94,19 @@ def _positive(section: str, name: str, value: float | int, allow_zero: bool = Fa
 
 
 CORPUS_FORMATS = ("auto", "parquet", "jsonl", "text", "datasets")
+
+
+def _check_example_counts(section: str, cfg: Any, hint: str = "") -> None:
+    """n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample of [examples] or [crosscoder]."""
+    for name in ("n_top", "n_quantile_bins", "n_per_quantile_bin", "quantile_sample"):
+        _positive(section, name, getattr(cfg, name))
+    if cfg.quantile_sample < cfg.n_quantile_bins * cfg.n_per_quantile_bin:
+        raise ConfigError(
+            f"[{section}] quantile_sample ({cfg.quantile_sample}) must be at least n_quantile_bins * n_per_quantile_bin "
+            f"({cfg.n_quantile_bins * cfg.n_per_quantile_bin}){hint}."
+        )
+    if cfg.n_top > 32767 or cfg.quantile_sample > 32767:
+        raise ConfigError(f"[{section}] n_top and quantile_sample must be below 32768.")
 
 
 @dataclass(frozen=True)
@@ -202,17 +217,9 @@ class ExamplesConfig:
     }
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_quantile_bins", "n_per_quantile_bin", "quantile_sample"):
-            _positive("examples", name, getattr(self, name))
+        _check_example_counts("examples", self, "; about 3x that keeps every bin full")
         for name in ("window_before", "window_after"):
             _positive("examples", name, getattr(self, name), allow_zero=True)
-        if self.quantile_sample < self.n_quantile_bins * self.n_per_quantile_bin:
-            raise ConfigError(
-                f"[examples] quantile_sample ({self.quantile_sample}) must be at least n_quantile_bins * n_per_quantile_bin "
-                f"({self.n_quantile_bins * self.n_per_quantile_bin}); about 3x that keeps every bin full."
-            )
-        if self.n_top > 32767 or self.quantile_sample > 32767:
-            raise ConfigError("[examples] n_top and quantile_sample must be below 32768.")
 
 
 @dataclass(frozen=True)
@@ -231,6 +238,55 @@ class MatchingConfig:
 
 
 @dataclass(frozen=True)
+class CrosscoderConfig:
+    """[crosscoder] (issue 16): one crosscoder over both models at the run's hook.
+
+    `path`: this project's crosscoder directory or a dictionary_learning CrossCoder /
+    BatchTopKCrossCoder checkpoint (explorer/crosscoder.py); `base_layer`: the checkpoint's index of
+    the base model. Examples per latent: n_top, and a quantile sample as [examples] has it (fewer by
+    default: one set per latent, shown on both models). n_nearest SAE features per latent and
+    n_links latents per SAE feature, by decoder cosine. Bands of the relative decoder norm
+    ||d_F|| / (||d_B|| + ||d_F||) (the app's default thresholds): base-only <= base_only_max,
+    shared in [shared_min, shared_max], finetune-only >= finetune_only_min; the defaults are
+    Minder et al. 2025's bands on their Delta-norm (0.1, 0.4-0.6, 0.9) expressed as relative norm
+    (1/6, 4/9-5/9, 5/6), rounded.
+    """
+
+    path: str = ""
+    base_layer: int = 0
+    n_top: int = 10
+    n_quantile_bins: int = 4
+    n_per_quantile_bin: int = 1
+    quantile_sample: int = 12
+    n_nearest: int = 5
+    n_links: int = 3
+    base_only_max: float = DEFAULT_BANDS["base_only_max"]
+    shared_min: float = DEFAULT_BANDS["shared_min"]
+    shared_max: float = DEFAULT_BANDS["shared_max"]
+    finetune_only_min: float = DEFAULT_BANDS["finetune_only_min"]
+
+    FIELD_TYPES = {
+        "path": str, "base_layer": int, "n_top": int, "n_quantile_bins": int, "n_per_quantile_bin": int, "quantile_sample": int,
+        "n_nearest": int, "n_links": int, "base_only_max": float, "shared_min": float, "shared_max": float, "finetune_only_min": float,
+    }
+    REQUIRED = ("path",)
+
+    def __post_init__(self) -> None:
+        if not self.path.strip():
+            raise ConfigError("[crosscoder] path is required: a crosscoder directory or a dictionary_learning checkpoint.")
+        if self.base_layer not in (0, 1):
+            raise ConfigError(f"[crosscoder] base_layer is the checkpoint's index of the base model: 0 or 1, got {self.base_layer}.")
+        _check_example_counts("crosscoder", self)
+        for name in ("n_nearest", "n_links"):
+            _positive("crosscoder", name, getattr(self, name))
+        if not 0 <= self.base_only_max < self.shared_min <= self.shared_max < self.finetune_only_min <= 1:
+            raise ConfigError(
+                "[crosscoder] the relative-norm bands need 0 <= base_only_max < shared_min <= shared_max < finetune_only_min <= 1, got "
+                f"{self.base_only_max}, {self.shared_min}, {self.shared_max}, {self.finetune_only_min}."
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_id: str
     models: dict[str, ModelSpec]
@@ -241,12 +297,13 @@ class RunConfig:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    crosscoder: CrosscoderConfig | None = None
     allow_hook_mismatch: bool = False
     dtype: str = "float32"  # [models] dtype: both models
     processing: Any = "auto"  # [models] processing: both models
     base_dir: Path | None = field(default=None, compare=False)  # relative paths resolve here (not part of the config)
 
-    TOP_KEYS = ("run_id", "hook", "allow_hook_mismatch", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching")
+    TOP_KEYS = ("run_id", "hook", "allow_hook_mismatch", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching", "crosscoder")
     MODEL_SETTINGS = ("dtype", "processing")
 
     def __post_init__(self) -> None:
@@ -302,6 +359,7 @@ class RunConfig:
             thresholds=ThresholdsConfig.from_table(data.get("thresholds")),
             examples=_section(ExamplesConfig, "examples", data.get("examples")),
             matching=_section(MatchingConfig, "matching", data.get("matching")),
+            crosscoder=_section(CrosscoderConfig, "crosscoder", data["crosscoder"]) if "crosscoder" in data else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,6 +372,8 @@ class RunConfig:
         for name in ("corpus", "sample", "thresholds", "examples", "matching"):
             section = getattr(self, name)
             out[name] = {f.name: getattr(section, f.name) for f in fields(section)}
+        if self.crosscoder is not None:  # absent otherwise: runs without one keep their config hash
+            out["crosscoder"] = {f.name: getattr(self.crosscoder, f.name) for f in fields(self.crosscoder)}
         return out
 
     @classmethod

@@ -30,6 +30,7 @@ from precompute.accumulators import (
 )
 from precompute.calibration import Calibration
 from precompute.config import STATE_VERSION
+from precompute.crosscoder_stats import CrosscoderStats
 from precompute.prepare import Prepared
 
 MODELS = schema.MODELS
@@ -55,6 +56,10 @@ class PassState:
             CrossProducts(self.d_sae["base_sae"], self.d_sae["finetuned_sae"], pair_keys) if "finetuned_sae" in self.sae_names else None
         )
         self.resid = ResidStats(cfg.sample.context_size, calib.l2_max, schema.RESID_HIST_BINS, schema.COSINE_RANGE)
+        cc = cfg.crosscoder  # issue 16
+        self.crosscoder = (
+            CrosscoderStats(prep.crosscoder.d_sae, prep.crosscoder.d_in, cc.n_top, cc.quantile_sample, cfg.sample.seed) if cc is not None else None
+        )
         self.batch_start, self.batch_end = batch_range
         self.next_batch = self.batch_start
 
@@ -68,6 +73,8 @@ class PassState:
         if self.cross is not None:
             out["cross"] = self.cross
         out["resid"] = self.resid
+        if self.crosscoder is not None:
+            out.update(self.crosscoder.accumulators())
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ class Prepared:
     inputs: dict[str, Any]
     corpus: CorpusStats | None = None
     warnings: tuple[str, ...] = ()  # printed when prepared; in the manifest's `loading`
+    crosscoder: Any = None  # explorer.crosscoder.Crosscoder when the config has [crosscoder] (issue 16)
 
     @property
     def n_batches(self) -> int:
@@ -41,6 +42,12 @@ class Prepared:
     def codecs(self) -> dict[str, SaeCodec]:
         """One SaeCodec per SAE, built once per run (their weight norms are computed once)."""
         return {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
+
+    @functools.cached_property
+    def crosscoder_codec(self):
+        from explorer.crosscoder import CrosscoderCodec
+
+        return CrosscoderCodec(self.crosscoder)
 
 
 def _file_fingerprint(path: Path, chunk: int = 16 << 20) -> dict[str, Any]:
@@ -88,6 +95,10 @@ def input_fingerprints(cfg: RunConfig) -> dict[str, Any]:
     for name, spec in cfg.saes.items():
         if spec.path is not None:
             out[name] = _file_fingerprint(cfg.resolve(spec.path) / SAE_WEIGHTS)
+    if cfg.crosscoder is not None:
+        from explorer.crosscoder import weights_file
+
+        out["crosscoder"] = _file_fingerprint(weights_file(cfg.resolve(cfg.crosscoder.path)))
     return out
 
 
@@ -119,6 +130,13 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     for sae in pair.saes.values():  # the stream hands per-head activations over flattened (forward.py)
         if getattr(sae, "hook_z_reshaping_mode", False):
             sae.turn_off_forward_pass_hook_z_reshaping()
+    crosscoder = None
+    if cfg.crosscoder is not None:  # issue 16: one crosscoder over both models at the hook
+        from explorer.crosscoder import check_fits, load_crosscoder
+        from explorer.models import width_at_hook
+
+        crosscoder = load_crosscoder(cfg.resolve(cfg.crosscoder.path), device, cfg.crosscoder.base_layer)
+        check_fits(crosscoder, width_at_hook(pair.base, pair.hook), pair.hook)
     ctx = cfg.sample.context_size
     for label, model in (("base", pair.base), ("finetuned", pair.finetuned)):
         if ctx > model.cfg.n_ctx:
@@ -132,6 +150,6 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     warnings = [*pair.warnings, *stats.warnings, *sae_context_warnings(pair.saes, ctx, starts_with_bos)]
     pair.loading["warnings"] = warnings
     return Prepared(
-        cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), stats, tuple(warnings)
+        cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), stats, tuple(warnings), crosscoder
     )
 

@@ -10,7 +10,8 @@ says the same in a few lines):
     stream.py       each batch into the accumulators of the pass state, checkpointed
     pass_state.py   the accumulators, their checkpoints and shard states
     hook_cache.py   the hook activations kept for the example windows
-    tables.py       finalize: the tables (feature_table.py: features.parquet), then the manifest
+    tables.py       finalize: the tables (feature_table.py: features.parquet; crosscoder_tables.py:
+                    a crosscoder's), then the manifest
 
 A killed run resumes from its last checkpoint when the same command is run again; a shard's
 finished state waits in `shards/` for `merge`.

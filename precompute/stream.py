@@ -54,6 +54,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     gidx = (seq_ids[:, None].astype(np.int64) * ctx + np.arange(ctx)[None, :]).reshape(-1)
     n_counted = int(counted.sum())
     xs = {}
+    model_losses, outliers = {}, {}  # for the crosscoder (issue 16)
     sparse: dict[str, dict[str, SparseActs]] = {s: {} for s in state.sae_names}
     with torch.inference_mode():
         for m in MODELS:
@@ -64,6 +65,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
             outlier = (x.float().norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
             any_outlier = bool((counted & outlier).any())
             clean_np, zero_np = clean_loss.float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
+            model_losses[m], outliers[m] = (clean_np, zero_np), outlier
             x_flat = x.reshape(n_b * ctx, -1)
             for s in state.sae_names:
                 t, f, vals, x_hat_flat = codecs[s].encode_decode(x_flat)
@@ -96,6 +98,8 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
         state.pairs[s].update(sparse[s]["base"], sparse[s]["finetuned"])
     if state.cross is not None:
         state.cross.update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"])
+    if state.crosscoder is not None:  # issue 16: the crosscoder on both models' activations
+        state.crosscoder.update_batch(prep.crosscoder_codec, runners, tokens, xs, counted, outliers, model_losses, gidx)
     return xs
 
 

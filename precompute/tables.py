@@ -21,6 +21,7 @@ from precompute.accumulators import RESID_METRIC_ORDER, ResidStats
 from precompute.calibration import Calibration
 from precompute.columns import list_col
 from explorer.tokens import Vocab, vocab_from_tokenizer
+from precompute.crosscoder_tables import crosscoder_tables
 from precompute.feature_table import features_table
 from precompute.forward import ModelRunner
 from precompute.hook_cache import HookActsCache
@@ -72,6 +73,9 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
     write("vocab.parquet", vocab_table(vocab_forms))
     lap("tokens_vocab")
     parts["features_other"] -= sum(parts.get(k, 0.0) for k in ("logits", "nearest_neighbours", "top_tokens"))
+    if state.crosscoder is not None:  # issue 16
+        for name, table in crosscoder_tables(prep, runners, state.crosscoder, hook_cache, summary).items():
+            write(name, table, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE if name == "crosscoder_examples.parquet" else None)
 
     timing = {**timing, "finalize_seconds": time.time() - t0, "finalize_parts": parts,
               "window_batches_from_stream": hook_stats["cached"], "window_batches_recomputed": hook_stats["recomputed"]}

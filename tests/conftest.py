@@ -27,11 +27,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
-    """A freshly built tiny demo pair: base/, finetuned/, saes/{base_sae,finetuned_sae}/, eval_corpus.parquet."""
+    """A freshly built tiny demo pair: base/, finetuned/, saes/{base_sae,finetuned_sae}/, eval_corpus.parquet,
+    and, as the shipped demo, its crosscoder/ (`python -m precompute.crosscoder_train --tiny`)."""
+    from precompute.crosscoder_train import main as train_crosscoder
     from precompute.demo import main
 
     out = tmp_path_factory.mktemp("tiny_demo") / "demo"
     assert main(["--tiny", "--out", str(out)]) == 0
+    assert train_crosscoder(["--tiny", "--demo", str(out), "--out", str(out / "crosscoder")]) == 0
     return out
 
 
@@ -42,6 +45,12 @@ def hf_models(tmp_path_factory):
     from tests.hf_models import build_all
 
     return build_all(tmp_path_factory.mktemp("hf_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_crosscoder(tiny_demo) -> Path:
+    """The tiny demo pair's crosscoder (issue 16): a BatchTopK crosscoder trained for a few steps."""
+    return tiny_demo / "crosscoder"
 
 
 @pytest.fixture(scope="session")

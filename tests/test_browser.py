@@ -178,7 +178,7 @@ def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
     assert got.top_tokens.fillna("").tolist() == [as_text(v) for v in want.top_tokens.fillna("")]
 
 
-@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth"])
+@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth", "/crosscoder?run=synth"])
 def test_every_page_url_is_found_as_a_fresh_servers_first_request(synthetic_runs, page, path):
     """In Streamlit's pages/-directory mode a URL must match a page file's name (4_dead-born.py -> dead-born)."""
     from tests.browser_utils import streamlit_server

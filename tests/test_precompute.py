@@ -90,12 +90,12 @@ def corpus(tiny_demo, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ref(tiny_demo, corpus, tmp_path_factory):
-    """One uninterrupted single-pass run, and its prepared inputs."""
+def ref(tiny_demo, corpus, tmp_path_factory, tiny_crosscoder):
+    """One uninterrupted single-pass run (with a crosscoder: every table), and its prepared inputs."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # the CLI default
     d = tmp_path_factory.mktemp("ref")
     cfg_path = d / "ref.toml"
-    cfg_path.write_text(tiny_config_text(tiny_demo, corpus))
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, extra=f'[crosscoder]\npath = "{tiny_crosscoder}"\n'))
     cfg = RunConfig.from_toml(cfg_path)
     run_dir = run_mod.run(cfg, runs_dir=d / "runs", progress=False, checkpoint_every=2)
     prep = prepare_mod.prepare(cfg)
