@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,13 @@ class Prepared:
     special_ids: np.ndarray
     device: str
     inputs: dict[str, Any]
+    twin: Any = None  # the base SAE's seed twin (sae_lens SAE), matched with base_sae only; None without one
+    source_names: list[str] = field(default_factory=list)  # the sample's source labels, sorted; code = index
+    seq_source: np.ndarray | None = None  # [n_sequences] int64 source code of each sequence
+
+    @property
+    def n_sources(self) -> int:
+        return max(1, len(self.source_names))
 
     @property
     def n_batches(self) -> int:
@@ -39,7 +46,14 @@ class Prepared:
     @functools.cached_property
     def codecs(self) -> dict[str, SaeCodec]:
         """One SaeCodec per SAE, built once per run (their weight norms are computed once)."""
-        return {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
+        codecs = {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
+        if self.twin is not None:
+            codecs[self.cfg.twin] = SaeCodec(self.twin)
+        return codecs
+
+    @property
+    def d_twin(self) -> int:
+        return int(self.twin.cfg.d_sae) if self.twin is not None else 0
 
 
 def _file_fingerprint(path: Path, chunk: int = 16 << 20) -> dict[str, Any]:
@@ -93,5 +107,27 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     check_token_ids(seqs, vocab, corpus_path)
     sample = sample_sequences(seqs, sources, cfg.sample.n_sequences, cfg.sample.seed, corpus_path)
     special = sorted(set(get_special_token_ids(pair.base.tokenizer)) | set(get_special_token_ids(pair.finetuned.tokenizer)))
-    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg))
+    names, codes = source_codes(sample.sources, cfg.evals.max_sources, corpus_path)
+    twin = None
+    if cfg.twin is not None:
+        from explorer.models import check_sae_fits, load_sae
+
+        twin = load_sae(cfg.saes[cfg.twin], device, REPO_ROOT)
+        check_sae_fits(twin, pair.base, pair.hook, label=f"{cfg.twin} on the base model")
+    return Prepared(cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), twin, names, codes)
+
+
+def source_codes(sources: list[str | None], max_sources: int, corpus_path: Path) -> tuple[list[str], np.ndarray]:
+    """(sorted source labels, per-sequence code); a missing label is schema.UNLABELLED_SOURCE."""
+    from explorer.schema import UNLABELLED_SOURCE
+
+    labels = [UNLABELLED_SOURCE if s is None else str(s) for s in sources]
+    names = sorted(set(labels))
+    if len(names) > max_sources:
+        raise ConfigError(
+            f"The sample of {corpus_path} has {len(names)} source labels; per-source statistics are kept for at most "
+            f"[evals] max_sources = {max_sources}. Raise max_sources or merge labels in the corpus's source column."
+        )
+    index = {n: i for i, n in enumerate(names)}
+    return names, np.asarray([index[s] for s in labels], np.int64)
 

@@ -56,8 +56,10 @@ def write_tiny_corpus(tiny_demo: Path, out: Path, n_seq: int = 150, ctx: int = C
     return out
 
 
-def tiny_config_text(tiny_demo: Path, corpus: Path, run_id: str = "ref", n_seq: int = N_SEQ, extra: str = "", two_saes: bool = True) -> str:
+def tiny_config_text(tiny_demo: Path, corpus: Path, run_id: str = "ref", n_seq: int = N_SEQ, extra: str = "", two_saes: bool = True, twin: bool | None = None) -> str:
     fin = f'[saes.finetuned_sae]\npath = "{tiny_demo}/saes/finetuned_sae"\n' if two_saes else ""
+    if two_saes if twin is None else twin:  # the base SAE's seed twin (the null baseline of born/lost)
+        fin += f'[saes.base_sae_twin]\npath = "{tiny_demo}/saes/base_sae_twin"\n'
     return f"""run_id = "{run_id}"
 [models.base]
 path = "{tiny_demo}/base"
@@ -212,8 +214,12 @@ def test_metrics_match_naive(ref, naive):
             sl = slice(b * BATCH, (b + 1) * BATCH)
             xm, em = x[sl][mask[sl]], err[sl][mask[sl]]
             evs.append(1 - em / ((xm - xm.mean(0)) ** 2).sum(-1))
-        assert row.explained_variance == pytest.approx(np.concatenate(evs).mean(), rel=1e-5)
+        # renamed: this is sae_lens's `explained_variance_legacy` (was `explained_variance`)
+        assert row.explained_variance_legacy == pytest.approx(np.concatenate(evs).mean(), rel=1e-5)
         xa = x[mask]
+        # sae_lens's current `explained_variance`: one ratio pooled over the tokens
+        total_var = (xa**2).sum(-1).mean() - (xa.mean(0) ** 2).sum()
+        assert row.explained_variance == pytest.approx(1 - err[mask].mean() / total_var, rel=1e-9)
         assert row.pooled_r2 == pytest.approx(1 - err[mask].sum() / ((xa - xa.mean()) ** 2).sum(), rel=1e-5)
         ce_mask = mask[:, :-1]
         clean = naive["loss"][(m, "clean")][ce_mask].mean()
@@ -374,38 +380,139 @@ def test_example_windows_hold_both_models_activations(ref, naive):
     assert key == sorted(key)
 
 
-def test_matching_matches_naive(ref, naive):
-    from scipy.optimize import linear_sum_assignment
+def naive_pair_scores(prep, naive, other: str) -> dict:
+    """Every candidate matching score of base_sae (on base) x `other` (finetuned_sae on finetuned,
+    or the twin on base) from the dense activations, numpy only; and the alive masks."""
+    from sae_lens import SAE
 
-    prep = ref["prep"]
     cf = naive["counted_flat"]
     a = naive["acts"][("base_sae", "base")][cf]
-    b = naive["acts"][("finetuned_sae", "finetuned")][cf]
+    if other == "finetuned_sae":
+        b = naive["acts"][("finetuned_sae", "finetuned")][cf]
+        sae_b = prep.pair.saes["finetuned_sae"]
+    else:
+        sae_b = prep.twin
+        x = naive["x"]["base"].reshape(-1, naive["x"]["base"].shape[-1])
+        with torch.inference_mode():
+            b = sae_b.encode(torch.from_numpy(x.astype(np.float32))).numpy().astype(np.float64)[cf]
     da = a.shape[1]
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(a.T, b.T)[:da, da:]
-    wa = prep.pair.saes["base_sae"].W_dec.detach().numpy().astype(np.float64)
-    wb = prep.pair.saes["finetuned_sae"].W_dec.detach().numpy().astype(np.float64)
-    dec = (wa / np.linalg.norm(wa, axis=1, keepdims=True)) @ (wb / np.linalg.norm(wb, axis=1, keepdims=True)).T
-    score = 0.5 * np.nan_to_num(corr) + 0.5 * dec
+        cof = np.full((da, b.shape[1]), np.nan)
+        for i in range(da):
+            for j in range(b.shape[1]):
+                u = (a[:, i] > 0) | (b[:, j] > 0)
+                if u.sum() > 1 and a[u, i].std() > 0 and b[u, j].std() > 0:
+                    cof[i, j] = np.corrcoef(a[u, i], b[u, j])[0, 1]
+    unit = lambda w: w / np.linalg.norm(w, axis=1, keepdims=True)  # noqa: E731
+    sa = prep.pair.saes["base_sae"]
+    dec = unit(sa.W_dec.detach().numpy().astype(np.float64)) @ unit(sae_b.W_dec.detach().numpy().astype(np.float64)).T
+    enc = unit(sa.W_enc.detach().numpy().T.astype(np.float64)) @ unit(sae_b.W_enc.detach().numpy().T.astype(np.float64)).T
+    base = {"act_corr": corr, "cofire_corr": cof, "dec_cos": dec, "enc_cos": enc}
+    scores = {k: v for k, v in base.items()}
+    scores["act_corr+dec_cos"] = 0.5 * np.nan_to_num(corr) + 0.5 * dec
+    scores["cofire_corr+dec_cos"] = 0.5 * np.nan_to_num(cof) + 0.5 * dec
+    for k in ("act_corr", "cofire_corr"):
+        scores[k] = np.nan_to_num(scores[k])
+    return {"base": base, "scores": scores, "alive_a": (a > 0).any(0), "alive_b": (b > 0).any(0)}
+
+
+def _alive_best(score, alive_a, alive_b):
+    """Best partner per row among alive columns (-1 for dead rows), its score (NaN for dead rows)."""
+    masked = np.where(alive_a[:, None] & alive_b[None, :], score, -np.inf)
+    best = masked.argmax(1)
+    return np.where(alive_a, best, -1), np.where(alive_a, masked.max(1), np.nan)
+
+
+def test_matching_matches_naive(ref, naive):
+    """Best matches, the assignment and matches.parquet against a numpy recomputation, on the
+    run's matching score, among alive features only (dead ones have no match and no partner)."""
+    from scipy.optimize import linear_sum_assignment
+
+    prep = ref["prep"]
+    summ = ref["manifest"]["summary"]["matching"]
+    nv = naive_pair_scores(prep, naive, "finetuned_sae")
+    corr, dec = nv["base"]["act_corr"], nv["base"]["dec_cos"]
+    score = nv["scores"][summ["score"]]
+    alive_a, alive_b = nv["alive_a"], nv["alive_b"]
+    da = len(alive_a)
     feats = table(ref["dir"], "features.parquet")
     fa = feats[feats.sae == "base_sae"].set_index("feature_id")
     fb = feats[feats.sae == "finetuned_sae"].set_index("feature_id")
-    assert fa.match_feature_id.tolist() == score.argmax(1).tolist()
-    assert fb.match_feature_id.tolist() == score.argmax(0).tolist()
-    np.testing.assert_allclose(fa.match_score, score.max(1), atol=1e-6)
-    np.testing.assert_allclose(fa.match_act_corr, corr[np.arange(da), score.argmax(1)], atol=1e-6)
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    got_total = sum(score[i, int(j)] for i, j in zip(fa.index, fa.assigned_feature_id))
-    assert got_total == pytest.approx(score[rows, cols].sum(), abs=1e-6)  # an optimal assignment
-    assert sorted(fa.assigned_feature_id) == list(range(da))  # one-to-one
-    assert (fb.assigned_feature_id.iloc[fa.assigned_feature_id.to_numpy()].to_numpy() == fa.index.to_numpy()).all()
+    best_a, best_sa = _alive_best(score, alive_a, alive_b)
+    best_b, _ = _alive_best(score.T, alive_b, alive_a)
+    assert fa.match_feature_id.fillna(-1).astype(int).tolist() == best_a.tolist()
+    assert fb.match_feature_id.fillna(-1).astype(int).tolist() == best_b.tolist()
+    np.testing.assert_allclose(fa.match_score, best_sa, atol=1e-6)
+    ia = np.flatnonzero(alive_a)
+    np.testing.assert_allclose(fa.match_act_corr.to_numpy()[ia], corr[ia, best_a[ia]], atol=1e-6)
+    for k in ("cofire_corr", "dec_cos", "enc_cos"):
+        np.testing.assert_allclose(fa[f"match_{k}"].to_numpy()[ia], nv["base"][k][ia, best_a[ia]], atol=1e-6)
+    ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
+    rows, cols = linear_sum_assignment(score[np.ix_(ra, rb)], maximize=True)
+    asg = fa.assigned_feature_id
+    assert asg[~alive_a].isna().all()  # dead features are never assigned
+    got_total = sum(score[i, int(j)] for i, j in zip(fa.index[asg.notna()], asg.dropna()))
+    assert got_total == pytest.approx(score[ra[rows], rb[cols]].sum(), abs=1e-6)  # an optimal assignment
+    assert sorted(asg.dropna().astype(int)) == sorted(rb[cols])  # one-to-one
+    paired = asg.dropna().astype(int)
+    assert (fb.assigned_feature_id.loc[paired.to_numpy()].to_numpy() == paired.index.to_numpy()).all()
     mt = table(ref["dir"], "matches.parquet")
-    np.testing.assert_allclose(mt.act_corr, corr[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
-    np.testing.assert_allclose(mt.dec_cos, dec[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
-    assert mt.assigned.sum() == da
-    lost = (score.max(1) < ref["manifest"]["config"]["thresholds"]["match"]).sum()
-    assert ref["manifest"]["summary"]["matching"]["n_lost"] == lost
+    for k in ("act_corr", "cofire_corr", "dec_cos", "enc_cos"):
+        np.testing.assert_allclose(mt[k], nv["base"][k][mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
+    np.testing.assert_allclose(mt.score, score[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
+    assert mt.assigned.sum() == min(len(ra), len(rb))
+    assert alive_a[mt.base_feature_id].all() and alive_b[mt.finetuned_feature_id].all()
+    lost = (best_sa[alive_a] < summ["threshold"]).sum()
+    assert summ["n_lost"] == lost and summ["n_alive_base_sae"] == alive_a.sum()
+
+
+def test_twin_baseline_and_score_choice_match_naive(ref, naive):
+    """The seed-twin baseline: born/lost counts over the threshold for the real pair and the twin,
+    the AUC of each score (the twin's assigned pairs, on that score, against random pairs), and
+    the auto choice of the best score; all against numpy."""
+    from scipy.optimize import linear_sum_assignment
+
+    from precompute.baseline import THRESHOLDS, random_pair_keys
+
+    prep = ref["prep"]
+    summ = ref["manifest"]["summary"]["matching"]
+    base = table(ref["dir"], "baseline.parquet")
+    sep = table(ref["dir"], "score_separation.parquet")
+    real, twin = naive_pair_scores(prep, naive, "finetuned_sae"), naive_pair_scores(prep, naive, schema.TWIN)
+    aucs = {}
+    for kind in schema.MATCH_SCORES:
+        rows = base[base.score == kind].sort_values("threshold")
+        np.testing.assert_allclose(rows.threshold, THRESHOLDS)
+        for nv, suffix in ((real, ""), (twin, "_twin")):
+            _, best_a = _alive_best(nv["scores"][kind], nv["alive_a"], nv["alive_b"])
+            _, best_b = _alive_best(nv["scores"][kind].T, nv["alive_b"], nv["alive_a"])
+            n_lost = [(best_a[nv["alive_a"]] < t).sum() for t in THRESHOLDS]
+            n_born = [(best_b[nv["alive_b"]] < t).sum() for t in THRESHOLDS]
+            assert rows[f"n_lost{suffix}"].tolist() == n_lost and rows[f"n_born{suffix}"].tolist() == n_born
+            np.testing.assert_allclose(rows[f"lost_rate{suffix}"], np.array(n_lost) / nv["alive_a"].sum())
+        np.testing.assert_allclose(rows.excess_lost, rows.lost_rate - rows.lost_rate_twin)
+        # AUC: assigned twin pairs on this score vs random pairs
+        sc, aa, ab = twin["scores"][kind], twin["alive_a"], twin["alive_b"]
+        ra, rb = np.flatnonzero(aa), np.flatnonzero(ab)
+        r, c = linear_sum_assignment(sc[np.ix_(ra, rb)], maximize=True)
+        pos = sc[ra[r], rb[c]]
+        keys = random_pair_keys(*sc.shape, prep.cfg.sample.seed)
+        ki, kj = keys // sc.shape[1], keys % sc.shape[1]
+        keep = aa[ki] & ab[kj]
+        neg = sc[ki[keep], kj[keep]]
+        aucs[kind] = np.mean([(p > neg).mean() + 0.5 * (p == neg).mean() for p in pos])
+        got = sep[(sep.score == kind)]
+        assert got.auc.iloc[0] == pytest.approx(aucs[kind], abs=1e-9)
+        assert summ["auc"][kind] == pytest.approx(aucs[kind], abs=1e-9)
+        assert got[got.group == "assigned"]["count"].sum() == len(pos) and got[got.group == "random"]["count"].sum() == len(neg)
+    best = max(schema.MATCH_SCORES, key=lambda k: (aucs[k], -schema.MATCH_SCORES.index(k)))
+    assert summ["score"] == best and "AUC" in summ["score_reason"]
+    # the twin's best match per base feature, on the chosen score
+    fa = table(ref["dir"], "features.parquet").query("sae == 'base_sae'").set_index("feature_id")
+    ids, sc = _alive_best(twin["scores"][best], twin["alive_a"], twin["alive_b"])
+    assert fa.twin_match_feature_id.fillna(-1).astype(int).tolist() == ids.tolist()
+    np.testing.assert_allclose(fa.twin_match_score, sc, atol=1e-6)
 
 
 def test_start_at_layer_loss_equals_hooked_forward(ref):
@@ -460,7 +567,9 @@ rounding ~1e-8 over a few thousand tokens), we in float64, so 1e-6 relative. Exp
         got, _ = run_evals(sae, store, models[m], ActivationScaler(), eval_config=eval_cfg, exclude_special_tokens=True)
         row = met.loc[(s, m, "included")]
         assert row.l0 == pytest.approx(got["sparsity"]["l0"], rel=1e-6)
-        assert row.explained_variance == pytest.approx(got["reconstruction_quality"]["explained_variance_legacy"], abs=1e-4)
+        # both of sae_lens's definitions, under its names (the legacy column was `explained_variance`)
+        assert row.explained_variance_legacy == pytest.approx(got["reconstruction_quality"]["explained_variance_legacy"], abs=1e-4)
+        assert row.explained_variance == pytest.approx(got["reconstruction_quality"]["explained_variance"], abs=1e-4)
         assert row.mse == pytest.approx(got["reconstruction_quality"]["mse"], rel=1e-5)
         perf = got["model_performance_preservation"]
         assert row.ce_clean == pytest.approx(perf["ce_loss_without_sae"], abs=1e-5)
@@ -485,10 +594,13 @@ def assert_runs_equal(a: Path, b: Path, exact_floats: bool = False) -> None:
         for col in ta.schema.names:
             ca, cb = ta.column(col).combine_chunks(), tb.column(col).combine_chunks()
             typ = ca.type.value_type if pa.types.is_list(ca.type) else ca.type
-            if pa.types.is_floating(typ) and not exact_floats:
+            if pa.types.is_floating(typ):
                 va = np.array(ca.to_pylist() if not pa.types.is_list(ca.type) else [x for row in ca.to_pylist() for x in (row or [])], dtype=float)
                 vb = np.array(cb.to_pylist() if not pa.types.is_list(cb.type) else [x for row in cb.to_pylist() for x in (row or [])], dtype=float)
-                np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12, err_msg=f"{name}.{col}")
+                if exact_floats:  # bitwise, NaN equal to NaN (Arrow's equals calls NaN != NaN)
+                    assert np.array_equal(va, vb, equal_nan=True), f"{name}.{col}"
+                else:
+                    np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12, err_msg=f"{name}.{col}")
                 assert ca.null_count == cb.null_count
             else:
                 assert ca.equals(cb), f"{name}.{col}"
@@ -569,7 +681,9 @@ def test_candidate_matching_mode(ref, tiny_demo, corpus, tmp_path):
     assert assigned.base_feature_id.is_unique and assigned.finetuned_feature_id.is_unique
     feats = table(run_dir, "features.parquet")
     fa = feats[feats.sae == "base_sae"]
-    assert (fa.match_feature_id.notna()).all()
+    # every feature alive on its model has a match among its candidates (dead ones: none, by the issue's alive-only rule)
+    alive = fa.count_base > 0
+    assert (fa.match_feature_id[alive].notna()).all() and fa.match_feature_id[~alive].isna().all()
 
 
 def test_single_sae_run_has_no_matching(tiny_demo, corpus, tmp_path):
