@@ -1,9 +1,10 @@
-"""Overview: run config, tokenizer check, SAE quality, residual similarity, headline counts, verdict."""
+"""Overview: run config, tokenizer check, SAE quality (pooled or per source), residual similarity,
+where the models' predictions differ (KL by source and position), headline counts, verdict."""
 
 import pandas as pd
 import streamlit as st
 
-from explorer import figures
+from explorer import figures, schema
 from webapp import data, state, ui
 from webapp.verdict import verdict
 
@@ -11,10 +12,14 @@ run = state.run_picker()
 st.title("Overview")
 
 with state.guard():
+    source = state.source_picker(run)
     cfg = run.config
     thresholds = cfg.get("thresholds", {}) or {}
-    metrics = data.metrics(run)
-    cross = data.cross_class_counts(run, "base_sae")
+    metrics = data.metrics(run, source)
+    cross = data.cross_class_counts(run, "base_sae", source)
+    changes = data.change_class_counts(run, "base_sae", source)
+    if source:
+        st.info(f"Every number on this page that depends on tokens is computed on the {ui.plain(source)} tokens alone (pick “all sources” in the sidebar to pool them).")
 
     # ---- verdict first: the question this tool answers
     outliers_off = st.toggle("Exclude outlier tokens", value=False, key="overview_outliers", help="Recompute the quality numbers without tokens whose activation norm exceeds the outlier threshold (e.g. BOS).")
@@ -28,17 +33,26 @@ with state.guard():
 
     # ---- headline counts
     st.subheader("Headline counts")
-    sc = data.status_counts(run)
+    sc = data.status_counts(run, source)
     dead = {(r.sae, r.model): int(r.n) for r in sc.itertuples() if r.status == "dead"}
+    alpha = schema.SIGNIFICANCE_ALPHA
     cols = st.columns(5)
     cols[0].metric("dead (base SAE on base)", f"{dead.get(('base_sae', 'base'), 0):,}", help="never fired on the run's token sample")
-    cols[1].metric("died", f"{cross.get('died', 0):,}", help="base SAE features alive on base, dead on the finetuned model")
-    cols[2].metric("woke", f"{cross.get('woke', 0):,}", help="base SAE features dead on base, alive on the finetuned model")
+    cols[1].metric("died", f"{cross.get('died', 0):,}", help="base SAE features alive on base that never fire on the finetuned model, before any test")
+    cols[1].caption(f"{changes.get('died', 0):,} significant (q < {alpha}), {changes.get('too_rare_to_tell', 0):,} too rare to tell (both sides)")
+    cols[2].metric("woke", f"{cross.get('woke', 0):,}", help="base SAE features dead on base that fire on the finetuned model, before any test")
+    cols[2].caption(f"{changes.get('woke', 0):,} significant (q < {alpha})")
     if "finetuned_sae" in run.saes:
         thr = float(thresholds.get("match", 0.5))
         bl = data.born_lost_counts(run, thr)
-        cols[3].metric("born", f"{bl['born']:,}", help=f"finetuned SAE features (alive) whose best match in the base SAE scores below {thr}")
-        cols[4].metric("lost", f"{bl['lost']:,}", help=f"base SAE features (alive) whose best match in the finetuned SAE scores below {thr}")
+        m = (run.manifest.get("summary") or {}).get("matching") or {}
+        cols[3].metric("born", f"{bl['born']:,}", help=f"finetuned SAE features (alive on the finetuned model) whose best match in the base SAE scores below {thr}; pooled over sources")
+        cols[4].metric("lost", f"{bl['lost']:,}", help=f"base SAE features (alive on the base model) whose best match in the finetuned SAE scores below {thr}; pooled over sources")
+        for col, which in ((cols[3], "born"), (cols[4], "lost")):
+            alive = m.get("n_alive_finetuned_sae" if which == "born" else "n_alive_base_sae")
+            twin_rate = m.get(f"{which}_rate_twin")
+            rate = bl[which] / alive if alive else None
+            col.caption(f"{ui.pct(rate, 1)} of {alive or 0:,} alive" + (f"; seed twin {ui.pct(twin_rate, 1)}" if twin_rate is not None else "; no seed twin"))
     else:
         cols[3].metric("born", "n/a", help="needs a finetuned SAE in the run")
         cols[4].metric("lost", "n/a", help="needs a finetuned SAE in the run")
@@ -58,11 +72,12 @@ with state.guard():
             "n_tokens": st.column_config.NumberColumn("tokens", format="%d"),
             "l0": st.column_config.NumberColumn("L0", format="%.2f", help="mean number of active features per token"),
             "mse": st.column_config.NumberColumn("MSE", format="%.4g", help="squared error summed over dimensions, mean over tokens"),
-            "explained_variance": st.column_config.NumberColumn("explained var.", format="%.4f", help="SAELens convention, mean over tokens"),
+            "explained_variance": st.column_config.NumberColumn("explained_variance", format="%.4f", help="sae_lens's current definition: 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²), one ratio pooled over all counted tokens"),
+            "explained_variance_legacy": st.column_config.NumberColumn("explained_variance_legacy", format="%.4f", help="sae_lens's old formula: mean over tokens of 1 − ‖x − x̂‖² / ‖x − mean_batch(x)‖²; depends on the batch size ([sample] batch_size sequences)"),
             "pooled_r2": st.column_config.NumberColumn("pooled R² (Study T)", format="%.4f", help="one R² over all scalar elements; can be far below 0"),
             "ce_clean": st.column_config.NumberColumn("CE clean", format="%.4f", help="nats/token"),
             "ce_spliced": st.column_config.NumberColumn("CE spliced", format="%.4f"),
-            "ce_zero_ablated": st.column_config.NumberColumn("CE zero-abl.", format="%.4f"),
+            "ce_zero_ablated": st.column_config.NumberColumn("CE zero-abl.", format="%.4f", help="activation zeroed at " + ("every position, BOS included (sae_lens's run_evals)" if (cfg.get("evals") or {}).get("zero_ablation", "all") == "all" else "the counted tokens only: BOS keeps its activation")),
             "ce_delta": st.column_config.NumberColumn("ΔCE", format="%.4f", help="spliced − clean"),
             "ce_recovered": st.column_config.NumberColumn("CE recovered", format="%.4f", help="(zero − spliced) / (zero − clean)"),
             "outlier_fraction": st.column_config.NumberColumn("outlier share", format="%.4f"),
@@ -76,7 +91,12 @@ with state.guard():
     q = metrics[metrics["outliers"] == outliers]
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.quality_bars(q, "ce_recovered", "CE recovered", "CE recovered (1 = perfect)"), key="q_ce")
-    c2.plotly_chart(figures.quality_bars(q, "explained_variance", "Explained variance", "explained variance (per token, mean)"), key="q_ev")
+    c2.plotly_chart(figures.quality_bars(q, "explained_variance", "Explained variance", "explained_variance (sae_lens, pooled)"), key="q_ev")
+    st.caption(
+        "Which tokens count: special tokens (BOS) are left out of every number, as sae_lens's run_evals leaves them out; the splice leaves "
+        "them alone, and the zero ablation zeros " + ("every position, BOS included (sae_lens's default; `[evals] zero_ablation`)." if (cfg.get("evals") or {}).get("zero_ablation", "all") == "all"
+                                                       else "only the counted tokens (`[evals] zero_ablation = \"counted\"`).")
+    )
 
     # ---- residual similarity
     st.subheader("Residual-stream similarity (same tokens, both models)")
@@ -95,6 +115,22 @@ with state.guard():
         c1, c2 = st.columns(2)
         c1.plotly_chart(figures.resid_histogram(hists, "seq_mean_cosine"), key="resid_scos")
         c2.plotly_chart(figures.resid_histogram(hists, "seq_mean_l2"), key="resid_sl2")
+
+    # ---- where the two models differ
+    st.subheader("Where the two models' predictions differ")
+    kl_src = data.kl_by_source(run)
+    if len(kl_src):
+        allrow = kl_src[kl_src["source"] == "all"]
+        c = st.columns(3)
+        if len(allrow):
+            r = allrow.iloc[0]
+            c[0].metric("mean KL(base ‖ finetuned)", ui.fmt(r.mean_kl, ".4g"), help="of the next-token distributions, nats per token, over the counted positions")
+            c[1].metric("median KL", ui.fmt(r.median_kl, ".4g"))
+            c[2].metric("mean loss difference", ui.fmt(r.mean_loss_diff, "+.4f"), help="loss_finetuned − loss_base on the true next token (nats); negative: the finetune predicts this text better")
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(figures.kl_by_source(kl_src), key="kl_source")
+        c2.plotly_chart(figures.kl_by_position(data.kl_by_position(run, source)), key="kl_position")
+        st.page_link("pages/7_differences.py", label="The contexts where they differ most, with the features that change there", icon=":material/arrow_forward:")
 
     # ---- run config and tokenizer check
     st.subheader("Run")

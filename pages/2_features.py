@@ -21,10 +21,16 @@ SORT_LABELS = {
     "logit_similarity": "logit similarity",
     "act_error": "activation error",
     "match_score": "best-match score",
+    "q_value": "q-value of the density change",
+    "log_density_ratio": "log density ratio (finetuned / base)",
+    "delta_mean_active_act": "Δ mean activation when firing",
+    "logit_effect_max_abs": "logit effect (max |Δ logit|)",
+    "kl_corr": "corr. of |Δf| with KL",
 }
 
 
 with state.guard():
+    source = state.source_picker(run)
     sae = state.sae_param(run)
     top = st.columns([1, 1, 1, 1])
     st.session_state["features_sae"] = sae  # the URL is the source of truth
@@ -42,6 +48,7 @@ with state.guard():
         status_base = c1.multiselect("Status on base", schema.STATUSES, key="f_status_base")
         status_ft = c2.multiselect("Status on finetuned", schema.STATUSES, key="f_status_ft")
         classes = c3.multiselect("Cross-model class", schema.CROSS_CLASSES, key="f_class", format_func=lambda c: c.replace("_", " "))
+        changes = c3.multiselect(f"Change class (paired test, q < {schema.SIGNIFICANCE_ALPHA})", schema.CHANGE_CLASSES, key="f_change", format_func=lambda c: c.replace("_", " "))
         c1, c2, c3 = st.columns(3)
         density_model = c1.radio("Density on", list(figures.MODELS), horizontal=True, key="f_density_model")
         d_lo, d_hi = c1.slider("log10(density + 1e-10)", -10.0, 0.0, (-10.0, 0.0), step=0.25, key="f_density")
@@ -53,6 +60,7 @@ with state.guard():
         status_base=tuple(status_base),
         status_finetuned=tuple(status_ft),
         cross_class=tuple(classes),
+        change_class=tuple(changes),
         density_model=density_model,
         log_density_min=None if d_lo <= -10.0 else d_lo,
         log_density_max=None if d_hi >= 0.0 else d_hi,
@@ -61,7 +69,9 @@ with state.guard():
         include_nan_similarity=include_nan,
         search=search or "",
     )
-    n = data.count_features(run, sae, flt)
+    n = data.count_features(run, sae, flt, source)
+    if source:
+        st.caption(f"Densities, activations, similarities, classes and tests are those of the {ui.plain(source)} tokens alone; logits, neighbours and matches are pooled.")
 
     @state.fragment
     def table(flt: store.FeatureFilter, n: int) -> None:
@@ -69,15 +79,15 @@ with state.guard():
         if n == 0:
             st.info("No feature matches these filters.")
             return
-        offset = ui.pager(PAGER, n, page_size, reset_on=(run.cache_key, sae, flt, sort_by, descending))
-        page = data.features_page(run, sae, flt, sort_by, descending, page_size, offset)
+        offset = ui.pager(PAGER, n, page_size, reset_on=(run.cache_key, sae, flt, sort_by, descending, source))
+        page = data.features_page(run, sae, flt, sort_by, descending, page_size, offset, source)
         st.caption(f"Rows {offset + 1:,}–{offset + len(page):,}. Select a row to open its feature page.")
         event = st.dataframe(
             page,
             hide_index=True,
             on_select="rerun",
             selection_mode="single-row",
-            key=f"features_table_{offset}_{sort_by}_{descending}",
+            key=f"features_table_{offset}_{sort_by}_{descending}_{source}",
             column_order=["feature_id", "top_tokens", *[c for c in page.columns if c not in ("feature_id", "top_tokens")]],
             column_config={
                 "feature_id": st.column_config.NumberColumn("feature", format="%d"),
@@ -95,6 +105,12 @@ with state.guard():
                 "logit_similarity": st.column_config.NumberColumn("logit similarity", format="%.4f"),
                 "match_feature_id": st.column_config.NumberColumn("best match", format="%d"),
                 "match_score": st.column_config.NumberColumn("match score", format="%.3f"),
+                "change_class": "change class",
+                "q_value": st.column_config.NumberColumn("q-value", format="%.2g", help="Benjamini-Hochberg q of the exact McNemar test of the density change"),
+                "log_density_ratio": st.column_config.NumberColumn("log10 density ratio", format="%.2f"),
+                "delta_mean_active_act": st.column_config.NumberColumn("Δ mean act", format="%.3g"),
+                "logit_effect_max_abs": st.column_config.NumberColumn("logit effect", format="%.3g"),
+                "kl_corr": st.column_config.NumberColumn("corr. |Δf| vs KL", format="%.3f"),
                 "top_tokens": st.column_config.TextColumn("top-example tokens", width="large"),
             },
         )
@@ -106,7 +122,7 @@ with state.guard():
 
     st.download_button(
         f"Download the {n:,} matching rows as CSV",
-        data=lambda: store.features_csv(store.connect(), run.dir, sae, flt, sort_by, descending),
+        data=lambda: store.features_csv(store.connect(), run.dir, sae, flt, sort_by, descending, source),
         file_name=f"{run.run_id}_{sae}_features.csv",
         mime="text/csv",
         on_click="ignore",

@@ -1,96 +1,204 @@
-"""Dead & born: died/woke features of the base SAE across the two models, and born/lost features
-between the two SAEs at an adjustable match threshold. Every row links to its feature page and
-shows its top example inline."""
+"""Dead & born: which base-SAE features died or woke on the finetune, with a paired exact test
+and Benjamini-Hochberg q-values; born and lost features between the two SAEs against the seed
+twin's baseline over the match threshold; what changed most; and contrasts between sources.
+Every row links to its feature page and shows its top example inline."""
 
-import html
+import math
 
 import streamlit as st
 
-from explorer import figures, render
+from explorer import figures, render, schema
 from webapp import data, state, ui
 
 run = state.run_picker()
 st.title("Dead & born")
 
 PAGE_SIZE = 10
+CLASS_TEXT = {
+    "died": ("Died", "Fires on the base model, never on the finetune, and the paired test says it is real (q < {alpha}).", "base"),
+    "too_rare_to_tell": ("Too rare to tell", "Fires on one model only, but too rarely for the test (q ≥ {alpha}): not evidence of a death or a birth.", None),
+    "rarer": ("Rarer", "Fires on both, significantly less often on the finetune.", "base"),
+    "commoner": ("Commoner", "Fires on both, significantly more often on the finetune.", "finetuned"),
+    "woke": ("Woke", "Never fires on the base model, fires on the finetune (q < {alpha}).", "finetuned"),
+}
+RANKING_TEXT = {
+    "rarer": "rarer on the finetune (log density ratio, lowest first)",
+    "commoner": "commoner on the finetune (log density ratio, highest first)",
+    "weaker": "weaker when firing (Δ mean activation, lowest first)",
+    "stronger": "stronger when firing (Δ mean activation, highest first)",
+    "max_down": "lower max activation (Δ max, lowest first)",
+    "max_up": "higher max activation (Δ max, highest first)",
+    "logit_effect": "largest logit effect |W_dec[i] · (W_U(finetuned) − W_U(base))|",
+    "kl_corr": "most tied to where the models differ (corr. of |Δf| with KL)",
+}
 
 
-def feature_rows(df, sae: str, example_model: str, note) -> None:
-    """One row per feature: link, numbers, and its top example on `example_model`."""
+def feature_rows(df, sae: str, note, example_model) -> None:
+    """One row per feature: link, numbers, and its top example on `example_model(row)`."""
     if df.empty:
         st.caption("None.")
         return
-    ex = data.top_examples(run, sae, tuple(int(x) for x in df["feature_id"]), example_model)
-    by_fid = {int(r.feature_id): r for r in ex.itertuples(index=False)}
+    models = {int(r.feature_id): example_model(r) for r in df.itertuples(index=False)}
+    ex = {m: data.top_examples(run, sae, tuple(f for f, mm in models.items() if mm == m), m) for m in set(models.values())}
+    by_fid = {(int(r.feature_id), m): r for m, e in ex.items() for r in e.itertuples(index=False)}
     for r in df.itertuples(index=False):
         fid = int(r.feature_id)
+        m = models[fid]
         with st.container(border=True):
             c1, c2 = st.columns([1, 2])
             with c1:
                 ui.feature_link(run, sae, fid, label=f"feature {fid}")
-                st.caption(note(r))
+                st.caption(ui.plain(note(r)))
             with c2:
-                e = by_fid.get(fid)
+                e = by_fid.get((fid, m))
                 if e is None:
-                    st.caption(f"No top example on the {render.MODEL_LABELS[example_model]}.")
+                    st.caption(f"No top example on the {render.MODEL_LABELS[m]}.")
                 else:
-                    st.html(ui.inline_example(run, e, float(e.activation) or 1.0, example_model))
+                    st.html(ui.inline_example(run, e, float(e.activation) or 1.0, m))
 
 
-def class_list(cross_class: str, title: str, explain: str, example_model: str) -> None:
-    @state.fragment
-    def body() -> None:
-        st.markdown(f"#### {title}")
-        st.caption(explain)
-        n = data.cross_class_counts(run, "base_sae").get(cross_class, 0)
-        st.markdown(f"**{n:,}** features")
-        offset = ui.pager(f"dead_born_{cross_class}", n, PAGE_SIZE, reset_on=run.cache_key)
-        df, _ = data.class_page(run, "base_sae", cross_class, PAGE_SIZE, offset)
-        live = "base" if cross_class == "died" else "finetuned"
-        feature_rows(df, "base_sae", example_model, lambda r: f"density on {live}: {ui.density(getattr(r, f'density_{live}'))} · max act {ui.fmt(getattr(r, f'max_act_{live}'))}")
-
-    body()
+def counts_note(r) -> str:
+    b, c = int(r.count_base), int(r.count_finetuned)
+    return (f"fires {b:,}× on base, {c:,}× on finetuned (expected {b:,} if unchanged: the same tokens) · "
+            f"b = {int(r.n_base_only):,}, c = {int(r.n_finetuned_only):,} · p = {ui.fmt(r.p_value, '.2g')}, q = {ui.fmt(r.q_value, '.2g')}")
 
 
 with state.guard():
+    source = state.source_picker(run)
+    alpha = schema.SIGNIFICANCE_ALPHA
+    summ = run.manifest.get("summary") or {}
+    sig_summ = ((summ.get("by_source") or {}).get("base_sae") or {}).get(source) if source else (summ.get("significance") or {}).get("base_sae")
     ui.legend()
+    where = f"on the {ui.plain(source)} tokens alone" if source else "on all tokens"
     st.subheader("Died and woke: the base SAE on both models")
-    st.caption("Pairing by identity: feature i of the base SAE, encoded from each model's activations on the same tokens.")
+    st.caption(
+        f"Pairing by identity: feature i of the base SAE, encoded from each model's activations on the same tokens, {where}. "
+        f"Each token is a pair of outcomes (fires on base, fires on finetuned); b counts tokens where it fires on base only, c on the finetune only. "
+        f"The exact McNemar test (two-sided binomial of c out of b + c at ½) gives p; Benjamini-Hochberg across the SAE's features gives q; "
+        f"classes use q < {alpha}."
+    )
+    if sig_summ:
+        st.caption(
+            f"Detection floor: a feature must fire at least {sig_summ.get('detection_floor')} times on one model, and never on the other, "
+            f"before it can be called died or woke here (p = 2·0.5ⁿ must reach the run's BH cutoff {ui.fmt(sig_summ.get('bh_cutoff'), '.2g')})."
+        )
+    cross = data.cross_class_counts(run, "base_sae", source)
     c1, c2 = st.columns(2)
-    with c1:
-        class_list("died", "Died", "Alive on the base model, never fires on the finetuned model. Top example on base.", "base")
-    with c2:
-        class_list("woke", "Woke", "Never fires on the base model, alive on the finetuned model. Top example on finetuned.", "finetuned")
+    for col, cls, text in ((c1, "died", "Alive on the base model, never fires on the finetune"), (c2, "woke", "Never fires on the base model, alive on the finetune")):
+        with col:
+            st.caption(f"{text} (the cross-model class, before any test):")
+            st.markdown(f"**{cross.get(cls, 0):,}** features")
+    st.caption("Of these, the paired test sorts out which are real:")
+    counts = data.change_class_counts(run, "base_sae", source)
+    cols = st.columns(len(CLASS_TEXT))
+    for col, (cls, (title, _, _)) in zip(cols, CLASS_TEXT.items()):
+        col.metric(title, f"{counts.get(cls, 0):,}")
+    tabs = st.tabs([f"{t} ({counts.get(c, 0):,})" for c, (t, _, _) in CLASS_TEXT.items()])
+    for tab, (cls, (title, text, model)) in zip(tabs, CLASS_TEXT.items()):
+        with tab:
+            st.caption(text.format(alpha=alpha))
 
-    st.subheader("Born and lost: base SAE vs finetuned SAE")
+            @state.fragment
+            def class_list(cls: str = cls, model: str | None = model) -> None:
+                n = counts.get(cls, 0)
+                offset = ui.pager(f"dead_born_{cls}", n, PAGE_SIZE, reset_on=(run.cache_key, source))
+                df, _ = data.change_page(run, "base_sae", cls, PAGE_SIZE, offset, source)
+                feature_rows(df, "base_sae", counts_note, lambda r, model=model: model or ("base" if r.count_base > 0 else "finetuned"))
+
+            class_list()
+
+    st.subheader("Born and lost: base SAE vs finetuned SAE, against the seed twin")
     if "finetuned_sae" not in run.saes:
         st.info("This run has only the base SAE. Born and lost features need a second SAE trained on the finetuned model (add `[saes.finetuned_sae]` to the precompute config).")
-        st.stop()
-    default_thr = float((run.config.get("thresholds") or {}).get("match", 0.5))
+    else:
+        m = summ.get("matching") or {}
+        score = m.get("score") or schema.DEFAULT_MATCH_SCORE
+        twin = bool(run.manifest.get("twin"))
+        st.caption(
+            f"Matching score: **{ui.plain(score)}** ({schema.MATCH_SCORE_DOCS.get(score, '')}), chosen as {ui.plain(m.get('score_reason', 'the default'))}. "
+            "Only features alive on their own model are counted and matched; the counts are pooled over sources. "
+            + ("The dashed curves are the same matching between the base SAE and its seed twin (same model, data and settings, another seed): "
+               "the share that finds no match without any finetuning." if twin else "This run has no seed twin, so there is no baseline: add `[saes.base_sae_twin]`.")
+        )
+        default_thr = float((run.config.get("thresholds") or {}).get("match", 0.5))
+
+        @state.fragment
+        def born_lost() -> None:
+            thr = st.slider(f"Match threshold ({ui.plain(score)})", 0.0, 1.0, default_thr, step=0.01, key="match_threshold",
+                            help="A feature whose best match in the other SAE scores below this is born (finetuned SAE) or lost (base SAE).")
+            curves = data.baseline(run, score)
+            at = curves[(curves["threshold"] - thr).abs() < 1e-9]
+            bl = data.born_lost_counts(run, thr)
+            c1, c2 = st.columns(2)
+            for col, which, sae, model in ((c1, "lost", "base_sae", "base"), (c2, "born", "finetuned_sae", "finetuned")):
+                with col:
+                    st.markdown(f"#### {which.capitalize()}")
+                    row = at.iloc[0] if len(at) else None
+                    rate = row[f"{which}_rate"] if row is not None else math.nan
+                    twin_rate = row[f"{which}_rate_twin"] if row is not None else math.nan
+                    st.markdown(f"**{bl[which]:,}** features at threshold {thr:.2f}")
+                    a, b, c = st.columns(3)
+                    a.metric(which, f"{bl[which]:,}", help="alive features whose best match scores below the threshold")
+                    a.caption(f"{ui.pct(rate, 1)} of the alive ones")
+                    b.metric("seed-twin rate", ui.pct(twin_rate, 1), help="the same share between the base SAE and its seed twin" + (" (for born: the twin's features with no match in the base SAE)" if which == "born" else ""))
+                    c.metric("excess", ui.pct(rate - twin_rate, 1) if math.isfinite(rate) and math.isfinite(twin_rate) else "n/a", help="rate − seed-twin rate")
+                    if len(curves):
+                        st.plotly_chart(figures.baseline_curves(curves, which, thr), key=f"baseline_{which}")
+                    offset = ui.pager(f"dead_born_{which}", bl[which], PAGE_SIZE, reset_on=(run.cache_key, thr))
+                    df, _ = data.born_lost_page(run, which, thr, PAGE_SIZE, offset)
+                    other = ui.OTHER_SAE[sae]
+                    feature_rows(
+                        df, sae,
+                        lambda r, other=other: f"best match: {figures.SAE_LABELS[other]} feature {ui.fmt(r.match_feature_id, 'd') if r.match_feature_id == r.match_feature_id else 'none'}, score {ui.fmt(r.match_score, '.3f')}",
+                        lambda r, model=model: model,
+                    )
+
+        born_lost()
+        with st.expander("The other matching scores"):
+            st.caption("Born and lost rates at the run's threshold for every candidate score (the Similarity page shows how well each separates the seed twin's pairs from random pairs).")
+            allc = data.baseline(run)
+            if len(allc):
+                at = allc[(allc["threshold"] - default_thr).abs() < 1e-9][["score", "n_lost", "lost_rate", "lost_rate_twin", "excess_lost", "n_born", "born_rate", "born_rate_twin", "excess_born"]]
+                st.dataframe(at, hide_index=True, key="baseline_scores")
+
+    st.subheader("What changed most")
+    st.caption(
+        "Base SAE features ranked by one change between the models (features firing on neither left out). The log density ratio is "
+        "log10((count_finetuned + 0.5) / (count_base + 0.5)) with a 95% interval (Poisson approximation)."
+    )
 
     @state.fragment
-    def born_lost() -> None:
-        thr = st.slider(
-            "Match threshold (combined score)", 0.0, 1.0, default_thr, step=0.01, key="match_threshold",
-            help="A feature whose best match in the other SAE scores below this is born (finetuned SAE) or lost (base SAE). "
-            "Score = 0.5 × activation correlation (n/a as 0) + 0.5 × decoder cosine. Dead features are not counted.",
+    def changed() -> None:
+        ranking = st.selectbox("Rank by", list(RANKING_TEXT), format_func=RANKING_TEXT.get, key="changed_ranking")
+        df, n = data.changed_most(run, "base_sae", ranking, PAGE_SIZE, 0, source)
+        feature_rows(
+            df, "base_sae",
+            lambda r: (f"log ratio {ui.fmt(r.log_density_ratio, '.2f')} [{ui.fmt(r.log_density_ratio_low, '.2f')}, {ui.fmt(r.log_density_ratio_high, '.2f')}] · "
+                       f"Δ mean act {ui.fmt(r.delta_mean_active_act, '.3g')} · Δ max {ui.fmt(r.delta_max_act, '.3g')} · logit effect {ui.fmt(r.logit_effect_max_abs, '.3g')} · "
+                       f"corr. with KL {ui.fmt(r.kl_corr, '.3f')}"),
+            lambda r: "base" if r.count_base >= r.count_finetuned else "finetuned",
         )
-        counts = data.born_lost_counts(run, thr)
-        c1, c2 = st.columns(2)
-        for col, which, sae, model, text in (
-            (c1, "born", "finetuned_sae", "finetuned", "Features of the finetuned SAE (alive on the finetuned model) with no match in the base SAE. Top example on finetuned."),
-            (c2, "lost", "base_sae", "base", "Features of the base SAE (alive on the base model) with no match in the finetuned SAE. Top example on base."),
-        ):
-            with col:
-                st.markdown(f"#### {which.capitalize()}")
-                st.caption(text)
-                st.markdown(f"**{counts[which]:,}** features at threshold {thr:.2f}")
-                offset = ui.pager(f"dead_born_{which}", counts[which], PAGE_SIZE, reset_on=(run.cache_key, thr))
-                df, _ = data.born_lost_page(run, which, thr, PAGE_SIZE, offset)
-                other = "base_sae" if sae == "finetuned_sae" else "finetuned_sae"
-                feature_rows(
-                    df, sae, model,
-                    lambda r: f"best match: {figures.SAE_LABELS[other]} feature {ui.fmt(r.match_feature_id, 'd') if r.match_feature_id == r.match_feature_id else 'none'}, score {ui.fmt(r.match_score, '.3f')}",
-                )
 
-    born_lost()
+    changed()
+
+    srcs = state.run_sources(run)
+    if len(srcs) >= 2:
+        st.subheader("Across sources")
+        st.caption("Features whose significance class differs between two sources, e.g. died on one source and no significant change on the other.")
+
+        @state.fragment
+        def contrast() -> None:
+            c1, c2, c3, c4 = st.columns(4)
+            src_a = c1.selectbox("On source", srcs, index=len(srcs) - 1, key="contrast_a")
+            cls_a = c2.multiselect("class", schema.CHANGE_CLASSES, default=["died"], key="contrast_cls_a")
+            src_b = c3.selectbox("and on source", srcs, index=0, key="contrast_b")
+            cls_b = c4.multiselect("class ", schema.CHANGE_CLASSES, default=["no_significant_change", "commoner"], key="contrast_cls_b")
+            df, n = data.source_contrast(run, "base_sae", tuple(cls_a), src_a, tuple(cls_b), src_b, PAGE_SIZE, 0)
+            st.markdown(f"**{n:,}** base SAE features")
+            feature_rows(
+                df, "base_sae",
+                lambda r: f"{src_a}: {r.class_a} ({int(r.count_base_a):,} → {int(r.count_finetuned_a):,}) · {src_b}: {r.class_b} ({int(r.count_base_b):,} → {int(r.count_finetuned_b):,})",
+                lambda r: "base",
+            )
+
+        contrast()

@@ -154,7 +154,7 @@ def _on_run_change() -> None:
     if chosen:
         st.session_state[_RUN_STATE] = chosen
         # a feature id of one run means nothing in another
-        for key in (SAE_PARAM, FEATURE_PARAM):
+        for key in (SAE_PARAM, FEATURE_PARAM, SOURCE_PARAM):
             if key in st.query_params:
                 del st.query_params[key]
         st.query_params[RUN_PARAM] = chosen
@@ -274,6 +274,46 @@ def sae_param(run: Run, key: str = SAE_PARAM, default: str = "base_sae") -> str:
         st.warning(f"SAE {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(saes)}); showing {fallback}.")
         return fallback
     return raw
+
+
+SOURCE_PARAM = "source"
+ALL_SOURCES = "all sources"
+
+
+def run_sources(run: Run) -> list[str]:
+    """The run's source labels (the manifest's `sources`), sorted."""
+    src = run.manifest.get("sources") or {}
+    return sorted(str(s) for s in src) if isinstance(src, dict) else []
+
+
+def source_param(run: Run, key: str = SOURCE_PARAM) -> str | None:
+    """The source named by `?source=` (None: all sources pooled); an unknown one gets a warning."""
+    raw = st.query_params.get(key)
+    if raw is None or raw == "":
+        return None
+    sources = run_sources(run)
+    if raw not in sources:
+        st.warning(f"Source {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(sources) or 'none'}); showing all sources.")
+        return None
+    return raw
+
+
+def source_picker(run: Run, key: str = "source_picker") -> str | None:
+    """A sidebar selectbox of the run's sources ("all sources" first), kept in `?source=`; returns the source or None."""
+    sources = run_sources(run)
+    current = source_param(run)
+    if len(sources) < 2:
+        return current
+    options = [ALL_SOURCES, *sources]
+    st.session_state[key] = current if current is not None else ALL_SOURCES
+
+    def _changed() -> None:
+        v = st.session_state[key]
+        set_params(**{SOURCE_PARAM: None if v == ALL_SOURCES else v})
+
+    with st.sidebar:
+        st.selectbox("Source", options, key=key, on_change=_changed, help="Every statistic on this page on one source's tokens alone, or pooled over all.")
+    return current
 
 
 def feature_param(run: Run, sae: str, key: str = FEATURE_PARAM) -> int | None:

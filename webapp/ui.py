@@ -44,6 +44,14 @@ def legend() -> None:
     st.html(f'<div style="font-size:0.85rem;color:#444">Colours:{items}</div>')
 
 
+def plain(text: Any) -> str:
+    """`text` for st.markdown / st.caption shown as text: every Markdown/HTML-special character
+    backslash-escaped (source labels and other run strings are untrusted input)."""
+    from webapp.state import _MD_SPECIAL
+
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in str(text))
+
+
 def fmt(v: Any, spec: str = ".3g", nan: str = "n/a") -> str:
     try:
         f = float(v)
