@@ -53,15 +53,16 @@ class DemoConfig:
     d_sae: int = 2048
     sae_k: int = 24
     sae_tokens: int = 3_000_000
-    sae_lr: float = 4e-4
+    sae_lr: float = 3e-3
+    sae_batch_tokens: int = 1024  # tokens per SAE training step: more, smaller steps revive latents faster per token
     # SAELens's TopK auxiliary loss (aux-k) trains latents that have not fired for this many steps
-    # (of 4096 tokens) to reconstruct the residual error: the dead-latent fix of Gao et al. 2024
-    sae_dead_feature_window: int = 500
+    # (of sae_batch_tokens tokens) to reconstruct the residual error: the dead-latent fix of Gao et al. 2024
+    sae_dead_feature_window: int = 200
     sae_aux_loss_coefficient: float = 1.0
     # b_dec starts at the mean activation (special tokens left out) instead of 0: with Adam's
     # steps of about lr, b_dec would otherwise stay far from a mean that is a large part of
     # every activation, and the latents spent on that mean left most of the others dead
-    sae_b_dec_init_mean: bool = False
+    sae_b_dec_init_mean: bool = True
     twin_seed_offset: int = 1  # the seed twin of the base SAE: same model, data and hyperparameters, seed + this
     # the finetuned SAE's seed differs from the base SAE's too: with one seed the two dictionaries
     # start from the same initialization and look more alike than independent SAEs (the twin's seed differs)
@@ -76,7 +77,8 @@ class DemoConfig:
         return cls(
             vocab_size=512, n_layers=2, d_model=32, n_heads=2, d_mlp=64, context_size=32,
             batch_size=8, base_tokens=8 * 32 * 6, finetune_tokens=8 * 32 * 4, d_sae=64, sae_k=4,
-            sae_tokens=8 * 32 * 16, eval_sequences_per_source=6, tokenizer_chars=200_000, corpus_chars=400_000, eval_share=0.3,
+            sae_tokens=8 * 32 * 16, sae_batch_tokens=256, sae_lr=4e-4, sae_dead_feature_window=500,
+            eval_sequences_per_source=6, tokenizer_chars=200_000, corpus_chars=400_000, eval_share=0.3,
         )
 
 
@@ -289,7 +291,7 @@ def train_sae(model, sequences, cfg: DemoConfig, out_dir: Path, label: str, seed
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
 
     seed = cfg.seed if seed is None else seed
-    train_batch = 4096 if cfg.d_model >= 64 else 256
+    train_batch = cfg.sae_batch_tokens
     store_batch = 16 if cfg.d_model >= 64 else 4
     n_buf = max(2, math.ceil(train_batch * 2 / (store_batch * cfg.context_size)))
     # sae_lens needs n_batches_in_buffer * context_size >= train_batch_size_tokens

@@ -795,3 +795,167 @@ def test_codec_encode_decode_skips_only_features_that_cannot_fire(tiny_demo):
             torch.testing.assert_close(got[2], dense[t, f], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got[3], sae.decode(dense), rtol=1e-5, atol=1e-5)
     assert pruned >= 1  # the bound skips features at some scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12: per source, significance, what changed, where the models differ
+
+
+def test_features_by_source_and_metrics_by_source_match_naive(ref, naive):
+    """Every per-source statistic equals the pooled computation restricted to that source's tokens."""
+    from scipy.stats import binomtest
+
+    prep = ref["prep"]
+    feats = table(ref["dir"], "features_by_source.parquet")
+    src = np.asarray(prep.seq_source)[:, None].repeat(CTX, 1).reshape(-1)
+    cf = naive["counted_flat"]
+    assert sorted(feats.source.unique()) == prep.source_names == ["english", "python"]
+    for si, name in enumerate(prep.source_names):
+        m = cf & (src == si)
+        for s in ("base_sae", "finetuned_sae"):
+            f = feats[(feats.sae == s) & (feats.source == name)].set_index("feature_id").sort_index()
+            a = {mm: naive["acts"][(s, mm)][m] for mm in ("base", "finetuned")}
+            for mm in ("base", "finetuned"):
+                np.testing.assert_array_equal(f[f"count_{mm}"], (a[mm] > 0).sum(0))
+                np.testing.assert_allclose(f[f"density_{mm}"], (a[mm] > 0).mean(0), rtol=1e-12)
+                np.testing.assert_allclose(f[f"max_act_{mm}"], a[mm].max(0), rtol=1e-6)
+            both = ((a["base"] > 0) & (a["finetuned"] > 0)).sum(0)
+            np.testing.assert_array_equal(f.n_fires_both, both)
+            b, c = (a["base"] > 0).sum(0) - both, (a["finetuned"] > 0).sum(0) - both
+            for i in range(len(f)):
+                want = 1.0 if b[i] + c[i] == 0 else binomtest(int(c[i]), int(b[i] + c[i]), 0.5).pvalue
+                assert f.p_value.iloc[i] == pytest.approx(want, rel=1e-9)
+                x, y = a["base"][:, i], a["finetuned"][:, i]
+                if x.std() > 0 and y.std() > 0:
+                    assert f.act_similarity.iloc[i] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+    met = table(ref["dir"], "metrics_by_source.parquet")
+    counted2d = naive["counted"]
+    src2d = np.asarray(prep.seq_source)[:, None].repeat(CTX, 1)
+    for (s, mm, variant, name), row in met.set_index(["sae", "model", "outliers", "source"]).iterrows():
+        mask = counted2d & (src2d == prep.source_names.index(name))
+        if variant == "excluded":
+            mask &= ~naive["outlier"][mm]
+        x, x_hat = naive["x"][mm][mask], naive["x_hat", s, mm][mask]
+        err = ((x - x_hat) ** 2).sum(-1)
+        assert row.n_tokens == mask.sum()
+        assert row.mse == pytest.approx(err.mean(), rel=1e-5)
+        assert row.explained_variance == pytest.approx(1 - err.mean() / ((x**2).sum(-1).mean() - (x.mean(0) ** 2).sum()), rel=1e-6)
+        ce = naive["loss"][(mm, "clean")][mask[:, :-1]].mean()
+        assert row.ce_clean == pytest.approx(ce, abs=1e-5)
+
+
+def test_significance_columns_match_scipy_and_bh(ref, naive):
+    from scipy.stats import binomtest, false_discovery_control
+
+    feats = table(ref["dir"], "features.parquet")
+    cf = naive["counted_flat"]
+    for s in ("base_sae", "finetuned_sae"):
+        f = feats[feats.sae == s].set_index("feature_id").sort_index()
+        a, b_ = naive["acts"][(s, "base")][cf] > 0, naive["acts"][(s, "finetuned")][cf] > 0
+        b, c = (a & ~b_).sum(0), (~a & b_).sum(0)
+        np.testing.assert_array_equal(f.n_base_only, b)
+        np.testing.assert_array_equal(f.n_finetuned_only, c)
+        p = np.array([1.0 if bi + ci == 0 else binomtest(int(ci), int(bi + ci), 0.5).pvalue for bi, ci in zip(b, c)])
+        np.testing.assert_allclose(f.p_value, p, rtol=1e-9)
+        tested = a.any(0) | b_.any(0)
+        np.testing.assert_allclose(f.q_value[tested], false_discovery_control(p[tested], method="bh"), rtol=1e-9)
+        cb, cf_ = a.sum(0), b_.sum(0)
+        np.testing.assert_allclose(f.log_density_ratio, np.log10((cf_ + 0.5) / (cb + 0.5)), rtol=1e-12)
+        np.testing.assert_allclose(f.delta_max_act, naive["acts"][(s, "finetuned")][cf].max(0) - naive["acts"][(s, "base")][cf].max(0), rtol=1e-5, atol=1e-7)
+        assert set(f.change_class) <= set(schema.CHANGE_CLASSES)
+        sig = f.q_value < schema.SIGNIFICANCE_ALPHA
+        assert ((f.change_class == "no_significant_change") == (~sig & (cb > 0) & (cf_ > 0))).all()
+
+
+def test_logit_effect_is_w_dec_times_the_unembedding_difference(ref):
+    prep = ref["prep"]
+    feats = table(ref["dir"], "features.parquet")
+    diff = (prep.pair.finetuned.W_U.detach().numpy() - prep.pair.base.W_U.detach().numpy()).astype(np.float64)
+    for s, sae in prep.pair.saes.items():
+        f = feats[feats.sae == s].set_index("feature_id").sort_index()
+        eff = sae.W_dec.detach().numpy().astype(np.float64) @ diff
+        for i in range(0, len(f), 7):
+            assert list(f.logit_effect_pos_ids.iloc[i]) == np.argsort(-eff[i], kind="stable")[:10].tolist()
+            assert list(f.logit_effect_neg_ids.iloc[i]) == np.argsort(eff[i], kind="stable")[:10].tolist()
+            assert f.logit_effect_max_abs.iloc[i] == pytest.approx(np.abs(eff[i]).max(), rel=1e-4)
+
+
+def _naive_logprobs(prep, tokens_np):
+    """Both models' next-token log-probabilities from plain full forwards ([n, C, vocab] float64)."""
+    out = {}
+    with torch.inference_mode():
+        for m, model in (("base", prep.pair.base), ("finetuned", prep.pair.finetuned)):
+            lp = [model(torch.from_numpy(tokens_np[i : i + BATCH].astype(np.int64)), return_type="logits").double().log_softmax(-1) for i in range(0, len(tokens_np), BATCH)]
+            out[m] = torch.cat(lp).numpy()
+    return out
+
+
+def test_per_token_kl_and_loss_difference_match_full_forwards(ref, naive):
+    t = table(ref["dir"], "tokens.parquet")
+    kl = np.stack(t.kl.to_numpy())
+    diff = np.stack(t.loss_diff.to_numpy())
+    lp = _naive_logprobs(ref["prep"], naive["tokens"])
+    want = (np.exp(lp["base"]) * (lp["base"] - lp["finetuned"])).sum(-1)[:, :-1]
+    np.testing.assert_allclose(kl[:, :-1], want, rtol=2e-3, atol=2e-6)
+    assert np.isnan(kl[:, -1]).all() and np.isnan(diff[:, -1]).all()
+    np.testing.assert_allclose(diff[:, :-1], naive["loss"][("finetuned", "clean")] - naive["loss"][("base", "clean")], atol=2e-5)
+    # the manifest's means over counted positions
+    counted = naive["counted"][:, :-1]
+    assert ref["manifest"]["summary"]["kl"]["all"]["mean_kl"] == pytest.approx(want[counted].mean(), rel=1e-3)
+
+
+def test_kl_correlation_and_contexts_match_naive(ref, naive):
+    prep = ref["prep"]
+    t = table(ref["dir"], "tokens.parquet")
+    kl = np.stack(t.kl.to_numpy()).astype(np.float64)
+    counted = naive["counted"]
+    ok = np.zeros_like(counted)
+    ok[:, :-1] = counted[:, :-1]
+    feats = table(ref["dir"], "features.parquet")
+    for s in ("base_sae", "finetuned_sae"):
+        f = feats[feats.sae == s].set_index("feature_id").sort_index()
+        delta = np.abs(naive["acts"][(s, "finetuned")] - naive["acts"][(s, "base")]).reshape(N_SEQ, CTX, -1)[ok]
+        k = kl[ok]
+        for i in range(delta.shape[1]):
+            want = np.corrcoef(delta[:, i], k)[0, 1] if delta[:, i].std() > 0 else np.nan
+            np.testing.assert_allclose(f.kl_corr.iloc[i], want, atol=1e-6)
+    ctx = table(ref["dir"], "kl_contexts.parquet").sort_values("rank")
+    flat = np.where(ok, kl, -np.inf).reshape(-1)
+    top = np.lexsort((np.arange(flat.size), -flat))[: len(ctx)]
+    assert (ctx.seq_id * CTX + ctx.position).tolist() == top.tolist()
+    acts = {m: naive["acts"][("base_sae", m)].reshape(N_SEQ, CTX, -1) for m in ("base", "finetuned")}
+    for r in ctx.head(10).itertuples():
+        d = acts["finetuned"][r.seq_id, r.position] - acts["base"][r.seq_id, r.position]
+        order = np.lexsort((np.arange(len(d)), -np.abs(d)))[: len(r.feature_ids)]
+        got = np.asarray(r.act_deltas, np.float64)
+        np.testing.assert_allclose(np.abs(got), np.abs(d[order]), rtol=1e-4, atol=1e-6)
+        assert list(r.feature_ids)[:3] == order[:3].tolist() or np.allclose(np.abs(d[list(r.feature_ids)[:3]]), np.abs(d[order[:3]]), rtol=1e-4)
+        assert r.kl == pytest.approx(kl[r.seq_id, r.position], rel=1e-6)
+        np.testing.assert_array_equal(r.token_ids, naive["tokens"][r.seq_id, r.window_start : min(CTX, r.position + 2)])
+
+
+def test_zero_ablation_can_keep_special_tokens(tiny_demo, corpus, tmp_path, ref, naive):
+    """[evals] zero_ablation = "counted": BOS keeps its activation; the zero-ablated CE equals a
+    hooked forward that zeros only the counted positions (the default zeros every position)."""
+    cfg_path = tmp_path / "zc.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, run_id="zc", n_seq=32, two_saes=False, extra='[evals]\nzero_ablation = "counted"\n'))
+    cfg = RunConfig.from_toml(cfg_path)
+    run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False)
+    prep = ref["prep"]
+    hook = prep.cfg.hook
+    met = table(run_dir, "metrics.parquet").set_index(["sae", "model", "outliers"])
+    tok = naive["tokens"][:32]
+    counted = naive["counted"][:32]
+    for m, model in (("base", prep.pair.base), ("finetuned", prep.pair.finetuned)):
+        losses = []
+        with torch.inference_mode():
+            for i in range(0, 32, BATCH):
+                keep = torch.from_numpy(counted[i : i + BATCH])[..., None]
+                hook_fn = lambda a, hook, keep=keep: torch.where(keep, torch.zeros_like(a), a)  # noqa: E731
+                losses.append(model.run_with_hooks(torch.from_numpy(tok[i : i + BATCH].astype(np.int64)), return_type="loss", loss_per_token=True, fwd_hooks=[(hook, hook_fn)]))
+        want = torch.cat(losses).numpy()[counted[:, :-1]].mean()
+        got = met.loc[("base_sae", m, "included")].ce_zero_ablated
+        assert got == pytest.approx(want, abs=1e-5)
+        all_zero = naive["loss"][(m, "zero")][:32][counted[:, :-1]].mean()
+        assert abs(got - all_zero) > 1e-4  # keeping BOS changes the zero-ablated loss
+    assert rundir.open_run(run_dir)["config"]["evals"]["zero_ablation"] == "counted"
