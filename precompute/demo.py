@@ -52,7 +52,7 @@ class DemoConfig:
     finetune_lr: float = 5e-4
     d_sae: int = 2048
     sae_k: int = 24
-    sae_tokens: int = 3_000_000
+    sae_tokens: int = 2_000_000
     sae_lr: float = 3e-3
     sae_batch_tokens: int = 1024  # tokens per SAE training step: more, smaller steps revive latents faster per token
     # SAELens's TopK auxiliary loss (aux-k) trains latents that have not fired for this many steps

@@ -225,8 +225,9 @@ def test_metrics_equal_sae_lens_evals(pair, corpus_ids):
             assert row["ce_recovered"] == pytest.approx(score, rel=1e-3, abs=1e-4)
             assert row["l0"] == pytest.approx(sv["l0"], rel=1e-5)
             assert row["mse"] == pytest.approx(sv["mse"], rel=1e-4)
-            assert row["explained_variance"] == pytest.approx(sv["explained_variance_legacy"], rel=1e-4, abs=1e-5)
-            assert row["pooled_r2"] == pytest.approx(sv["explained_variance"], rel=1e-4, abs=1e-5)
+            # renamed to sae_lens's names: the legacy formula was `explained_variance`, the current one `pooled_r2`
+            assert row["explained_variance_legacy"] == pytest.approx(sv["explained_variance_legacy"], rel=1e-4, abs=1e-5)
+            assert row["explained_variance"] == pytest.approx(sv["explained_variance"], rel=1e-4, abs=1e-5)
             assert row["n_tokens"] == sum(t not in special for t in ids)
 
 
@@ -241,8 +242,15 @@ def test_metrics_hand_checked_tiny_case():
     # mean x = (2/3, 2/3); centred norms: 5/9, 5/9, 2/9; rss: 0, 1, 0
     assert row["mse"] == pytest.approx(1 / 3)
     assert row["l0"] == pytest.approx(1.0)
-    assert row["explained_variance"] == pytest.approx((1 + (1 - 9 / 5) + 1) / 3)
+    assert row["explained_variance_legacy"] == pytest.approx((1 + (1 - 9 / 5) + 1) / 3)  # renamed (was explained_variance)
+    assert row["explained_variance"] == pytest.approx(1 - 1 / (12 / 9))  # renamed (was pooled_r2): per-dimension means
+    # Study T's pooled R^2: one scalar mean 2/3 over the six elements, SST = 4 (1/3)^2 + 2 (2/3)^2 = 12/9
     assert row["pooled_r2"] == pytest.approx(1 - 1 / (12 / 9))
+    x2 = np.array([[1.0, 5.0], [0.0, 7.0]])  # per-dimension and scalar means differ here
+    row2 = P._metrics("base_sae", "base", x2, x2 * 0.9, f[:2], mask[:2], clean[:1], spl[:1], zero[:1])
+    rss = ((x2 * 0.1) ** 2).sum()
+    assert row2["explained_variance"] == pytest.approx(1 - rss / ((x2 - x2.mean(0)) ** 2).sum())
+    assert row2["pooled_r2"] == pytest.approx(1 - rss / ((x2 - x2.mean()) ** 2).sum())
     assert row["ce_clean"] == 1.5 and row["ce_spliced"] == 2.0 and row["ce_zero_ablated"] == 4.0
     assert row["ce_recovered"] == pytest.approx((4 - 2) / (4 - 1.5))
     row = P._metrics("base_sae", "base", x, r, f, mask, clean, spl, clean + 5e-5)
