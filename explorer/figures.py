@@ -91,13 +91,19 @@ def resid_histogram(df: pd.DataFrame, metric: str) -> go.Figure:
     return binned_histogram(df[df["metric"] == metric], title, x, y)
 
 
+def _by_position(df: pd.DataFrame, left: tuple[str, str], right: tuple[str, str, str], title: str, x_title: str, y_title: str) -> go.Figure:
+    """Two per-position lines: left = (column, name) on the left axis, right = (column, name, axis title) on the right."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df["position"], y=df[left[0]], name=left[1], line=dict(color=NEUTRAL)))
+    fig.add_trace(go.Scatter(x=df["position"], y=df[right[0]], name=right[1], line=dict(color="#8e5ea2", dash="dot"), yaxis="y2"))
+    fig.update_layout(yaxis2=dict(title=right[2], overlaying="y", side="right", showgrid=False))
+    return _layout(fig, title, x_title, y_title)
+
+
 def resid_by_position(df: pd.DataFrame) -> go.Figure:
     """Mean cosine (left axis) and mean L2 distance (right axis) by context position."""
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_cosine"], name="mean cosine", line=dict(color=NEUTRAL)))
-    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_l2"], name="mean L2 distance", line=dict(color="#8e5ea2", dash="dot"), yaxis="y2"))
-    fig.update_layout(yaxis2=dict(title="mean L2 distance (residual units)", overlaying="y", side="right", showgrid=False))
-    return _layout(fig, "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
+    return _by_position(df, ("mean_cosine", "mean cosine"), ("mean_l2", "mean L2 distance", "mean L2 distance (residual units)"),
+                        "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
 
 
 def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Sequence[int]], title: str = "Activation histogram") -> go.Figure:
@@ -215,11 +221,8 @@ def roc_curves(df: pd.DataFrame, chosen: str | None = None) -> go.Figure:
 
 def kl_by_position(df: pd.DataFrame) -> go.Figure:
     """Mean KL(base || finetuned) and mean loss difference by context position."""
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_kl"], name="mean KL(base ‖ finetuned)", line=dict(color=NEUTRAL)))
-    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_loss_diff"], name="mean loss_finetuned − loss_base", line=dict(color="#8e5ea2", dash="dot"), yaxis="y2"))
-    fig.update_layout(yaxis2=dict(title="loss difference (nats)", overlaying="y", side="right", showgrid=False))
-    return _layout(fig, "Where the models' predictions differ, by position", "context position p (predicting token p + 1)", "mean KL (nats)")
+    return _by_position(df, ("mean_kl", "mean KL(base ‖ finetuned)"), ("mean_loss_diff", "mean loss_finetuned − loss_base", "loss difference (nats)"),
+                        "Where the models' predictions differ, by position", "context position p (predicting token p + 1)", "mean KL (nats)")
 
 
 def kl_by_source(df: pd.DataFrame) -> go.Figure:

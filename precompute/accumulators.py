@@ -491,13 +491,26 @@ class PairStats(_Stateful):
     log10(f_F+eps)|, and the number of tokens where it fires on both models (`n_both`: with the
     firing counts, the paired discordant counts of METHODS.md section 8)."""
 
-    FIELDS = ("sum_xy", "sum_log_err", "n_both")
+    FIELDS = ("src_sum_xy", "src_sum_log_err", "src_n_both")
 
     def __init__(self, d_sae: int, eps: float, n_sources: int = 1):
         self.d_sae, self.eps, self.n_sources = d_sae, eps, n_sources
-        self.sum_xy = np.zeros((n_sources, d_sae), np.float64)
-        self.sum_log_err = np.zeros((n_sources, d_sae), np.float64)
-        self.n_both = np.zeros((n_sources, d_sae), np.int64)
+        self.src_sum_xy = np.zeros((n_sources, d_sae), np.float64)
+        self.src_sum_log_err = np.zeros((n_sources, d_sae), np.float64)
+        self.src_n_both = np.zeros((n_sources, d_sae), np.int64)
+
+    # pooled views (sums over sources)
+    @property
+    def sum_xy(self) -> np.ndarray:
+        return self.src_sum_xy.sum(0)
+
+    @property
+    def sum_log_err(self) -> np.ndarray:
+        return self.src_sum_log_err.sum(0)
+
+    @property
+    def n_both(self) -> np.ndarray:
+        return self.src_n_both.sum(0)
 
     def update(self, base: SparseActs, finetuned: SparseActs, hits: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         d, eps, S = self.d_sae, self.eps, self.n_sources
@@ -505,8 +518,8 @@ class PairStats(_Stateful):
         kb, kf = base.keys(d, S), finetuned.keys(d, S)
         vb, vf = base.value.astype(np.float64), finetuned.value.astype(np.float64)
         n = S * d
-        self.sum_xy += np.bincount(kb[ib], weights=vb[ib] * vf[jf], minlength=n).reshape(S, d)
-        self.n_both += np.bincount(kb[ib], minlength=n).reshape(S, d)
+        self.src_sum_xy += np.bincount(kb[ib], weights=vb[ib] * vf[jf], minlength=n).reshape(S, d)
+        self.src_n_both += np.bincount(kb[ib], minlength=n).reshape(S, d)
         # Where both are 0 the log error is exactly 0, so only firing entries contribute: each side's
         # entries as if the other were 0, corrected where both fire.
         log_eps = np.log10(eps)
@@ -515,12 +528,12 @@ class PairStats(_Stateful):
         err += np.bincount(kf, weights=np.abs(lf - log_eps), minlength=n)
         both = np.abs(lb[ib] - lf[jf]) - np.abs(lb[ib] - log_eps) - np.abs(lf[jf] - log_eps)
         err += np.bincount(kb[ib], weights=both, minlength=n)
-        self.sum_log_err += err.reshape(S, d)
+        self.src_sum_log_err += err.reshape(S, d)
 
     def merge(self, other: "PairStats") -> None:
-        self.sum_xy += other.sum_xy
-        self.sum_log_err += other.sum_log_err
-        self.n_both += other.n_both
+        self.src_sum_xy += other.src_sum_xy
+        self.src_sum_log_err += other.src_sum_log_err
+        self.src_n_both += other.src_n_both
 
     def finalize(self, base: FeatureStats, finetuned: FeatureStats, source: int | None = None) -> dict[str, np.ndarray]:
         """act_similarity, act_error, and the paired counts: n_both (fires on both at the same
@@ -528,7 +541,7 @@ class PairStats(_Stateful):
         n, cb, sb, qb = base.part(source)
         _, cf, sf, qf = finetuned.part(source)
         pick = (lambda a: a.sum(0)) if source is None else (lambda a: a[source])
-        sxy, serr, both = pick(self.sum_xy), pick(self.sum_log_err), pick(self.n_both)
+        sxy, serr, both = pick(self.src_sum_xy), pick(self.src_sum_log_err), pick(self.src_n_both)
         sim = pearson(n, sb, sf, qb, qf, sxy)
         err = serr / n if n else np.full(self.d_sae, np.nan)
         return {"act_similarity": sim, "act_error": err, "n_both": both, "n_base_only": cb - both, "n_finetuned_only": cf - both}

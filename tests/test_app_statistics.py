@@ -16,17 +16,10 @@ from streamlit.testing.v1 import AppTest
 
 from explorer import schema, store
 from explorer.synthetic import make_run
+from tests.helpers import app_maker
+from tests.test_app import PAGES as APP_PAGES
 
-REPO = Path(__file__).resolve().parent.parent
-APP = str(REPO / "app.py")
-PAGES = {
-    "overview": "pages/1_overview.py",
-    "features": "pages/2_features.py",
-    "feature": "pages/3_feature.py",
-    "dead_born": "pages/4_dead-born.py",
-    "similarity": "pages/5_similarity.py",
-    "differences": "pages/7_differences.py",
-}
+PAGES = {**APP_PAGES, "differences": "pages/7_differences.py"}
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +33,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def app(runs, monkeypatch):
-    monkeypatch.setenv("SAE_EXPLORER_RUNS_DIR", str(runs))
-
-    def make(page: str, **params) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=120)
-        at.query_params.update({k: str(v) for k, v in params.items()})
-        at.run()
-        if page != "overview":
-            at.switch_page(PAGES[page])
-            at.run()
-        return at
-
-    return make
+    return app_maker(runs, monkeypatch, PAGES)
 
 
 def _ok(at: AppTest) -> None:
