@@ -340,6 +340,9 @@ class FeatureTable:
             self.feature_id = table.column("feature_id").to_numpy().astype(np.int64)
         self._codes: dict[str, tuple[np.ndarray, list[str]]] = {}
         for col in ("status_base", "status_finetuned", "cross_class", "change_class"):
+            if col not in table.column_names:  # a table of fewer columns (tests); its filter then keeps nothing
+                self._codes[col] = (np.full(self.n, -1, np.int64), [])
+                continue
             d = table.column(col).combine_chunks().dictionary_encode()
             codes = pc.fill_null(d.indices, -1).to_numpy().astype(np.int64)  # -1: NULL
             self._codes[col] = (codes, d.dictionary.to_pylist())

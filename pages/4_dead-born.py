@@ -84,28 +84,47 @@ with state.guard():
         )
     cross = data.cross_class_counts(run, "base_sae", source)
     c1, c2 = st.columns(2)
-    for col, cls, text in ((c1, "died", "Alive on the base model, never fires on the finetune"), (c2, "woke", "Never fires on the base model, alive on the finetune")):
+    for col, cls, text, live in ((c1, "died", "Alive on the base model, never fires on the finetune", "base"), (c2, "woke", "Never fires on the base model, alive on the finetune", "finetuned")):
         with col:
-            st.caption(f"{text} (the cross-model class, before any test):")
-            st.markdown(f"**{cross.get(cls, 0):,}** features")
-    st.caption("Of these, the paired test sorts out which are real:")
+
+            @state.fragment
+            def raw_list(cls: str = cls, text: str = text, live: str = live) -> None:
+                st.markdown(f"#### {cls.capitalize()} (before any test)")
+                st.caption(f"{text}; most active first, each with the paired test's verdict.")
+                n = cross.get(cls, 0)
+                st.markdown(f"**{n:,}** features")
+                offset = ui.pager(f"dead_born_raw_{cls}", n, PAGE_SIZE, reset_on=(run.cache_key, source))
+                df, _ = data.class_page(run, "base_sae", cls, PAGE_SIZE, offset, source)
+                feature_rows(
+                    df, "base_sae",
+                    lambda r: f"{str(r.change_class).replace('_', ' ')} (q = {ui.fmt(r.q_value, '.2g')}) · density on {live}: {ui.density(getattr(r, f'density_{live}'))} · max act {ui.fmt(getattr(r, f'max_act_{live}'))}",
+                    lambda r, live=live: live,
+                )
+
+            raw_list()
+    st.markdown("#### The paired test's classes")
     counts = data.change_class_counts(run, "base_sae", source)
     cols = st.columns(len(CLASS_TEXT))
     for col, (cls, (title, _, _)) in zip(cols, CLASS_TEXT.items()):
         col.metric(title, f"{counts.get(cls, 0):,}")
-    tabs = st.tabs([f"{t} ({counts.get(c, 0):,})" for c, (t, _, _) in CLASS_TEXT.items()])
-    for tab, (cls, (title, text, model)) in zip(tabs, CLASS_TEXT.items()):
-        with tab:
-            st.caption(text.format(alpha=alpha))
+    raw = st.query_params.get("class")
+    st.session_state["dead_born_class"] = raw if raw in CLASS_TEXT else "died"
 
-            @state.fragment
-            def class_list(cls: str = cls, model: str | None = model) -> None:
-                n = counts.get(cls, 0)
-                offset = ui.pager(f"dead_born_{cls}", n, PAGE_SIZE, reset_on=(run.cache_key, source))
-                df, _ = data.change_page(run, "base_sae", cls, PAGE_SIZE, offset, source)
-                feature_rows(df, "base_sae", counts_note, lambda r, model=model: model or ("base" if r.count_base > 0 else "finetuned"))
+    @state.fragment
+    def class_list() -> None:
+        cls = st.radio(
+            "Show", list(CLASS_TEXT), horizontal=True, key="dead_born_class",
+            format_func=lambda c: f"{CLASS_TEXT[c][0]} ({counts.get(c, 0):,})",
+            on_change=lambda: state.set_params(**{"class": st.session_state["dead_born_class"]}),
+        )
+        title, text, model = CLASS_TEXT[cls]
+        st.caption(text.format(alpha=alpha))
+        n = counts.get(cls, 0)
+        offset = ui.pager(f"dead_born_{cls}", n, PAGE_SIZE, reset_on=(run.cache_key, source))
+        df, _ = data.change_page(run, "base_sae", cls, PAGE_SIZE, offset, source)
+        feature_rows(df, "base_sae", counts_note, lambda r: model or ("base" if r.count_base > 0 else "finetuned"))
 
-            class_list()
+    class_list()
 
     st.subheader("Born and lost: base SAE vs finetuned SAE, against the seed twin")
     if "finetuned_sae" not in run.saes:
