@@ -29,6 +29,7 @@ PAGES = [
     st.Page("pages/3_feature.py", title="Feature", url_path="feature"),
     st.Page("pages/4_dead-born.py", title="Dead & born", url_path="dead-born"),
     st.Page("pages/5_similarity.py", title="Similarity", url_path="similarity"),
+    st.Page("pages/8_differences.py", title="Where the models differ", url_path="differences"),
     st.Page("pages/6_live_probe.py", title="Live probe", url_path="live_probe"),
     st.Page("pages/7_crosscoder.py", title="Crosscoder", url_path="crosscoder"),
 ]

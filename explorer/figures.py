@@ -91,13 +91,19 @@ def resid_histogram(df: pd.DataFrame, metric: str) -> go.Figure:
     return binned_histogram(df[df["metric"] == metric], title, x, y)
 
 
+def _by_position(df: pd.DataFrame, left: tuple[str, str], right: tuple[str, str, str], title: str, x_title: str, y_title: str) -> go.Figure:
+    """Two per-position lines: left = (column, name) on the left axis, right = (column, name, axis title) on the right."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df["position"], y=df[left[0]], name=left[1], line=dict(color=NEUTRAL)))
+    fig.add_trace(go.Scatter(x=df["position"], y=df[right[0]], name=right[1], line=dict(color="#8e5ea2", dash="dot"), yaxis="y2"))
+    fig.update_layout(yaxis2=dict(title=right[2], overlaying="y", side="right", showgrid=False))
+    return _layout(fig, title, x_title, y_title)
+
+
 def resid_by_position(df: pd.DataFrame) -> go.Figure:
     """Mean cosine (left axis) and mean L2 distance (right axis) by context position."""
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_cosine"], name="mean cosine", line=dict(color=NEUTRAL)))
-    fig.add_trace(go.Scatter(x=df["position"], y=df["mean_l2"], name="mean L2 distance", line=dict(color="#8e5ea2", dash="dot"), yaxis="y2"))
-    fig.update_layout(yaxis2=dict(title="mean L2 distance (residual units)", overlaying="y", side="right", showgrid=False))
-    return _layout(fig, "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
+    return _by_position(df, ("mean_cosine", "mean cosine"), ("mean_l2", "mean L2 distance", "mean L2 distance (residual units)"),
+                        "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
 
 
 def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Sequence[int]], title: str = "Activation histogram",
@@ -151,9 +157,13 @@ def two_model_histogram(hists: dict[str, pd.DataFrame], title: str, x_title: str
     return _layout(fig, title, x_title, y_title)
 
 
-def density_scatter(points: pd.DataFrame, regression: dict[str, float], title: str = "Log-density: base vs finetuned") -> go.Figure:
+def density_scatter(points: pd.DataFrame, regression: dict[str, float], title: str = "Log-density: base vs finetuned", floor: float | None = None,
+                    floor_label: str = "detection floor") -> go.Figure:
     """log10(density+1e-10) on base (x) vs finetuned (y), one point per feature, with the
-    least-squares line and Pearson R. Each point carries its feature_id as customdata."""
+    least-squares line and Pearson R of `regression` (the caller passes the fit over features
+    alive on both models: the dead sentinel at -10 stays out of it), and the detection floor: the
+    log10 density below which a feature cannot be called died (vertical) or woke (horizontal).
+    Each point carries its feature_id as customdata."""
     x = np.log10(points["density_base"].to_numpy(dtype=float) + 1e-10)
     y = np.log10(points["density_finetuned"].to_numpy(dtype=float) + 1e-10)
     fig = go.Figure()
@@ -174,7 +184,77 @@ def density_scatter(points: pd.DataFrame, regression: dict[str, float], title: s
         fig.add_trace(go.Scatter(x=xs, y=intercept + slope * xs, mode="lines", name=f"least squares (R = {r:.3f})", line=dict(color="#c0392b", width=2)))
     lims = [min(x.min(initial=-10), y.min(initial=-10)) - 0.3, 0.3]
     fig.add_trace(go.Scatter(x=lims, y=lims, mode="lines", name="y = x", line=dict(color="#999", dash="dash", width=1)))
+    if floor is not None and math.isfinite(floor):
+        fig.add_trace(go.Scatter(x=[floor, floor, lims[0]], y=[lims[1], floor, floor], mode="lines", name=_safe(floor_label),
+                                 line=dict(color="#2e7d32", dash="dot", width=2), hoverinfo="name"))
     return _layout(fig, title, "log10(density on base + 1e-10)", "log10(density on finetuned + 1e-10)", height=480)
+
+
+BASELINE_COLORS = {"real": "#c0392b", "twin": NEUTRAL}
+
+
+def baseline_curves(df: pd.DataFrame, which: str, threshold: float | None = None) -> go.Figure:
+    """Born or lost rate over the match threshold (base SAE vs finetuned SAE) with the seed twin's
+    rate (base SAE vs its twin: what "no match" looks like without finetuning), and the slider's threshold."""
+    fig = go.Figure()
+    label = {"lost": "lost: base SAE features with no match", "born": "born: features with no match in the base SAE"}[which]
+    real, twin = df[f"{which}_rate"].to_numpy(dtype=float), df[f"{which}_rate_twin"].to_numpy(dtype=float)
+    if np.isfinite(real).any():
+        fig.add_trace(go.Scatter(x=df["threshold"], y=real, mode="lines", name="base SAE vs finetuned SAE", line=dict(color=BASELINE_COLORS["real"], width=2),
+                                 hovertemplate="threshold %{x:.2f}: %{y:.1%}<extra>finetuned SAE</extra>"))
+    if np.isfinite(twin).any():
+        name = "base SAE vs its seed twin" + (" (the reference for born)" if which == "born" else "")
+        fig.add_trace(go.Scatter(x=df["threshold"], y=twin, mode="lines", name=name, line=dict(color=BASELINE_COLORS["twin"], width=2, dash="dash"),
+                                 hovertemplate="threshold %{x:.2f}: %{y:.1%}<extra>seed twin</extra>"))
+    if threshold is not None:
+        fig.add_vline(x=float(threshold), line=dict(color="#444", width=1, dash="dot"))
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    return _layout(fig, label, "match threshold s", "share of alive features below s", height=300)
+
+
+def score_separation(df: pd.DataFrame, score: str) -> go.Figure:
+    """One matching score on the seed twin's assigned pairs vs random pairs (pairs per bin, each group normalized)."""
+    sub = df[df["score"] == score]
+    fig = go.Figure()
+    for group, color, name in (("assigned", "#c0392b", "assigned twin pairs"), ("random", NEUTRAL, "random pairs")):
+        g = sub[sub["group"] == group]
+        counts = g["count"].to_numpy(dtype=float)
+        total = counts.sum()
+        fig.add_trace(_step(g["bin_left"].to_numpy(dtype=float), g["bin_right"].to_numpy(dtype=float), counts / total if total else counts, color, name))
+    auc = sub["auc"].iloc[0] if len(sub) else float("nan")
+    return _layout(fig, f"{_safe(score)}: AUC {auc:.3f}", "score", "share of pairs", height=260)
+
+
+def roc_curves(df: pd.DataFrame, chosen: str | None = None) -> go.Figure:
+    """ROC of every matching score (assigned twin pairs = positives, random pairs = negatives), from the histograms."""
+    fig = go.Figure()
+    for score in dict.fromkeys(df["score"]):
+        sub = df[df["score"] == score]
+        pos = sub[sub["group"] == "assigned"].sort_values("bin_left", ascending=False)["count"].to_numpy(dtype=float)
+        neg = sub[sub["group"] == "random"].sort_values("bin_left", ascending=False)["count"].to_numpy(dtype=float)
+        if not pos.sum() or not neg.sum():
+            continue
+        tpr, fpr = np.concatenate([[0], np.cumsum(pos) / pos.sum()]), np.concatenate([[0], np.cumsum(neg) / neg.sum()])
+        width = 3 if score == chosen else 1.5
+        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{_safe(score)} (AUC {sub['auc'].iloc[0]:.3f})", line=dict(width=width)))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=dict(color="#999", dash="dash", width=1)))
+    return _layout(fig, "Which score tells the same feature from another", "share of random pairs above the cut", "share of assigned twin pairs above the cut", height=380)
+
+
+def kl_by_position(df: pd.DataFrame) -> go.Figure:
+    """Mean KL(base || finetuned) and mean loss difference by context position."""
+    return _by_position(df, ("mean_kl", "mean KL(base ‖ finetuned)"), ("mean_loss_diff", "mean loss_finetuned − loss_base", "loss difference (nats)"),
+                        "Where the models' predictions differ, by position", "context position p (predicting token p + 1)", "mean KL (nats)")
+
+
+def kl_by_source(df: pd.DataFrame) -> go.Figure:
+    """Mean KL and loss difference per source (bars)."""
+    sub = df[df["source"] != "all"]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=[_safe(v) for v in sub["source"]], y=sub["mean_kl"], name="mean KL(base ‖ finetuned)", marker_color=NEUTRAL))
+    fig.add_trace(go.Bar(x=[_safe(v) for v in sub["source"]], y=sub["mean_loss_diff"], name="mean loss_finetuned − loss_base", marker_color="#8e5ea2"))
+    fig.update_layout(barmode="group")
+    return _layout(fig, "By source", "source", "nats per token", height=300)
 
 
 def parallel_coordinates(points: pd.DataFrame) -> go.Figure:

@@ -20,10 +20,12 @@ Conventions (the same as the run's metrics.parquet, see explorer/schema.py METRI
   `sae_lens.util.get_special_token_ids`) are left out of
   L0 / MSE / explained variance, are NOT spliced, and their next-token loss is not counted.
   `probe(..., exclude_special_tokens=False)` counts and splices every position.
-- MSE: squared error summed over dimensions, mean over tokens. Explained variance: per token
-  1 - ||x_hat - x||^2 / ||x - mean(x)||^2, averaged (sae_lens `explained_variance_legacy`, the
-  METHODS.md convention); pooled R^2: 1 - sum ||x_hat - x||^2 / sum ||x - mean(x)||^2 (equal to
-  sae_lens 6's `ExplainedVarianceCalculator`, Study T's pooled R^2).
+- MSE: squared error summed over dimensions, mean over tokens. Explained variance under sae_lens
+  6.54's names: `explained_variance` = 1 - sum ||x_hat - x||^2 / sum ||x - mean(x)||^2 with the
+  per-dimension mean over the prompt's counted tokens (its `ExplainedVarianceCalculator`);
+  `explained_variance_legacy` = per token 1 - ||x_hat - x||^2 / ||x - mean(x)||^2, averaged (its
+  old formula; the prompt is the batch). `pooled_r2`: Study T's pooled R^2, one scalar mean over
+  all elements (docs/METHODS.md section 2).
 - CE: per-token next-token loss in nats. Spliced: the hook activation replaced by the SAE's
   reconstruction; zero-ablated: replaced by zeros (every position, as sae_lens does).
   CE recovered = (zero - spliced) / (zero - clean), NaN (n/a) unless zero - clean >= 1e-4 (when
@@ -305,6 +307,9 @@ def _as_prompt(pair: "LoadedPair", prompt: "PreparedPrompt | str") -> PreparedPr
     return prompt if isinstance(prompt, PreparedPrompt) else prepare_prompt(pair, prompt)
 
 
+SEQUENCE_COLUMNS = ["seq_id", "source", "token_ids"]  # of tokens.parquet (its per-token KL columns are not read here)
+
+
 def read_corpus_sequences(run_dir: str | Path, limit: int | None = 200) -> pd.DataFrame:
     """The first `limit` sequences of a run's tokens.parquet: seq_id, source, token_ids."""
     import pyarrow.parquet as pq
@@ -313,7 +318,7 @@ def read_corpus_sequences(run_dir: str | Path, limit: int | None = 200) -> pd.Da
     if not path.exists():
         raise ExplorerError(f"The run at {run_dir} has no tokens.parquet; re-run its precompute.")
     pf = pq.ParquetFile(path)
-    names = TOKENS.names
+    names = SEQUENCE_COLUMNS
     if limit is None:
         table = pf.read(columns=names)
     else:
@@ -604,10 +609,12 @@ def _metrics(sae: str, model: str, x: np.ndarray, recon: np.ndarray, feats: np.n
             per_token = np.where(centred > 0, 1.0 - rss / centred, np.nan)
         row["l0"] = float((feats[mask] > 0).sum(axis=1).mean())
         row["mse"] = float(rss.mean())
-        row["explained_variance"] = float(per_token.mean()) if n > 1 else math.nan
-        row["pooled_r2"] = float(1.0 - rss.sum() / centred.sum()) if centred.sum() > 0 else math.nan
+        row["explained_variance"] = float(1.0 - rss.sum() / centred.sum()) if centred.sum() > 0 else math.nan
+        row["explained_variance_legacy"] = float(per_token.mean()) if n > 1 else math.nan
+        sst = ((xs - xs.mean()) ** 2).sum()  # one scalar mean over every element (Study T)
+        row["pooled_r2"] = float(1.0 - rss.sum() / sst) if sst > 0 else math.nan
     else:
-        row.update(l0=math.nan, mse=math.nan, explained_variance=math.nan, pooled_r2=math.nan)
+        row.update(l0=math.nan, mse=math.nan, explained_variance=math.nan, explained_variance_legacy=math.nan, pooled_r2=math.nan)
     ce = {}
     for key, values in (("clean", clean), ("spliced", splice), ("zero_ablated", zero)):
         ce[key], row[f"n_nonfinite_{key}"] = _finite_mean(values[loss_mask])
@@ -616,7 +623,7 @@ def _metrics(sae: str, model: str, x: np.ndarray, recon: np.ndarray, feats: np.n
     gap = ce["zero_ablated"] - ce["clean"]
     # n/a unless zero-ablation hurts: with zero - clean <= 1e-4 the ratio has no meaning (a negative gap gave 1.226)
     row["ce_recovered"] = (ce["zero_ablated"] - ce["spliced"]) / gap if gap >= CE_GUARD else math.nan
-    order = ["sae", "model", "n_tokens", "n_loss_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"]
+    order = ["sae", "model", "n_tokens", "n_loss_tokens", "l0", "mse", "explained_variance", "explained_variance_legacy", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"]
     return {k: row[k] for k in order}
 
 

@@ -13,8 +13,13 @@ A run lives in `data/runs/<run_id>/`:
     resid_histograms.parquet RESID_HISTOGRAMS  residual similarity histograms
     resid_summary.parquet    RESID_SUMMARY     residual similarity global statistics
     features.parquet         FEATURES          one row per (sae, feature_id), both models
+    features_by_source.parquet FEATURES_BY_SOURCE  the per-feature statistics per corpus source
+    metrics_by_source.parquet  METRICS_BY_SOURCE   SAE quality per (sae, model, outliers, source)
     examples.parquet         EXAMPLES          top and quantile examples, sorted by (sae, feature_id)
     matches.parquet          MATCHES           candidate pairs between the two SAEs (two-SAE runs)
+    baseline.parquet         BASELINE          born/lost counts over the match threshold, against the seed twin
+    score_separation.parquet SCORE_SEPARATION  each matching score on the twin's assigned vs random pairs (twin runs)
+    kl_contexts.parquet      KL_CONTEXTS       the tokens where the two models' predictions differ most
     crosscoder*.parquet      CROSSCODER...     a crosscoder over both models (runs with [crosscoder])
 
 Vocabulary (STYLE.md): `feature_id` is the latent index, never a row position; `model` is
@@ -25,7 +30,19 @@ fractions of tokens in [0, 1]; CE losses are nats per token; cosines and correla
 
 Which tokens count (precompute/stream.py): special tokens (BOS/EOS/PAD) are left out of every SAE
 and feature statistic, as SAELens's `run_evals` leaves them out; residual-stream similarity
-covers every token. The manifest's `n_counted_tokens` is the number of counted tokens.
+covers every token. The manifest's `n_counted_tokens` is the number of counted tokens. A CE loss,
+KL or loss difference at position p (the prediction of token p + 1) counts when token p counts.
+The zero-ablated CE zeros every position, BOS included, unless `[evals] zero_ablation =
+"counted"` (manifest config).
+
+Alive: a feature is alive on a model when it fires at least once on the sample's counted tokens.
+Born and lost counts, the matching and the assignment cover alive features only: a base_sae
+feature alive on the base model, a finetuned_sae feature alive on the finetuned model, a
+base_sae_twin feature alive on the base model.
+
+Sources: every sequence has a source label (the corpus's `source` column, or "unlabelled");
+the *_by_source tables hold the same statistics computed on each source's tokens alone.
+The methods, column by column, are in docs/METHODS.md.
 """
 
 from __future__ import annotations
@@ -33,13 +50,30 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: the optional crosscoder tables (issue 16)
+SCHEMA_VERSION = 3  # 2: the optional crosscoder tables (issue 16), vocab pieces (issue 11); 3: per-source tables, baseline, significance, KL (issue 12)
 
 MANIFEST = "manifest.json"
 MODELS = ("base", "finetuned")
 SAES = ("base_sae", "finetuned_sae")
+TWIN = "base_sae_twin"  # the base SAE's seed twin: matched with base_sae only (the null baseline)
 STATUSES = ("dead", "ultralow", "regular", "dense")
 CROSS_CLASSES = ("both_alive", "died", "woke", "both_dead")
+# significance classes (precompute/significance.py; METHODS.md section 8)
+CHANGE_CLASSES = ("died", "rarer", "too_rare_to_tell", "no_significant_change", "commoner", "woke", "both_dead")
+SIGNIFICANCE_ALPHA = 0.01  # on the Benjamini-Hochberg q-value
+UNLABELLED_SOURCE = "unlabelled"
+# matching scores (precompute/weights.py; METHODS.md section 7)
+MATCH_BASE_SCORES = ("act_corr", "cofire_corr", "dec_cos", "enc_cos")
+MATCH_SCORES = MATCH_BASE_SCORES + ("act_corr+dec_cos", "cofire_corr+dec_cos")
+DEFAULT_MATCH_SCORE = "act_corr+dec_cos"
+MATCH_SCORE_DOCS = {
+    "act_corr": "Pearson correlation over all counted tokens of the two features' activations",
+    "cofire_corr": "Pearson correlation over the tokens where either feature fires",
+    "dec_cos": "cosine of the two decoder rows",
+    "enc_cos": "cosine of the two encoder columns",
+    "act_corr+dec_cos": "mean of act_corr (NaN as 0) and dec_cos",
+    "cofire_corr+dec_cos": "mean of cofire_corr (NaN as 0) and dec_cos",
+}
 EXAMPLE_KINDS = ("top", "quantile")
 RESID_METRICS = ("cosine", "l2", "seq_mean_cosine", "seq_mean_l2")
 
@@ -83,12 +117,16 @@ TOKENS = _doc(
             pa.field("seq_id", pa.int32(), nullable=False),
             pa.field("source", pa.string()),
             pa.field("token_ids", pa.list_(pa.int32())),
+            pa.field("kl", pa.list_(pa.float32())),
+            pa.field("loss_diff", pa.list_(pa.float32())),
         ]
     ),
     {
         "seq_id": "sequence index in the run's token sample (0..n_sequences-1)",
-        "source": "corpus label of the sequence, e.g. 'english' or 'python'",
+        "source": "corpus label of the sequence, e.g. 'english' or 'python' ('unlabelled' without a source column)",
         "token_ids": "the context_size token ids fed to both models",
+        "kl": "per position p: KL(p_base || p_finetuned) of the two models' next-token distributions after tokens 0..p (nats); NaN at the last position",
+        "loss_diff": "per position p: loss_finetuned - loss_base on the true next token p + 1 (nats); NaN at the last position",
     },
 )
 
@@ -99,11 +137,12 @@ _metric_docs = {
     "n_tokens": "tokens counted",
     "l0": "mean number of features with activation > 0 per token",
     "mse": "squared reconstruction error summed over dimensions, mean over tokens",
-    "explained_variance": "SAELens convention: mean over tokens of 1 - ||x_hat - x||^2 / ||x - mean_batch(x)||^2",
+    "explained_variance": "sae_lens 6.54 `explained_variance` (its current definition): 1 - mean_t ||x - x_hat||^2 / (mean_t ||x||^2 - ||mean_t x||^2), pooled over the tokens counted, float64",
+    "explained_variance_legacy": "sae_lens 6.54 `explained_variance_legacy` (its old formula): mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2, the mean over the batch's counted tokens ([sample] batch_size sequences); depends on the batch size",
     "pooled_r2": "Study T's pooled R^2: 1 - SSE / SST over all scalar elements (can be far below 0)",
     "ce_clean": "next-token CE loss without hooks (nats/token)",
     "ce_spliced": "CE loss with the activation replaced by the SAE reconstruction",
-    "ce_zero_ablated": "CE loss with the activation replaced by zeros",
+    "ce_zero_ablated": "CE loss with the activation replaced by zeros (every position, BOS included, unless [evals] zero_ablation = 'counted')",
     "ce_delta": "ce_spliced - ce_clean",
     "ce_recovered": "(ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean); NaN when |zero - clean| < 1e-4",
     "outlier_fraction": "share of tokens whose activation norm exceeds the outlier threshold",
@@ -114,10 +153,14 @@ _metric_docs = {
 METRICS = _doc(
     pa.schema(
         [pa.field("sae", pa.string()), pa.field("model", pa.string()), pa.field("outliers", pa.string()), pa.field("n_tokens", pa.int64())]
-        + [pa.field(k, pa.float64()) for k in ("l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "outlier_fraction")]
+        + [pa.field(k, pa.float64()) for k in ("l0", "mse", "explained_variance", "explained_variance_legacy", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "outlier_fraction")]
         + [pa.field(k, pa.int64()) for k in ("n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated")]
     ),
     _metric_docs,
+)
+METRICS_BY_SOURCE = _doc(
+    pa.schema([*METRICS, pa.field("source", pa.string())]),
+    {**_metric_docs, "source": "the corpus source whose tokens alone these numbers cover"},
 )
 
 RESID_POSITION = _doc(
@@ -159,21 +202,74 @@ for _m in MODELS:
         _logit_docs[f"logit_{_sign}_ids_{_m}"] = f"token ids of the top 10 {'positive' if _sign == 'pos' else 'negative'} entries of W_dec[i] @ W_U({_m})"
         _logit_docs[f"logit_{_sign}_values_{_m}"] = f"their values (descending for pos, ascending for neg)"
 
+_logit_effect_cols = []
+for _sign in ("pos", "neg"):
+    _logit_effect_cols += [pa.field(f"logit_effect_{_sign}_ids", pa.list_(pa.int32())), pa.field(f"logit_effect_{_sign}_values", pa.list_(pa.float32()))]
+    _logit_docs[f"logit_effect_{_sign}_ids"] = (
+        f"token ids of the top 10 {'positive' if _sign == 'pos' else 'negative'} entries of the logit effect W_dec[i] @ (W_U(finetuned) - W_U(base))"
+    )
+    _logit_docs[f"logit_effect_{_sign}_values"] = "their values (descending for pos, ascending for neg)"
+
+# Per-feature statistics that also exist per source (features_by_source.parquet holds them under
+# the same names, one row per (sae, feature_id, source)).
+_per_source_fields = (
+    _model_cols("density", pa.float64())
+    + _model_cols("mean_act", pa.float64())
+    + _model_cols("mean_active_act", pa.float64())
+    + _model_cols("max_act", pa.float64())
+    + _model_cols("status", pa.string())
+    + [
+        pa.field("cross_class", pa.string()),
+        pa.field("act_similarity", pa.float64()),
+        pa.field("act_error", pa.float64()),
+    ]
+    + _model_cols("count", pa.int64())
+    + [
+        pa.field("n_fires_both", pa.int64()),
+        pa.field("n_base_only", pa.int64()),
+        pa.field("n_finetuned_only", pa.int64()),
+        pa.field("p_value", pa.float64()),
+        pa.field("q_value", pa.float64()),
+        pa.field("change_class", pa.string()),
+        pa.field("log_density_ratio", pa.float64()),
+        pa.field("log_density_ratio_low", pa.float64()),
+        pa.field("log_density_ratio_high", pa.float64()),
+        pa.field("delta_mean_active_act", pa.float64()),
+        pa.field("delta_max_act", pa.float64()),
+    ]
+)
+PER_SOURCE_COLUMNS = tuple(f.name for f in _per_source_fields)
+_per_source_docs = {
+    **{f"density_{m}": f"fraction of counted tokens where the feature fires (> 0) on the {m} model" for m in MODELS},
+    **{f"mean_act_{m}": f"mean activation over all counted tokens on the {m} model" for m in MODELS},
+    **{f"mean_active_act_{m}": f"mean activation over firing tokens on the {m} model (NaN if dead)" for m in MODELS},
+    **{f"max_act_{m}": f"max activation on the {m} model (0 if dead)" for m in MODELS},
+    **{f"status_{m}": "dead | ultralow | regular | dense (thresholds in the manifest config)" for m in MODELS},
+    "cross_class": "both_alive | died (alive on base, dead on finetuned) | woke (dead on base, alive on finetuned) | both_dead: descriptive, no test",
+    "act_similarity": "Pearson over counted tokens of f_i(x_base) and f_i(x_finetuned); NaN when either side is constant",
+    "act_error": "mean over counted tokens of |log10(f_i(x_base)+eps) - log10(f_i(x_finetuned)+eps)|, eps in the manifest",
+    **{f"count_{m}": f"counted tokens where the feature fires on the {m} model" for m in MODELS},
+    "n_fires_both": "counted tokens where it fires on both models",
+    "n_base_only": "b: tokens where it fires on the base model only (count_base - n_fires_both)",
+    "n_finetuned_only": "c: tokens where it fires on the finetuned model only; under no change in density the expected count on the finetuned model is count_base (the same tokens)",
+    "p_value": "exact McNemar p-value: two-sided binomial test of c out of b + c at 1/2 (1 when b + c = 0)",
+    "q_value": "Benjamini-Hochberg q-value across the SAE's features that fire on at least one model (NaN for both_dead)",
+    "change_class": "died | rarer | too_rare_to_tell | no_significant_change | commoner | woke | both_dead, at q < SIGNIFICANCE_ALPHA (docs/METHODS.md section 8)",
+    "log_density_ratio": "log10((count_finetuned + 0.5) / (count_base + 0.5)), the tokens being the same",
+    "log_density_ratio_low": "lower end of its 95% interval (Poisson approximation, counts taken as independent)",
+    "log_density_ratio_high": "upper end of its 95% interval",
+    "delta_mean_active_act": "mean_active_act_finetuned - mean_active_act_base (NaN unless alive on both)",
+    "delta_max_act": "max_act_finetuned - max_act_base",
+}
+
 FEATURES = _doc(
     pa.schema(
         [pa.field("sae", pa.string(), nullable=False), pa.field("feature_id", pa.int32(), nullable=False)]
-        + _model_cols("density", pa.float64())
-        + _model_cols("mean_act", pa.float64())
-        + _model_cols("mean_active_act", pa.float64())
-        + _model_cols("max_act", pa.float64())
-        + _model_cols("status", pa.string())
-        + [
-            pa.field("cross_class", pa.string()),
-            pa.field("act_similarity", pa.float64()),
-            pa.field("act_error", pa.float64()),
-            pa.field("logit_similarity", pa.float64()),
-        ]
+        + _per_source_fields
+        + [pa.field("logit_similarity", pa.float64())]
         + _logit_cols
+        + _logit_effect_cols
+        + [pa.field("logit_effect_max_abs", pa.float64()), pa.field("kl_corr", pa.float64())]
         + _model_cols("act_hist", pa.list_(pa.int64()))
         + [
             pa.field("nn_feature_ids", pa.list_(pa.int32())),
@@ -181,35 +277,51 @@ FEATURES = _doc(
             pa.field("match_feature_id", pa.int32()),
             pa.field("match_score", pa.float64()),
             pa.field("match_act_corr", pa.float64()),
+            pa.field("match_cofire_corr", pa.float64()),
             pa.field("match_dec_cos", pa.float64()),
+            pa.field("match_enc_cos", pa.float64()),
             pa.field("assigned_feature_id", pa.int32()),
             pa.field("assigned_score", pa.float64()),
+            pa.field("twin_match_feature_id", pa.int32()),
+            pa.field("twin_match_score", pa.float64()),
             pa.field("top_tokens", pa.string()),
         ]
     ),
     {
         "sae": "base_sae or finetuned_sae",
         "feature_id": "latent index in that SAE",
-        **{f"density_{m}": f"fraction of tokens where the feature fires (> 0) on the {m} model" for m in MODELS},
-        **{f"mean_act_{m}": f"mean activation over all tokens on the {m} model" for m in MODELS},
-        **{f"mean_active_act_{m}": f"mean activation over firing tokens on the {m} model (NaN if dead)" for m in MODELS},
-        **{f"max_act_{m}": f"max activation on the {m} model (0 if dead)" for m in MODELS},
-        **{f"status_{m}": "dead | ultralow | regular | dense (thresholds in the manifest config)" for m in MODELS},
-        "cross_class": "both_alive | died (alive on base, dead on finetuned) | woke (dead on base, alive on finetuned) | both_dead",
-        "act_similarity": "Pearson over tokens of f_i(x_base) and f_i(x_finetuned); NaN when either side is constant",
-        "act_error": "mean over tokens of |log10(f_i(x_base)+eps) - log10(f_i(x_finetuned)+eps)|, eps in the manifest",
+        **_per_source_docs,
         "logit_similarity": "Pearson over the vocabulary of W_dec[i] @ W_U(base) and W_dec[i] @ W_U(finetuned)",
         **_logit_docs,
+        "logit_effect_max_abs": "the largest |entry| of the logit effect W_dec[i] @ (W_U(finetuned) - W_U(base))",
+        "kl_corr": "Pearson over counted tokens (those with a next token) of |f_i(x_finetuned) - f_i(x_base)| and KL(p_base || p_finetuned)",
         **{f"act_hist_{m}": f"counts of positive activations on the {m} model in the bins schema.ACT_HIST_EDGES" for m in MODELS},
         "nn_feature_ids": "top 10 other features of the same SAE by decoder cosine",
         "nn_cosines": "their decoder cosines (descending)",
-        "match_feature_id": "best match in the other SAE (null without a second SAE)",
-        "match_score": "its combined score: 0.5 * (activation correlation, NaN as 0) + 0.5 * decoder cosine",
-        "match_act_corr": "activation correlation of the best match (this SAE on its model vs the other SAE on its model, same tokens)",
+        "match_feature_id": "best match in the other SAE among its alive features (null without a second SAE, or if this feature is dead on its own model)",
+        "match_score": "its score on the run's matching score (manifest summary.matching.score; MATCH_SCORE_DOCS)",
+        "match_act_corr": "activation correlation of the best match over all counted tokens (this SAE on its model vs the other SAE on its model, same tokens)",
+        "match_cofire_corr": "activation correlation of the best match over the tokens where either fires",
         "match_dec_cos": "decoder cosine of the best match",
-        "assigned_feature_id": "partner in the one-to-one (Hungarian) assignment on the combined score (null if unassigned)",
-        "assigned_score": "combined score of the assigned pair",
+        "match_enc_cos": "encoder cosine of the best match",
+        "assigned_feature_id": "partner in the one-to-one assignment of alive features on the matching score (null if unassigned or dead)",
+        "assigned_score": "matching score of the assigned pair",
+        "twin_match_feature_id": "base_sae only: best match in the seed twin base_sae_twin (the null baseline), on the same score",
+        "twin_match_score": "its score",
         "top_tokens": "space-separated token strings at the max of the top examples (both models), for search",
+    },
+)
+
+FEATURES_BY_SOURCE = _doc(
+    pa.schema(
+        [pa.field("sae", pa.string(), nullable=False), pa.field("feature_id", pa.int32(), nullable=False), pa.field("source", pa.string(), nullable=False)]
+        + _per_source_fields
+    ),
+    {
+        "sae": "base_sae or finetuned_sae",
+        "feature_id": "latent index in that SAE",
+        "source": "the corpus source whose counted tokens alone these statistics cover (q-values: across the SAE's features within that source)",
+        **_per_source_docs,
     },
 )
 
@@ -258,18 +370,22 @@ MATCHES = _doc(
             pa.field("base_feature_id", pa.int32()),
             pa.field("finetuned_feature_id", pa.int32()),
             pa.field("act_corr", pa.float64()),
+            pa.field("cofire_corr", pa.float64()),
             pa.field("dec_cos", pa.float64()),
+            pa.field("enc_cos", pa.float64()),
             pa.field("score", pa.float64()),
             pa.field("assigned", pa.bool_()),
         ]
     ),
     {
-        "base_feature_id": "feature of base_sae (encoding the base model)",
-        "finetuned_feature_id": "feature of finetuned_sae (encoding the finetuned model)",
-        "act_corr": "Pearson over the same tokens of f_i(base_sae, x_base) and f_j(finetuned_sae, x_finetuned); NaN if constant",
+        "base_feature_id": "feature of base_sae (encoding the base model; alive on it)",
+        "finetuned_feature_id": "feature of finetuned_sae (encoding the finetuned model; alive on it)",
+        "act_corr": "Pearson over the same counted tokens of f_i(base_sae, x_base) and f_j(finetuned_sae, x_finetuned); NaN if constant",
+        "cofire_corr": "the same over the tokens where either fires",
         "dec_cos": "cos(W_dec_base_sae[i], W_dec_finetuned_sae[j])",
-        "score": "0.5 * act_corr (NaN as 0) + 0.5 * dec_cos",
-        "assigned": "the pair is in the one-to-one Hungarian assignment",
+        "enc_cos": "cos(W_enc_base_sae[:, i], W_enc_finetuned_sae[:, j])",
+        "score": "the run's matching score (manifest summary.matching.score) of the pair",
+        "assigned": "the pair is in the one-to-one assignment of alive features",
     },
 )
 
@@ -348,33 +464,120 @@ CROSSCODER_LINKS = _doc(
 
 CROSSCODER_METRICS = _doc(
     pa.schema(
-        [f for f in METRICS if f.name != "sae"][:5] + [pa.field("explained_variance_pooled", pa.float64())] + [f for f in METRICS if f.name != "sae"][5:]
+        [f for f in METRICS if f.name != "sae"]
     ),
     {
         **{k: v.replace("SAE", "crosscoder") for k, v in _metric_docs.items() if k not in ("sae", "model")},
         "model": "base or finetuned: the model whose activation is reconstructed (the crosscoder reads both)",
-        "explained_variance_pooled": "sae_lens 6.54's explained_variance: 1 - sum ||x - xhat||^2 / sum ||x - mean(x)||^2 over the variant's tokens",
     },
 )
 
-# file name -> schema; the manifest lists exactly these (MATCHES only for two-SAE runs)
+
+BASELINE = _doc(
+    pa.schema(
+        [pa.field("score", pa.string()), pa.field("threshold", pa.float64())]
+        + [pa.field(k, pa.int64()) for k in ("n_alive_base_sae", "n_alive_finetuned_sae", "n_alive_twin", "n_lost", "n_born", "n_lost_twin", "n_born_twin")]
+        + [pa.field(k, pa.float64()) for k in ("lost_rate", "born_rate", "lost_rate_twin", "born_rate_twin", "excess_lost", "excess_born")]
+    ),
+    {
+        "score": "the matching score (MATCH_SCORES) the counts use",
+        "threshold": "match threshold s (0.00 to 1.00 by 0.01)",
+        "n_alive_base_sae": "base_sae features alive on the base model",
+        "n_alive_finetuned_sae": "finetuned_sae features alive on the finetuned model (null without a finetuned SAE)",
+        "n_alive_twin": "base_sae_twin features alive on the base model (null without a twin)",
+        "n_lost": "alive base_sae features whose best match in finetuned_sae scores below s",
+        "n_born": "alive finetuned_sae features whose best match in base_sae scores below s",
+        "n_lost_twin": "alive base_sae features whose best match in the twin scores below s (null without a twin)",
+        "n_born_twin": "alive twin features whose best match in base_sae scores below s",
+        "lost_rate": "n_lost / n_alive_base_sae",
+        "born_rate": "n_born / n_alive_finetuned_sae",
+        "lost_rate_twin": "n_lost_twin / n_alive_base_sae: the rate between two SAEs of the same model",
+        "born_rate_twin": "n_born_twin / n_alive_twin: the reference for born (the base twin's rate; no finetuned-SAE twin ships)",
+        "excess_lost": "lost_rate - lost_rate_twin",
+        "excess_born": "born_rate - born_rate_twin",
+    },
+)
+
+SCORE_SEPARATION = _doc(
+    pa.schema(
+        [
+            pa.field("score", pa.string()),
+            pa.field("auc", pa.float64()),
+            pa.field("group", pa.string()),
+            pa.field("bin_left", pa.float64()),
+            pa.field("bin_right", pa.float64()),
+            pa.field("count", pa.int64()),
+        ]
+    ),
+    {
+        "score": "the matching score (MATCH_SCORES)",
+        "auc": "P(an assigned base_sae-twin pair scores above a random pair), ties one half",
+        "group": "assigned (the one-to-one assignment of base_sae and its twin on this score) | random (each alive base_sae feature with a random alive twin feature)",
+        "bin_left": "left edge (scores clipped into [-1, 1])",
+        "bin_right": "right edge",
+        "count": "pairs in the bin",
+    },
+)
+
+KL_CONTEXTS = _doc(
+    pa.schema(
+        [
+            pa.field("rank", pa.int32()),
+            pa.field("seq_id", pa.int32()),
+            pa.field("position", pa.int16()),
+            pa.field("source", pa.string()),
+            pa.field("kl", pa.float32()),
+            pa.field("loss_diff", pa.float32()),
+            pa.field("window_start", pa.int16()),
+            pa.field("token_ids", pa.list_(pa.int32())),
+            pa.field("kl_window", pa.list_(pa.float32())),
+            pa.field("feature_ids", pa.list_(pa.int32())),
+            pa.field("act_deltas", pa.list_(pa.float32())),
+            pa.field("acts_base", pa.list_(pa.float32())),
+            pa.field("acts_finetuned", pa.list_(pa.float32())),
+        ]
+    ),
+    {
+        "rank": "0 = the highest KL of the sample (counted positions)",
+        "seq_id": "sequence in tokens.parquet",
+        "position": "position p: the models predict token p + 1 after reading tokens 0..p",
+        "source": "the sequence's source",
+        "kl": "KL(p_base || p_finetuned) at p (nats)",
+        "loss_diff": "loss_finetuned - loss_base on the true next token (nats)",
+        "window_start": "first position of the window",
+        "token_ids": "the window's token ids (the window runs to p + 1, the predicted token)",
+        "kl_window": "KL at each window position (NaN where undefined)",
+        "feature_ids": "base_sae features with the largest |f_i(x_finetuned) - f_i(x_base)| at p, largest first",
+        "act_deltas": "their f_i(x_finetuned) - f_i(x_base) at p",
+        "acts_base": "their f_i(x_base) at p",
+        "acts_finetuned": "their f_i(x_finetuned) at p",
+    },
+)
+
+# file name -> schema; the manifest lists exactly these (the OPTIONAL ones only where they apply)
 TABLES: dict[str, pa.Schema] = {
     "vocab.parquet": VOCAB,
     "tokens.parquet": TOKENS,
     "metrics.parquet": METRICS,
+    "metrics_by_source.parquet": METRICS_BY_SOURCE,
     "resid_position.parquet": RESID_POSITION,
     "resid_histograms.parquet": RESID_HISTOGRAMS,
     "resid_summary.parquet": RESID_SUMMARY,
     "features.parquet": FEATURES,
+    "features_by_source.parquet": FEATURES_BY_SOURCE,
     "examples.parquet": EXAMPLES,
     "matches.parquet": MATCHES,
+    "baseline.parquet": BASELINE,
+    "score_separation.parquet": SCORE_SEPARATION,
+    "kl_contexts.parquet": KL_CONTEXTS,
     "crosscoder.parquet": CROSSCODER,
     "crosscoder_examples.parquet": CROSSCODER_EXAMPLES,
     "crosscoder_links.parquet": CROSSCODER_LINKS,
     "crosscoder_metrics.parquet": CROSSCODER_METRICS,
 }
 CROSSCODER_TABLES = {"crosscoder.parquet", "crosscoder_examples.parquet", "crosscoder_links.parquet", "crosscoder_metrics.parquet"}
-OPTIONAL_TABLES = {"matches.parquet"} | CROSSCODER_TABLES
+# matches: two-SAE runs; baseline: runs with a finetuned SAE or a twin; score_separation: twin runs
+OPTIONAL_TABLES = {"matches.parquet", "baseline.parquet", "score_separation.parquet"} | CROSSCODER_TABLES
 
 # Row-group size of examples.parquet: small enough that one feature's rows are read by
 # row-group pruning on (sae, feature_id).
@@ -406,12 +609,14 @@ MANIFEST_DOCS = {
     "n_counted_tokens": "tokens that count for SAE and feature statistics (special tokens excluded)",
     "special_token_ids": "the token ids excluded from SAE and feature statistics",
     "saes": "SAE names present: [base_sae] or [base_sae, finetuned_sae]",
-    "d_sae": "dictionary size per SAE",
+    "twin": "base_sae_twin when the run has the base SAE's seed twin (matched with base_sae only), else null",
+    "sources": "source label -> counted tokens of that source (every label of the sample; `unlabelled` without a source column)",
+    "d_sae": "dictionary size per SAE (the twin's too)",
     "act_hist_edges": "ACT_HIST_EDGES, the bins of features.act_hist_*",
     "calibration": "outlier thresholds (and the mean norms they come from) per model, and l2_max, fixed on the first sequences",
     "resid_l2_range": "[0, l2_max]: the range of the L2 histograms",
     "resid_clipped": "per resid histogram metric, the values outside its range (counted in the end bins)",
-    "summary": "counts: status and cross-class per SAE, NaN similarities, non-finite explained variance, matching (mode, born/lost at the threshold); crosscoder (its format, sizes, bands at the config's thresholds, dead latents, pooled explained variance per model)",
+    "summary": "counts: alive/status/cross-class/change-class per SAE, detection floors, NaN similarities, non-finite explained variance, matching (score and why, AUC per score, born/lost of alive features at the threshold and against the twin), KL; crosscoder (its format, sizes, bands at the config's thresholds, dead latents, pooled explained variance per model)",
     "timing": "stream seconds, tokens streamed, tokens per second, finalize seconds (of the invocation that finished the run)",
     "files": "file name -> {rows, bytes, sha256}",
 }

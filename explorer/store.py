@@ -41,6 +41,7 @@ from explorer.errors import ExplorerError, RunError
 LOG_DENSITY_EPS = 1e-10  # METHODS.md section 3: plot log10(density + 1e-10)
 
 FEATURES_FILE = "features.parquet"
+FEATURES_BY_SOURCE_FILE = "features_by_source.parquet"
 EXAMPLES_FILE = "examples.parquet"
 MATCHES_FILE = "matches.parquet"
 
@@ -64,9 +65,15 @@ TABLE_COLUMNS = (
     "logit_similarity",
     "match_feature_id",
     "match_score",
+    "change_class",
+    "q_value",
+    "log_density_ratio",
+    "delta_mean_active_act",
+    "logit_effect_max_abs",
+    "kl_corr",
     "top_tokens",
 )
-SORTABLE = tuple(c for c in TABLE_COLUMNS if c != "top_tokens")
+SORTABLE = tuple(c for c in TABLE_COLUMNS if c not in ("top_tokens", "change_class"))
 
 
 def connect():
@@ -93,6 +100,20 @@ def has_table(run_dir: Path | str, name: str) -> bool:
     return (Path(run_dir) / name).exists()
 
 
+def _feats(run_dir: Path | str, source: str | None = None) -> tuple[str, list[Any]]:
+    """The FROM clause (and its parameters) of the features table: features.parquet, or with a
+    `source` its rows with the per-source columns (schema.PER_SOURCE_COLUMNS) replaced by that
+    source's values from features_by_source.parquet (every other column stays pooled)."""
+    if source is None:
+        return "read_parquet(?)", [_path(run_dir, FEATURES_FILE)]
+    cols = ", ".join(f"s.{c} AS {c}" for c in schema.PER_SOURCE_COLUMNS)
+    sql = (
+        f"(SELECT f.* REPLACE ({cols}) FROM read_parquet(?) f "
+        "JOIN (SELECT * FROM read_parquet(?) WHERE source = ?) s USING (sae, feature_id))"
+    )
+    return sql, [_path(run_dir, FEATURES_FILE), _path(run_dir, FEATURES_BY_SOURCE_FILE), str(source)]
+
+
 def _nan_null(col: str) -> str:
     if col not in _FEATURE_COLUMNS:
         raise ValueError(f"unknown column {col!r}")
@@ -106,12 +127,11 @@ def _df(con, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- small tables
 
 
-def vocab(run_dir: Path | str) -> list[str]:
-    """Token strings indexed by token id (missing ids -> ''). Unescaped: escape before HTML.
-
-    A token string that is not valid UTF-8 (a file changed after its checksum was written, or
-    written by a broken tool) is a RunError that says the run is damaged."""
-    t = pq.read_table(_path(run_dir, "vocab.parquet"), columns=["token_id", "token_str"])
+def _vocab_table(run_dir: Path | str, columns: list[str]) -> pa.Table:
+    """vocab.parquet's columns, checked: a token string that is not valid UTF-8 (a file changed
+    after its checksum was written, or written by a broken tool) is a RunError that says the run
+    is damaged."""
+    t = pq.read_table(_path(run_dir, "vocab.parquet"), columns=columns)
     try:
         t.validate(full=True)  # checks UTF-8; reading alone does not
     except pa.ArrowInvalid:
@@ -119,6 +139,12 @@ def vocab(run_dir: Path | str) -> list[str]:
             f"Run {Path(run_dir).name!r} is damaged: vocab.parquet holds token strings that are not valid UTF-8 "
             "(the file was changed or written by a broken tool). Re-run its precompute."
         ) from None
+    return t
+
+
+def vocab(run_dir: Path | str) -> list[str]:
+    """Token strings indexed by token id (missing ids -> ''). Unescaped: escape before HTML."""
+    t = _vocab_table(run_dir, ["token_id", "token_str"])
     ids = t.column("token_id").to_numpy()
     strs = t.column("token_str").to_pylist()
     out = [""] * (int(ids.max()) + 1 if len(ids) else 0)
@@ -131,7 +157,7 @@ def vocab_forms(run_dir: Path | str):
     """The vocabulary with raw pieces and bytes (explorer.tokens.Vocab: grouped window display, hover titles)."""
     from explorer.tokens import Vocab
 
-    t = pq.read_table(_path(run_dir, "vocab.parquet"), columns=["token_id", "token_str", "token_piece", "token_bytes"])
+    t = _vocab_table(run_dir, ["token_id", "token_str", "token_piece", "token_bytes"])
     ids = t.column("token_id").to_numpy()
     n = int(ids.max()) + 1 if len(ids) else 0
     strs, pieces, raw = [""] * n, [""] * n, [None] * n
@@ -140,8 +166,11 @@ def vocab_forms(run_dir: Path | str):
     return Vocab(strs, pieces, raw)
 
 
-def metrics(con, run_dir: Path | str) -> pd.DataFrame:
-    return _df(con, "SELECT * FROM read_parquet(?) ORDER BY sae, model, outliers", [_path(run_dir, "metrics.parquet")])
+def metrics(con, run_dir: Path | str, source: str | None = None) -> pd.DataFrame:
+    """SAE quality per (sae, model, outliers): pooled, or on one source's tokens (metrics_by_source.parquet)."""
+    if source is None:
+        return _df(con, "SELECT * FROM read_parquet(?) ORDER BY sae, model, outliers", [_path(run_dir, "metrics.parquet")])
+    return _df(con, "SELECT * EXCLUDE (source) FROM read_parquet(?) WHERE source = ? ORDER BY sae, model, outliers", [_path(run_dir, "metrics_by_source.parquet"), str(source)])
 
 
 def resid_position(con, run_dir: Path | str) -> pd.DataFrame:
@@ -164,15 +193,17 @@ def sequences(con, run_dir: Path | str, limit: int = 200, offset: int = 0) -> pd
 # ---------------------------------------------------------------------------- counts
 
 
-def status_counts(con, run_dir: Path | str) -> pd.DataFrame:
+def status_counts(con, run_dir: Path | str, source: str | None = None) -> pd.DataFrame:
     """Features per (sae, model, status)."""
+    rel, rp = _feats(run_dir, source)
     parts = " UNION ALL ".join(f"SELECT sae, '{m}' AS model, status_{m} AS status FROM f" for m in schema.MODELS)
-    sql = f"WITH f AS (SELECT sae, status_base, status_finetuned FROM read_parquet(?)) SELECT sae, model, status, count(*) AS n FROM ({parts}) GROUP BY ALL ORDER BY ALL"
-    return _df(con, sql, [_path(run_dir, FEATURES_FILE)])
+    sql = f"WITH f AS (SELECT sae, status_base, status_finetuned FROM {rel}) SELECT sae, model, status, count(*) AS n FROM ({parts}) GROUP BY ALL ORDER BY ALL"
+    return _df(con, sql, rp)
 
 
-def cross_class_counts(con, run_dir: Path | str, sae: str = "base_sae") -> dict[str, int]:
-    rows = con.execute("SELECT cross_class, count(*) FROM read_parquet(?) WHERE sae = ? GROUP BY 1", [_path(run_dir, FEATURES_FILE), sae]).fetchall()
+def cross_class_counts(con, run_dir: Path | str, sae: str = "base_sae", source: str | None = None) -> dict[str, int]:
+    rel, rp = _feats(run_dir, source)
+    rows = con.execute(f"SELECT cross_class, count(*) FROM {rel} WHERE sae = ? GROUP BY 1", [*rp, sae]).fetchall()
     out = {c: 0 for c in schema.CROSS_CLASSES}
     out.update({k: int(v) for k, v in rows if k is not None})
     return out
@@ -233,6 +264,7 @@ class FeatureFilter:
     status_base: tuple[str, ...] = ()
     status_finetuned: tuple[str, ...] = ()
     cross_class: tuple[str, ...] = ()
+    change_class: tuple[str, ...] = ()
     density_model: str = "base"
     log_density_min: float | None = None
     log_density_max: float | None = None
@@ -259,6 +291,7 @@ class FeatureFilter:
             ("status_base", self.status_base, schema.STATUSES),
             ("status_finetuned", self.status_finetuned, schema.STATUSES),
             ("cross_class", self.cross_class, schema.CROSS_CLASSES),
+            ("change_class", self.change_class, schema.CHANGE_CLASSES),
         ):
             if values:
                 vals = [v for v in values if v in allowed]
@@ -300,9 +333,10 @@ def _order(sort_by: str, descending: bool) -> str:
     return f"{_nan_null(sort_by)} {direction} NULLS LAST{tie}"
 
 
-def count_features(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter()) -> int:
+def count_features(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter(), source: str | None = None) -> int:
     where, params = flt.where(sae)
-    return int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", [_path(run_dir, FEATURES_FILE), *params]).fetchone()[0])
+    rel, rp = _feats(run_dir, source)
+    return int(con.execute(f"SELECT count(*) FROM {rel} WHERE {where}", [*rp, *params]).fetchone()[0])
 
 
 def features_page(
@@ -315,8 +349,9 @@ def features_page(
     limit: int = 50,
     offset: int = 0,
     columns: Sequence[str] = TABLE_COLUMNS,
+    source: str | None = None,
 ) -> pd.DataFrame:
-    """One page of the filtered, sorted features table.
+    """One page of the filtered, sorted features table (the per-source columns of `source`, if given).
 
     Two steps: DuckDB filters, sorts and pages the feature ids alone (LIMIT/OFFSET), then the
     page's rows are read by id (row-group pruning). Sorting whole rows (top_tokens strings
@@ -324,11 +359,18 @@ def features_page(
     """
     cols = [c for c in columns if c in _FEATURE_COLUMNS]
     where, params = flt.where(sae)
-    sql = f"SELECT feature_id FROM read_parquet(?) WHERE {where} ORDER BY {_order(sort_by, descending)} LIMIT ? OFFSET ?"
-    ids = [int(r[0]) for r in con.execute(sql, [_path(run_dir, FEATURES_FILE), *params, max(0, int(limit)), max(0, int(offset))]).fetchall()]
+    rel, rp = _feats(run_dir, source)
+    sql = f"SELECT feature_id FROM {rel} WHERE {where} ORDER BY {_order(sort_by, descending)} LIMIT ? OFFSET ?"
+    ids = [int(r[0]) for r in con.execute(sql, [*rp, *params, max(0, int(limit)), max(0, int(offset))]).fetchall()]
     if not ids:
         return _empty_features(cols)
-    return features_by_ids(con, run_dir, sae, ids, cols)[cols]
+    page = features_by_ids(con, run_dir, sae, ids, cols)[cols]
+    per = [c for c in cols if c in schema.PER_SOURCE_COLUMNS]
+    if source is not None and per:  # the per-source values of the page's rows
+        by = feature_by_source(run_dir, sae, ids, source).set_index("feature_id").reindex(ids)
+        for c in per:
+            page[c] = by[c].to_numpy()
+    return page
 
 
 class FeatureTable:
@@ -357,7 +399,10 @@ class FeatureTable:
             self.table = table = table.take(pa.array(np.argsort(self.feature_id, kind="stable")))
             self.feature_id = table.column("feature_id").to_numpy().astype(np.int64)
         self._codes: dict[str, tuple[np.ndarray, list[str]]] = {}
-        for col in ("status_base", "status_finetuned", "cross_class"):
+        for col in ("status_base", "status_finetuned", "cross_class", "change_class"):
+            if col not in table.column_names:  # a table of fewer columns (tests); its filter then keeps nothing
+                self._codes[col] = (np.full(self.n, -1, np.int64), [])
+                continue
             d = table.column(col).combine_chunks().dictionary_encode()
             codes = pc.fill_null(d.indices, -1).to_numpy().astype(np.int64)  # -1: NULL
             self._codes[col] = (codes, d.dictionary.to_pylist())
@@ -370,15 +415,25 @@ class FeatureTable:
         self._search: SearchIndex | None = None
 
     @classmethod
-    def open(cls, run_dir: Path | str, sae: str) -> "FeatureTable":
-        """Read one SAE's table columns (row groups of other SAEs are skipped by their statistics)."""
+    def open(cls, run_dir: Path | str, sae: str, source: str | None = None) -> "FeatureTable":
+        """Read one SAE's table columns (row groups of other SAEs are skipped by their statistics);
+        with `source`, the per-source columns hold that source's values (features_by_source.parquet)."""
         cols = [c for c in TABLE_COLUMNS if c in _FEATURE_COLUMNS]
         idx = features_index(run_dir)
         groups = [g for g, (lo, hi) in enumerate(zip(idx.sae_min, idx.sae_max)) if lo <= sae <= hi]
         t = pq.ParquetFile(idx.path, metadata=idx.metadata).read_row_groups(groups, columns=[*cols, "sae"])
         if any(not (idx.sae_min[g] == idx.sae_max[g] == sae) for g in groups):  # a row group holding another SAE too
             t = t.filter(pc.equal(t.column("sae"), sae))
-        table = cls(t.select(cols))
+        t = t.select(cols)
+        if source is not None:
+            t = t.sort_by("feature_id")
+            per = [c for c in cols if c in schema.PER_SOURCE_COLUMNS]
+            bs = pq.read_table(_path(run_dir, FEATURES_BY_SOURCE_FILE), columns=["feature_id", *per], filters=[("sae", "=", sae), ("source", "=", str(source))]).sort_by("feature_id")
+            if bs.num_rows != t.num_rows:
+                raise ValueError(f"source {source!r} is not in this run")
+            for c in per:
+                t = t.set_column(t.column_names.index(c), c, bs.column(c).cast(t.schema.field(c).type))
+        table = cls(t)
         table.run_dir, table.sae = Path(run_dir), sae
         return table
 
@@ -489,6 +544,7 @@ class FeatureTable:
             ("status_base", flt.status_base, schema.STATUSES),
             ("status_finetuned", flt.status_finetuned, schema.STATUSES),
             ("cross_class", flt.cross_class, schema.CROSS_CLASSES),
+            ("change_class", flt.change_class, schema.CHANGE_CLASSES),
         ):
             if values:
                 codes, words = self._codes[col]
@@ -561,6 +617,12 @@ class FeatureTable:
         pos = np.searchsorted(self.feature_id, ids)
         ok = (pos < self.n) & (self.feature_id[np.minimum(pos, max(self.n - 1, 0))] == ids) if self.n else np.zeros(len(ids), bool)
         return self.table.select(cols).take(pa.array(pos[ok], pa.int64())).to_pandas()
+
+    def matching(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False,
+                 columns: Sequence[str] = TABLE_COLUMNS) -> pa.Table:
+        """Every matching row (table columns), in order, as an Arrow table (the exports)."""
+        cols = [c for c in columns if c in _FEATURE_COLUMNS and c in self.table.column_names]
+        return self.table.select(cols).take(pa.array(self.page_rows(flt, sort_by, descending, self.n, 0), pa.int64()))
 
     def csv(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:
         """Every matching row (table columns), in order, as formula-safe CSV (`csv_bytes`)."""
@@ -674,11 +736,13 @@ def _empty_features(columns: Sequence[str]) -> pd.DataFrame:
     return pa.schema([schema.FEATURES.field(c) for c in columns]).empty_table().to_pandas()
 
 
-def features_csv(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:
+def features_csv(con, run_dir: Path | str, sae: str, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False,
+                 source: str | None = None) -> bytes:
     """Every row matching the filter (table columns) as CSV bytes; built only when asked for."""
     where, params = flt.where(sae)
-    sql = f"SELECT {', '.join(TABLE_COLUMNS)} FROM read_parquet(?) WHERE {where} ORDER BY {_order(sort_by, descending)}"
-    return csv_bytes(_df(con, sql, [_path(run_dir, FEATURES_FILE), *params]))
+    rel, rp = _feats(run_dir, source)
+    sql = f"SELECT {', '.join(TABLE_COLUMNS)} FROM {rel} WHERE {where} ORDER BY {_order(sort_by, descending)}"
+    return csv_bytes(_df(con, sql, [*rp, *params]))
 
 
 def feature(con, run_dir: Path | str, sae: str, feature_id: int) -> dict[str, Any] | None:
@@ -702,26 +766,27 @@ def features_by_ids(con, run_dir: Path | str, sae: str, ids: Iterable[int], colu
     return df.assign(_o=df["feature_id"].map(order)).sort_values("_o").drop(columns="_o").reset_index(drop=True)
 
 
-def feature_column(con, run_dir: Path | str, sae: str, columns: Sequence[str]) -> pd.DataFrame:
+def feature_column(con, run_dir: Path | str, sae: str, columns: Sequence[str], source: str | None = None) -> pd.DataFrame:
     """Whole columns of one SAE's features (numeric views: histograms, scatter)."""
     cols = [c for c in columns if c in _FEATURE_COLUMNS]
-    return _df(con, f"SELECT feature_id, {', '.join(cols)} FROM read_parquet(?) WHERE sae = ? ORDER BY feature_id", [_path(run_dir, FEATURES_FILE), sae])
+    rel, rp = _feats(run_dir, source)
+    return _df(con, f"SELECT feature_id, {', '.join(cols)} FROM {rel} WHERE sae = ? ORDER BY feature_id", [*rp, sae])
 
 
 # ---------------------------------------------------------------------------- dead & born lists
 
 
-def class_page(con, run_dir: Path | str, sae: str, cross_class: str, limit: int = 20, offset: int = 0) -> tuple[pd.DataFrame, int]:
+def class_page(con, run_dir: Path | str, sae: str, cross_class: str, limit: int = 20, offset: int = 0, source: str | None = None) -> tuple[pd.DataFrame, int]:
     """Features of one cross-model class (e.g. died/woke), most active on the live side first."""
     if cross_class not in schema.CROSS_CLASSES:
         raise ValueError(f"cross_class must be one of {schema.CROSS_CLASSES}")
     side = "density_finetuned" if cross_class == "woke" else "density_base"
-    path = _path(run_dir, FEATURES_FILE)
-    n = int(con.execute("SELECT count(*) FROM read_parquet(?) WHERE sae = ? AND cross_class = ?", [path, sae, cross_class]).fetchone()[0])
+    rel, rp = _feats(run_dir, source)
+    n = int(con.execute(f"SELECT count(*) FROM {rel} WHERE sae = ? AND cross_class = ?", [*rp, sae, cross_class]).fetchone()[0])
     df = _df(
         con,
-        f"SELECT {', '.join(TABLE_COLUMNS)} FROM read_parquet(?) WHERE sae = ? AND cross_class = ? ORDER BY {side} DESC, feature_id LIMIT ? OFFSET ?",
-        [path, sae, cross_class, int(limit), int(offset)],
+        f"SELECT {', '.join(TABLE_COLUMNS)} FROM {rel} WHERE sae = ? AND cross_class = ? ORDER BY {side} DESC, feature_id LIMIT ? OFFSET ?",
+        [*rp, sae, cross_class, int(limit), int(offset)],
     )
     return df, n
 
@@ -747,7 +812,7 @@ _NOT_BOTH_DEAD = " AND cross_class IS DISTINCT FROM 'both_dead'"
 
 
 def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, lo: float | None = None, hi: float | None = None, log_density: bool = False,
-              exclude_both_dead: bool = False) -> pd.DataFrame:
+              exclude_both_dead: bool = False, source: str | None = None) -> pd.DataFrame:
     """Histogram of one numeric feature column (NaN excluded; n_nan reported) computed in DuckDB.
 
     Returns bin_left, bin_right, count, plus attrs n_nan and n. With `log_density`, bins
@@ -756,9 +821,9 @@ def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, l
     expr = f"log10({column} + {LOG_DENSITY_EPS})" if log_density else _nan_null(column)
     if column not in _FEATURE_COLUMNS:
         raise ValueError(f"unknown column {column!r}")
-    path = _path(run_dir, FEATURES_FILE)
+    rel, rp = _feats(run_dir, source)
     where = "sae = ?" + (_NOT_BOTH_DEAD if exclude_both_dead else "")
-    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE {where})", [path, sae]).fetchone()
+    stats = con.execute(f"SELECT min(v), max(v), count(v), count(*) - count(v) FROM (SELECT {expr} AS v FROM {rel} WHERE {where})", [*rp, sae]).fetchone()
     vmin, vmax, n, n_nan = stats
     lo = vmin if lo is None else lo
     hi = vmax if hi is None else hi
@@ -769,9 +834,9 @@ def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, l
             hi = lo + 1e-9
         width = (hi - lo) / bins
         rows = con.execute(
-            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM read_parquet(?) WHERE {where}) "
+            f"SELECT least(greatest(floor((v - ?) / ?), 0), ?)::INTEGER AS b, count(*) FROM (SELECT {expr} AS v FROM {rel} WHERE {where}) "
             "WHERE v IS NOT NULL AND v >= ? AND v <= ? GROUP BY 1",
-            [lo, width, bins - 1, path, sae, lo, hi],
+            [lo, width, bins - 1, *rp, sae, lo, hi],
         ).fetchall()
         counts = np.zeros(bins, dtype=np.int64)
         for b, c in rows:
@@ -782,35 +847,38 @@ def histogram(con, run_dir: Path | str, sae: str, column: str, bins: int = 50, l
     return df
 
 
-def density_regression(con, run_dir: Path | str, sae: str = "base_sae", alive_on_both: bool = False) -> dict[str, float]:
-    """Least-squares line and Pearson R of log10(density_finetuned + eps) on log10(density_base + eps)."""
+def density_regression(con, run_dir: Path | str, sae: str = "base_sae", alive_on_both: bool = False, source: str | None = None) -> dict[str, float]:
+    """Least-squares line and Pearson R of log10(density_finetuned + eps) on log10(density_base + eps)
+    (with `alive_on_both`, only the features that fire on both models: no dead sentinel at -10)."""
     where = "sae = ?" + (" AND density_base > 0 AND density_finetuned > 0" if alive_on_both else "")
     x = f"log10(density_base + {LOG_DENSITY_EPS})"
     y = f"log10(density_finetuned + {LOG_DENSITY_EPS})"
+    rel, rp = _feats(run_dir, source)
     row = con.execute(
-        f"SELECT regr_slope({y}, {x}), regr_intercept({y}, {x}), corr({y}, {x}), count(*) FROM read_parquet(?) WHERE {where}",
-        [_path(run_dir, FEATURES_FILE), sae],
+        f"SELECT regr_slope({y}, {x}), regr_intercept({y}, {x}), corr({y}, {x}), count(*) FROM {rel} WHERE {where}",
+        [*rp, sae],
     ).fetchone()
     slope, intercept, r, n = row
     f = lambda v: float("nan") if v is None else float(v)  # noqa: E731
     return {"slope": f(slope), "intercept": f(intercept), "r": f(r), "n": int(n)}
 
 
-SCATTER_COLUMNS = ("density_base", "density_finetuned", "act_similarity", "logit_similarity", "act_error", "cross_class", "status_base", "status_finetuned")
+SCATTER_COLUMNS = ("density_base", "density_finetuned", "act_similarity", "logit_similarity", "act_error", "cross_class", "status_base", "status_finetuned", "change_class")
 
 
-def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0, exclude_both_dead: bool = False) -> pd.DataFrame:
+def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, seed: int = 0, exclude_both_dead: bool = False,
+                   source: str | None = None) -> pd.DataFrame:
     """Per-feature points for scatter/parallel plots: all features (or all but those dead on
     both models), or a deterministic sample of `max_points` (hash of feature_id and seed) when
-    there are more."""
-    path = _path(run_dir, FEATURES_FILE)
+    there are more; with `source`, the per-source columns hold that source's values."""
+    rel, rp = _feats(run_dir, source)
     where = "sae = ?" + (_NOT_BOTH_DEAD if exclude_both_dead else "")
-    n = int(con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {where}", [path, sae]).fetchone()[0])
+    n = int(con.execute(f"SELECT count(*) FROM {rel} WHERE {where}", [*rp, sae]).fetchone()[0])
     cols = ", ".join(("feature_id", *SCATTER_COLUMNS))
     if n <= max_points:
-        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE {where} ORDER BY feature_id", [path, sae])
+        df = _df(con, f"SELECT {cols} FROM {rel} WHERE {where} ORDER BY feature_id", [*rp, sae])
     else:
-        df = _df(con, f"SELECT {cols} FROM read_parquet(?) WHERE {where} ORDER BY hash(feature_id + ?) LIMIT ?", [path, sae, int(seed), int(max_points)])
+        df = _df(con, f"SELECT {cols} FROM {rel} WHERE {where} ORDER BY hash(feature_id + ?) LIMIT ?", [*rp, sae, int(seed), int(max_points)])
     df.attrs["n_total"] = n
     return df
 
@@ -821,14 +889,14 @@ def scatter_sample(con, run_dir: Path | str, sae: str, max_points: int = 20000, 
 def candidate_matches(con, run_dir: Path | str, sae: str, feature_id: int, limit: int = 10) -> pd.DataFrame:
     """Candidate partners of one feature in the other SAE (matches.parquet), best score first.
 
-    Columns: other_feature_id, act_corr, dec_cos, score, assigned. Empty for one-SAE runs.
+    Columns: other_feature_id, act_corr, cofire_corr, dec_cos, enc_cos, score, assigned. Empty for one-SAE runs.
     """
     if not has_table(run_dir, MATCHES_FILE):
-        return pd.DataFrame(columns=["other_feature_id", "act_corr", "dec_cos", "score", "assigned"])
+        return pd.DataFrame(columns=["other_feature_id", "act_corr", "cofire_corr", "dec_cos", "enc_cos", "score", "assigned"])
     mine, other = ("base_feature_id", "finetuned_feature_id") if sae == "base_sae" else ("finetuned_feature_id", "base_feature_id")
     return _df(
         con,
-        f"SELECT {other} AS other_feature_id, act_corr, dec_cos, score, assigned FROM read_parquet(?) WHERE {mine} = ? "
+        f"SELECT {other} AS other_feature_id, act_corr, cofire_corr, dec_cos, enc_cos, score, assigned FROM read_parquet(?) WHERE {mine} = ? "
         "ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, other_feature_id LIMIT ?",
         [_path(run_dir, MATCHES_FILE), int(feature_id), int(limit)],
     )
@@ -838,7 +906,7 @@ class MatchesIndex:
     """matches.parquet in memory, rows grouped by the feature of either SAE: `candidates`
     answers what `candidate_matches` answers (same columns, order and limit) without a scan."""
 
-    COLUMNS = ["other_feature_id", "act_corr", "dec_cos", "score", "assigned"]
+    COLUMNS = ["other_feature_id", "act_corr", "cofire_corr", "dec_cos", "enc_cos", "score", "assigned"]
 
     def __init__(self, df: pd.DataFrame | None):
         self._by: dict[str, dict[int, pd.DataFrame]] = {"base_sae": {}, "finetuned_sae": {}}
@@ -975,3 +1043,145 @@ def finite_or_none(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+# ---------------------------------------------------------------------------- issue 12: sources, significance, baseline, diffing
+
+
+def sources(run_dir: Path | str) -> list[str]:
+    """The run's source labels (features_by_source.parquet), sorted."""
+    t = pq.read_table(_path(run_dir, FEATURES_BY_SOURCE_FILE), columns=["source"])
+    return sorted(set(t.column("source").to_pylist()))
+
+
+def feature_by_source(run_dir: Path | str, sae: str, ids: Sequence[int], source: str | None = None) -> pd.DataFrame:
+    """features_by_source rows of the given features (every source, or one)."""
+    flt = [("sae", "=", sae), ("feature_id", "in", [int(i) for i in ids])]
+    if source is not None:
+        flt.append(("source", "=", str(source)))
+    return pq.read_table(_path(run_dir, FEATURES_BY_SOURCE_FILE), filters=flt).to_pandas()
+
+
+def change_class_counts(con, run_dir: Path | str, sae: str = "base_sae", source: str | None = None) -> dict[str, int]:
+    """Features per significance class (schema.CHANGE_CLASSES)."""
+    rel, rp = _feats(run_dir, source)
+    rows = con.execute(f"SELECT change_class, count(*) FROM {rel} WHERE sae = ? GROUP BY 1", [*rp, sae]).fetchall()
+    out = {c: 0 for c in schema.CHANGE_CLASSES}
+    out.update({k: int(v) for k, v in rows if k is not None})
+    return out
+
+
+def change_page(con, run_dir: Path | str, sae: str, change_class: str, limit: int = 20, offset: int = 0, source: str | None = None) -> tuple[pd.DataFrame, int]:
+    """Features of one significance class, most significant first (q, then the larger count on the live side)."""
+    if change_class not in schema.CHANGE_CLASSES:
+        raise ValueError(f"change_class must be one of {schema.CHANGE_CLASSES}")
+    live = "count_finetuned" if change_class in ("woke", "commoner") else "count_base"
+    rel, rp = _feats(run_dir, source)
+    cols = ", ".join(dict.fromkeys((*TABLE_COLUMNS, "count_base", "count_finetuned", "n_base_only", "n_finetuned_only", "p_value")))
+    n = int(con.execute(f"SELECT count(*) FROM {rel} WHERE sae = ? AND change_class = ?", [*rp, sae, change_class]).fetchone()[0])
+    df = _df(
+        con,
+        f"SELECT {cols} FROM {rel} WHERE sae = ? AND change_class = ? ORDER BY {_nan_null('q_value')} ASC NULLS LAST, {live} DESC, feature_id LIMIT ? OFFSET ?",
+        [*rp, sae, change_class, int(limit), int(offset)],
+    )
+    return df, n
+
+
+# what changed most (METHODS.md section 10): ranking name -> (column, descending, needs alive on both)
+RANKINGS = {
+    "rarer": ("log_density_ratio", False),
+    "commoner": ("log_density_ratio", True),
+    "weaker": ("delta_mean_active_act", False),
+    "stronger": ("delta_mean_active_act", True),
+    "max_down": ("delta_max_act", False),
+    "max_up": ("delta_max_act", True),
+    "logit_effect": ("logit_effect_max_abs", True),
+    "kl_corr": ("kl_corr", True),
+}
+
+
+def changed_most(con, run_dir: Path | str, sae: str, ranking: str, limit: int = 20, offset: int = 0, source: str | None = None) -> tuple[pd.DataFrame, int]:
+    """Features ranked by one change (RANKINGS), features that fire on neither model left out."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {sorted(RANKINGS)}")
+    col, desc = RANKINGS[ranking]
+    rel, rp = _feats(run_dir, source)
+    cols = ", ".join(dict.fromkeys((*TABLE_COLUMNS, "count_base", "count_finetuned", "log_density_ratio_low", "log_density_ratio_high", "delta_max_act")))
+    where = f"sae = ? AND (count_base > 0 OR count_finetuned > 0) AND {_nan_null(col)} IS NOT NULL"
+    n = int(con.execute(f"SELECT count(*) FROM {rel} WHERE {where}", [*rp, sae]).fetchone()[0])
+    df = _df(con, f"SELECT {cols} FROM {rel} WHERE {where} ORDER BY {_order(col, desc) if col in SORTABLE else _nan_null(col) + (' DESC' if desc else ' ASC') + ', feature_id'} LIMIT ? OFFSET ?",
+             [*rp, sae, int(limit), int(offset)])
+    return df, n
+
+
+def source_contrast(con, run_dir: Path | str, sae: str, classes_a: Sequence[str], source_a: str, classes_b: Sequence[str], source_b: str,
+                    limit: int = 20, offset: int = 0) -> tuple[pd.DataFrame, int]:
+    """Features whose change class is in `classes_a` on `source_a` and in `classes_b` on
+    `source_b` (e.g. died on python, no significant change on english)."""
+    ca = [c for c in classes_a if c in schema.CHANGE_CLASSES] or ["__none__"]
+    cb = [c for c in classes_b if c in schema.CHANGE_CLASSES] or ["__none__"]
+    path = _path(run_dir, FEATURES_BY_SOURCE_FILE)
+    sql = (
+        "FROM read_parquet(?) a JOIN read_parquet(?) b USING (sae, feature_id) "
+        f"WHERE a.sae = ? AND a.source = ? AND b.source = ? AND a.change_class IN ({', '.join('?' * len(ca))}) AND b.change_class IN ({', '.join('?' * len(cb))})"
+    )
+    params = [path, path, sae, str(source_a), str(source_b), *ca, *cb]
+    n = int(con.execute(f"SELECT count(*) {sql}", params).fetchone()[0])
+    df = _df(
+        con,
+        "SELECT feature_id, a.change_class AS class_a, a.count_base AS count_base_a, a.count_finetuned AS count_finetuned_a, a.q_value AS q_value_a, "
+        "b.change_class AS class_b, b.count_base AS count_base_b, b.count_finetuned AS count_finetuned_b, b.q_value AS q_value_b "
+        f"{sql} ORDER BY (CASE WHEN isnan(a.q_value) THEN NULL ELSE a.q_value END) ASC NULLS LAST, a.count_base DESC, feature_id LIMIT ? OFFSET ?",
+        [*params, int(limit), int(offset)],
+    )
+    return df, n
+
+
+def baseline(con, run_dir: Path | str, score: str | None = None) -> pd.DataFrame:
+    """baseline.parquet (born/lost counts and rates over the threshold, against the seed twin), one score or all."""
+    if not has_table(run_dir, "baseline.parquet"):
+        return schema.BASELINE.empty_table().to_pandas()
+    if score is None:
+        return _df(con, "SELECT * FROM read_parquet(?) ORDER BY score, threshold", [_path(run_dir, "baseline.parquet")])
+    return _df(con, "SELECT * FROM read_parquet(?) WHERE score = ? ORDER BY threshold", [_path(run_dir, "baseline.parquet"), str(score)])
+
+
+def score_separation(con, run_dir: Path | str) -> pd.DataFrame:
+    """score_separation.parquet (each matching score on the twin's assigned vs random pairs); empty without a twin."""
+    if not has_table(run_dir, "score_separation.parquet"):
+        return schema.SCORE_SEPARATION.empty_table().to_pandas()
+    return _df(con, "SELECT * FROM read_parquet(?) ORDER BY score, \"group\", bin_left", [_path(run_dir, "score_separation.parquet")])
+
+
+def _kl_tokens(run_dir: Path | str, special_ids: Sequence[int]) -> tuple[str, list[Any]]:
+    """Per counted position (its token not special; the last position has no KL): seq_id, source, position, kl, loss_diff."""
+    special = [int(i) for i in special_ids] or [-1]
+    sql = (
+        "(SELECT seq_id, source, generate_subscripts(kl, 1) - 1 AS position, unnest(kl) AS kl, unnest(loss_diff) AS loss_diff, unnest(token_ids) AS token_id "
+        "FROM read_parquet(?))"
+    )
+    where = f"NOT isnan(kl) AND token_id NOT IN ({', '.join('?' * len(special))})"
+    return f"(SELECT * FROM {sql} WHERE {where})", [_path(run_dir, "tokens.parquet"), *special]
+
+
+def kl_by_source(con, run_dir: Path | str, special_ids: Sequence[int]) -> pd.DataFrame:
+    """Mean KL(base || finetuned) and loss difference over the counted positions, per source and over all ('all' first)."""
+    rel, rp = _kl_tokens(run_dir, special_ids)
+    df = _df(con, f"SELECT coalesce(source, 'all') AS source, count(*) AS n_tokens, avg(kl) AS mean_kl, quantile_cont(kl, 0.5) AS median_kl, "
+             f"avg(loss_diff) AS mean_loss_diff FROM {rel} GROUP BY ROLLUP (source) ORDER BY source IS NOT NULL, source", rp)
+    return df
+
+
+def kl_by_position(con, run_dir: Path | str, special_ids: Sequence[int], source: str | None = None) -> pd.DataFrame:
+    """Mean KL and loss difference per context position (counted positions), over all sources or one."""
+    rel, rp = _kl_tokens(run_dir, special_ids)
+    where, params = ("WHERE source = ?", [str(source)]) if source is not None else ("", [])
+    return _df(con, f"SELECT position, count(*) AS n_tokens, avg(kl) AS mean_kl, avg(loss_diff) AS mean_loss_diff FROM {rel} {where} GROUP BY 1 ORDER BY 1", [*rp, *params])
+
+
+def kl_contexts(con, run_dir: Path | str, limit: int = 20, offset: int = 0, source: str | None = None) -> tuple[pd.DataFrame, int]:
+    """The highest-KL contexts (kl_contexts.parquet), highest first, over all sources or one."""
+    path = _path(run_dir, "kl_contexts.parquet")
+    where, params = ("WHERE source = ?", [str(source)]) if source is not None else ("", [])
+    n = int(con.execute(f"SELECT count(*) FROM read_parquet(?) {where}", [path, *params]).fetchone()[0])
+    return _df(con, f"SELECT * FROM read_parquet(?) {where} ORDER BY rank LIMIT ? OFFSET ?", [path, *params, int(limit), int(offset)]), n

@@ -99,7 +99,50 @@ def _act_hist(density: np.ndarray, mean_active: np.ndarray, n_tokens: int, chunk
     return _list_array(counts, pa.int64())
 
 
-def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: dict, other_n: int | None) -> dict[str, Any]:
+def _significance(cols: dict[str, Any], n_tokens: int) -> None:
+    """Counts, paired counts, McNemar p / BH q, change class and the log density ratio from the
+    densities, as a real run computes them from counts (precompute.significance)."""
+    from precompute import significance as sig
+
+    cb = np.round(cols["density_base"] * n_tokens).astype(np.int64)
+    cf = np.round(cols["density_finetuned"] * n_tokens).astype(np.int64)
+    both = np.minimum(cb, cf) * 3 // 4
+    b, c = cb - both, cf - both
+    cols["count_base"], cols["count_finetuned"], cols["n_fires_both"], cols["n_base_only"], cols["n_finetuned_only"] = cb, cf, both, b, c
+    p = sig.mcnemar_p(b, c)
+    q = sig.bh_q(p, (cb > 0) | (cf > 0))
+    cols["p_value"], cols["q_value"] = p, q
+    cols["change_class"] = sig.change_class(cb, cf, b, c, q, schema.SIGNIFICANCE_ALPHA)
+    cols["log_density_ratio"], cols["log_density_ratio_low"], cols["log_density_ratio_high"] = sig.log_density_ratio(cb, cf, n_tokens, n_tokens)
+    cols["delta_mean_active_act"] = cols["mean_active_act_finetuned"] - cols["mean_active_act_base"]
+    cols["delta_max_act"] = cols["max_act_finetuned"] - cols["max_act_base"]
+
+
+def _by_source(rng, sae: str, cols: dict[str, Any], sources: list[str], n_tokens: int) -> pa.Table:
+    """features_by_source rows: each source gets a random share of the pooled density."""
+    parts = []
+    n = len(cols["feature_id"])
+    for i, src in enumerate(sources):
+        share = rng.uniform(0.2, 1.8, n) if i else rng.uniform(0.5, 1.5, n)
+        sub: dict[str, Any] = {}
+        for m in schema.MODELS:
+            d = np.clip(cols[f"density_{m}"] * share * (1 if m == "base" or i == 0 else rng.uniform(0.0, 1.2, n)), 0, 0.9)
+            d[rng.random(n) < 0.05] = 0.0
+            sub[f"density_{m}"] = d
+            sub[f"mean_active_act_{m}"] = np.where(d > 0, np.nan_to_num(cols[f"mean_active_act_{m}"], nan=1.0), np.nan)
+            sub[f"mean_act_{m}"] = np.where(d > 0, sub[f"mean_active_act_{m}"] * d, 0.0)
+            sub[f"max_act_{m}"] = np.where(d > 0, np.maximum(cols[f"max_act_{m}"], 0.1), 0.0)
+            sub[f"status_{m}"] = _status(d, 1e-5, 0.1)
+        ab, af = sub["density_base"] > 0, sub["density_finetuned"] > 0
+        sub["cross_class"] = np.where(ab & af, "both_alive", np.where(ab, "died", np.where(af, "woke", "both_dead"))).astype(object)
+        sub["act_similarity"] = np.where(ab & af, cols["act_similarity"], np.nan)
+        sub["act_error"] = cols["act_error"]
+        _significance(sub, n_tokens // len(sources))
+        parts.append(pa.table({"sae": np.full(n, sae, dtype=object), "feature_id": cols["feature_id"], "source": np.full(n, src, dtype=object), **sub}))
+    return pa.concat_tables([t.select(schema.FEATURES_BY_SOURCE.names).cast(schema.FEATURES_BY_SOURCE) for t in parts])
+
+
+def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: dict, other_n: int | None, twin: bool = False) -> dict[str, Any]:
     cols: dict[str, Any] = {"sae": np.full(n, sae, dtype=object), "feature_id": np.arange(n, dtype=np.int32)}
     log_d = rng.normal(-3.0, 1.0, n)
     d_base = np.clip(10**log_d, 0, 0.5)
@@ -125,6 +168,13 @@ def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: di
     cols["act_similarity"] = np.where(alive_b & alive_f, sim, np.nan)
     cols["act_error"] = np.abs(np.log10(d_base + 1e-10) - np.log10(d_ft + 1e-10)) * 0.5
     cols["logit_similarity"] = np.clip(1 - rng.exponential(0.03, n), -1, 1)
+    _significance(cols, n_tokens)
+    effect = {"pos": -np.sort(-rng.gamma(2, 0.05, (n, 10)), axis=1), "neg": np.sort(-rng.gamma(2, 0.05, (n, 10)), axis=1)}
+    for sign, values in effect.items():
+        cols[f"logit_effect_{sign}_ids"] = _list_array(rng.integers(0, n_vocab, (n, 10), dtype=np.int32), pa.int32())
+        cols[f"logit_effect_{sign}_values"] = _list_array(values.astype(np.float32), pa.float32())
+    cols["logit_effect_max_abs"] = rng.gamma(2, 0.1, n)
+    cols["kl_corr"] = np.where((cols["density_base"] > 0) | (cols["density_finetuned"] > 0), np.clip(rng.normal(0.05, 0.1, n), -1, 1), np.nan)
     for m in schema.MODELS:
         pos_ids = rng.integers(0, n_vocab, (n, 10), dtype=np.int32)
         neg_ids = rng.integers(0, n_vocab, (n, 10), dtype=np.int32)
@@ -146,15 +196,23 @@ def _features(rng, sae: str, n: int, n_vocab: int, n_tokens: int, thresholds: di
         cols["match_feature_id"] = pa.array(match, type=pa.int32())
         cols["match_score"] = score
         cols["match_act_corr"] = act_corr
+        cols["match_cofire_corr"] = np.clip(np.nan_to_num(act_corr, nan=0.0) + rng.normal(0, 0.1, n), -1, 1)
         cols["match_dec_cos"] = dec_cos
+        cols["match_enc_cos"] = np.clip(dec_cos + rng.normal(0, 0.1, n), -1, 1)
         assigned = rng.random(n) < 0.8
         cols["assigned_feature_id"] = pa.array(np.where(assigned, match, 0).astype(np.int32), mask=~assigned)
         cols["assigned_score"] = np.where(assigned, score, np.nan)
     else:
         for k, t in (("match_feature_id", pa.int32()), ("assigned_feature_id", pa.int32())):
             cols[k] = pa.nulls(n, t)
-        for k in ("match_score", "match_act_corr", "match_dec_cos", "assigned_score"):
+        for k in ("match_score", "match_act_corr", "match_cofire_corr", "match_dec_cos", "match_enc_cos", "assigned_score"):
             cols[k] = pa.nulls(n, pa.float64())
+    if twin and sae == "base_sae":
+        cols["twin_match_feature_id"] = pa.array(rng.integers(0, n, n).astype(np.int32), type=pa.int32())
+        cols["twin_match_score"] = np.clip(rng.beta(3, 2, n), 0, 1)
+    else:
+        cols["twin_match_feature_id"] = pa.nulls(n, pa.int32())
+        cols["twin_match_score"] = pa.nulls(n, pa.float64())
     cols["top_tokens"] = np.full(n, "", dtype=object)  # filled from the examples
     return cols
 
@@ -232,6 +290,48 @@ def _examples_chunk(rng, sae: str, f0: int, f1: int, feats: dict, n_vocab: int, 
     return table, top_tokens
 
 
+def _baseline(rng, out: Path, feats: dict, n: int, threshold: float, twin: bool) -> tuple[dict, dict | None, dict]:
+    """baseline.parquet (with `twin`: its columns too) and score_separation.parquet (with `twin`)
+    from the features' match scores and a noisier twin, and the manifest's summary.matching."""
+    from precompute.baseline import HIST_BINS, THRESHOLDS
+
+    rows, seps = [], []
+    alive_a = np.asarray(feats["base_sae"]["density_base"]) > 0
+    alive_b = np.asarray(feats["finetuned_sae"]["density_finetuned"]) > 0
+    lost_s = np.asarray(feats["base_sae"]["match_score"], dtype=float)[alive_a]
+    born_s = np.asarray(feats["finetuned_sae"]["match_score"], dtype=float)[alive_b]
+    tm = feats["base_sae"]["twin_match_score"]
+    twin_a = np.asarray(tm.to_numpy(zero_copy_only=False) if isinstance(tm, pa.Array) else tm, dtype=float)[alive_a]
+    twin_b = np.clip(rng.beta(3, 2, int(alive_a.sum())), 0, 1)
+    aucs = {}
+    for k, score in enumerate(schema.MATCH_SCORES):
+        shift = 0.03 * k
+        for t in THRESHOLDS:
+            nl, nb, nlt, nbt = ((v - shift < t).sum() for v in (lost_s, born_s, twin_a, twin_b))
+            la, lb = int(alive_a.sum()), int(alive_b.sum())
+            row = dict(score=score, threshold=float(t), n_alive_base_sae=la, n_alive_finetuned_sae=lb, n_alive_twin=la, n_lost=int(nl), n_born=int(nb),
+                       n_lost_twin=int(nlt), n_born_twin=int(nbt), lost_rate=nl / la, born_rate=nb / lb, lost_rate_twin=nlt / la, born_rate_twin=nbt / la,
+                       excess_lost=nl / la - nlt / la, excess_born=nb / lb - nbt / la)
+            if not twin:
+                row.update({k: None for k in ("n_alive_twin", "n_lost_twin", "n_born_twin")}, lost_rate_twin=np.nan, born_rate_twin=np.nan, excess_lost=np.nan, excess_born=np.nan)
+            rows.append(row)
+        aucs[score] = 0.95 - 0.02 * k
+        edges = np.linspace(-1, 1, HIST_BINS + 1)
+        for group, sample in (("assigned", rng.beta(5, 2, n)), ("random", rng.normal(0.0, 0.1, n))):
+            counts = np.histogram(np.clip(sample, -1, 1), bins=edges)[0]
+            seps += [dict(score=score, auc=aucs[score], group=group, bin_left=float(edges[i]), bin_right=float(edges[i + 1]), count=int(counts[i])) for i in range(HIST_BINS)]
+    f1 = rundir.write_table(out, "baseline.parquet", pa.Table.from_pylist(rows, schema=schema.BASELINE))
+    f2 = rundir.write_table(out, "score_separation.parquet", pa.Table.from_pylist(seps)) if twin else None
+    i = int(np.argmin(np.abs(THRESHOLDS - threshold)))
+    at = rows[i]
+    summ = {"score": schema.MATCH_SCORES[0] if twin else schema.DEFAULT_MATCH_SCORE,
+            "score_reason": "the highest AUC separating the seed twin's assigned pairs from random pairs" if twin else "the default without a seed twin to choose on",
+            "auc": aucs if twin else {},
+            "threshold": threshold, "counts": "alive features only", "n_lost": at["n_lost"], "n_born": at["n_born"], "n_lost_twin": at["n_lost_twin"],
+            "n_born_twin": at["n_born_twin"], "n_alive_base_sae": at["n_alive_base_sae"], "n_alive_finetuned_sae": at["n_alive_finetuned_sae"], "n_alive_twin": at["n_alive_twin"]}
+    return f1, f2, summ
+
+
 def make_run(
     out_dir: Path | str,
     n_features: int = 200,
@@ -245,8 +345,10 @@ def make_run(
     n_per_quantile_bin: int = 5,
     seed: int = 0,
     chunk_features: int = 2048,
+    twin: bool = False,
 ) -> Path:
-    """Write a complete synthetic run to `out_dir` (created; its name is the run id by default)."""
+    """Write a complete synthetic run to `out_dir` (created; its name is the run id by default);
+    with `twin` (two-SAE runs only) also the seed-twin baseline and the score separation."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id or out.name
@@ -255,6 +357,8 @@ def make_run(
     thresholds = {"ultralow_density": 1e-5, "dense_density": 0.1, "outlier_norm_factor": 2.0, "match": 0.5, "min_matching_id_share": 0.99, "act_error_eps": 1e-10}
     ex = {"n_top": n_top, "n_quantile_bins": n_quantile_bins, "n_per_quantile_bin": n_per_quantile_bin, "window_before": 12, "window_after": 4}
     saes = list(schema.SAES) if two_saes else ["base_sae"]
+    twin = twin and two_saes
+    sources = ["english", "python"]
     vocab = _vocab(n_vocab)
     files: dict[str, Any] = {}
 
@@ -264,11 +368,33 @@ def make_run(
     )
     tok = rng.integers(1, n_vocab, (n_sequences, context)).astype(np.int32)
     tok[:, 0] = 0
+    seq_source = np.where(np.arange(n_sequences) % 2, "python", "english").astype(object)
+    kl = rng.exponential(0.05, (n_sequences, context)).astype(np.float32) * np.where(seq_source == "python", 3.0, 1.0)[:, None].astype(np.float32)
+    kl[:, -1] = np.nan
+    loss_diff = (rng.normal(0, 0.2, (n_sequences, context)) - np.where(seq_source == "python", 0.3, -0.2)[:, None]).astype(np.float32)
+    loss_diff[:, -1] = np.nan
     files["tokens.parquet"] = rundir.write_table(
         out,
         "tokens.parquet",
-        pa.table({"seq_id": np.arange(n_sequences, dtype=np.int32), "source": np.where(np.arange(n_sequences) % 2, "python", "english").astype(object), "token_ids": _list_array(tok, pa.int32())}),
+        pa.table({"seq_id": np.arange(n_sequences, dtype=np.int32), "source": seq_source, "token_ids": _list_array(tok, pa.int32()),
+                  "kl": _list_array(kl, pa.float32()), "loss_diff": _list_array(loss_diff, pa.float32())}),
     )
+    flat = np.nan_to_num(kl.reshape(-1), nan=-1.0)
+    top = np.argsort(-flat, kind="stable")[:30]
+    seq, pos = top // context, top % context
+    start = np.maximum(pos - 12, 0)
+    end = np.minimum(pos + 2, context)
+    n_feat_ctx = min(10, n_features)
+    files["kl_contexts.parquet"] = rundir.write_table(out, "kl_contexts.parquet", pa.table({
+        "rank": np.arange(len(top), dtype=np.int32), "seq_id": seq.astype(np.int32), "position": pos.astype(np.int16),
+        "source": seq_source[seq], "kl": kl.reshape(-1)[top], "loss_diff": loss_diff.reshape(-1)[top], "window_start": start.astype(np.int16),
+        "token_ids": pa.array([tok[q, a:b] for q, a, b in zip(seq, start, end)], pa.list_(pa.int32())),
+        "kl_window": pa.array([kl[q, a:b] for q, a, b in zip(seq, start, end)], pa.list_(pa.float32())),
+        "feature_ids": _list_array(rng.integers(0, n_features, (len(top), n_feat_ctx)).astype(np.int32), pa.int32()),
+        "act_deltas": _list_array(-np.sort(-rng.normal(0, 1, (len(top), n_feat_ctx)), axis=1).astype(np.float32), pa.float32()),
+        "acts_base": _list_array(rng.gamma(2, 1, (len(top), n_feat_ctx)).astype(np.float32), pa.float32()),
+        "acts_finetuned": _list_array(rng.gamma(2, 1, (len(top), n_feat_ctx)).astype(np.float32), pa.float32()),
+    }))
     mrows = []
     for sae in saes:
         for m in schema.MODELS:
@@ -279,12 +405,16 @@ def make_run(
                 zero = clean + 5.0
                 mrows.append(
                     dict(sae=sae, model=m, outliers=outl, n_tokens=n_tokens if outl == "included" else n_tokens - n_sequences,
-                         l0=float(rng.uniform(20, 60)), mse=float(rng.uniform(0.5, 3.0)), explained_variance=0.9 if own else 0.6,
+                         l0=float(rng.uniform(20, 60)), mse=float(rng.uniform(0.5, 3.0)), explained_variance=0.92 if own else 0.62,
+                         explained_variance_legacy=0.9 if own else 0.6,
                          pooled_r2=0.85 if own else -0.5, ce_clean=clean, ce_spliced=spliced, ce_zero_ablated=zero, ce_delta=spliced - clean,
                          ce_recovered=(zero - spliced) / (zero - clean), outlier_fraction=1.0 / context, n_nonfinite_clean=0,
                          n_nonfinite_spliced=0, n_nonfinite_zero_ablated=0)
                 )
     files["metrics.parquet"] = rundir.write_table(out, "metrics.parquet", pa.Table.from_pylist(mrows))
+    src_rows = [{**r, "source": src, "n_tokens": r["n_tokens"] // 2, "explained_variance": r["explained_variance"] - 0.05 * i, "ce_clean": r["ce_clean"] + 0.4 * i}
+                for i, src in enumerate(sources) for r in mrows]
+    files["metrics_by_source.parquet"] = rundir.write_table(out, "metrics_by_source.parquet", pa.Table.from_pylist(src_rows))
     posn = np.arange(context)
     files["resid_position.parquet"] = rundir.write_table(
         out, "resid_position.parquet",
@@ -304,7 +434,7 @@ def make_run(
     files["resid_histograms.parquet"] = rundir.write_table(out, "resid_histograms.parquet", pa.Table.from_pylist(hist_rows))
     files["resid_summary.parquet"] = rundir.write_table(out, "resid_summary.parquet", pa.Table.from_pylist(summ))
 
-    feats = {sae: _features(rng, sae, n_features, n_vocab, n_tokens, thresholds, n_features if two_saes else None) for sae in saes}
+    feats = {sae: _features(rng, sae, n_features, n_vocab, n_tokens, thresholds, n_features if two_saes else None, twin) for sae in saes}
 
     # examples: streamed, sorted by (sae, feature_id)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".examples.parquet.", suffix=".tmp")
@@ -329,13 +459,20 @@ def make_run(
 
     ftable = pa.concat_tables([pa.table({k: v for k, v in feats[s].items()}) .select(schema.FEATURES.names).cast(schema.FEATURES) for s in saes])
     files["features.parquet"] = rundir.write_table(out, "features.parquet", ftable, row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    by_source = pa.concat_tables([_by_source(rng, s, feats[s], sources, n_tokens) for s in saes])
+    files["features_by_source.parquet"] = rundir.write_table(out, "features_by_source.parquet", by_source, row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    summary: dict[str, Any] = {}
     if two_saes:
         b = feats["base_sae"]
         files["matches.parquet"] = rundir.write_table(
             out, "matches.parquet",
             pa.table({"base_feature_id": np.arange(n_features, dtype=np.int32), "finetuned_feature_id": np.asarray(b["match_feature_id"].to_numpy(zero_copy_only=False), dtype=np.int32),
-                      "act_corr": b["match_act_corr"], "dec_cos": b["match_dec_cos"], "score": b["match_score"], "assigned": rng.random(n_features) < 0.8}),
+                      "act_corr": b["match_act_corr"], "cofire_corr": b["match_cofire_corr"], "dec_cos": b["match_dec_cos"], "enc_cos": b["match_enc_cos"],
+                      "score": b["match_score"], "assigned": rng.random(n_features) < 0.8}),
         )
+        files["baseline.parquet"], sep, summary["matching"] = _baseline(rng, out, feats, n_features, thresholds["match"], twin)
+        if twin:
+            files["score_separation.parquet"] = sep
     spec = lambda p: {"name": None, "hf_model": None, "path": p}  # noqa: E731
     manifest = {
         "run_id": run_id,
@@ -361,6 +498,9 @@ def make_run(
         "n_counted_tokens": n_tokens - n_sequences,  # BOS (token 0) opens every sequence and is not counted
         "special_token_ids": [0],
         "saes": saes,
+        "twin": schema.TWIN if twin else None,
+        "sources": {src: n_tokens // len(sources) for src in sources},
+        "summary": summary,
         "d_sae": {s: n_features for s in saes},
         "act_hist_edges": schema.ACT_HIST_EDGES.tolist(),
         "files": files,
@@ -393,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantile-bins", type=int, default=10)
     p.add_argument("--per-bin", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--twin", action="store_true", help="also the seed-twin baseline tables")
     a = p.parse_args(argv)
-    make_run(a.out, a.features, a.run_id, two_saes=not a.one_sae, n_top=a.n_top, n_quantile_bins=a.quantile_bins, n_per_quantile_bin=a.per_bin, seed=a.seed)
+    make_run(a.out, a.features, a.run_id, two_saes=not a.one_sae, n_top=a.n_top, n_quantile_bins=a.quantile_bins, n_per_quantile_bin=a.per_bin, seed=a.seed, twin=a.twin)
     print(a.out)
     return 0
 

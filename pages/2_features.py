@@ -4,7 +4,7 @@ Every selection is in the URL (webapp.urlstate). Selecting a row opens its featu
 
 import streamlit as st
 
-from explorer import figures, render, schema, store
+from explorer import features_view, figures, render, schema, store
 from explorer.render import inert
 from webapp import data, state, ui, urlstate
 
@@ -12,18 +12,8 @@ run = state.run_picker()
 st.title("Features")
 
 PAGE = "page"  # the query parameter of the page number: every other selection resets it
-SORT_LABELS = {
-    "feature_id": "feature id",
-    "density_base": "density on base",
-    "density_finetuned": "density on finetuned",
-    "max_act_base": "max activation on base",
-    "max_act_finetuned": "max activation on finetuned",
-    "act_similarity": "activation similarity",
-    "logit_similarity": "logit similarity",
-    "act_error": "activation error",
-    "match_score": "best-match score",
-}
-SEARCH_LABELS = {"substring": "substring", "exact": "exact token", "regex": "regular expression (RE2)"}
+SORT_LABELS = features_view.SORT_LABELS
+SEARCH_LABELS = features_view.SEARCH_LABELS
 PAGE_SIZES = [25, 50, 100, 200]
 ROW_PX, HEADER_PX = 35, 38
 
@@ -33,54 +23,58 @@ def bound(fn, param, *args, key, default, codec, **kw):
     return urlstate.widget(fn, param, *args, key=key, default=default, codec=codec, resets=(PAGE,), **kw)
 
 
+view_values: dict = {}  # the view's selections (explorer.features_view.PARAMS): its filter and its export's --view
+
+
+def view(fn, param, *args, key, **kw):
+    """A widget bound to the view parameter `param` (its codec and default from features_view.PARAMS)."""
+    codec, default = features_view.PARAMS[param]
+    value = bound(fn, param, *args, key=key, default=default, codec=codec, **kw)
+    if codec.norm(value) != codec.norm(default):
+        view_values[param] = codec.norm(value)
+    return value
+
+
+DENSITY, SIMILARITY = features_view.DENSITY_RANGE, features_view.SIMILARITY_RANGE
+
 with state.guard():
+    source = state.source_picker(run, "features_source", resets=(PAGE,))
     top = st.columns([1, 1, 1, 1])
     sae = state.sae_picker(run, "features_sae", top[0], resets=(PAGE,))
     state.set_params(feature=None)  # a feature id means nothing on this page: not in its links
-    sort_by = bound(top[1].selectbox, "sort", "Sort by", list(SORT_LABELS), key="features_sort", default="feature_id", codec=urlstate.choice(SORT_LABELS), format_func=SORT_LABELS.get)
-    descending = bound(top[2].toggle, "desc", "Descending", key="features_desc", default=False, codec=urlstate.flag())
+    sort_by = view(top[1].selectbox, "sort", "Sort by", list(SORT_LABELS), key="features_sort", format_func=SORT_LABELS.get)
+    descending = view(top[2].toggle, "desc", "Descending", key="features_desc")
     page_size = bound(top[3].selectbox, "rows", "Rows per page", PAGE_SIZES, key="features_page_size", default=50, codec=urlstate.choice(PAGE_SIZES))
 
     with st.expander("Filters and search", expanded=True):
         c1, c2, c3 = st.columns(3)
-        status_base = bound(c1.multiselect, "status_base", "Status on base", schema.STATUSES, key="f_status_base", default=(), codec=urlstate.choices(schema.STATUSES))
-        status_ft = bound(c2.multiselect, "status_finetuned", "Status on finetuned", schema.STATUSES, key="f_status_ft", default=(), codec=urlstate.choices(schema.STATUSES))
-        classes = bound(c3.multiselect, "class", "Cross-model class", schema.CROSS_CLASSES, key="f_class", default=(), codec=urlstate.choices(schema.CROSS_CLASSES), format_func=lambda c: c.replace("_", " "))
+        view(c1.multiselect, "status_base", "Status on base", schema.STATUSES, key="f_status_base")
+        view(c2.multiselect, "status_finetuned", "Status on finetuned", schema.STATUSES, key="f_status_ft")
+        view(c3.multiselect, "class", "Cross-model class", schema.CROSS_CLASSES, key="f_class", format_func=lambda c: c.replace("_", " "))
+        view(c3.multiselect, "change", f"Change class (paired test, q < {schema.SIGNIFICANCE_ALPHA})", schema.CHANGE_CLASSES, key="f_change", format_func=lambda c: c.replace("_", " "))
         c1, c2, c3 = st.columns(3)
-        density_model = bound(c1.radio, "density_on", "Density on", list(figures.MODELS), key="f_density_model", default="base", codec=urlstate.choice(figures.MODELS), horizontal=True, format_func=render.MODEL_LABELS.get)
-        d_lo, d_hi = bound(c1.slider, "density", "log10(density + 1e-10)", -10.0, 0.0, key="f_density", default=(-10.0, 0.0), codec=urlstate.span(-10.0, 0.0), step=0.25)
-        s_lo, s_hi = bound(c2.slider, "similarity", "Activation similarity", -1.0, 1.0, key="f_sim", default=(-1.0, 1.0), codec=urlstate.span(-1.0, 1.0), step=0.05)
-        include_nan = bound(c2.checkbox, "nan_similarity", "Include features with no similarity (constant on a model)", key="f_sim_nan", default=True, codec=urlstate.flag())
-        search = bound(c3.text_input, "q", "Search top-example tokens", key="f_search", default="", codec=urlstate.text(store.MAX_SEARCH_CHARS), max_chars=store.MAX_SEARCH_CHARS, placeholder="e.g. def, import, the")
-        mode = bound(c3.radio, "mode", "Match", list(SEARCH_LABELS), key="f_search_mode", default="substring", codec=urlstate.choice(SEARCH_LABELS), horizontal=True, format_func=SEARCH_LABELS.get,
-                     help="Substring: anywhere in a top token, any case. Exact token: a top token equal to one of the space-separated words (surrounding spaces ignored). Regular expression: RE2 syntax (linear time; no back-references), matched against each token.")
-        contexts = bound(c3.checkbox, "contexts", "Also search the top examples' contexts", key="f_search_contexts", default=False, codec=urlstate.flag(),
-                         help="Each top example's window of tokens, joined as text, is searched too.")
+        view(c1.radio, "density_on", "Density on", list(figures.MODELS), key="f_density_model", horizontal=True, format_func=render.MODEL_LABELS.get)
+        view(c1.slider, "density", "log10(density + 1e-10)", *DENSITY, key="f_density", step=0.25)
+        view(c2.slider, "similarity", "Activation similarity", *SIMILARITY, key="f_sim", step=0.05)
+        view(c2.checkbox, "nan_similarity", "Include features with no similarity (constant on a model)", key="f_sim_nan")
+        view(c3.text_input, "q", "Search top-example tokens", key="f_search", max_chars=store.MAX_SEARCH_CHARS, placeholder="e.g. def, import, the")
+        view(c3.radio, "mode", "Match", list(SEARCH_LABELS), key="f_search_mode", horizontal=True, format_func=SEARCH_LABELS.get,
+             help="Substring: anywhere in a top token, any case. Exact token: a top token equal to one of the space-separated words (surrounding spaces ignored). Regular expression: RE2 syntax (linear time; no back-references), matched against each token.")
+        view(c3.checkbox, "contexts", "Also search the top examples' contexts", key="f_search_contexts",
+             help="Each top example's window of tokens, joined as text, is searched too.")
 
-    n_both_dead = data.cross_class_counts(run, sae).get("both_dead", 0)
-    show_dead = bound(st.toggle, "both_dead", f"Show the {n_both_dead:,} features dead on both models", key="f_both_dead", default=False, codec=urlstate.flag(),
-                      help="Hidden by default: they never fire on either model in the run's token sample, so every statistic of theirs is empty.")
+    n_both_dead = data.cross_class_counts(run, sae, source).get("both_dead", 0)
+    show_dead = view(st.toggle, "both_dead", f"Show the {n_both_dead:,} features dead on both models", key="f_both_dead",
+                     help="Hidden by default: they never fire on either model in the run's token sample, so every statistic of theirs is empty.")
 
-    flt = store.FeatureFilter(
-        status_base=tuple(status_base),
-        status_finetuned=tuple(status_ft),
-        cross_class=tuple(classes),
-        density_model=density_model,
-        log_density_min=None if d_lo <= -10.0 else d_lo,
-        log_density_max=None if d_hi >= 0.0 else d_hi,
-        similarity_min=None if s_lo <= -1.0 else s_lo,
-        similarity_max=None if s_hi >= 1.0 else s_hi,
-        include_nan_similarity=include_nan,
-        search=search or "",
-        search_mode=mode,
-        search_contexts=contexts,
-        exclude_both_dead=not show_dead,
-    )
+    flt = features_view.feature_filter(view_values)
     try:
-        n = data.count_features(run, sae, flt)
+        n = data.count_features(run, sae, flt, source)
     except store.SearchError as exc:
         st.warning(inert(str(exc)), icon=":material/search_off:")
         st.stop()
+    if source:
+        st.caption("Densities, activations, similarities, classes and tests are those of the " + inert(source) + " tokens alone; logits, neighbours and matches are pooled.")
 
     @state.fragment
     def table(flt: store.FeatureFilter, n: int) -> None:
@@ -89,14 +83,14 @@ with state.guard():
             st.info("No feature matches these filters.")
             return
         offset = ui.pager(PAGE, n, page_size)
-        page = data.features_page(run, sae, flt, sort_by, descending, page_size, offset)
+        page = data.features_page(run, sae, flt, sort_by, descending, page_size, offset, source)
         st.caption(f"Rows {offset + 1:,}–{offset + len(page):,}. Select a row to open its feature page.")
         event = st.dataframe(
             page,
             hide_index=True,
             on_select="rerun",
             selection_mode="single-row",
-            key=f"features_table_{offset}_{sort_by}_{descending}",
+            key=f"features_table_{offset}_{sort_by}_{descending}_{source}",
             height=HEADER_PX + ROW_PX * len(page),  # every row of the page, no inner scrolling
             column_order=["feature_id", "top_tokens", *[c for c in page.columns if c not in ("feature_id", "top_tokens")]],
             column_config={
@@ -115,6 +109,12 @@ with state.guard():
                 "logit_similarity": st.column_config.NumberColumn("logit similarity", format="%.4f"),
                 "match_feature_id": st.column_config.NumberColumn("best match", format="%d"),
                 "match_score": st.column_config.NumberColumn("match score", format="%.3f"),
+                "change_class": "change class",
+                "q_value": st.column_config.NumberColumn("q-value", format="%.2g", help="Benjamini-Hochberg q of the exact McNemar test of the density change"),
+                "log_density_ratio": st.column_config.NumberColumn("log10 density ratio", format="%.2f"),
+                "delta_mean_active_act": st.column_config.NumberColumn("Δ mean act", format="%.3g"),
+                "logit_effect_max_abs": st.column_config.NumberColumn("logit effect", format="%.3g"),
+                "kl_corr": st.column_config.NumberColumn("corr. |Δf| vs KL", format="%.3f"),
                 "top_tokens": st.column_config.TextColumn("top-example tokens", width="large"),
             },
         )
@@ -124,9 +124,10 @@ with state.guard():
 
     table(flt, n)
 
-    st.download_button(
+    d1, d2, d3 = st.columns([1, 1, 2])
+    d1.download_button(
         f"Download the {n:,} matching rows as CSV",
-        data=lambda: data.features_csv(run, sae, flt, sort_by, descending),
+        data=lambda: data.features_export(run, sae, flt, sort_by, descending, source, "csv"),
         file_name=f"{run.run_id}_{sae}_features.csv",
         mime="text/csv",
         on_click="ignore",
@@ -134,3 +135,14 @@ with state.guard():
         icon=":material/download:",
         help="Text cells that begin with =, +, -, @, a tab or a carriage return get a leading ' so that spreadsheets show them as text, never run them as formulas.",
     )
+    d2.download_button(
+        "… or as Parquet",
+        data=lambda: data.features_export(run, sae, flt, sort_by, descending, source, "parquet"),
+        file_name=f"{run.run_id}_{sae}_features.parquet",
+        mime="application/vnd.apache.parquet",
+        on_click="ignore",
+        key="features_parquet",
+        icon=":material/download:",
+        help="The same rows and columns with their types (zstd-compressed Parquet).",
+    )
+    d3.caption("From the command line: `sae-transfer export features --run " + inert(run.run_id) + " --view '" + inert(features_view.FeaturesView(sae, source, view_values).query()) + "' --out FILE.parquet`")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from explorer import figures, render
+from explorer import figures, render, schema
 from explorer.render import inert
 from webapp import charts, data, state, ui, urlstate
 from webapp import crosscoder as crosscoder_ui
@@ -70,6 +70,37 @@ with state.guard():
         "so it mostly measures W_U, and says little about whether the feature itself transferred."
     )
 
+    # ---- is the change in firing real? (paired exact test)
+    st.markdown("**Did its firing change?** (the same tokens on both models, paired)")
+    cb, cf = int(ui.num(row.get("count_base"), 0.0)), int(ui.num(row.get("count_finetuned"), 0.0))
+    a, b, c, d = st.columns(4)
+    a.metric("fires on base", f"{cb:,}", help="counted tokens where it fires on the base model")
+    b.metric("fires on finetuned", f"{cf:,}", help=f"if its density had not changed, the expected count is {cb:,}: the same tokens go through both models")
+    c.metric("b / c", f"{int(ui.num(row.get('n_base_only'), 0.0)):,} / {int(ui.num(row.get('n_finetuned_only'), 0.0)):,}", help="b: tokens where it fires on base only; c: on the finetune only")
+    d.metric("change class", inert(str(row.get("change_class") or "n/a").replace("_", " ")), help=f"q < {schema.SIGNIFICANCE_ALPHA:g} on the Benjamini-Hochberg q-value")
+    st.caption(
+        f"Exact McNemar test (two-sided binomial of c out of b + c at ½): p = {ui.fmt(row.get('p_value'), '.3g')}, "
+        f"Benjamini-Hochberg q = {ui.fmt(row.get('q_value'), '.3g')} across this SAE's features. "
+        f"log10 density ratio (finetuned / base, counts + 0.5) = {ui.fmt(row.get('log_density_ratio'), '.3f')}, 95% interval "
+        f"[{ui.fmt(row.get('log_density_ratio_low'), '.3f')}, {ui.fmt(row.get('log_density_ratio_high'), '.3f')}] (Poisson approximation). "
+        f"Δ mean activation when firing {ui.fmt(row.get('delta_mean_active_act'), '+.3g')}, Δ max {ui.fmt(row.get('delta_max_act'), '+.3g')}; "
+        f"correlation of |Δf| with the models' KL over tokens {ui.fmt(row.get('kl_corr'), '.3f')}."
+    )
+    by_src = data.feature_by_source(run, sae, fid)
+    if len(by_src) > 1:
+        with st.expander(f"Per source ({len(by_src)} sources)"):
+            st.dataframe(
+                by_src[["source", "density_base", "density_finetuned", "count_base", "count_finetuned", "change_class", "q_value", "act_similarity", "mean_active_act_base", "mean_active_act_finetuned"]],
+                hide_index=True, key="feature_by_source",
+                column_config={
+                    "source": st.column_config.TextColumn("source"),
+                    "density_base": st.column_config.NumberColumn("density base", format="%.2e"),
+                    "density_finetuned": st.column_config.NumberColumn("density finetuned", format="%.2e"),
+                    "q_value": st.column_config.NumberColumn("q", format="%.2g"),
+                    "act_similarity": st.column_config.NumberColumn("act. similarity", format="%.3f"),
+                },
+            )
+
     hist = charts.activation(run, sae, fid)
     if hist is not None:
         st.plotly_chart(hist, key="feature_act_hist")
@@ -116,6 +147,19 @@ with state.guard():
                     st.caption("n/a")
             i += 1
 
+    st.markdown("### Logit effect: W_dec[i] @ (W_U(finetuned) − W_U(base))")
+    st.caption("What the finetune's unembedding does differently with this feature's direction (the plain lists above look alike whenever W_U barely moved).")
+    cols = st.columns(2)
+    for col, (sign, label) in zip(cols, (("pos", "top + Δ logit"), ("neg", "top − Δ logit"))):
+        ids = row.get(f"logit_effect_{sign}_ids") or []
+        vals = row.get(f"logit_effect_{sign}_values") or []
+        with col:
+            st.markdown("**" + inert(label) + "**")
+            if ids:
+                st.html(render.token_list_html(data.token_strings(run, ids), vals, "finetuned", fmt="{:+.4f}"))
+            else:
+                st.caption("n/a")
+
     # ---- neighbours and the best match
     left, right = st.columns(2)
     with left:
@@ -139,10 +183,17 @@ with state.guard():
         else:
             mid = int(row["match_feature_id"])
             ui.feature_link(run, other, mid, label=f"{figures.SAE_LABELS[other]} feature {mid}")
+            score = ((run.manifest.get("summary") or {}).get("matching") or {}).get("score")
+            score = score if isinstance(score, str) and score else schema.DEFAULT_MATCH_SCORE  # a hand-edited manifest may hold anything
             a, b, c = st.columns(3)
-            a.metric("combined score", ui.fmt(row["match_score"], ".3f"), help="0.5 × activation correlation (n/a as 0) + 0.5 × decoder cosine")
+            a.metric("match score", ui.fmt(row["match_score"], ".3f"), help="the run's matching score: " + inert(score) + " (" + inert(schema.MATCH_SCORE_DOCS.get(score, "")) + ")")
             b.metric("activation corr.", ui.fmt(row["match_act_corr"], ".3f"), help="this SAE on its model vs the other SAE on its model, same tokens")
             c.metric("decoder cosine", ui.fmt(row["match_dec_cos"], ".3f"))
+            a, b, c = st.columns(3)
+            a.metric("corr. when either fires", ui.fmt(row.get("match_cofire_corr"), ".3f"))
+            b.metric("encoder cosine", ui.fmt(row.get("match_enc_cos"), ".3f"))
+            if row.get("twin_match_score") is not None:
+                c.metric("best match in the seed twin", ui.fmt(row.get("twin_match_score"), ".3f"), help="the same score against the base SAE's seed twin: what a match looks like without finetuning")
             if row.get("assigned_feature_id") is not None:
                 aid = int(row["assigned_feature_id"])
                 st.caption(f"One-to-one (Hungarian) partner: feature {aid:d}, score {ui.fmt(row['assigned_score'], '.3f')}")
@@ -150,6 +201,24 @@ with state.guard():
             if len(cands) > 1:
                 with st.expander(f"{len(cands):d} candidate matches"):
                     st.dataframe(cands, hide_index=True, column_config={"other_feature_id": st.column_config.NumberColumn("feature", format="%d")})
+
+    # ---- this feature and its best match in the other SAE, side by side
+    other = ui.OTHER_SAE[sae]
+    if other in run.saes and row.get("match_feature_id") is not None:
+        mid = int(row["match_feature_id"])
+        own = {"base_sae": "base", "finetuned_sae": "finetuned"}
+        st.markdown(f"### Side by side: this feature and its best match ({figures.SAE_LABELS[other]} feature {mid:d})")
+        st.caption("Each one's top examples on its own SAE's model (the base SAE on the base model, the finetuned SAE on the finetune), both models' activations on the same tokens.")
+        partner = data.feature(run, other, mid) or {}
+        left, right = st.columns(2)
+        for col, s_, f_, r_ in ((left, sae, fid, row), (right, other, mid, partner)):
+            with col:
+                ui.feature_link(run, s_, f_, label=f"{figures.SAE_LABELS[s_]} feature {f_}")
+                ex_ = data.feature_examples(run, s_, f_)
+                top = ex_[(ex_["model"] == own[s_]) & (ex_["kind"] == "top")].head(3) if len(ex_) else ex_
+                mv = max(ui.num(r_.get("max_act_base"), 0.0), ui.num(r_.get("max_act_finetuned"), 0.0)) or 1.0
+                ui.show_examples(run, top, mv, empty=f"No top examples on the {render.MODEL_LABELS[own[s_]]}.",
+                                 caption_fn=lambda r: f"#{int(r.rank) + 1} · activation {float(r.activation):.3g}")
 
     # ---- the crosscoder's latents nearest to this feature (issue 16; nothing without a crosscoder)
     crosscoder_ui.feature_links(run, sae, fid)

@@ -232,14 +232,15 @@ with state.guard():
     rec["sae"] = rec["sae"].map(lambda s: SAE_LABELS.get(s, s))  # a dataframe: plain text
     rec["model"] = rec["model"].map(render.MODEL_LABELS)
     st.dataframe(
-        rec[["sae", "model", "n_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered"]],
+        rec[["sae", "model", "n_tokens", "l0", "mse", "explained_variance", "explained_variance_legacy", "pooled_r2", "ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered"]],
         hide_index=True,
         width="stretch",
         column_config={
             "n_tokens": st.column_config.NumberColumn("tokens", help="tokens counted (special tokens left out when the box above is ticked)"),
             "l0": st.column_config.NumberColumn("L0", format="%.1f"),
             "mse": st.column_config.NumberColumn("MSE", format="%.4g", help="squared error summed over dimensions, mean over tokens"),
-            "explained_variance": st.column_config.NumberColumn("explained var", format="%.3f", help="per token 1 - ||x_hat - x||^2 / ||x - mean(x)||^2, averaged (SAELens convention)"),
+            "explained_variance": st.column_config.NumberColumn("explained_variance", format="%.3f", help="sae_lens's current definition: 1 - sum ||x_hat - x||^2 / sum ||x - mean(x)||^2 over the prompt's tokens"),
+            "explained_variance_legacy": st.column_config.NumberColumn("explained_variance_legacy", format="%.3f", help="sae_lens's old formula: per token 1 - ||x_hat - x||^2 / ||x - mean(x)||^2, averaged (the prompt is the batch)"),
             "pooled_r2": st.column_config.NumberColumn("pooled R²", format="%.3f", help="Study T's pooled R^2 over all scalar elements; can go far below 0"),
             "ce_clean": st.column_config.NumberColumn("CE clean", format="%.3f"),
             "ce_spliced": st.column_config.NumberColumn("CE spliced", format="%.3f", help="activation replaced by the SAE reconstruction"),

@@ -6,8 +6,9 @@ import streamlit as st
 
 from explorer import crosscoder_store as cs
 from explorer import figures, render
+from explorer.render import inert
 from webapp import crosscoder as cc
-from webapp import data, state, ui
+from webapp import data, state, ui, urlstate
 
 run = state.run_picker()
 st.title("Crosscoder")
@@ -32,8 +33,12 @@ def _caption(r) -> str:
 def _example_html(rows, max_value: float) -> str:
     blocks = []
     for r in rows.itertuples(index=False):
-        tokens = data.token_strings(run, r.token_ids)
-        blocks.append(render.example_block(tokens, {"base": r.acts_base, "finetuned": r.acts_finetuned}, max_value, focus=int(r.position) - int(r.window_start)))
+        tokens, titles = data.window_strings(run, r.token_ids)
+        blocks.append(
+            render.example_block(
+                tokens, {"base": r.acts_base, "finetuned": r.acts_finetuned}, max_value, focus=int(r.position) - int(r.window_start), titles=titles, grouped=True,
+            )
+        )
     return render.examples_html(blocks)
 
 
@@ -43,7 +48,7 @@ def _nearest(row: dict) -> None:
             continue
         ids, coss = list(row.get(f"nearest_{s}_ids") or []), list(row.get(f"nearest_{s}_cos") or [])
         side = "base" if s == "base_sae" else "finetuned"
-        st.markdown(f"**Nearest {figures.SAE_LABELS[s]} features** (to d_{side[0].upper()})")
+        st.markdown("**" + inert(f"Nearest {figures.SAE_LABELS[s]} features") + "** " + inert(f"(to d_{side[0].upper()})"))
         if not ids:
             st.caption("None: this decoder row is zero.")
         for i, c in zip(ids, coss):
@@ -60,7 +65,7 @@ def latent_rows(df, bands) -> None:
         j = int(r.feature_id)
         with st.container(border=True):
             cc.latent_link(run, j, f"latent {j}", bands)
-            st.caption(_caption(r))
+            st.caption(inert(_caption(r)))
             e = by_id.get(j)
             if e is None:
                 st.caption("No example.")
@@ -85,7 +90,7 @@ with state.guard():
     st.caption(
         "One dictionary over both models: each latent has one activation per token, read from the base and the finetuned "
         "activations together, and one decoder row per model (Anthropic 2024, Sparse Crosscoders). "
-        f"This run's: {arch} with {len(lat):,} latents, from {source}."
+        f"This run's: {inert(arch)} with {len(lat):,} latents, from {inert(source)}."
     )
     ui.legend()
 
@@ -94,9 +99,9 @@ with state.guard():
     inc = met[met.outliers == "included"].set_index("model")
     cols = st.columns(5)
     for col, m in zip(cols, figures.MODELS):
-        col.metric(f"FVE, {m}", ui.fmt(inc.at[m, "explained_variance_pooled"], ".3f"), help="fraction of variance explained: 1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over the counted tokens (sae_lens's explained_variance)")
+        col.metric(inert(f"FVE, {m}"), ui.fmt(inc.at[m, "explained_variance"], ".3f"), help="fraction of variance explained: 1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over the counted tokens (sae_lens's explained_variance)")
     for col, m in zip(cols[2:4], figures.MODELS):
-        col.metric(f"CE recovered, {m}", ui.fmt(inc.at[m, "ce_recovered"], ".3f"), help="(zero-ablated − spliced) / (zero-ablated − clean), the crosscoder's reconstruction spliced in at the hook")
+        col.metric(inert(f"CE recovered, {m}"), ui.fmt(inc.at[m, "ce_recovered"], ".3f"), help="(zero-ablated − spliced) / (zero-ablated − clean), the crosscoder's reconstruction spliced in at the hook")
     cols[4].metric("L0 · dead latents", f"{ui.fmt(inc.at['base', 'l0'], '.1f')} · {summ.get('n_dead', 0):,}", help="mean active latents per token · latents that never fired on the run's tokens")
 
     # ---- bands
@@ -158,8 +163,8 @@ with state.guard():
     # ---- one latent
     if j is not None:
         row = cc.latent(run, j)
-        st.subheader(f"Latent {j}")
-        st.caption(_caption(lat.iloc[j]) if 0 <= j < len(lat) else "")
+        st.subheader(f"Latent {j:d}")
+        st.caption(inert(_caption(lat.iloc[j])) if 0 <= j < len(lat) else "")
         x1, x2, x3, x4 = st.columns(4)
         x1.metric("decoder cosine", ui.fmt(row["dec_cos"], ".3f"), help="cos(d_B, d_F)")
         x2.metric("max activation", ui.fmt(row["max_act"]))
@@ -184,13 +189,16 @@ with state.guard():
 
     # ---- the lists
     st.subheader("Finetune-only and base-only latents")
-    st.session_state.setdefault(_SORT, "density")
-    sort_by = st.selectbox("Sort by", list(SORT_LABELS), key=_SORT, format_func=SORT_LABELS.get)
+    pages = tuple(f"page_{band}" for band in ("finetune_only", "base_only"))
+    sort_by = urlstate.widget(
+        st.selectbox, "sort", "Sort by", list(SORT_LABELS), key=_SORT, default="density", codec=urlstate.choice(SORT_LABELS), resets=pages,
+        format_func=SORT_LABELS.get,
+    )
     descending = sort_by not in ("nu_error", "nu_recon")
     l1, l2 = st.columns(2)
     for col, band in ((l1, "finetune_only"), (l2, "base_only")):
         with col:
             st.markdown(f"#### {cs.BAND_LABELS[band].capitalize()} ({counts[band]:,})")
-            offset = ui.pager(f"crosscoder_{band}", counts[band], PAGE_SIZE, reset_on=(run.cache_key, bands, sort_by))
+            offset = ui.pager(f"page_{band}", counts[band], PAGE_SIZE)
             page, _ = cs.band_page(lat, band, bands, sort_by, descending, PAGE_SIZE, offset)
             latent_rows(page, bands)

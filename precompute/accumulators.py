@@ -48,19 +48,42 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass
 class SparseActs:
-    """The positive feature activations of one (sae, model) batch, on the counted tokens only."""
+    """The positive feature activations of one (sae, model) batch, on the counted tokens only.
+
+    Per source (METHODS.md section 9): `source` gives each entry's source code (0..S-1, the
+    sequence's corpus label) and `n_by_source` the batch's counted tokens per source; both None
+    for a single source (code 0)."""
 
     token: np.ndarray  # [nnz] int64 global token index, sorted (row-major order of [token, feature])
     feature: np.ndarray  # [nnz] int64
     value: np.ndarray  # [nnz] float32, > 0
     n_tokens: int  # counted tokens in the batch (the denominator of densities)
+    source: np.ndarray | None = None  # [nnz] int64 source code of each entry's token
+    n_by_source: np.ndarray | None = None  # [S] int64 counted tokens per source
 
     @staticmethod
-    def from_dense(acts: np.ndarray, token_index: np.ndarray, counted: np.ndarray) -> "SparseActs":
-        """acts [T, d_sae]; token_index [T] global indices; counted [T] bool. For tests and references."""
+    def from_dense(acts: np.ndarray, token_index: np.ndarray, counted: np.ndarray, source: np.ndarray | None = None, n_sources: int = 1) -> "SparseActs":
+        """acts [T, d_sae]; token_index [T] global indices; counted [T] bool; source [T] codes. For tests and references."""
         acts = np.where(counted[:, None], acts, 0)
         t, f = np.nonzero(acts > 0)
-        return SparseActs(token_index[t].astype(np.int64), f.astype(np.int64), acts[t, f].astype(np.float32), int(counted.sum()))
+        src = n_by = None
+        if source is not None:
+            src = np.asarray(source, np.int64)[t]
+            n_by = np.bincount(np.asarray(source, np.int64)[counted], minlength=n_sources).astype(np.int64)
+        return SparseActs(token_index[t].astype(np.int64), f.astype(np.int64), acts[t, f].astype(np.float32), int(counted.sum()), src, n_by)
+
+    def keys(self, d: int, n_sources: int) -> np.ndarray:
+        """source * d + feature per entry: the flat index into [S, d] per-source arrays."""
+        if self.source is None or n_sources == 1:
+            return self.feature
+        return self.source * d + self.feature
+
+    def tokens_by_source(self, n_sources: int) -> np.ndarray:
+        if self.n_by_source is None or n_sources == 1:
+            out = np.zeros(n_sources, np.int64)
+            out[0] = self.n_tokens
+            return out
+        return np.asarray(self.n_by_source, np.int64)
 
 
 def priority(seed: int, token: np.ndarray, feature: np.ndarray) -> np.ndarray:
@@ -192,42 +215,80 @@ class _Stateful:
 
 
 class FeatureStats(_Stateful):
-    FIELDS = ("n_tokens", "count", "sum", "sumsq", "hist")
+    """Per feature: firing count, sum and sum of squares of the activation, per source (the
+    pooled values are their sums over sources), the max per source (with several sources), and
+    the pooled activation histogram."""
 
-    def __init__(self, d_sae: int, edges: np.ndarray):
-        self.d_sae = d_sae
+    FIELDS = ("src_n_tokens", "src_count", "src_sum", "src_sumsq", "src_max", "hist")
+
+    def __init__(self, d_sae: int, edges: np.ndarray, n_sources: int = 1):
+        self.d_sae, self.n_sources = d_sae, n_sources
         self.edges = np.asarray(edges, dtype=np.float64)
         self.n_bins = len(self.edges) - 1
-        self.n_tokens = np.zeros((), np.int64)
-        self.count = np.zeros(d_sae, np.int64)
-        self.sum = np.zeros(d_sae, np.float64)
-        self.sumsq = np.zeros(d_sae, np.float64)
+        self.src_n_tokens = np.zeros(n_sources, np.int64)
+        self.src_count = np.zeros((n_sources, d_sae), np.int64)
+        self.src_sum = np.zeros((n_sources, d_sae), np.float64)
+        self.src_sumsq = np.zeros((n_sources, d_sae), np.float64)
+        # the max per source only with several sources (TopK holds the pooled max)
+        self.src_max = np.zeros((n_sources if n_sources > 1 else 0, d_sae), np.float32)
         self.hist = np.zeros((d_sae, self.n_bins), np.int64)
 
+    # pooled views
+    @property
+    def n_tokens(self) -> np.int64:
+        return self.src_n_tokens.sum()
+
+    @property
+    def count(self) -> np.ndarray:
+        return self.src_count[0] if self.n_sources == 1 else self.src_count.sum(0)
+
+    @property
+    def sum(self) -> np.ndarray:
+        return self.src_sum[0] if self.n_sources == 1 else self.src_sum.sum(0)
+
+    @property
+    def sumsq(self) -> np.ndarray:
+        return self.src_sumsq[0] if self.n_sources == 1 else self.src_sumsq.sum(0)
+
     def update(self, acts: SparseActs) -> None:
+        S, d = self.n_sources, self.d_sae
         f, v = acts.feature, acts.value.astype(np.float64)
-        self.n_tokens += acts.n_tokens
-        self.count += np.bincount(f, minlength=self.d_sae)
-        self.sum += np.bincount(f, weights=v, minlength=self.d_sae)
-        self.sumsq += np.bincount(f, weights=v * v, minlength=self.d_sae)
+        k = acts.keys(d, S)
+        self.src_n_tokens += acts.tokens_by_source(S)
+        self.src_count += np.bincount(k, minlength=S * d).reshape(S, d)
+        self.src_sum += np.bincount(k, weights=v, minlength=S * d).reshape(S, d)
+        self.src_sumsq += np.bincount(k, weights=v * v, minlength=S * d).reshape(S, d)
+        if S > 1 and len(k):
+            np.maximum.at(self.src_max.reshape(-1), k, acts.value.astype(np.float32))
         b = hist_bins(v, self.edges)
-        self.hist += np.bincount(f * self.n_bins + b, minlength=self.d_sae * self.n_bins).reshape(self.d_sae, self.n_bins)
+        self.hist += np.bincount(f * self.n_bins + b, minlength=d * self.n_bins).reshape(d, self.n_bins)
 
     def merge(self, other: "FeatureStats") -> None:
-        self.n_tokens += other.n_tokens
-        self.count += other.count
-        self.sum += other.sum
-        self.sumsq += other.sumsq
+        self.src_n_tokens += other.src_n_tokens
+        self.src_count += other.src_count
+        self.src_sum += other.src_sum
+        self.src_sumsq += other.src_sumsq
+        self.src_max = np.maximum(self.src_max, other.src_max)
         self.hist += other.hist
 
-    def finalize(self) -> dict[str, np.ndarray]:
-        n = int(self.n_tokens)
+    def part(self, source: int | None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(n_tokens, count, sum, sumsq): pooled (source None) or of one source."""
+        if source is None:
+            return int(self.n_tokens), self.count, self.sum, self.sumsq
+        return int(self.src_n_tokens[source]), self.src_count[source], self.src_sum[source], self.src_sumsq[source]
+
+    def finalize(self, source: int | None = None) -> dict[str, np.ndarray]:
+        n, count, total, _ = self.part(source)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {
-                "density": self.count / n if n else np.full(self.d_sae, np.nan),
-                "mean_act": self.sum / n if n else np.full(self.d_sae, np.nan),
-                "mean_active_act": np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan),
+            out = {
+                "count": count,
+                "density": count / n if n else np.full(self.d_sae, np.nan),
+                "mean_act": total / n if n else np.full(self.d_sae, np.nan),
+                "mean_active_act": np.where(count > 0, total / np.maximum(count, 1), np.nan),
             }
+        if source is not None and self.n_sources > 1:
+            out["max_act"] = self.src_max[source].astype(np.float64)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,46 +491,154 @@ def pearson(n, sx, sy, sxx, syy, sxy) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def cofire_hits(base: SparseActs, finetuned: SparseActs, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entries where a feature fires on both models at the same token: (index into base's
+    entries, index into finetuned's entries), in base's order."""
+    kb = base.token * d + base.feature  # both sorted: SparseActs come in (token, feature) order
+    kf = finetuned.token * d + finetuned.feature
+    if np.any(np.diff(kb) <= 0) or np.any(np.diff(kf) <= 0):
+        raise ValueError("SparseActs must be sorted by (token, feature) without duplicates")
+    if len(kf) == 0 or len(kb) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pos = np.minimum(np.searchsorted(kf, kb), len(kf) - 1)
+    hit = kf[pos] == kb
+    return np.nonzero(hit)[0], pos[hit]
+
+
 class PairStats(_Stateful):
-    """Per feature of one SAE: sum f(x_base) f(x_finetuned) and sum |log10(f_B+eps) - log10(f_F+eps)|."""
+    """Per feature of one SAE, per source: sum f(x_base) f(x_finetuned), sum |log10(f_B+eps) -
+    log10(f_F+eps)|, and the number of tokens where it fires on both models (`n_both`: with the
+    firing counts, the paired discordant counts of METHODS.md section 8)."""
 
-    FIELDS = ("sum_xy", "sum_log_err")
+    FIELDS = ("src_sum_xy", "src_sum_log_err", "src_n_both")
 
-    def __init__(self, d_sae: int, eps: float):
-        self.d_sae, self.eps = d_sae, eps
-        self.sum_xy = np.zeros(d_sae, np.float64)
-        self.sum_log_err = np.zeros(d_sae, np.float64)
+    def __init__(self, d_sae: int, eps: float, n_sources: int = 1):
+        self.d_sae, self.eps, self.n_sources = d_sae, eps, n_sources
+        self.src_sum_xy = np.zeros((n_sources, d_sae), np.float64)
+        self.src_sum_log_err = np.zeros((n_sources, d_sae), np.float64)
+        self.src_n_both = np.zeros((n_sources, d_sae), np.int64)
 
-    def update(self, base: SparseActs, finetuned: SparseActs) -> None:
-        d, eps = self.d_sae, self.eps
-        kb = base.token * d + base.feature  # both sorted: SparseActs come in (token, feature) order
-        kf = finetuned.token * d + finetuned.feature
-        if np.any(np.diff(kb) <= 0) or np.any(np.diff(kf) <= 0):
-            raise ValueError("SparseActs must be sorted by (token, feature) without duplicates")
-        pos = np.minimum(np.searchsorted(kf, kb), max(len(kf) - 1, 0))
-        hit = (kf[pos] == kb) if len(kf) else np.zeros(len(kb), bool)
-        ib, jf = np.nonzero(hit)[0], pos[hit]
+    # pooled views (sums over sources)
+    @property
+    def sum_xy(self) -> np.ndarray:
+        return self.src_sum_xy.sum(0)
+
+    @property
+    def sum_log_err(self) -> np.ndarray:
+        return self.src_sum_log_err.sum(0)
+
+    @property
+    def n_both(self) -> np.ndarray:
+        return self.src_n_both.sum(0)
+
+    def update(self, base: SparseActs, finetuned: SparseActs, hits: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        d, eps, S = self.d_sae, self.eps, self.n_sources
+        ib, jf = cofire_hits(base, finetuned, d) if hits is None else hits
+        kb, kf = base.keys(d, S), finetuned.keys(d, S)
         vb, vf = base.value.astype(np.float64), finetuned.value.astype(np.float64)
-        self.sum_xy += np.bincount(base.feature[ib], weights=vb[ib] * vf[jf], minlength=d)
+        n = S * d
+        self.src_sum_xy += np.bincount(kb[ib], weights=vb[ib] * vf[jf], minlength=n).reshape(S, d)
+        self.src_n_both += np.bincount(kb[ib], minlength=n).reshape(S, d)
         # Where both are 0 the log error is exactly 0, so only firing entries contribute: each side's
         # entries as if the other were 0, corrected where both fire.
         log_eps = np.log10(eps)
         lb, lf = np.log10(vb + eps), np.log10(vf + eps)
-        err = np.bincount(base.feature, weights=np.abs(lb - log_eps), minlength=d).astype(np.float64)  # int64 when empty
-        err += np.bincount(finetuned.feature, weights=np.abs(lf - log_eps), minlength=d)
+        err = np.bincount(kb, weights=np.abs(lb - log_eps), minlength=n).astype(np.float64)  # int64 when empty
+        err += np.bincount(kf, weights=np.abs(lf - log_eps), minlength=n)
         both = np.abs(lb[ib] - lf[jf]) - np.abs(lb[ib] - log_eps) - np.abs(lf[jf] - log_eps)
-        err += np.bincount(base.feature[ib], weights=both, minlength=d)
-        self.sum_log_err += err
+        err += np.bincount(kb[ib], weights=both, minlength=n)
+        self.src_sum_log_err += err.reshape(S, d)
 
     def merge(self, other: "PairStats") -> None:
-        self.sum_xy += other.sum_xy
-        self.sum_log_err += other.sum_log_err
+        self.src_sum_xy += other.src_sum_xy
+        self.src_sum_log_err += other.src_sum_log_err
+        self.src_n_both += other.src_n_both
 
-    def finalize(self, base: FeatureStats, finetuned: FeatureStats) -> dict[str, np.ndarray]:
-        n = int(base.n_tokens)
-        sim = pearson(n, base.sum, finetuned.sum, base.sumsq, finetuned.sumsq, self.sum_xy)
-        err = self.sum_log_err / n if n else np.full(self.d_sae, np.nan)
-        return {"act_similarity": sim, "act_error": err}
+    def finalize(self, base: FeatureStats, finetuned: FeatureStats, source: int | None = None) -> dict[str, np.ndarray]:
+        """act_similarity, act_error, and the paired counts: n_both (fires on both at the same
+        token), n_base_only (b), n_finetuned_only (c)."""
+        n, cb, sb, qb = base.part(source)
+        _, cf, sf, qf = finetuned.part(source)
+        pick = (lambda a: a.sum(0)) if source is None else (lambda a: a[source])
+        sxy, serr, both = pick(self.src_sum_xy), pick(self.src_sum_log_err), pick(self.src_n_both)
+        sim = pearson(n, sb, sf, qb, qf, sxy)
+        err = serr / n if n else np.full(self.d_sae, np.nan)
+        return {"act_similarity": sim, "act_error": err, "n_both": both, "n_base_only": cb - both, "n_finetuned_only": cf - both}
+
+
+class KLCorrStats(_Stateful):
+    """Per feature of one SAE: the sums for the Pearson correlation over tokens of
+    |f_i(x_finetuned) - f_i(x_base)| with the token's KL(base || finetuned) (METHODS.md section
+    11), over the tokens whose KL is defined (`kl` finite: a next token exists and the token counts)."""
+
+    FIELDS = ("n", "sum_k", "sum_kk", "sum_d", "sum_dd", "sum_dk")
+
+    def __init__(self, d_sae: int):
+        self.d_sae = d_sae
+        self.n = np.zeros((), np.int64)
+        self.sum_k = np.zeros((), np.float64)
+        self.sum_kk = np.zeros((), np.float64)
+        self.sum_d = np.zeros(d_sae, np.float64)
+        self.sum_dd = np.zeros(d_sae, np.float64)
+        self.sum_dk = np.zeros(d_sae, np.float64)
+
+    def update(self, base: SparseActs, finetuned: SparseActs, kl: np.ndarray, token0: int, hits: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """kl: the batch's per-token KL, indexed by global token - token0 (NaN where undefined)."""
+        d = self.d_sae
+        ib, jf = cofire_hits(base, finetuned, d) if hits is None else hits
+        kl = np.asarray(kl, np.float64)
+        ok = np.isfinite(kl)
+        self.n += int(ok.sum())
+        self.sum_k += float(kl[ok].sum())
+        self.sum_kk += float((kl[ok] ** 2).sum())
+        kb, kf = kl[base.token - token0], kl[finetuned.token - token0]
+        okb, okf = np.isfinite(kb), np.isfinite(kf)
+        vb, vf = base.value.astype(np.float64), finetuned.value.astype(np.float64)
+        # |delta| is v_b where only base fires, v_f where only finetuned fires, |v_b - v_f| where both
+        wb, wf = np.where(okb, vb, 0.0), np.where(okf, vf, 0.0)
+        kb0, kf0 = np.where(okb, kb, 0.0), np.where(okf, kf, 0.0)
+        both_fix = np.where(okb[ib], np.abs(vb[ib] - vf[jf]) - vb[ib] - vf[jf], 0.0)
+        self.sum_d += np.bincount(base.feature, weights=wb, minlength=d) + np.bincount(finetuned.feature, weights=wf, minlength=d)
+        self.sum_d += np.bincount(base.feature[ib], weights=both_fix, minlength=d)
+        self.sum_dd += np.bincount(base.feature, weights=wb * vb, minlength=d) + np.bincount(finetuned.feature, weights=wf * vf, minlength=d)
+        self.sum_dd -= np.bincount(base.feature[ib], weights=np.where(okb[ib], 2 * vb[ib] * vf[jf], 0.0), minlength=d)
+        self.sum_dk += np.bincount(base.feature, weights=wb * kb0, minlength=d) + np.bincount(finetuned.feature, weights=wf * kf0, minlength=d)
+        self.sum_dk += np.bincount(base.feature[ib], weights=both_fix * kb0[ib], minlength=d)
+
+    def merge(self, other: "KLCorrStats") -> None:
+        for name in self.FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def finalize(self) -> np.ndarray:
+        return pearson(int(self.n), self.sum_d, float(self.sum_k), self.sum_dd, float(self.sum_kk), self.sum_dk)
+
+
+class TokenStats(_Stateful):
+    """Per token of the sample: KL(p_base || p_finetuned) of the next-token distributions and the
+    loss difference loss_finetuned - loss_base on the true next token (METHODS.md section 11).
+
+    [n_sequences, context_size] float32, NaN at the last position (no next token) and until a
+    batch fills its rows; shards fill disjoint rows, and a merge takes the other's filled rows."""
+
+    FIELDS = ("kl", "loss_diff", "filled")
+
+    def __init__(self, n_sequences: int, context_size: int):
+        self.kl = np.full((n_sequences, context_size), np.nan, np.float32)
+        self.loss_diff = np.full((n_sequences, context_size), np.nan, np.float32)
+        self.filled = np.zeros(n_sequences, bool)
+
+    def update(self, seq_ids: np.ndarray, kl: np.ndarray, loss_diff: np.ndarray) -> None:
+        """kl, loss_diff: [len(seq_ids), context_size - 1] (position p predicts token p + 1)."""
+        c = kl.shape[1]
+        self.kl[seq_ids, :c] = kl
+        self.loss_diff[seq_ids, :c] = loss_diff
+        self.filled[seq_ids] = True
+
+    def merge(self, other: "TokenStats") -> None:
+        rows = np.flatnonzero(other.filled)
+        self.kl[rows] = other.kl[rows]
+        self.loss_diff[rows] = other.loss_diff[rows]
+        self.filled |= other.filled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,19 +646,24 @@ class PairStats(_Stateful):
 
 
 class CrossProducts(_Stateful):
-    """sum over tokens of f_i(A, x_B) * f_j(A', x_F): all pairs (dense d_a x d_b) or given candidate pairs.
+    """For pairs (i of SAE A, j of SAE A'): sum over tokens of f_i(A, x) * f_j(A', y), and the
+    number of tokens where both fire (`n_both`), for all pairs (dense d_a x d_b) or given
+    candidate pairs. x and y are the activations each SAE encodes (its own model's, or the same
+    model's for a seed twin).
 
     Candidate pairs are given as sorted keys i * d_b + j.
     """
 
-    FIELDS = ("sum_xy",)
+    FIELDS = ("sum_xy", "n_both")
 
     def __init__(self, d_a: int, d_b: int, pair_keys: np.ndarray | None = None):
         self.d_a, self.d_b = d_a, d_b
         self.pair_keys = None if pair_keys is None else np.asarray(pair_keys, np.int64)
         if self.pair_keys is not None and np.any(np.diff(self.pair_keys) <= 0):
             raise ValueError("pair_keys must be sorted and unique")
-        self.sum_xy = np.zeros((d_a, d_b) if pair_keys is None else len(self.pair_keys), np.float64)
+        shape = (d_a, d_b) if pair_keys is None else len(self.pair_keys)
+        self.sum_xy = np.zeros(shape, np.float64)
+        self.n_both = np.zeros(shape, np.int64)
         if self.pair_keys is not None:  # the candidates of each base feature i: pair_keys[ptr[i]:ptr[i+1]] (keys sorted by i, then j)
             self._cand_ptr = np.searchsorted(self.pair_keys // d_b, np.arange(d_a + 1))
             self._cand_j = self.pair_keys % d_b
@@ -510,15 +684,18 @@ class CrossProducts(_Stateful):
             if np.all(t[1:] >= t[:-1]):
                 indptr = np.zeros(n + 1, np.int64)
                 np.cumsum(np.bincount(t, minlength=n), out=indptr[1:])
-                return sp.csr_matrix((v.astype(np.float64), f, indptr), shape=(n, d))
-            return sp.csr_matrix((v.astype(np.float64), (t, f)), shape=(n, d))
+                return sp.csr_matrix((v, f, indptr), shape=(n, d))
+            return sp.csr_matrix((v, (t, f)), shape=(n, d))
 
-        ma = by_token(ta, a.feature, a.value, self.d_a).T  # [d_a, n]
-        mb = by_token(tb, b.feature, b.value, self.d_b)
-        prod = (ma @ mb).tocsr()  # a product has no duplicate entries
-        # flat index row * d_b + col, rows in order (the dense update walks sum_xy row by row)
+        ma = by_token(ta, a.feature, a.value.astype(np.float64), self.d_a).T  # [d_a, n]
+        mb = by_token(tb, b.feature, b.value.astype(np.float64), self.d_b)
+        for field, prod in (("sum_xy", (ma @ mb).tocsr()), ("n_both", (ma.astype(bool).astype(np.int64) @ mb.astype(bool).astype(np.int64)).tocsr())):
+            self._add(getattr(self, field), prod)
+
+    def _add(self, target: np.ndarray, prod) -> None:
+        # flat index row * d_b + col, rows in order (the dense update walks the matrix row by row)
         keys = np.repeat(np.arange(prod.shape[0], dtype=np.int64) * self.d_b, np.diff(prod.indptr)) + prod.indices
-        self.sum_xy.reshape(-1)[keys] += prod.data
+        target.reshape(-1)[keys] += prod.data  # all pairs (candidate pairs: _update_candidates)
 
     def _update_candidates(self, a: SparseActs, b: SparseActs) -> None:
         """Candidate pairs only: each entry (t, i) of A is expanded over i's candidates j and
@@ -541,17 +718,30 @@ class CrossProducts(_Stateful):
         hit = kb[pos_ok] == want
         prod = a.value[rep[hit]].astype(np.float64) * b.value[pos_ok[hit]].astype(np.float64)
         self.sum_xy += np.bincount(pair[hit], weights=prod, minlength=len(self.pair_keys))
+        self.n_both += np.bincount(pair[hit], minlength=len(self.pair_keys)).astype(np.int64)
 
     def merge(self, other: "CrossProducts") -> None:
         self.sum_xy += other.sum_xy
+        self.n_both += other.n_both
+
+    def _sides(self, fa: FeatureStats, fb: FeatureStats):
+        if self.pair_keys is None:
+            return (slice(None), None), (None, slice(None))
+        return self.pair_keys // self.d_b, self.pair_keys % self.d_b
 
     def correlation(self, fa: FeatureStats, fb: FeatureStats) -> np.ndarray:
-        """Pearson per pair: a dense [d_a, d_b] matrix, or one value per candidate pair."""
+        """Pearson over all counted tokens per pair: a dense [d_a, d_b] matrix, or one value per candidate pair."""
         n = int(fa.n_tokens)
-        if self.pair_keys is None:
-            return pearson(n, fa.sum[:, None], fb.sum[None, :], fa.sumsq[:, None], fb.sumsq[None, :], self.sum_xy)
-        i, j = self.pair_keys // self.d_b, self.pair_keys % self.d_b
+        i, j = self._sides(fa, fb)
         return pearson(n, fa.sum[i], fb.sum[j], fa.sumsq[i], fb.sumsq[j], self.sum_xy)
+
+    def cofire_correlation(self, fa: FeatureStats, fb: FeatureStats) -> np.ndarray:
+        """Pearson per pair over the tokens where either feature fires (their union: count_i +
+        count_j - n_both tokens). Off both firing sets both activations are 0, so the sums over
+        the union are the sums over all tokens; only n changes."""
+        i, j = self._sides(fa, fb)
+        n_union = fa.count[i] + fb.count[j] - self.n_both
+        return pearson(n_union, fa.sum[i], fb.sum[j], fa.sumsq[i], fb.sumsq[j], self.sum_xy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,36 +874,60 @@ CE_KINDS = ("clean", "spliced", "zero_ablated")
 
 
 class QualityStats(_Stateful):
-    """L0, MSE, explained variance (per token and pooled), CE losses; variant 0 all counted tokens,
-    variant 1 without outlier tokens.
+    """L0, MSE, explained variance (both of sae_lens's definitions), pooled R^2 and CE losses, per
+    source; variant 0 all counted tokens, variant 1 without outlier tokens.
 
-    Explained variance follows SAELens's per-token formula (`explained_variance_legacy` in
-    sae_lens.evals): 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2, where the mean is over the
-    batch's tokens of that variant; non-finite values are counted and left out of the mean.
+    Explained variance under the names sae_lens 6.54 gives them (sae_lens.evals):
+      * `explained_variance` (its current definition, `ExplainedVarianceCalculator`):
+        1 - E_t ||x - x_hat||^2 / (E_t ||x||^2 - ||E_t x||^2), one ratio pooled over every
+        counted token of the variant, sums in float64; independent of the batch size.
+      * `explained_variance_legacy` (its old formula): the mean over tokens of
+        1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2, the mean over the batch's tokens of that
+        variant (per source: the batch's tokens of that source); depends on the batch size.
+        Non-finite values are counted and left out of the mean.
     Pooled R^2 (Study T, torcheval R2Score on flattened activations) is 1 - SSE / SST with SST
     about the mean of all scalar elements. CE: `losses[kind]` is the next-token loss at each
     position but the last; position p counts when its input token counts (SAELens's convention).
+
+    Per source: every sum has a leading source axis [S, ...]; the pooled values are the sums over
+    sources, except the legacy explained variance, whose batch mean differs per source (kept
+    pooled in `pooled_sum_ev`).
     """
 
     FIELDS = (
-        "n_tokens", "n_outliers", "sum_l0", "sum_sqerr", "sum_ev", "n_ev_nonfinite", "sum_elem", "sum_elem_sq", "n_elem",
-        "ce_sum", "ce_n", "ce_nonfinite",
+        "n_tokens", "n_outliers", "sum_l0", "sum_sqerr", "sum_ev", "n_ev_nonfinite", "sum_x", "sum_elem", "sum_elem_sq", "n_elem",
+        "ce_sum", "ce_n", "ce_nonfinite", "pooled_sum_ev", "pooled_n_ev_nonfinite",
     )
 
-    def __init__(self):
-        v = len(OUTLIER_VARIANTS)
-        self.n_tokens = np.zeros(v, np.int64)
-        self.n_outliers = np.zeros((), np.int64)
-        self.sum_l0 = np.zeros(v, np.float64)
-        self.sum_sqerr = np.zeros(v, np.float64)
-        self.sum_ev = np.zeros(v, np.float64)
-        self.n_ev_nonfinite = np.zeros(v, np.int64)
-        self.sum_elem = np.zeros(v, np.float64)
-        self.sum_elem_sq = np.zeros(v, np.float64)
-        self.n_elem = np.zeros(v, np.int64)
-        self.ce_sum = np.zeros((len(CE_KINDS), v), np.float64)
-        self.ce_n = np.zeros((len(CE_KINDS), v), np.int64)
-        self.ce_nonfinite = np.zeros((len(CE_KINDS), v), np.int64)
+    def __init__(self, d_in: int, n_sources: int = 1):
+        v, S, K = len(OUTLIER_VARIANTS), n_sources, len(CE_KINDS)
+        self.d_in, self.n_sources = d_in, n_sources
+        self.n_tokens = np.zeros((S, v), np.int64)
+        self.n_outliers = np.zeros(S, np.int64)
+        self.sum_l0 = np.zeros((S, v), np.float64)
+        self.sum_sqerr = np.zeros((S, v), np.float64)
+        self.sum_ev = np.zeros((S, v), np.float64)
+        self.n_ev_nonfinite = np.zeros((S, v), np.int64)
+        self.sum_x = np.zeros((S, v, d_in), np.float64)
+        self.sum_elem = np.zeros((S, v), np.float64)
+        self.sum_elem_sq = np.zeros((S, v), np.float64)
+        self.n_elem = np.zeros((S, v), np.int64)
+        self.ce_sum = np.zeros((S, K, v), np.float64)
+        self.ce_n = np.zeros((S, K, v), np.int64)
+        self.ce_nonfinite = np.zeros((S, K, v), np.int64)
+        self.pooled_sum_ev = np.zeros(v, np.float64)
+        self.pooled_n_ev_nonfinite = np.zeros(v, np.int64)
+
+    @staticmethod
+    def _legacy_ev(xm: np.ndarray, sqerr: np.ndarray) -> tuple[float, int]:
+        """(sum of the finite per-token legacy explained variances, number non-finite) of one batch's tokens."""
+        if xm.shape[0] == 0:
+            return 0.0, 0
+        var = ((xm - xm.mean(axis=0)) ** 2).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ev = 1.0 - sqerr / var
+        finite = np.isfinite(ev)
+        return float(ev[finite].sum()), int((~finite).sum())
 
     def update(
         self,
@@ -723,89 +937,124 @@ class QualityStats(_Stateful):
         counted: np.ndarray,  # [B, C] bool
         outlier: np.ndarray,  # [B, C] bool
         losses: dict[str, tuple[np.ndarray, np.ndarray]],  # kind -> (loss with variant 0, loss with variant 1), each [B, C-1]
+        source: np.ndarray | None = None,  # [B, C] int source code of each token (None: all 0)
     ) -> None:
+        S = self.n_sources
+        src2d = np.zeros(counted.shape, np.int64) if source is None else np.asarray(source, np.int64)
+        src = src2d.reshape(-1)
         n_out = int((counted & outlier).sum())
         masks = (counted, counted & ~outlier)
-        self.n_outliers += n_out
+        self.n_outliers += np.bincount(src2d[counted & outlier], minlength=S)
         x = x.astype(np.float64)
         sqerr = ((x - x_hat.astype(np.float64)) ** 2).sum(axis=1)
-        done_x, done_ce = None, {}
+        xsq = (x * x).sum(axis=1)
+        xsum = x.sum(axis=1)
+        bc = lambda idx, w=None: np.bincount(idx, weights=w, minlength=S)  # noqa: E731
+        inc: dict[str, np.ndarray] = {}
+        ce_inc: dict[str, tuple] = {}
         for v, mask2d in enumerate(masks):
             # Without outlier tokens both variants cover the same tokens: the sums are computed once.
             same = v == 1 and n_out == 0
-            if same:
-                dx = done_x
-            else:
-                m = mask2d.reshape(-1)
-                xm = x[m]
-                dx = None
-                if xm.shape[0]:
-                    var = ((xm - xm.mean(axis=0)) ** 2).sum(axis=1)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        ev = 1.0 - sqerr[m] / var
-                    finite = np.isfinite(ev)
-                    dx = (float(l0[m].sum()), float(sqerr[m].sum()), float(ev[finite].sum()), int((~finite).sum()),
-                          float(xm.sum()), float((xm * xm).sum()), xm.size)
-                done_x = (int(m.sum()), dx)
-                dx = done_x
-            self.n_tokens[v] += dx[0]
-            if dx[1] is not None:
-                l0_sum, sq_sum, ev_sum, ev_bad, e_sum, e_sq, e_n = dx[1]
-                self.sum_l0[v] += l0_sum
-                self.sum_sqerr[v] += sq_sum
-                self.sum_ev[v] += ev_sum
-                self.n_ev_nonfinite[v] += ev_bad
-                self.sum_elem[v] += e_sum
-                self.sum_elem_sq[v] += e_sq
-                self.n_elem[v] += e_n
+            if not same:
+                inc = self._increments(x, sqerr, xsq, xsum, l0, src[mask2d.reshape(-1)], mask2d.reshape(-1))
+            for name in ("n_tokens", "sum_l0", "sum_sqerr", "sum_elem", "sum_elem_sq", "n_elem", "sum_ev", "n_ev_nonfinite"):
+                getattr(self, name)[:, v] += inc[name]
+            self.sum_x[:, v] += inc["sum_x"]
+            self.pooled_sum_ev[v] += inc["pooled_sum_ev"]
+            self.pooled_n_ev_nonfinite[v] += inc["pooled_n_ev_nonfinite"]
             ce_mask = mask2d[:, :-1]
+            ce_src = src2d[:, :-1][ce_mask]
             for k, kind in enumerate(CE_KINDS):
                 arr = losses[kind][v]
-                if same and arr is losses[kind][0]:
-                    dce = done_ce[kind]
-                else:
+                if not (same and arr is losses[kind][0]):
                     loss = np.asarray(arr, np.float64)[ce_mask]
                     finite = np.isfinite(loss)
-                    dce = done_ce[kind] = (float(loss[finite].sum()), int(finite.sum()), int((~finite).sum()))
-                self.ce_sum[k, v] += dce[0]
-                self.ce_n[k, v] += dce[1]
-                self.ce_nonfinite[k, v] += dce[2]
+                    ce_inc[kind] = (bc(ce_src[finite], loss[finite]), bc(ce_src[finite]), bc(ce_src[~finite]))
+                d_sum, d_n, d_bad = ce_inc[kind]
+                self.ce_sum[:, k, v] += d_sum
+                self.ce_n[:, k, v] += d_n
+                self.ce_nonfinite[:, k, v] += d_bad
+
+    def _increments(self, x, sqerr, xsq, xsum, l0, sm, m) -> dict:
+        """One variant's additions from one batch: per-source sums over the tokens `m` (their sources `sm`)."""
+        S = self.n_sources
+        bc = lambda idx, w=None: np.bincount(idx, weights=w, minlength=S)  # noqa: E731
+        xm, em = x[m], sqerr[m]
+        inc = {
+            "n_tokens": bc(sm), "sum_l0": bc(sm, l0[m].astype(np.float64)), "sum_sqerr": bc(sm, em),
+            "sum_elem": bc(sm, xsum[m]), "sum_elem_sq": bc(sm, xsq[m]), "n_elem": bc(sm) * x.shape[1],
+            "sum_x": np.zeros((S, x.shape[1])), "sum_ev": np.zeros(S), "n_ev_nonfinite": np.zeros(S, np.int64),
+        }
+        inc["pooled_sum_ev"], inc["pooled_n_ev_nonfinite"] = self._legacy_ev(xm, em)
+        for s_ in range(S):
+            sel = sm == s_ if S > 1 else slice(None)
+            xs = xm[sel]
+            if xs.shape[0] == 0:
+                continue
+            inc["sum_x"][s_] = xs.sum(axis=0)
+            inc["sum_ev"][s_], inc["n_ev_nonfinite"][s_] = self._legacy_ev(xs, em[sel]) if S > 1 else (inc["pooled_sum_ev"], inc["pooled_n_ev_nonfinite"])
+        return inc
 
     def merge(self, other: "QualityStats") -> None:
         for name in self.FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def finalize(self) -> list[dict]:
+    def finalize(self, source: int | None = None) -> list[dict]:
+        """One row per outlier variant, pooled (source None) or of one source."""
+        if source is None:
+            pick = lambda a: a.sum(axis=0)  # noqa: E731
+            ev_sum, ev_bad = self.pooled_sum_ev, self.pooled_n_ev_nonfinite
+        else:
+            pick = lambda a: a[source]  # noqa: E731
+            ev_sum, ev_bad = self.sum_ev[source], self.n_ev_nonfinite[source]
+        n_tokens, sum_l0, sum_sqerr, sum_x = pick(self.n_tokens), pick(self.sum_l0), pick(self.sum_sqerr), pick(self.sum_x)
+        sum_elem, sum_elem_sq, n_elem = pick(self.sum_elem), pick(self.sum_elem_sq), pick(self.n_elem)
+        ce_sum, ce_n, ce_bad = pick(self.ce_sum), pick(self.ce_n), pick(self.ce_nonfinite)
+        n_outliers = int(pick(self.n_outliers))
         rows = []
         for v, variant in enumerate(OUTLIER_VARIANTS):
-            n = int(self.n_tokens[v])
+            n = int(n_tokens[v])
             with np.errstate(invalid="ignore", divide="ignore"):
-                n_ev = n - int(self.n_ev_nonfinite[v])
-                sse = self.sum_sqerr[v]
-                ne = self.n_elem[v]
-                sst = self.sum_elem_sq[v] - self.sum_elem[v] ** 2 / ne if ne else np.nan
-                ce = {kind: self.ce_sum[k, v] / self.ce_n[k, v] if self.ce_n[k, v] else np.nan for k, kind in enumerate(CE_KINDS)}
+                n_ev = n - int(ev_bad[v])
+                sse = sum_sqerr[v]
+                ne = n_elem[v]
+                sst = sum_elem_sq[v] - sum_elem[v] ** 2 / ne if ne else np.nan
+                ce = {kind: ce_sum[k, v] / ce_n[k, v] if ce_n[k, v] else np.nan for k, kind in enumerate(CE_KINDS)}
             denom = ce["zero_ablated"] - ce["clean"]
             recovered = (ce["zero_ablated"] - ce["spliced"]) / denom if np.isfinite(denom) and abs(denom) >= 1e-4 else np.nan
-            n_counted = int(self.n_tokens[0])
+            n_counted = int(n_tokens[0])
             rows.append(
                 {
                     "outliers": variant,
                     "n_tokens": n,
-                    "l0": self.sum_l0[v] / n if n else np.nan,
+                    "l0": sum_l0[v] / n if n else np.nan,
                     "mse": sse / n if n else np.nan,
-                    "explained_variance": self.sum_ev[v] / n_ev if n_ev else np.nan,
+                    "explained_variance": pooled_explained_variance(n, sse, sum_elem_sq[v], sum_x[v]),
+                    "explained_variance_legacy": ev_sum[v] / n_ev if n_ev else np.nan,
                     "pooled_r2": 1.0 - sse / sst if ne and sst > 0 else np.nan,
                     "ce_clean": ce["clean"],
                     "ce_spliced": ce["spliced"],
                     "ce_zero_ablated": ce["zero_ablated"],
                     "ce_delta": ce["spliced"] - ce["clean"],
                     "ce_recovered": recovered,
-                    "outlier_fraction": int(self.n_outliers) / n_counted if n_counted else np.nan,
-                    "n_nonfinite_clean": int(self.ce_nonfinite[0, v]),
-                    "n_nonfinite_spliced": int(self.ce_nonfinite[1, v]),
-                    "n_nonfinite_zero_ablated": int(self.ce_nonfinite[2, v]),
-                    "n_ev_nonfinite": int(self.n_ev_nonfinite[v]),
+                    "outlier_fraction": n_outliers / n_counted if n_counted else np.nan,
+                    "n_nonfinite_clean": int(ce_bad[0, v]),
+                    "n_nonfinite_spliced": int(ce_bad[1, v]),
+                    "n_nonfinite_zero_ablated": int(ce_bad[2, v]),
+                    "n_ev_nonfinite": int(ev_bad[v]),
                 }
             )
         return rows
+
+
+def pooled_explained_variance(n: int, sse: float, sum_sq_norm: float, sum_x: np.ndarray) -> float:
+    """sae_lens 6.54's `explained_variance` (ExplainedVarianceCalculator.compute) from the sums:
+    1 - (SSE / n) / (sum ||x||^2 / n - ||sum x / n||^2); 1.0 (perfect) or 0.0 when the total
+    variance is below 1e-10, as sae_lens returns; NaN without tokens."""
+    if n == 0:
+        return float("nan")
+    total_variance = sum_sq_norm / n - float(((np.asarray(sum_x, np.float64) / n) ** 2).sum())
+    mse = sse / n
+    if total_variance < 1e-10:
+        return 1.0 if mse < 1e-10 else 0.0
+    return 1.0 - mse / total_variance

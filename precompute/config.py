@@ -9,12 +9,17 @@
     [models.finetuned]   path = "../data/demo/finetuned"
     [saes.base_sae]      path = "../data/demo/saes/base_sae"  (an SAESpec: release + sae_id, or path)
     [saes.finetuned_sae] path = ...                         (optional: enables two-SAE matching)
+    [saes.base_sae_twin] path = ...                         (optional: the base SAE's seed twin, the null
+                                                             baseline for born/lost and the score choice)
     [corpus]     path = "../data/demo/eval_corpus.parquet", format = "auto", split (precompute/corpus.py)
     [sample]     n_tokens, context_size, batch_size, seed
     [thresholds] ultralow_density, dense_density, outlier_norm | outlier_norm_factor, match,
                  min_matching_id_share, act_error_eps
     [examples]   n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample, window_before, window_after
-    [matching]   max_all_pairs_d_sae, n_candidates, n_kept_per_feature
+    [matching]   max_all_pairs_d_sae, n_candidates, n_kept_per_feature, score
+    [evals]      zero_ablation ("all" positions, sae_lens's default, or "counted": special tokens such as
+                 BOS keep their activation, as in the splice), max_sources
+    [diffing]    n_top_kl_contexts, n_features_per_context
     [crosscoder] path, base_layer, examples and bands (optional: one crosscoder over both models)
 
 Relative paths are resolved against the folder of the config file (`base_dir`; the repository
@@ -45,7 +50,7 @@ from explorer.rundir import validate_run_id
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Bumped when the accumulator state layout changes, so that an old checkpoint is refused.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _typecheck(section: str, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
@@ -229,12 +234,53 @@ class MatchingConfig:
     max_all_pairs_d_sae: int = 4096
     n_candidates: int = 10
     n_kept_per_feature: int = 5
+    score: str = "auto"  # one of explorer.schema.MATCH_SCORES; auto: the best on the seed twin (if any)
 
-    FIELD_TYPES = {"max_all_pairs_d_sae": int, "n_candidates": int, "n_kept_per_feature": int}
+    FIELD_TYPES = {"max_all_pairs_d_sae": int, "n_candidates": int, "n_kept_per_feature": int, "score": str}
 
     def __post_init__(self) -> None:
+        from explorer.schema import MATCH_SCORES
+
         for name in ("max_all_pairs_d_sae", "n_candidates", "n_kept_per_feature"):
             _positive("matching", name, getattr(self, name))
+        if self.score != "auto" and self.score not in MATCH_SCORES:
+            raise ConfigError(f"[matching] score must be 'auto' or one of {list(MATCH_SCORES)}, got {self.score!r}.")
+
+
+ZERO_ABLATION = ("all", "counted")
+
+
+@dataclass(frozen=True)
+class EvalsConfig:
+    """How the SAE-quality evals treat positions. The zero-ablated CE zeros the activation at every
+    position, BOS included ("all", sae_lens's run_evals), or only at the counted tokens ("counted":
+    special tokens such as BOS keep their activation, as the spliced pass leaves them alone).
+    max_sources bounds the corpus labels per-source statistics are kept for."""
+
+    zero_ablation: str = "all"
+    max_sources: int = 16
+
+    FIELD_TYPES = {"zero_ablation": str, "max_sources": int}
+
+    def __post_init__(self) -> None:
+        if self.zero_ablation not in ZERO_ABLATION:
+            raise ConfigError(f"[evals] zero_ablation must be one of {list(ZERO_ABLATION)}, got {self.zero_ablation!r}.")
+        _positive("evals", "max_sources", self.max_sources)
+
+
+@dataclass(frozen=True)
+class DiffingConfig:
+    """Where the models differ (METHODS.md section 11): the highest-KL contexts kept, and the
+    base-SAE features with the largest activation change listed at each."""
+
+    n_top_kl_contexts: int = 100
+    n_features_per_context: int = 10
+
+    FIELD_TYPES = {"n_top_kl_contexts": int, "n_features_per_context": int}
+
+    def __post_init__(self) -> None:
+        for name in ("n_top_kl_contexts", "n_features_per_context"):
+            _positive("diffing", name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -297,21 +343,26 @@ class RunConfig:
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    evals: EvalsConfig = field(default_factory=EvalsConfig)
+    diffing: DiffingConfig = field(default_factory=DiffingConfig)
     crosscoder: CrosscoderConfig | None = None
     allow_hook_mismatch: bool = False
     dtype: str = "float32"  # [models] dtype: both models
     processing: Any = "auto"  # [models] processing: both models
     base_dir: Path | None = field(default=None, compare=False)  # relative paths resolve here (not part of the config)
 
-    TOP_KEYS = ("run_id", "hook", "allow_hook_mismatch", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching", "crosscoder")
+    TOP_KEYS = ("run_id", "hook", "allow_hook_mismatch", "models", "saes", "corpus", "sample", "thresholds", "examples", "matching", "evals", "diffing", "crosscoder")
     MODEL_SETTINGS = ("dtype", "processing")
+    SAE_KEYS = ("base_sae", "finetuned_sae", "base_sae_twin")
 
     def __post_init__(self) -> None:
         validate_run_id(self.run_id)
         if set(self.models) != {"base", "finetuned"}:
             raise ConfigError(f"[models] needs exactly [models.base] and [models.finetuned], got {sorted(self.models)}.")
-        if "base_sae" not in self.saes or not set(self.saes) <= {"base_sae", "finetuned_sae"}:
-            raise ConfigError(f"[saes] needs [saes.base_sae] and optionally [saes.finetuned_sae], got {sorted(self.saes)}.")
+        if "base_sae" not in self.saes or not set(self.saes) <= set(self.SAE_KEYS):
+            raise ConfigError(
+                f"[saes] needs [saes.base_sae] and optionally [saes.finetuned_sae] and [saes.base_sae_twin] (the base SAE's seed twin), got {sorted(self.saes)}."
+            )
         if self.hook is not None and not self.hook.strip():
             raise ConfigError("hook must be a non-empty hook name such as 'blocks.6.hook_resid_post', or left out.")
         try:
@@ -344,7 +395,7 @@ class RunConfig:
         if "dtype" in settings:
             settings["dtype"] = _typecheck("models", "dtype", settings["dtype"], str)
         models = _specs("models", models_table, ("base", "finetuned"), ModelSpec)
-        saes = _specs("saes", data["saes"], ("base_sae", "finetuned_sae"), SAESpec)
+        saes = _specs("saes", data["saes"], cls.SAE_KEYS, SAESpec)
         allow = _typecheck("top level", "allow_hook_mismatch", data.get("allow_hook_mismatch", False), bool)
         return cls(
             run_id=run_id,
@@ -359,6 +410,8 @@ class RunConfig:
             thresholds=ThresholdsConfig.from_table(data.get("thresholds")),
             examples=_section(ExamplesConfig, "examples", data.get("examples")),
             matching=_section(MatchingConfig, "matching", data.get("matching")),
+            evals=_section(EvalsConfig, "evals", data.get("evals")),
+            diffing=_section(DiffingConfig, "diffing", data.get("diffing")),
             crosscoder=_section(CrosscoderConfig, "crosscoder", data["crosscoder"]) if "crosscoder" in data else None,
         )
 
@@ -369,7 +422,7 @@ class RunConfig:
         out["allow_hook_mismatch"] = self.allow_hook_mismatch
         out["models"] = {"dtype": self.dtype, "processing": self.processing, **{k: v.to_dict() for k, v in self.models.items()}}
         out["saes"] = {k: v.to_dict() for k, v in self.saes.items()}
-        for name in ("corpus", "sample", "thresholds", "examples", "matching"):
+        for name in ("corpus", "sample", "thresholds", "examples", "matching", "evals", "diffing"):
             section = getattr(self, name)
             out[name] = {f.name: getattr(section, f.name) for f in fields(section)}
         if self.crosscoder is not None:  # absent otherwise: runs without one keep their config hash
@@ -402,7 +455,12 @@ class RunConfig:
 
     @property
     def sae_names(self) -> list[str]:
+        """The SAEs every statistic is computed for (the seed twin is only matched: `twin`)."""
         return [s for s in ("base_sae", "finetuned_sae") if s in self.saes]
+
+    @property
+    def twin(self) -> str | None:
+        return "base_sae_twin" if "base_sae_twin" in self.saes else None
 
     def hash(self) -> str:
         """What makes two runs the same computation: the normalized config (run_id excluded)."""

@@ -13,10 +13,9 @@ reconstruction, f_j(t) * d_j^m (d_j^m = W_dec[m, j]):
   into model m's reconstruction), so one ranking serves both models;
 * density on model m (features table) = share of counted tokens where f_j(t) > 0 and d_j^m != 0.
 
-Reconstruction quality per model (QualityStats, as for the SAEs: L0, MSE, per-token explained
-variance, CE clean / spliced / zero-ablated, both outlier variants) plus the pooled fraction of
-variance explained, sae_lens 6.54's `explained_variance` (1 - sum ||x - xhat||^2 / sum ||x - mean x||^2
-over the counted tokens; `PooledVariance`).
+Reconstruction quality per model (QualityStats, as for the SAEs: L0, MSE, sae_lens 6.54's
+`explained_variance` (pooled over the counted tokens) and `explained_variance_legacy` (its old
+per-token formula), CE clean / spliced / zero-ablated, both outlier variants).
 
 Latent Scaling (Minder et al. 2025, "Overcoming Sparsity Artifacts in Crosscoders"; the
 diffing-toolkit's `closed_form_scalars`): for latent j, a direction v_j and a target y^m(t) on
@@ -95,37 +94,6 @@ class LatentScalingSums(_Stateful):
             }
 
 
-class PooledVariance(_Stateful):
-    """Per outlier variant: tokens, sum ||x - xhat||^2, sum x, sum ||x||^2 (float64) -> pooled FVE."""
-
-    FIELDS = ("n", "sse", "sum_x", "sum_sq")
-
-    def __init__(self, d_in: int):
-        self.n = np.zeros(2, np.int64)
-        self.sse = np.zeros(2, np.float64)
-        self.sum_x = np.zeros((2, d_in), np.float64)
-        self.sum_sq = np.zeros(2, np.float64)
-
-    def update(self, x: np.ndarray, x_hat: np.ndarray, masks: tuple[np.ndarray, np.ndarray]) -> None:
-        x = x.astype(np.float64)
-        sqerr = ((x - x_hat.astype(np.float64)) ** 2).sum(1)
-        for v, mask in enumerate(masks):
-            xm = x[mask]
-            self.n[v] += len(xm)
-            self.sse[v] += sqerr[mask].sum()
-            self.sum_x[v] += xm.sum(0)
-            self.sum_sq[v] += (xm * xm).sum()
-
-    def merge(self, other: "PooledVariance") -> None:
-        for name in self.FIELDS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def finalize(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            total = self.sum_sq - (self.sum_x**2).sum(1) / np.maximum(self.n, 1)
-            return np.where((self.n > 0) & (total > 0), 1 - self.sse / np.where(total > 0, total, 1), np.nan)
-
-
 class CrosscoderStats:
     """Every accumulator of the run's crosscoder; `accumulators()` names them for the pass state."""
 
@@ -134,15 +102,13 @@ class CrosscoderStats:
         self.features = FeatureStats(d_sae, schema.ACT_HIST_EDGES)
         self.topk = TopK(d_sae, n_top)
         self.quantile = QuantileSample(d_sae, quantile_sample, seed)
-        self.quality = {m: QualityStats() for m in MODELS}
-        self.pooled = {m: PooledVariance(d_in) for m in MODELS}
+        self.quality = {m: QualityStats(d_in) for m in MODELS}
         self.scaling = LatentScalingSums(d_sae)
 
     def accumulators(self) -> dict[str, _Stateful]:
         out: dict[str, _Stateful] = {"crosscoder.features": self.features, "crosscoder.topk": self.topk, "crosscoder.quantile": self.quantile}
         for m in MODELS:
             out[f"crosscoder.quality.{m}"] = self.quality[m]
-            out[f"crosscoder.pooled.{m}"] = self.pooled[m]
         out["crosscoder.scaling"] = self.scaling
         return out
 
@@ -182,7 +148,6 @@ class CrosscoderStats:
                 self.quality[m].update(
                     x_np, xh_np, l0, counted, outlier, {"clean": (clean, clean), "spliced": (spliced, spliced_ex), "zero_ablated": (zero, zero)},
                 )
-                self.pooled[m].update(x_np, xh_np, (counted_flat, (counted & ~outlier).reshape(-1)))
             proj_err, proj_rec = self._projections(cc, t, j, recon_n, resid_n)
         t_np, j_np, v_np = t.cpu().numpy(), j.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float32)
         sa = SparseActs(gidx[t_np], j_np, v_np, int(counted_flat.sum()))

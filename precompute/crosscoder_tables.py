@@ -69,7 +69,7 @@ def crosscoder_tables(prep: Prepared, runners: dict, cc_state: CrosscoderStats, 
         "source": cc.source, "architecture": cc.architecture, "d_sae": cc.d_sae, "d_in": cc.d_in, "k": cc.k, "threshold": cc.threshold,
         "code_normalization": cc.code_normalization, "normalised_inputs": cc.input_mean is not None,
         "n_dead": int((~alive).sum()), "bands_alive": bands,
-        "explained_variance_pooled": {r["model"]: r["explained_variance_pooled"] for r in metrics.to_pylist() if r["outliers"] == "included"},
+        "explained_variance": {r["model"]: r["explained_variance"] for r in metrics.to_pylist() if r["outliers"] == "included"},
     }
     return {
         "crosscoder.parquet": pa.table(cols),
@@ -117,10 +117,9 @@ def _nearest(prep: Prepared, cc, n_nearest: int, n_links: int, cols: dict) -> pa
 def metrics_table(cc_state: CrosscoderStats) -> pa.Table:
     rows = []
     for m in MODELS:
-        pooled = cc_state.pooled[m].finalize()
-        for v, row in enumerate(cc_state.quality[m].finalize()):
+        for row in cc_state.quality[m].finalize():
             row.pop("n_ev_nonfinite", None)
-            rows.append({"model": m, **row, "explained_variance_pooled": float(pooled[v])})
+            rows.append({"model": m, **row})
     return pa.Table.from_pylist(rows)
 
 

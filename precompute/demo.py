@@ -52,8 +52,21 @@ class DemoConfig:
     finetune_lr: float = 5e-4
     d_sae: int = 2048
     sae_k: int = 24
-    sae_tokens: int = 3_000_000
-    sae_lr: float = 4e-4
+    sae_tokens: int = 2_000_000
+    sae_lr: float = 3e-3
+    sae_batch_tokens: int = 1024  # tokens per SAE training step: more, smaller steps revive latents faster per token
+    # SAELens's TopK auxiliary loss (aux-k) trains latents that have not fired for this many steps
+    # (of sae_batch_tokens tokens) to reconstruct the residual error: the dead-latent fix of Gao et al. 2024
+    sae_dead_feature_window: int = 200
+    sae_aux_loss_coefficient: float = 1.0
+    # b_dec starts at the mean activation (special tokens left out) instead of 0: with Adam's
+    # steps of about lr, b_dec would otherwise stay far from a mean that is a large part of
+    # every activation, and the latents spent on that mean left most of the others dead
+    sae_b_dec_init_mean: bool = True
+    twin_seed_offset: int = 1  # the seed twin of the base SAE: same model, data and hyperparameters, seed + this
+    # the finetuned SAE's seed differs from the base SAE's too: with one seed the two dictionaries
+    # start from the same initialization and look more alike than independent SAEs (the twin's seed differs)
+    finetuned_sae_seed_offset: int = 2
     eval_sequences_per_source: int = 1950  # x 128 tokens x 2 sources ~ 0.5M tokens
     tokenizer_chars: int = 30_000_000
     eval_share: float = 0.08  # share of documents held out for evaluation
@@ -64,7 +77,8 @@ class DemoConfig:
         return cls(
             vocab_size=512, n_layers=2, d_model=32, n_heads=2, d_mlp=64, context_size=32,
             batch_size=8, base_tokens=8 * 32 * 6, finetune_tokens=8 * 32 * 4, d_sae=64, sae_k=4,
-            sae_tokens=8 * 32 * 16, eval_sequences_per_source=6, tokenizer_chars=200_000, corpus_chars=400_000, eval_share=0.3,
+            sae_tokens=8 * 32 * 16, sae_batch_tokens=256, sae_lr=4e-4, sae_dead_feature_window=500,
+            eval_sequences_per_source=6, tokenizer_chars=200_000, corpus_chars=400_000, eval_share=0.3,
         )
 
 
@@ -265,12 +279,19 @@ def heldout_loss(model, sequences, batch_size: int = 64) -> float:
     return total / n
 
 
-def train_sae(model, sequences, cfg: DemoConfig, out_dir: Path, label: str):
+def train_sae(model, sequences, cfg: DemoConfig, out_dir: Path, label: str, seed: int | None = None):
+    """One SAELens BatchTopK SAE on `model`'s activations at HOOK, saved (as JumpReLU) to out_dir.
+
+    Dead latents: SAELens's TopK auxiliary loss (`aux_loss_coefficient`) makes the latents that
+    have not fired for `dead_feature_window` training steps reconstruct the residual error;
+    the window is in steps of `train_batch_size_tokens` tokens."""
     import datasets
+    import torch
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
 
-    train_batch = 4096 if cfg.d_model >= 64 else 256
+    seed = cfg.seed if seed is None else seed
+    train_batch = cfg.sae_batch_tokens
     store_batch = 16 if cfg.d_model >= 64 else 4
     n_buf = max(2, math.ceil(train_batch * 2 / (store_batch * cfg.context_size)))
     # sae_lens needs n_batches_in_buffer * context_size >= train_batch_size_tokens
@@ -278,24 +299,91 @@ def train_sae(model, sequences, cfg: DemoConfig, out_dir: Path, label: str):
     runner_cfg = LanguageModelSAERunnerConfig(
         sae=BatchTopKTrainingSAEConfig(
             d_in=cfg.d_model, d_sae=cfg.d_sae, k=cfg.sae_k, normalize_activations="none", dtype="float32", device="cpu",
+            aux_loss_coefficient=cfg.sae_aux_loss_coefficient,
         ),
         model_name="demo", hook_name=HOOK, dataset_path="local", is_dataset_tokenized=True, streaming=False,
         context_size=cfg.context_size, n_batches_in_buffer=n_buf, store_batch_size_prompts=store_batch,
         training_tokens=cfg.sae_tokens, train_batch_size_tokens=train_batch, lr=cfg.sae_lr, lr_warm_up_steps=20,
-        device="cpu", seed=cfg.seed, prepend_bos=True, n_checkpoints=0, checkpoint_path=None, output_path=None,
+        device="cpu", seed=seed, prepend_bos=True, n_checkpoints=0, checkpoint_path=None, output_path=None,
         verbose=False, n_eval_batches=1, eval_batch_size_prompts=4, n_batches_for_norm_estimate=5,
-        dead_feature_window=500, feature_sampling_window=500, logger=LoggingConfig(log_to_wandb=False),
+        dead_feature_window=cfg.sae_dead_feature_window, feature_sampling_window=max(500, cfg.sae_dead_feature_window),
+        logger=LoggingConfig(log_to_wandb=False),
     )
     dataset = datasets.Dataset.from_dict({"input_ids": sequences})
-    print(f"[demo] training {label} SAE: d_sae={cfg.d_sae} k={cfg.sae_k} on {cfg.sae_tokens:,} tokens", flush=True)
+    print(f"[demo] training {label} SAE: d_sae={cfg.d_sae} k={cfg.sae_k} seed={seed} on {cfg.sae_tokens:,} tokens", flush=True)
+    torch_seed(seed)
     runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=model)
+    if cfg.sae_b_dec_init_mean:
+        with torch.no_grad():
+            runner.sae.b_dec.data.copy_(mean_activation(model, sequences[:256]))
     sae = runner.run()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sae.save_inference_model(str(tmp))
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    sae.save_inference_model(str(out_dir))
+    tmp.rename(out_dir)
     from sae_lens import SAE
 
     return SAE.load_from_disk(str(out_dir))
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def mean_activation(model, sequences: list, batch: int = 32):
+    """The mean activation at HOOK over the sequences' tokens, special tokens (BOS) left out."""
+    import numpy as np
+    import torch
+    from sae_lens.util import get_special_token_ids
+
+    special = np.asarray(sorted(get_special_token_ids(model.tokenizer)), np.int64)
+    total, n = None, 0
+    with torch.inference_mode():
+        for i in range(0, len(sequences), batch):
+            tok = np.asarray(sequences[i : i + batch], np.int64)
+            _, cache = model.run_with_cache(torch.from_numpy(tok), names_filter=[HOOK], stop_at_layer=int(HOOK.split(".")[1]) + 1)
+            x = cache[HOOK][torch.from_numpy(~np.isin(tok, special))].double()
+            total = x.sum(0) if total is None else total + x.sum(0)
+            n += x.shape[0]
+    return (total / max(n, 1)).float()
+
+
+SAE_NAMES = ("base_sae", "finetuned_sae", "base_sae_twin")
+
+
+def sae_training_sets(cfg: DemoConfig, en_seqs: list, py_seqs: list) -> dict[str, list]:
+    """Each SAE's training sequences: the base SAE (and its seed twin, on the same sequences) on
+    the base model's English; the finetuned SAE on the finetune, half English, half Python."""
+    import numpy as np
+
+    sae_rng = np.random.default_rng(cfg.seed + 2)
+    n_sae = cfg.sae_tokens // cfg.context_size + 1
+    base_sae_seqs = [en_seqs[i] for i in sae_rng.permutation(len(en_seqs))[:n_sae]]
+    mix = [en_seqs[i] for i in sae_rng.permutation(len(en_seqs))[: n_sae // 2]] + [py_seqs[i] for i in sae_rng.permutation(len(py_seqs))[: n_sae - n_sae // 2]]
+    mix = [mix[i] for i in sae_rng.permutation(len(mix))]
+    return {"base_sae": base_sae_seqs, "finetuned_sae": mix, "base_sae_twin": base_sae_seqs}
+
+
+def train_saes(sae_dir: Path, cfg: DemoConfig, models: dict, seqs: dict[str, list], stages: dict, done) -> dict:
+    """base_sae and its seed twin on the base model, finetuned_sae on the finetune; a finished
+    SAE (recorded in `stages`) is loaded, not retrained."""
+    from sae_lens import SAE
+
+    saes = {}
+    for name in SAE_NAMES:
+        model = models["finetuned" if name == "finetuned_sae" else "base"]
+        seed = cfg.seed + {"base_sae": 0, "finetuned_sae": cfg.finetuned_sae_seed_offset, "base_sae_twin": cfg.twin_seed_offset}[name]
+        if name in stages and (sae_dir / name).is_dir():
+            saes[name] = SAE.load_from_disk(str(sae_dir / name))
+        else:
+            saes[name] = train_sae(model, seqs[name], cfg, sae_dir / name, name, seed=seed)
+            done(name)
+    return saes
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,7 +391,9 @@ def train_sae(model, sequences, cfg: DemoConfig, out_dir: Path, label: str):
 
 
 def sae_evals(sae, model, sequences, cfg: DemoConfig) -> dict:
-    """sae_lens run_evals on the given sequences (all of them, one pass)."""
+    """sae_lens run_evals on the given sequences (all of them, one pass), under sae_lens's own
+    metric names: `explained_variance` (its current, pooled definition) and
+    `explained_variance_legacy` (its old per-token formula, batches of 16 sequences)."""
     import datasets
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
@@ -319,18 +409,40 @@ def sae_evals(sae, model, sequences, cfg: DemoConfig) -> dict:
     eval_cfg = EvalConfig(
         batch_size_prompts=batch, n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches,
         compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
     )
-    metrics, _ = run_evals(sae, store, model, ActivationScaler(), eval_config=eval_cfg, exclude_special_tokens=True)
+    metrics, feature_metrics = run_evals(sae, store, model, ActivationScaler(), eval_config=eval_cfg, exclude_special_tokens=True)
+    density = feature_metrics.get("feature_density") or []
     return {
         "l0": metrics["sparsity"]["l0"],
         "explained_variance": metrics["reconstruction_quality"]["explained_variance"],
+        "explained_variance_legacy": metrics["reconstruction_quality"]["explained_variance_legacy"],
         "mse": metrics["reconstruction_quality"]["mse"],
         "ce_loss_clean": metrics["model_performance_preservation"]["ce_loss_without_sae"],
         "ce_loss_spliced": metrics["model_performance_preservation"]["ce_loss_with_sae"],
         "ce_loss_zero_ablated": metrics["model_performance_preservation"]["ce_loss_with_ablation"],
         "ce_loss_recovered": metrics["model_performance_preservation"]["ce_loss_score"],
+        "dead_share": sum(1 for d in density if d == 0) / len(density) if density else float("nan"),
         "n_tokens": n_batches * batch * cfg.context_size,
     }
+
+
+def dead_latents(sae, model, sequences, batch: int = 32) -> dict:
+    """Latents that never fire on `sequences` (special tokens excluded), as the run counts them."""
+    import numpy as np
+    import torch
+    from sae_lens.util import get_special_token_ids
+
+    special = np.asarray(sorted(get_special_token_ids(model.tokenizer)), np.int64)
+    fired = torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool)
+    with torch.inference_mode():
+        for i in range(0, len(sequences), batch):
+            tok = np.asarray(sequences[i : i + batch], np.int64)
+            _, cache = model.run_with_cache(torch.from_numpy(tok), names_filter=[HOOK], stop_at_layer=int(HOOK.split(".")[1]) + 1)
+            acts = sae.encode(cache[HOOK])[torch.from_numpy(~np.isin(tok, special))]
+            fired |= (acts > 0).any(0)
+    n_dead = int((~fired).sum())
+    return {"n_dead": n_dead, "dead_share": n_dead / int(sae.cfg.d_sae)}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -339,6 +451,11 @@ def write_report(out: Path, report: dict) -> None:
         "# Demo pair: proof that it learned",
         "",
         f"Built by `python -m precompute.demo` ({report['build_seconds']:.0f} s on {report['machine']}).",
+    ]
+    if report.get("saes_retrained"):
+        r = report["saes_retrained"]
+        lines.append(f"SAEs retrained by `python -m precompute.demo --stage saes` ({r['seconds']:.0f} s on {r['machine']}); the language models are unchanged.")
+    lines += [
         f"Config: `{json.dumps(report['config'])}`",
         "",
         f"Tokens: base trained on {report['tokens']['base_train']:,} English tokens, finetuned on "
@@ -354,16 +471,36 @@ def write_report(out: Path, report: dict) -> None:
     ]
     for m in ("base", "finetuned"):
         lines.append(f"| {m} | {report['heldout_loss'][m]['english']:.3f} | {report['heldout_loss'][m]['python']:.3f} |")
+    if report.get("dead_latents"):
+        lines += [
+            "",
+            "## Dead latents on the whole evaluation corpus",
+            "",
+            "Latents that never fire on the evaluation corpus (both sources, special tokens excluded), on the model each SAE was trained on.",
+            "`base_sae_twin` is the base SAE's seed twin: the same model, data and hyperparameters, another seed (the null baseline for born and lost features).",
+            "",
+            "| SAE | model | dead latents | share |",
+            "|---|---|---|---|",
+        ]
+        for row in report["dead_latents"]:
+            lines.append(f"| {row['sae']} | {row['model']} | {row['n_dead']:,} | {100 * row['dead_share']:.1f}% |")
     lines += [
         "",
         "## SAEs at " + report["hook"] + " (sae_lens `run_evals` on the evaluation corpus)",
         "",
-        "| SAE | model | source | L0 | explained var | CE clean | CE spliced | CE zero-abl | CE recovered |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Names as sae_lens 6.54 gives them: `explained_variance` is its current definition (one pooled ratio over all",
+        "tokens, `ExplainedVarianceCalculator`), `explained_variance_legacy` its old per-token formula (depends on the",
+        "batch: 16 sequences here). Special tokens (BOS) are left out of every number; the zero-ablated CE zeros every",
+        "position, BOS included (sae_lens's convention).",
+        "",
+        "| SAE | model | source | L0 | explained_variance | explained_variance_legacy | CE clean | CE spliced | CE zero-abl | CE recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["sae_evals"]:
+        legacy = row.get("explained_variance_legacy")
         lines.append(
             f"| {row['sae']} | {row['model']} | {row['source']} | {row['l0']:.1f} | {row['explained_variance']:.3f} | "
+            f"{'n/a' if legacy is None else format(legacy, '.3f')} | "
             f"{row['ce_loss_clean']:.3f} | {row['ce_loss_spliced']:.3f} | {row['ce_loss_zero_ablated']:.3f} | {row['ce_loss_recovered']:.3f} |"
         )
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
@@ -372,18 +509,20 @@ def write_report(out: Path, report: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
+@dataclass
+class Corpora:
+    tokenizer: object
+    en_seqs: list  # training sequences, English (the base model's data)
+    py_seqs: list  # training sequences, Python (the finetune's data)
+    en_eval_seqs: list  # held-out documents, packed
+    py_eval_seqs: list
+
+
+def corpora(cfg: DemoConfig, tokenizer_dir: Path, train_tokenizer_if_missing: bool) -> Corpora:
+    """The documents, split by document into train and held-out, shuffled and packed: the same
+    sequences every time for a config (the SAE stage rebuilds the LM stage's data with this)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from explorer.models import save_local_model
-
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(int(os.environ.get("DEMO_THREADS", os.cpu_count() or 1)))
     english = english_documents(cfg.corpus_chars)
     python = python_documents(cfg.corpus_chars)
     if not english:
@@ -391,10 +530,30 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
     print(f"[demo] {len(english)} English documents, {len(python)} Python files", flush=True)
     en_train, en_eval = split_documents(english, cfg.eval_share, cfg.seed)
     py_train, py_eval = split_documents(python, cfg.eval_share, cfg.seed)
+    if (tokenizer_dir / "tokenizer.json").exists() or not train_tokenizer_if_missing:
+        from transformers import AutoTokenizer
 
-    tmp = out.with_name(out.name + ".partial")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    else:
+        half = cfg.tokenizer_chars // 2
+        tok_texts = [t for _, t in _cap(en_train, half)] + [t for _, t in _cap(py_train, half)]
+        tokenizer = train_tokenizer(tok_texts, cfg.vocab_size, tokenizer_dir)
+    print(f"[demo] tokenizer: {len(tokenizer)} tokens", flush=True)
+    ctx = cfg.context_size
+    rng = np.random.default_rng(cfg.seed)
+    en_train = [en_train[i] for i in rng.permutation(len(en_train))]
+    py_train = [py_train[i] for i in rng.permutation(len(py_train))]
+    en_seqs = pack(tokenizer, en_train, ctx, cfg.base_tokens // ctx + 1)
+    py_seqs = pack(tokenizer, py_train, ctx, cfg.finetune_tokens // ctx + 1)
+    en_eval_seqs = pack(tokenizer, [en_eval[i] for i in rng.permutation(len(en_eval))], ctx, cfg.eval_sequences_per_source)
+    py_eval_seqs = pack(tokenizer, [py_eval[i] for i in rng.permutation(len(py_eval))], ctx, cfg.eval_sequences_per_source)
+    print(f"[demo] sequences: {len(en_seqs)} English, {len(py_seqs)} Python train; {len(en_eval_seqs)} + {len(py_eval_seqs)} eval", flush=True)
+    return Corpora(tokenizer, en_seqs, py_seqs, en_eval_seqs, py_eval_seqs)
+
+
+def _stage_state(tmp: Path, cfg: DemoConfig, resume: bool) -> tuple[dict, callable]:
+    """Finished stages of an interrupted build in `tmp` (same config), and the function that records one."""
     stage_file = tmp / "_stages.json"
-    stages: dict = {}
     if resume and stage_file.exists() and json.loads(stage_file.read_text()).get("config") == asdict(cfg):
         stages = json.loads(stage_file.read_text())
         print(f"[demo] resuming: finished stages {sorted(k for k in stages if k != 'config')}", flush=True)
@@ -408,30 +567,40 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
         stages[stage] = value
         stage_file.write_text(json.dumps(stages))
 
-    if "tokenizer" in stages:
-        from transformers import AutoTokenizer
+    return stages, done
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tmp / "_tokenizer"), local_files_only=True)
-    else:
-        half = cfg.tokenizer_chars // 2
-        tok_texts = [t for _, t in _cap(en_train, half)] + [t for _, t in _cap(py_train, half)]
-        tokenizer = train_tokenizer(tok_texts, cfg.vocab_size, tmp / "_tokenizer")
-        done("tokenizer")
-    print(f"[demo] tokenizer: {len(tokenizer)} tokens", flush=True)
 
+def _report_rows(saes: dict, models: dict, data: Corpora, cfg: DemoConfig) -> tuple[list, list]:
+    """sae_lens run_evals of every SAE on each model and source; dead latents on the SAE's own model."""
+    evals, dead = [], []
+    for sae_name, sae in saes.items():
+        own = "finetuned" if sae_name == "finetuned_sae" else "base"
+        dead.append({"sae": sae_name, "model": own, **dead_latents(sae, models[own], data.en_eval_seqs + data.py_eval_seqs)})
+        print(f"[demo] {sae_name}: {dead[-1]['n_dead']} dead latents on {own} ({100 * dead[-1]['dead_share']:.1f}%)", flush=True)
+        if sae_name == "base_sae_twin":
+            continue
+        for model_name, m in models.items():
+            for source, seqs in (("english", data.en_eval_seqs), ("python", data.py_eval_seqs)):
+                evals.append({"sae": sae_name, "model": model_name, "source": source, **sae_evals(sae, m, seqs, cfg)})
+    return evals, dead
+
+
+def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from explorer.models import ModelSpec, load_model, save_local_model
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(int(os.environ.get("DEMO_THREADS", os.cpu_count() or 1)))
+    tmp = out.with_name(out.name + ".partial")
+    stages, done = _stage_state(tmp, cfg, resume)
+    data = corpora(cfg, tmp / "_tokenizer", train_tokenizer_if_missing=True)
+    tokenizer, en_seqs, py_seqs, en_eval_seqs, py_eval_seqs = data.tokenizer, data.en_seqs, data.py_seqs, data.en_eval_seqs, data.py_eval_seqs
     ctx = cfg.context_size
-    need_en = cfg.base_tokens // ctx + 1
-    need_py = cfg.finetune_tokens // ctx + 1
-    rng = np.random.default_rng(cfg.seed)
-    en_train = [en_train[i] for i in rng.permutation(len(en_train))]
-    py_train = [py_train[i] for i in rng.permutation(len(py_train))]
-    en_seqs = pack(tokenizer, en_train, ctx, need_en)
-    py_seqs = pack(tokenizer, py_train, ctx, need_py)
-    en_eval_seqs = pack(tokenizer, [en_eval[i] for i in rng.permutation(len(en_eval))], ctx, cfg.eval_sequences_per_source)
-    py_eval_seqs = pack(tokenizer, [py_eval[i] for i in rng.permutation(len(py_eval))], ctx, cfg.eval_sequences_per_source)
-    print(f"[demo] sequences: {len(en_seqs)} English, {len(py_seqs)} Python train; {len(en_eval_seqs)} + {len(py_eval_seqs)} eval", flush=True)
-
-    from explorer.models import ModelSpec, load_model
 
     tlc = tl_config(cfg)
     ln_vocab = math.log(cfg.vocab_size)
@@ -458,23 +627,8 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
         done("finetuned", ft_loss)
     print(f"[demo] finetuned held-out loss {ft_loss}", flush=True)
 
-    base = load_model(ModelSpec(path=str(tmp / "base")))
-    finetuned = load_model(ModelSpec(path=str(tmp / "finetuned")))
-    # Base SAE: the base model on its own data. Finetuned SAE: the finetune on a mix of both.
-    sae_rng = np.random.default_rng(cfg.seed + 2)
-    n_sae = cfg.sae_tokens // ctx + 1
-    base_sae_seqs = [en_seqs[i] for i in sae_rng.permutation(len(en_seqs))[:n_sae]]
-    mix = [en_seqs[i] for i in sae_rng.permutation(len(en_seqs))[: n_sae // 2]] + [py_seqs[i] for i in sae_rng.permutation(len(py_seqs))[: n_sae - n_sae // 2]]
-    mix = [mix[i] for i in sae_rng.permutation(len(mix))]
-    saes = {}
-    for sae_name, sae_model, sae_seqs in (("base_sae", base, base_sae_seqs), ("finetuned_sae", finetuned, mix)):
-        if sae_name in stages:
-            from sae_lens import SAE
-
-            saes[sae_name] = SAE.load_from_disk(str(tmp / "saes" / sae_name))
-        else:
-            saes[sae_name] = train_sae(sae_model, sae_seqs, cfg, tmp / "saes" / sae_name, sae_name.removesuffix("_sae"))
-            done(sae_name)
+    models = {"base": load_model(ModelSpec(path=str(tmp / "base"))), "finetuned": load_model(ModelSpec(path=str(tmp / "finetuned")))}
+    saes = train_saes(tmp / "saes", cfg, models, sae_training_sets(cfg, en_seqs, py_seqs), stages, done)
 
     # Evaluation corpus: held-out documents only, each sequence labelled with its source.
     rows = [("english", s) for s in en_eval_seqs] + [("python", s) for s in py_eval_seqs]
@@ -488,13 +642,9 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
     )
     pq.write_table(eval_table, tmp / "eval_corpus.parquet", compression="zstd")
 
-    evals = []
-    for sae_name, sae in saes.items():
-        for model_name, m in (("base", base), ("finetuned", finetuned)):
-            for source, seqs in (("english", en_eval_seqs), ("python", py_eval_seqs)):
-                evals.append({"sae": sae_name, "model": model_name, "source": source, **sae_evals(sae, m, seqs, cfg)})
+    evals, dead = _report_rows(saes, models, data, cfg)
     shutil.rmtree(tmp / "_tokenizer")
-    stage_file.unlink()
+    (tmp / "_stages.json").unlink()
     import platform
 
     report = {
@@ -509,6 +659,7 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
         },
         "heldout_loss": {"base": base_loss, "finetuned": ft_loss},
         "sae_evals": evals,
+        "dead_latents": dead,
         "build_seconds": time.time() - t0,
     }
     write_report(tmp, report)
@@ -519,17 +670,81 @@ def build(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
     return report
 
 
+LM_FIELDS = ("seed", "vocab_size", "n_layers", "d_model", "n_heads", "d_mlp", "context_size", "batch_size", "base_tokens",
+             "finetune_tokens", "base_lr", "finetune_lr", "eval_sequences_per_source", "tokenizer_chars", "eval_share", "corpus_chars")
+
+
+def retrain_saes(out: Path, cfg: DemoConfig, resume: bool = False) -> dict:
+    """The SAE stage alone: retrain base_sae, finetuned_sae and the base SAE's seed twin on the
+    demo's existing language models (never retrained here), then rewrite the report.
+
+    The language models' data is rebuilt from the same documents and seeds; the rebuilt
+    held-out sequences must equal the shipped eval_corpus.parquet (else the documents on this
+    machine differ from the build's, and nothing is written). Resumable: a finished SAE of an
+    interrupted stage (same config) is kept; `out/saes` is replaced only at the end."""
+    import platform
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from explorer.models import ModelSpec, load_model
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(int(os.environ.get("DEMO_THREADS", os.cpu_count() or 1)))
+    report_path = out / "REPORT.json"
+    if not report_path.exists():
+        raise SystemExit(f"{out} holds no demo build (no REPORT.json): run `python -m precompute.demo --out {out}` first.")
+    report = json.loads(report_path.read_text())
+    built = report.get("config", {})
+    changed = [k for k in LM_FIELDS if built.get(k) != asdict(cfg).get(k)]
+    if changed:
+        raise SystemExit(f"The demo in {out} was built with other language-model settings {changed}; the SAE stage keeps its models.")
+    data = corpora(cfg, out / "base" / "tokenizer", train_tokenizer_if_missing=False)
+    shipped = pq.read_table(out / "eval_corpus.parquet", columns=["token_ids"]).column("token_ids").to_pylist()
+    if shipped != data.en_eval_seqs + data.py_eval_seqs:
+        raise SystemExit(f"The rebuilt evaluation sequences differ from {out}/eval_corpus.parquet: the documents on this machine are not the build's.")
+    tmp = out / "saes.partial"
+    stages, done = _stage_state(tmp, cfg, resume)
+    models = {m: load_model(ModelSpec(path=str(out / m))) for m in ("base", "finetuned")}
+    saes = train_saes(tmp, cfg, models, sae_training_sets(cfg, data.en_seqs, data.py_seqs), stages, done)
+    evals, dead = _report_rows(saes, models, data, cfg)
+    (tmp / "_stages.json").unlink()
+    old = out / "saes.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if (out / "saes").exists():
+        (out / "saes").rename(old)
+    tmp.rename(out / "saes")
+    if old.exists():
+        shutil.rmtree(old)
+    report.update(
+        config=asdict(cfg), sae_evals=evals, dead_latents=dead,
+        saes_retrained={"seconds": time.time() - t0, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
+    )
+    write_report(out, report)
+    print(f"[demo] retrained the SAEs in {out} in {time.time() - t0:.0f} s", flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="output directory (default data/demo)")
     parser.add_argument("--tiny", action="store_true", help="a few steps on a tiny corpus (for tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="reuse the finished stages of an interrupted build (same config)")
+    parser.add_argument(
+        "--stage", choices=("all", "saes"), default="all",
+        help="all: build everything; saes: retrain only the SAEs (and the base SAE's seed twin) on the existing models in --out",
+    )
     args = parser.parse_args(argv)
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
     cfg = DemoConfig(**{**asdict(cfg), "seed": args.seed})
     print(f"[demo] English prose comes from Debian packages: apt-get install {' '.join(APT_PACKAGES)}", flush=True)
-    build(Path(args.out), cfg, resume=args.resume)
+    if args.stage == "saes":
+        retrain_saes(Path(args.out), cfg, resume=args.resume)
+    else:
+        build(Path(args.out), cfg, resume=args.resume)
     return 0
 
 

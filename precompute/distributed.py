@@ -139,7 +139,7 @@ def _storage_read(uri: str, key: str) -> bytes | None:
 # The shard task (runs on a Ray worker)
 
 
-def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_bytes: bytes | None, device: str, threads: int | None,
+def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_bytes: dict[str, bytes | None], device: str, threads: int | None,
                storage: str | None, batch_delay: float = 0.0, base_dir: str | None = None) -> dict[str, Any]:
     """Stream one shard on this worker; returns {"state": bytes} or {"storage": path}, plus timing."""
     import torch
@@ -155,7 +155,7 @@ def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_by
         cfg = RunConfig.from_dict(cfg_dict, base_dir=base_dir)  # relative paths: the driver's config folder (the same path on every node)
         prep = prepare(cfg, device)
         calib = Calibration(**calib_dict)
-        keys = None if keys_bytes is None else np.frombuffer(keys_bytes, np.int64).copy()
+        keys = {name: None if b is None else np.frombuffer(b, np.int64).copy() for name, b in keys_bytes.items()}  # pass_state.pair_keys
         batch_range = run_mod.shard_range(prep.n_batches, shard)
         scratch = Path(os.environ.get(RAY_TMP_ENV) or tempfile.gettempdir()) / "precompute-ray" / f"{cfg.run_id}-{cfg.hash()[:16]}" / f"{shard[0]}-of-{shard[1]}"
         ckpt = scratch / STATE_FILE
@@ -344,7 +344,7 @@ def run_on_ray(cfg: RunConfig, runs_dir: Path | str = rundir.DEFAULT_RUNS_DIR, a
             gpu = 1 if device.startswith("cuda") else 0
             task = ray.remote(shard_task).options(num_cpus=threads or 1, num_gpus=gpu, max_retries=max_retries, retry_exceptions=False, name="precompute_shard")
             calib_ref = calib.to_dict()
-            keys_bytes = None if keys is None else np.ascontiguousarray(keys, np.int64).tobytes()
+            keys_bytes = {name: None if k is None else np.ascontiguousarray(k, np.int64).tobytes() for name, k in keys.items()}
             keys_ref = ray.put(keys_bytes)
             cfg_dict = prep.cfg.to_dict()
             base_dir = str(prep.cfg.root.resolve())

@@ -16,22 +16,15 @@ from precompute.columns import list_col, nullable
 from precompute.forward import hook_start_layer
 from precompute.pass_state import PassState
 from precompute.prepare import Prepared
+from precompute.stats_tables import Matching, per_feature, significance_summary
 
 MODELS = schema.MODELS
 MATCH_COLUMNS = (
     ("match_feature_id", pa.int32()), ("match_score", pa.float64()), ("match_act_corr", pa.float64()),
-    ("match_dec_cos", pa.float64()), ("assigned_feature_id", pa.int32()), ("assigned_score", pa.float64()),
+    ("match_cofire_corr", pa.float64()), ("match_dec_cos", pa.float64()), ("match_enc_cos", pa.float64()),
+    ("assigned_feature_id", pa.int32()), ("assigned_score", pa.float64()),
+    ("twin_match_feature_id", pa.int32()), ("twin_match_score", pa.float64()),
 )
-
-
-def _status(count: np.ndarray, density: np.ndarray, ultralow: float, dense: float) -> np.ndarray:
-    return np.select([count == 0, density < ultralow, density > dense], ["dead", "ultralow", "dense"], "regular").astype(object)
-
-
-def _cross_class(alive_b: np.ndarray, alive_f: np.ndarray) -> np.ndarray:
-    return np.select(
-        [alive_b & alive_f, alive_b & ~alive_f, ~alive_b & alive_f], ["both_alive", "died", "woke"], "both_dead"
-    ).astype(object)
 
 
 def _search_form(token: str) -> str:
@@ -48,31 +41,13 @@ def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
 
 
 def _density_columns(prep: Prepared, state: PassState, s: str, cols: dict, summary: dict) -> None:
-    """Density, mean and max activation and status on each model; the cross-model class."""
-    th = prep.cfg.thresholds
-    alive = {}
-    summary["status_counts"][s] = {}
-    for m in MODELS:
-        fs = state.features[(s, m)]
-        fin = fs.finalize()
-        cols[f"density_{m}"] = fin["density"]
-        cols[f"mean_act_{m}"] = fin["mean_act"]
-        cols[f"mean_active_act_{m}"] = fin["mean_active_act"]
-        cols[f"max_act_{m}"] = state.topk[(s, m)].max()
-        status = _status(fs.count, fin["density"], th.ultralow_density, th.dense_density)
-        cols[f"status_{m}"] = status.astype(str)
-        summary["status_counts"][s][m] = {k: int((status == k).sum()) for k in schema.STATUSES}
-        alive[m] = fs.count > 0
-    cc = _cross_class(alive["base"], alive["finetuned"])
-    cols["cross_class"] = cc.astype(str)
-    summary["cross_class_counts"][s] = {k: int((cc == k).sum()) for k in schema.CROSS_CLASSES}
-
-
-def _pair_columns(state: PassState, s: str, cols: dict, summary: dict) -> None:
-    """Activation similarity and error of each feature between the two models (pairing by identity)."""
-    pair = state.pairs[s].finalize(state.features[(s, "base")], state.features[(s, "finetuned")])
-    cols["act_similarity"], cols["act_error"] = pair["act_similarity"], pair["act_error"]
-    summary["act_similarity_nan"][s] = int(np.isnan(pair["act_similarity"]).sum())
+    """The per-feature statistics (schema.PER_SOURCE_COLUMNS) pooled over sources, and their counts."""
+    cols.update(per_feature(prep, state, s, None))
+    summary["status_counts"][s] = {m: {k: int((cols[f"status_{m}"] == k).sum()) for k in schema.STATUSES} for m in MODELS}
+    summary["cross_class_counts"][s] = {k: int((cols["cross_class"] == k).sum()) for k in schema.CROSS_CLASSES}
+    summary["alive"][s] = {m: int((cols[f"count_{m}"] > 0).sum()) for m in MODELS}
+    summary["significance"][s] = significance_summary(cols)
+    summary["act_similarity_nan"][s] = int(np.isnan(cols["act_similarity"]).sum())
 
 
 def _logit_columns(prep: Prepared, s: str, d: int, cols: dict, summary: dict) -> None:
@@ -89,28 +64,50 @@ def _logit_columns(prep: Prepared, s: str, d: int, cols: dict, summary: dict) ->
             cols[f"logit_pos_values_{m}"] = list_col(ls.pos_values[m], pa.float32())
             cols[f"logit_neg_ids_{m}"] = list_col(ls.neg_ids[m], pa.int32())
             cols[f"logit_neg_values_{m}"] = list_col(ls.neg_values[m], pa.float32())
+        # the logit effect W_dec[i] @ (W_U(finetuned) - W_U(base)) over the ids both vocabularies have (METHODS.md section 10)
+        w_b, w_f = prep.pair.base.W_U, prep.pair.finetuned.W_U
+        v = min(w_b.shape[1], w_f.shape[1])
+        eff = W.logit_stats(sae.W_dec, {"effect": w_f[:, :v].float() - w_b[:, :v].float()}, device=prep.device)
+        for sign in ("pos", "neg"):
+            cols[f"logit_effect_{sign}_ids"] = list_col(getattr(eff, f"{sign}_ids")["effect"], pa.int32())
+            cols[f"logit_effect_{sign}_values"] = list_col(getattr(eff, f"{sign}_values")["effect"], pa.float32())
+        top = np.abs(np.concatenate([eff.pos_values["effect"][:, :1], eff.neg_values["effect"][:, :1]], axis=1)).max(axis=1)
+        cols["logit_effect_max_abs"] = top.astype(np.float64)
     else:  # the decoder does not write into the residual stream: no direct logits
         cols["logit_similarity"] = np.full(d, np.nan)
+        cols["logit_effect_max_abs"] = np.full(d, np.nan)
+        for sign in ("pos", "neg"):
+            cols[f"logit_effect_{sign}_ids"] = pa.nulls(d, pa.list_(pa.int32()))
+            cols[f"logit_effect_{sign}_values"] = pa.nulls(d, pa.list_(pa.float32()))
         for m in MODELS:
             for sign in ("pos", "neg"):
                 cols[f"logit_{sign}_ids_{m}"] = pa.nulls(d, pa.list_(pa.int32()))
                 cols[f"logit_{sign}_values_{m}"] = pa.nulls(d, pa.list_(pa.float32()))
 
 
-def _match_columns(match: W.MatchResult | None, s: str, d: int, cols: dict) -> None:
-    """Each feature's best match and its assigned partner in the other SAE (null without a second SAE)."""
-    if match is None:
-        for c, typ in MATCH_COLUMNS:
-            cols[c] = pa.nulls(d, typ)
+def _match_columns(mt: Matching | None, s: str, d: int, cols: dict) -> None:
+    """Each feature's best match and its assigned partner in the other SAE, and base_sae's best
+    match in the seed twin (null where they do not apply)."""
+    for c, typ in MATCH_COLUMNS:
+        cols[c] = pa.nulls(d, typ)
+    if mt is None:
         return
-    if s == "base_sae":
-        best, bs_, bc, bcos, asg, asc = (match.best_b_for_a, match.best_score_a, match.best_corr_a, match.best_cos_a, match.assigned_b_for_a, match.assigned_score_a)
-    else:
-        best, bs_, bc, bcos, asg, asc = (match.best_a_for_b, match.best_score_b, match.best_corr_b, match.best_cos_b, match.assigned_a_for_b, match.assigned_score_b)
-    cols["match_feature_id"] = nullable(best, best >= 0, pa.int32())
-    cols["match_score"], cols["match_act_corr"], cols["match_dec_cos"] = bs_, bc, bcos
-    cols["assigned_feature_id"] = nullable(asg, asg >= 0, pa.int32())
-    cols["assigned_score"] = asc
+    if mt.match is not None:
+        m = mt.match
+        if s == "base_sae":
+            best, vals, asg, asc = m.best_b_for_a, m.best_a, m.assigned_b_for_a, m.assigned_score_a
+        else:
+            best, vals, asg, asc = m.best_a_for_b, m.best_b, m.assigned_a_for_b, m.assigned_score_b
+        cols["match_feature_id"] = nullable(best, best >= 0, pa.int32())
+        cols["match_score"] = vals["score"]
+        for k in schema.MATCH_BASE_SCORES:
+            cols[f"match_{k}"] = vals[k]
+        cols["assigned_feature_id"] = nullable(asg, asg >= 0, pa.int32())
+        cols["assigned_score"] = asc
+    if mt.twin_best is not None and s == "base_sae":
+        ids, score = mt.twin_best
+        cols["twin_match_feature_id"] = nullable(ids, ids >= 0, pa.int32())
+        cols["twin_match_score"] = score
 
 
 def _top_tokens(state: PassState, s: str, d: int, vocab: list[str], flat_tokens: np.ndarray) -> pa.Array:
@@ -138,7 +135,7 @@ def _top_tokens(state: PassState, s: str, d: int, vocab: list[str], flat_tokens:
     return pc.binary_join(words, " ")
 
 
-def features_table(prep: Prepared, state: PassState, match: W.MatchResult | None, units: dict, vocab: list[str], summary: dict,
+def features_table(prep: Prepared, state: PassState, mt: Matching | None, units: dict, vocab: list[str], summary: dict,
                    parts: dict | None = None) -> pa.Table:
     """features.parquet's rows for every SAE of the run; fills summary's per-feature counts (and
     `parts`, when given, with the seconds of its weights-only columns and top tokens)."""
@@ -151,19 +148,20 @@ def features_table(prep: Prepared, state: PassState, match: W.MatchResult | None
         return out
 
     flat_tokens = prep.sample.tokens.reshape(-1)
-    summary["status_counts"], summary["cross_class_counts"], summary["act_similarity_nan"], summary["logit_similarity_nan"] = {}, {}, {}, {}
+    for key in ("status_counts", "cross_class_counts", "alive", "significance", "act_similarity_nan", "logit_similarity_nan"):
+        summary[key] = {}
     tables = []
     for s in state.sae_names:
         d = state.d_sae[s]
         cols: dict[str, Any] = {"sae": [s] * d, "feature_id": np.arange(d, dtype=np.int32)}
         _density_columns(prep, state, s, cols, summary)
-        _pair_columns(state, s, cols, summary)
         timed("logits", _logit_columns, prep, s, d, cols, summary)
+        cols["kl_corr"] = state.kl_corr[s].finalize()
         for m in MODELS:
             cols[f"act_hist_{m}"] = list_col(state.features[(s, m)].hist, pa.int64())
         nn_ids, nn_cos = timed("nearest_neighbours", W.nearest_neighbours, units[s], W.N_NEIGHBOURS, W.CHUNK, prep.device)
         cols["nn_feature_ids"], cols["nn_cosines"] = list_col(nn_ids, pa.int32()), list_col(nn_cos, pa.float32())
-        _match_columns(match, s, d, cols)
+        _match_columns(mt, s, d, cols)
         cols["top_tokens"] = timed("top_tokens", _top_tokens, state, s, d, vocab, flat_tokens)
         tables.append(pa.table(cols))
     return pa.concat_tables([t.select(schema.FEATURES.names).cast(schema.FEATURES) for t in tables])

@@ -67,6 +67,47 @@ class ModelRunner:
         cap = getattr(model.cfg, "output_logits_soft_cap", None)
         self.own_head = self.fast and not (cap is not None and cap > 0)
 
+    def final_hook(self) -> str:
+        """The hook holding the residual the unembedding reads: ln_final's output, or the last block's."""
+        cfg = self.model.cfg
+        return "ln_final.hook_normalized" if cfg.normalization_type is not None else f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+
+    def log_probs(self, h):
+        """Next-token log-probabilities from the normalized final residual h [N, d]: the unembed
+        as `Unembed.forward` computes it, the logit soft cap where the model has one, log-softmax."""
+        import torch
+
+        model = self.model
+        if getattr(self, "_w_t", None) is None:  # W_U transposed once per run, not per call
+            self._w_t = model.unembed.W_U.T.contiguous()
+        logits = torch.nn.functional.linear(h, self._w_t, model.unembed.b_U).float()  # float32 log-softmax whatever the model's dtype
+        cap = getattr(model.cfg, "output_logits_soft_cap", None)
+        if cap is not None and cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits.log_softmax(-1)
+
+    def clean_final(self, tokens):
+        """(per-token clean loss [B, C-1] or None, activation at the hook [B, C, d], normalized
+        final residual [B, C, d_model]). On the own-head path the loss is left to
+        `clean_losses_and_kl` (computed there with the KL, from the same logits)."""
+        store = {}
+
+        def grab(name):
+            def f(act, hook):  # noqa: ARG001
+                store[name] = act.detach().clone()
+                return act
+
+            return f
+
+        if self.own_head:
+            resid = self.model.run_with_hooks(tokens, stop_at_layer=self.model.cfg.n_layers, fwd_hooks=[(self.hook, grab("x"))])
+            h = self.model.ln_final(resid) if self.model.cfg.normalization_type is not None else resid
+            return None, self._out(store["x"]), h
+        loss = self.model.run_with_hooks(
+            tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, grab("x")), (self.final_hook(), grab("h"))]
+        )
+        return loss.float(), self._out(store["x"]), store["h"]
+
     def head_loss(self, resid, tokens):
         """Per-token loss [B, C-1] from the residual after the last block, as TransformerLens's
         forward computes it (ln_final, the unembed as `Unembed.forward` does it, log-softmax,
@@ -128,6 +169,13 @@ class ModelRunner:
 
         return self.model.run_with_hooks(tokens, return_type="loss", loss_per_token=True, fwd_hooks=[(self.hook, replace)])
 
+    def zero_loss_counted(self, tokens, x, counted):
+        """Per-token loss with the activation zeroed only at counted positions (special tokens such
+        as BOS keep theirs, as the splice leaves them): `[evals] zero_ablation = "counted"`."""
+        import torch
+
+        return self.loss_with(tokens, torch.where(counted[..., None], torch.zeros_like(x), x))
+
     def zero_loss(self, tokens, x):
         """Per-token loss with the activation at the hook zeroed at every position.
 
@@ -158,6 +206,35 @@ class ModelRunner:
 
         self.model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(self.hook, grab)], stop_at_layer=self.stop_at)
         return self._out(store["x"])
+
+
+def clean_losses_and_kl(runners: dict[str, "ModelRunner"], finals: dict, losses: dict, tokens):
+    """Both models' clean per-token losses and KL(p_base || p_finetuned) per position [B, C-1],
+    from their normalized final residuals, in chunks of positions: one chunk's logits of the two
+    models at a time, never [B, C, d_vocab] (the loss of a model whose `losses` entry is given is
+    kept). The KL sums over the ids both vocabularies have (the tokenizer check makes them the
+    same tokens); a finetune's added tokens carry p_base = 0 and add nothing."""
+    import torch
+
+    rb, rf = runners["base"], runners["finetuned"]
+    hb, hf = finals["base"], finals["finetuned"]
+    n_b, n_ctx, d = hb.shape
+    xb, xf = hb[:, :-1].reshape(-1, d), hf[:, :-1].reshape(-1, hf.shape[-1])
+    target = tokens[:, 1:].reshape(-1, 1).to(xb.device)
+    v_common = min(rb.model.cfg.d_vocab, rf.model.cfg.d_vocab)
+    vocab = max(rb.model.cfg.d_vocab, rf.model.cfg.d_vocab)
+    step = max(CE_MIN_ROWS, CE_CHUNK_BYTES // (4 * vocab))  # float32 logits; at least CE_MIN_ROWS positions per matmul
+    out = {"base": [], "finetuned": [], "kl": []}
+    for i in range(0, xb.shape[0], step):
+        lb, lf = rb.log_probs(xb[i : i + step]), rf.log_probs(xf[i : i + step])
+        for m, lp in (("base", lb), ("finetuned", lf)):
+            if losses.get(m) is None:
+                out[m].append(-lp.gather(-1, target[i : i + step]))
+        lb, lf = lb[:, :v_common], lf[:, :v_common]
+        out["kl"].append((lb.exp() * (lb - lf)).sum(-1))
+    shape = (n_b, n_ctx - 1)
+    loss = {m: losses[m] if losses.get(m) is not None else torch.cat(out[m]).view(shape) for m in ("base", "finetuned")}
+    return loss, torch.cat(out["kl"]).view(shape)
 
 
 def runners(pair, hook: str) -> dict[str, ModelRunner]:

@@ -21,10 +21,12 @@ from explorer.errors import ConfigError, RunError
 from precompute.accumulators import (
     CrossProducts,
     FeatureStats,
+    KLCorrStats,
     PairStats,
     QualityStats,
     QuantileSample,
     ResidStats,
+    TokenStats,
     TopK,
     _Stateful,
 )
@@ -42,24 +44,32 @@ COMPLETE_MARKER = "COMPLETE.json"
 
 
 class PassState:
-    def __init__(self, prep: Prepared, calib: Calibration, pair_keys: np.ndarray | None, batch_range: tuple[int, int]):
+    def __init__(self, prep: Prepared, calib: Calibration, pair_keys: dict[str, np.ndarray | None], batch_range: tuple[int, int]):
         cfg = prep.cfg
         self.sae_names = cfg.sae_names
+        self.twin = cfg.twin
+        self.n_sources = S = prep.n_sources
         self.d_sae = {s: int(prep.pair.saes[s].cfg.d_sae) for s in self.sae_names}
+        d_in = int(prep.pair.saes["base_sae"].cfg.d_in)
         ex = cfg.examples
-        self.features = {(s, m): FeatureStats(self.d_sae[s], schema.ACT_HIST_EDGES) for s in self.sae_names for m in MODELS}
+        self.features = {(s, m): FeatureStats(self.d_sae[s], schema.ACT_HIST_EDGES, S) for s in self.sae_names for m in MODELS}
         self.topk = {(s, m): TopK(self.d_sae[s], ex.n_top) for s in self.sae_names for m in MODELS}
         self.quantile = {(s, m): QuantileSample(self.d_sae[s], ex.quantile_sample, cfg.sample.seed) for s in self.sae_names for m in MODELS}
-        self.quality = {(s, m): QualityStats() for s in self.sae_names for m in MODELS}
-        self.pairs = {s: PairStats(self.d_sae[s], cfg.thresholds.act_error_eps) for s in self.sae_names}
-        self.cross = (
-            CrossProducts(self.d_sae["base_sae"], self.d_sae["finetuned_sae"], pair_keys) if "finetuned_sae" in self.sae_names else None
-        )
+        self.quality = {(s, m): QualityStats(d_in, S) for s in self.sae_names for m in MODELS}
+        self.pairs = {s: PairStats(self.d_sae[s], cfg.thresholds.act_error_eps, S) for s in self.sae_names}
+        self.kl_corr = {s: KLCorrStats(self.d_sae[s]) for s in self.sae_names}
+        # cross products of base_sae (on base) with the finetuned SAE (on finetuned) and with the twin (on base)
+        others = {s: self.d_sae[s] for s in self.sae_names if s != "base_sae"}
+        if self.twin is not None:
+            others[self.twin] = prep.d_twin
+        self.cross = {s: CrossProducts(self.d_sae["base_sae"], d, pair_keys.get(s)) for s, d in others.items()}
+        self.twin_features = FeatureStats(prep.d_twin, schema.ACT_HIST_EDGES) if self.twin is not None else None
         self.resid = ResidStats(cfg.sample.context_size, calib.l2_max, schema.RESID_HIST_BINS, schema.COSINE_RANGE)
         cc = cfg.crosscoder  # issue 16
         self.crosscoder = (
             CrosscoderStats(prep.crosscoder.d_sae, prep.crosscoder.d_in, cc.n_top, cc.quantile_sample, cfg.sample.seed) if cc is not None else None
         )
+        self.tokens = TokenStats(prep.sample.n_sequences, cfg.sample.context_size)
         self.batch_start, self.batch_end = batch_range
         self.next_batch = self.batch_start
 
@@ -68,11 +78,13 @@ class PassState:
         for kind in ("features", "topk", "quantile", "quality"):
             for (s, m), acc in getattr(self, kind).items():
                 out[f"{kind}.{s}.{m}"] = acc
-        for s, acc in self.pairs.items():
-            out[f"pairs.{s}"] = acc
-        if self.cross is not None:
-            out["cross"] = self.cross
+        for kind in ("pairs", "kl_corr", "cross"):
+            for s, acc in getattr(self, kind).items():
+                out[f"{kind}.{s}"] = acc
+        if self.twin_features is not None:
+            out["twin_features"] = self.twin_features
         out["resid"] = self.resid
+        out["tokens"] = self.tokens
         if self.crosscoder is not None:
             out.update(self.crosscoder.accumulators())
         return out
@@ -91,17 +103,28 @@ class PassState:
             acc.merge(theirs[name])
 
 
-
-def pair_keys(prep: Prepared) -> np.ndarray | None:
+def pair_keys(prep: Prepared) -> dict[str, np.ndarray | None]:
+    """Per other SAE matched with base_sae: None (all pairs) or the candidate pairs' keys (large
+    dictionaries: top decoder cosines both ways; for the twin also the random pairs of the score choice)."""
+    from precompute.baseline import random_pair_keys
     from precompute.weights import candidate_pair_keys, unit_rows
 
     saes = prep.pair.saes
-    if "finetuned_sae" not in saes:
-        return None
-    d_a, d_b = int(saes["base_sae"].cfg.d_sae), int(saes["finetuned_sae"].cfg.d_sae)
-    if max(d_a, d_b) <= prep.cfg.matching.max_all_pairs_d_sae:
-        return None
-    return candidate_pair_keys(unit_rows(saes["base_sae"].W_dec), unit_rows(saes["finetuned_sae"].W_dec), prep.cfg.matching.n_candidates, prep.device)
+    others = {s: saes[s] for s in prep.cfg.sae_names if s != "base_sae"}
+    if prep.twin is not None:
+        others[prep.cfg.twin] = prep.twin
+    d_a = int(saes["base_sae"].cfg.d_sae)
+    out: dict[str, np.ndarray | None] = {}
+    for name, sae in others.items():
+        d_b = int(sae.cfg.d_sae)
+        if max(d_a, d_b) <= prep.cfg.matching.max_all_pairs_d_sae:
+            out[name] = None
+            continue
+        keys = candidate_pair_keys(unit_rows(saes["base_sae"].W_dec), unit_rows(sae.W_dec), prep.cfg.matching.n_candidates, prep.device)
+        if name == prep.cfg.twin:
+            keys = np.union1d(keys, random_pair_keys(d_a, d_b, prep.cfg.sample.seed))
+        out[name] = keys
+    return out
 
 
 

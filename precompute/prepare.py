@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,13 @@ class Prepared:
     corpus: CorpusStats | None = None
     warnings: tuple[str, ...] = ()  # printed when prepared; in the manifest's `loading`
     crosscoder: Any = None  # explorer.crosscoder.Crosscoder when the config has [crosscoder] (issue 16)
+    twin: Any = None  # the base SAE's seed twin (sae_lens SAE), matched with base_sae only; None without one
+    source_names: list[str] = field(default_factory=list)  # the sample's source labels, sorted; code = index
+    seq_source: np.ndarray | None = None  # [n_sequences] int64 source code of each sequence
+
+    @property
+    def n_sources(self) -> int:
+        return max(1, len(self.source_names))
 
     @property
     def n_batches(self) -> int:
@@ -41,7 +48,14 @@ class Prepared:
     @functools.cached_property
     def codecs(self) -> dict[str, SaeCodec]:
         """One SaeCodec per SAE, built once per run (their weight norms are computed once)."""
-        return {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
+        codecs = {name: SaeCodec(sae) for name, sae in self.pair.saes.items()}
+        if self.twin is not None:
+            codecs[self.cfg.twin] = SaeCodec(self.twin)
+        return codecs
+
+    @property
+    def d_twin(self) -> int:
+        return int(self.twin.cfg.d_sae) if self.twin is not None else 0
 
     @functools.cached_property
     def crosscoder_codec(self):
@@ -148,8 +162,36 @@ def prepare(cfg: RunConfig, device: str = "cpu") -> Prepared:
     bos = pair.base.tokenizer.bos_token_id
     starts_with_bos = bos is not None and bool((sample.tokens[:, 0] == bos).all())
     warnings = [*pair.warnings, *stats.warnings, *sae_context_warnings(pair.saes, ctx, starts_with_bos)]
+    names, codes = source_codes(sample.sources, cfg.evals.max_sources, corpus_path)
+    twin = None
+    if cfg.twin is not None:  # the base SAE's seed twin: checked like the base SAE, on the base model
+        from explorer.models import check_sae, check_sae_fits, load_sae, sae_hook_name
+
+        twin = load_sae(cfg.saes[cfg.twin], device, spec_root)
+        check_sae_fits(twin, pair.base, pair.hook, label=f"{cfg.twin} on the base model")
+        check_sae(twin, cfg.twin, pair.hook, cfg.allow_hook_mismatch)
+        if getattr(twin, "hook_z_reshaping_mode", False):
+            twin.turn_off_forward_pass_hook_z_reshaping()
+        if sae_hook_name(twin) != pair.hook:
+            warnings.append(f"{cfg.twin} was trained at {sae_hook_name(twin)!r} and runs at {pair.hook!r} (allow_hook_mismatch).")
     pair.loading["warnings"] = warnings
     return Prepared(
-        cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg), stats, tuple(warnings), crosscoder
+        cfg.with_hook(pair.hook), pair, sample, np.asarray(special, np.int64), device, input_fingerprints(cfg),
+        corpus=stats, warnings=tuple(warnings), crosscoder=crosscoder, twin=twin, source_names=names, seq_source=codes,
     )
+
+
+def source_codes(sources: list[str | None], max_sources: int, corpus_path: Path) -> tuple[list[str], np.ndarray]:
+    """(sorted source labels, per-sequence code); a missing label is schema.UNLABELLED_SOURCE."""
+    from explorer.schema import UNLABELLED_SOURCE
+
+    labels = [UNLABELLED_SOURCE if s is None else str(s) for s in sources]
+    names = sorted(set(labels))
+    if len(names) > max_sources:
+        raise ConfigError(
+            f"The sample of {corpus_path} has {len(names)} source labels; per-source statistics are kept for at most "
+            f"[evals] max_sources = {max_sources}. Raise max_sources or merge labels in the corpus's source column."
+        )
+    index = {n: i for i, n in enumerate(names)}
+    return names, np.asarray([index[s] for s in labels], np.int64)
 

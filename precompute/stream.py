@@ -14,8 +14,22 @@ Outliers (precompute/calibration.py): the "excluded" rows of metrics.parquet lea
 out of every mean and do not splice the SAE in at them (a second spliced pass, run only for
 batches that contain an outlier).
 
-Per-token explained variance uses the mean of the batch (SAELens's convention), so it depends on
+`explained_variance_legacy` uses the mean of the batch (sae_lens's old formula), so it depends on
 the batch size; shards are cut at batch boundaries, so it does not depend on sharding.
+`explained_variance` (sae_lens's current definition) is pooled over all tokens.
+
+Where the models differ (METHODS.md section 11): the clean pass of both models runs first; their
+next-token log-probabilities are then computed together in chunks of positions (never [B, C,
+d_vocab] for both models at once), giving both clean losses and KL(p_base || p_finetuned) per
+position (`forward.clean_losses_and_kl`); the per-token KL and loss difference go into
+`TokenStats`, and per feature the sums for the correlation of |delta f| with KL into `KLCorrStats`.
+
+Per source (section 9): every entry carries its sequence's source code, and the per-feature and
+per-(SAE, model) accumulators keep their sums per source (`FeatureStats`, `PairStats`,
+`QualityStats`); the pooled numbers are the sums over sources.
+
+The seed twin (`[saes.base_sae_twin]`) is encoded on the base model only, into its own
+`FeatureStats` and the cross products with the base SAE (the null baseline of born/lost).
 """
 
 from __future__ import annotations
@@ -27,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from explorer import schema
-from precompute.accumulators import SparseActs
+from precompute.accumulators import SparseActs, cofire_hits
 from precompute.calibration import Calibration
-from precompute.forward import ModelRunner
+from precompute.forward import ModelRunner, clean_losses_and_kl
 from precompute.hook_cache import HOOK_ACTS_DIR, HookActsCache
 from precompute.pass_state import PassState, save_state, state_meta
 from precompute.prepare import Prepared
@@ -51,24 +65,42 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     counted = ~np.isin(tok_np, prep.special_ids)  # [B, C]
     counted_flat = counted.reshape(-1)
     counted_t = torch.from_numpy(counted).to(prep.device)
-    gidx = (seq_ids[:, None].astype(np.int64) * ctx + np.arange(ctx)[None, :]).reshape(-1)
+    token0 = int(seq_ids[0]) * ctx  # global index of the batch's first token
+    gidx = token0 + np.arange(n_b * ctx, dtype=np.int64)  # the batch's sequences are consecutive
+    src2d = np.broadcast_to(prep.seq_source[seq_ids][:, None], (n_b, ctx))  # [B, C] source codes
+    src_flat = src2d.reshape(-1)
     n_counted = int(counted.sum())
-    xs = {}
+    n_by_source = np.bincount(src_flat[counted_flat], minlength=state.n_sources).astype(np.int64)
+    zero_counted = prep.cfg.evals.zero_ablation == "counted"
+    xs, finals, clean = {}, {}, {}
     model_losses, outliers = {}, {}  # for the crosscoder (issue 16)
     sparse: dict[str, dict[str, SparseActs]] = {s: {} for s in state.sae_names}
+
+    def sparse_acts(codec, x_flat):
+        t, f, vals, x_hat_flat = codec.encode_decode(x_flat)
+        vals = vals.float().cpu().numpy()  # .float(): half-precision models (numpy has no bfloat16)
+        t, f = t.cpu().numpy(), f.cpu().numpy().astype(np.int64)
+        l0 = np.bincount(t, minlength=n_b * ctx)  # active features per token
+        keep = counted_flat[t]  # special tokens do not count
+        t, f, vals = t[keep], f[keep], vals[keep]
+        return SparseActs(gidx[t], f, vals, n_counted, src_flat[t], n_by_source), l0, x_hat_flat
+
     with torch.inference_mode():
+        for m in MODELS:  # clean forwards first: the KL needs both models' final residuals
+            clean[m], xs[m], finals[m] = runners[m].clean_final(tokens)
+        clean, kl = clean_losses_and_kl(runners, finals, clean, tokens)
+        del finals
         for m in MODELS:
-            r = runners[m]
-            clean_loss, x = r.clean(tokens)
-            zero_loss = r.zero_loss(tokens, x)
-            xs[m] = x
+            r, x = runners[m], xs[m]
+            zero_loss = r.zero_loss_counted(tokens, x, counted_t) if zero_counted else r.zero_loss(tokens, x)
             outlier = (x.float().norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
             any_outlier = bool((counted & outlier).any())
-            clean_np, zero_np = clean_loss.float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
+            clean_np, zero_np = clean[m].float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
             model_losses[m], outliers[m] = (clean_np, zero_np), outlier
             x_flat = x.reshape(n_b * ctx, -1)
+            x_np = x_flat.float().cpu().numpy()
             for s in state.sae_names:
-                t, f, vals, x_hat_flat = codecs[s].encode_decode(x_flat)
+                sa, l0, x_hat_flat = sparse_acts(codecs[s], x_flat)
                 x_hat = x_hat_flat.reshape(x.shape)
                 spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).float().cpu().numpy()
                 if any_outlier:
@@ -76,28 +108,36 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
                     spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).float().cpu().numpy()
                 else:
                     spliced_ex = spliced
-                vals = vals.float().cpu().numpy()
-                t, f = t.cpu().numpy(), f.cpu().numpy().astype(np.int64)
-                l0 = np.bincount(t, minlength=n_b * ctx)  # active features per token
-                keep = counted_flat[t]  # special tokens do not count
-                t, f, vals = t[keep], f[keep], vals[keep]
                 state.quality[(s, m)].update(
-                    x_flat.float().cpu().numpy(), x_hat_flat.float().cpu().numpy(), l0, counted, outlier,
-                    {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)},
+                    x_np, x_hat_flat.float().cpu().numpy(), l0, counted, outlier,
+                    {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)}, src2d,
                 )
-                sa = SparseActs(gidx[t], f, vals, n_counted)
                 state.features[(s, m)].update(sa)
                 state.topk[(s, m)].update(sa)
                 state.quantile[(s, m)].update(sa)
                 sparse[s][m] = sa
+            if m == "base" and prep.twin is not None:  # the seed twin: encoded on the base model only
+                sparse_twin, _, _ = sparse_acts(codecs[prep.cfg.twin], x_flat)
+                state.twin_features.update(sparse_twin)
         xb, xf = xs["base"].float(), xs["finetuned"].float()
         cos = torch.nn.functional.cosine_similarity(xb, xf, dim=-1).cpu().numpy()
         l2 = (xb - xf).norm(dim=-1).cpu().numpy()
+        kl_np = kl.float().cpu().numpy()
+        loss_diff = (clean["finetuned"] - clean["base"]).float().cpu().numpy()
     state.resid.update(cos, l2)
+    state.tokens.update(seq_ids, kl_np, loss_diff)
+    # KL per token where it counts (a next token exists and the token counts), for |delta f| vs KL
+    kl_tok = np.full((n_b, ctx), np.nan)
+    kl_tok[:, :-1] = np.where(counted[:, :-1], kl_np, np.nan)
+    kl_tok = kl_tok.reshape(-1)
     for s in state.sae_names:
-        state.pairs[s].update(sparse[s]["base"], sparse[s]["finetuned"])
-    if state.cross is not None:
-        state.cross.update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"])
+        hits = cofire_hits(sparse[s]["base"], sparse[s]["finetuned"], state.d_sae[s])
+        state.pairs[s].update(sparse[s]["base"], sparse[s]["finetuned"], hits)
+        state.kl_corr[s].update(sparse[s]["base"], sparse[s]["finetuned"], kl_tok, token0, hits)
+    if "finetuned_sae" in state.cross:
+        state.cross["finetuned_sae"].update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"])
+    if prep.twin is not None:
+        state.cross[prep.cfg.twin].update(sparse["base_sae"]["base"], sparse_twin)
     if state.crosscoder is not None:  # issue 16: the crosscoder on both models' activations
         state.crosscoder.update_batch(prep.crosscoder_codec, runners, tokens, xs, counted, outliers, model_losses, gidx)
     return xs

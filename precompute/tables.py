@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from explorer import rundir, schema
+from precompute import diffing
 from precompute import examples as ex_mod
+from precompute import stats_tables as st
 from precompute import weights as W
 from precompute.accumulators import RESID_METRIC_ORDER, ResidStats
 from precompute.calibration import Calibration
-from precompute.columns import list_col
 from explorer.tokens import Vocab, vocab_from_tokenizer
 from precompute.crosscoder_tables import crosscoder_tables
 from precompute.feature_table import features_table
@@ -53,23 +54,34 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
         clock[0] = now
 
     write("metrics.parquet", metrics_table(state, summary))
+    write("metrics_by_source.parquet", st.metrics_by_source_table(prep, state))
     for name, table in resid_tables(state.resid, prep.sample.context_size).items():
         write(name, table)
     lap("metrics_resid")
     units = {s: W.unit_rows(prep.pair.saes[s].W_dec) for s in state.sae_names}
-    match = match_saes(prep, state, units)
-    if match is not None:
-        write("matches.parquet", matches_table(match))
-        summary["matching"] = matching_summary(match, prep.cfg.thresholds.match)
+    mt = st.matching(prep, state, units)
+    if mt is not None:
+        if mt.match is not None:
+            write("matches.parquet", st.matches_table(mt.match))
+        write("baseline.parquet", st.baseline_table(mt))
+        if mt.separations:
+            write("score_separation.parquet", st.score_separation_table(mt))
+        summary["matching"] = st.matching_summary(mt, prep.cfg.thresholds.match)
     lap("matching")
     vocab_forms = vocab_from_tokenizer(prep.pair.base.tokenizer, int(prep.pair.base.cfg.d_vocab))
     vocab = vocab_forms.strs
-    write("features.parquet", features_table(prep, state, match, units, vocab, summary, parts), row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    write("features.parquet", features_table(prep, state, mt, units, vocab, summary, parts), row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
+    write("features_by_source.parquet", st.features_by_source_table(prep, state, summary), row_group_size=schema.FEATURES_ROW_GROUP_SIZE)
     lap("features_other")
-    examples, n_examples, hook_stats = examples_table(prep, runners, state, hook_cache)
+    resid_batch, hook_stats = resid_batches(prep, runners, hook_cache)
+    examples, n_examples = examples_table(prep, state, resid_batch)
     write("examples.parquet", examples, row_group_size=schema.EXAMPLES_ROW_GROUP_SIZE)
     lap("examples")
-    write("tokens.parquet", tokens_table(prep))
+    kl_batch, _ = resid_batches(prep, runners, hook_cache)  # its own counts: the timing's are the windows'
+    write("kl_contexts.parquet", diffing.kl_contexts_table(prep, state, kl_batch))
+    summary["kl"] = diffing.kl_summary(prep, state)
+    lap("kl_contexts")
+    write("tokens.parquet", diffing.tokens_table(prep, state))
     write("vocab.parquet", vocab_table(vocab_forms))
     lap("tokens_vocab")
     parts["features_other"] -= sum(parts.get(k, 0.0) for k in ("logits", "nearest_neighbours", "top_tokens"))
@@ -90,8 +102,8 @@ def finalize(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, 
 
 
 def metrics_table(state: PassState, summary: dict) -> pa.Table:
-    """metrics.parquet: one row per (sae, model, outlier variant)."""
-    rows = [{"sae": s, "model": m, **row} for s in state.sae_names for m in MODELS for row in state.quality[(s, m)].finalize()]
+    """metrics.parquet: one row per (sae, model, outlier variant), pooled over sources."""
+    rows = st.metrics_rows(state, None)
     summary["explained_variance_nonfinite"] = {f"{r['sae']}/{r['model']}/{r['outliers']}": r["n_ev_nonfinite"] for r in rows}
     return pa.Table.from_pylist(rows)
 
@@ -117,54 +129,15 @@ def resid_tables(res: ResidStats, ctx: int) -> dict[str, pa.Table]:
     }
 
 
-def match_saes(prep: Prepared, state: PassState, units: dict) -> W.MatchResult | None:
-    """The base SAE (on the base model) matched with the finetuned SAE (on the finetune); None with one SAE."""
-    if state.cross is None:
-        return None
-    fa, fb = state.features[("base_sae", "base")], state.features[("finetuned_sae", "finetuned")]
-    corr = state.cross.correlation(fa, fb)
-    if state.cross.pair_keys is None:
-        return W.match_all_pairs(corr, units["base_sae"], units["finetuned_sae"], prep.cfg.matching.n_kept_per_feature)
-    return W.match_candidates(state.cross.pair_keys, corr, units["base_sae"], units["finetuned_sae"])
-
-
-def matches_table(match: W.MatchResult) -> pa.Table:
-    """matches.parquet: the candidate pairs with their scores and whether the assignment took them."""
-    return pa.table(
-        {
-            "base_feature_id": match.pair_a.astype(np.int32), "finetuned_feature_id": match.pair_b.astype(np.int32),
-            "act_corr": match.pair_corr, "dec_cos": match.pair_cos, "score": match.pair_score, "assigned": match.pair_assigned,
-        }
-    )
-
-
-def matching_summary(match: W.MatchResult, thr: float) -> dict[str, Any]:
-    return {
-        "mode": match.mode,
-        "n_candidate_pairs": match.n_candidate_pairs,
-        "n_rows": int(len(match.pair_a)),
-        "n_assigned": int((match.assigned_b_for_a >= 0).sum()),
-        "threshold": thr,
-        "n_lost": int(np.sum(~(np.nan_to_num(match.best_score_a, nan=-np.inf) >= thr))),
-        "n_born": int(np.sum(~(np.nan_to_num(match.best_score_b, nan=-np.inf) >= thr))),
-        "act_corr_nan_pairs": int(np.isnan(match.pair_corr).sum()),
-    }
-
-
-def examples_table(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, hook_cache: HookActsCache | None) -> tuple[pa.Table, int, dict]:
-    """examples.parquet: the top and quantile examples with their windows on both models.
-
-    The windows' hook activations come from the stream's kept batches (`hook_cache`) or, for a
-    batch not kept, from running both models up to the hook again. Returns (table, number of
-    examples, {"cached": n, "recomputed": n} batches)."""
+def resid_batches(prep: Prepared, runners: dict[str, ModelRunner], hook_cache: HookActsCache | None) -> tuple[Callable[[int], dict], dict]:
+    """(resid_batch, stats): resid_batch(b) gives both models' activations at the hook on stream
+    batch b, kept by the stream (`hook_cache`) or run again; stats counts {"cached", "recomputed"} batches."""
     import torch
 
-    cfg, sample = prep.cfg, prep.sample
-    ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)
-    codecs = prep.codecs
+    sample = prep.sample
     hook_stats = {"cached": 0, "recomputed": 0}
 
-    def resid_batch(b: int):  # both models at the hook on stream batch b: kept by the stream, or run again
+    def resid_batch(b: int):
         tok_np = sample.tokens[prep.batch_seq_ids(b)]
         kept = hook_cache.get(b, tok_np) if hook_cache is not None else None
         if kept is not None:
@@ -175,6 +148,18 @@ def examples_table(prep: Prepared, runners: dict[str, ModelRunner], state: PassS
         with torch.inference_mode():
             return {m: runners[m].acts(tokens) for m in MODELS}
 
+    return resid_batch, hook_stats
+
+
+def examples_table(prep: Prepared, state: PassState, resid_batch: Callable[[int], dict]) -> tuple[pa.Table, int]:
+    """examples.parquet: the top and quantile examples with their windows on both models
+    (the windows' hook activations from `resid_batch`). Returns (table, number of examples)."""
+    import torch
+
+    cfg, sample = prep.cfg, prep.sample
+    ex = ex_mod.collect(state, cfg.examples.n_quantile_bins, cfg.examples.n_per_quantile_bin)
+    codecs = prep.codecs
+
     def encode_at(sae_name: str, x, rows: np.ndarray, features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return codecs[sae_name].encode_at(x.reshape(-1, x.shape[-1]), rows, features)
@@ -182,15 +167,7 @@ def examples_table(prep: Prepared, runners: dict[str, ModelRunner], state: PassS
     win = ex_mod.fill_windows(
         ex, sample.tokens, cfg.sample.batch_size, cfg.examples.window_before, cfg.examples.window_after, resid_batch, encode_at, prep.special_ids
     )
-    return ex_mod.table(ex, win, sample.context_size), len(ex), hook_stats
-
-
-def tokens_table(prep: Prepared) -> pa.Table:
-    """tokens.parquet: the sample's sequences with their source labels."""
-    sample = prep.sample
-    return pa.table(
-        {"seq_id": np.arange(sample.n_sequences, dtype=np.int32), "source": pa.array(sample.sources, pa.string()), "token_ids": list_col(sample.tokens.astype(np.int32), pa.int32())}
-    )
+    return ex_mod.table(ex, win, sample.context_size), len(ex)
 
 
 def vocab_table(vocab: Vocab) -> pa.Table:

@@ -9,13 +9,19 @@ Logits (METHODS.md section 4): W_dec[i] @ W_U(model), each model's own unembeddi
 computes them (the direct path, no final LayerNorm). Logit similarity is the Pearson correlation
 of the two over the vocabulary.
 
-Matching (section 5): A on x_base against A' on x_finetuned.
-  * all-pairs mode (max(d_a, d_b) <= max_all_pairs_d_sae): activation correlation and decoder cosine
-    for every pair; score = 0.5 * corr (NaN -> 0) + 0.5 * dec_cos; best match per feature in both
-    directions; one-to-one assignment by scipy.optimize.linear_sum_assignment (maximize).
+Matching (sections 5 and 7): A on its model's activations against A' on its model's (the
+finetuned SAE on the finetune, or the base SAE's seed twin on the base model), same tokens.
+Only features alive on their own model take part: a dead feature has no best match and is never
+assigned. Candidate scores (`SCORE_KINDS`): activation correlation over all counted tokens,
+correlation over the tokens where either fires, decoder cosine, encoder cosine, and even mixes;
+the run uses one of them (`[matching] score`, by default the one that best separates the seed
+twin's assigned pairs from random pairs: precompute/baseline.py).
+  * all-pairs mode (max(d_a, d_b) <= max_all_pairs_d_sae): every score for every pair; best match
+    per feature in both directions; one-to-one assignment by scipy.optimize.linear_sum_assignment
+    (maximize) on the alive rows and columns.
   * candidate mode (larger dictionaries): the candidate pairs are each feature's n_candidates
-    nearest decoder directions in the other SAE (both directions, union); activation correlation
-    is accumulated for those pairs only; best match among a feature's candidates; the one-to-one
+    nearest decoder directions in the other SAE (both directions, union); activation statistics
+    are accumulated for those pairs only; best match among a feature's candidates; the one-to-one
     assignment is a min-weight full bipartite matching (scipy.sparse.csgraph) on the candidate
     graph, where every base feature also has a private "unassigned" option scored -2 (below any
     real pair), so a matching always exists and a real pair is always preferred.
@@ -27,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from explorer import schema
 
 N_LOGITS = 10
 N_NEIGHBOURS = 10
@@ -172,76 +180,206 @@ def logit_stats(w_dec: torch.Tensor, w_u: dict[str, torch.Tensor], k: int = N_LO
 # ----------------------------------------------------------------------------------------------
 # Matching
 
+# Candidate scores of a pair (METHODS.md section 7): activation correlation on all counted tokens,
+# correlation on the tokens where either feature fires, decoder cosine, encoder cosine, and two
+# even mixes. A NaN correlation (a constant side) counts as 0 in every score.
+BASE_SCORES = schema.MATCH_BASE_SCORES
+SCORE_KINDS = schema.MATCH_SCORES
+DEFAULT_SCORE = schema.DEFAULT_MATCH_SCORE  # without a seed twin to choose on (the score of earlier runs)
+NO_SCORE = -np.inf  # a dead feature's (or a missing pair's) score: below every real one
+
+
+def combine(kind: str, base: dict[str, np.ndarray]) -> np.ndarray:
+    """The score `kind` from the base scores: one of them, or the mean of those joined by '+'."""
+    parts = kind.split("+")
+    if not parts or any(p not in BASE_SCORES for p in parts):
+        raise ValueError(f"unknown score {kind!r}; choose one of {SCORE_KINDS}")
+    out = np.nan_to_num(np.asarray(base[parts[0]], np.float64), nan=0.0)
+    for p in parts[1:]:
+        out = out + np.nan_to_num(np.asarray(base[p], np.float64), nan=0.0)
+    return out / len(parts)
+
+
+@dataclass
+class PairScores:
+    """The base scores of the pairs of two SAEs A (rows) and B (columns): dense [d_a, d_b]
+    matrices (`pair_keys` None) or one value per candidate pair (keys i * d_b + j, sorted)."""
+
+    d_a: int
+    d_b: int
+    base: dict[str, np.ndarray]
+    pair_keys: np.ndarray | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.pair_keys is None
+
+    def score(self, kind: str) -> np.ndarray:
+        return combine(kind, self.base)
+
+    def rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.pair_keys // self.d_b, self.pair_keys % self.d_b
+
+
+def pair_scores(corr: np.ndarray, cofire: np.ndarray, dec_a: torch.Tensor, dec_b: torch.Tensor, enc_a: torch.Tensor, enc_b: torch.Tensor,
+                pair_keys: np.ndarray | None) -> PairScores:
+    """PairScores from the activation correlations (CrossProducts) and the SAEs' unit decoder rows
+    and unit encoder columns (as rows, [d_sae, d_in])."""
+    d_a, d_b = dec_a.shape[0], dec_b.shape[0]
+    if pair_keys is None:
+        cos = lambda a, b: (a.to(torch.float64) @ b.to(torch.float64).T).numpy()  # noqa: E731
+    else:
+        ia, ib = torch.from_numpy(pair_keys // d_b), torch.from_numpy(pair_keys % d_b)
+        cos = lambda a, b: (a[ia].to(torch.float64) * b[ib].to(torch.float64)).sum(1).numpy()  # noqa: E731
+    base = {"act_corr": corr, "cofire_corr": cofire, "dec_cos": cos(dec_a, dec_b), "enc_cos": cos(enc_a, enc_b)}
+    return PairScores(d_a, d_b, base, None if pair_keys is None else np.asarray(pair_keys, np.int64))
+
 
 @dataclass
 class MatchResult:
     mode: str  # "all_pairs" | "candidates"
-    # best match per feature, both directions (index -1 / NaN when a feature has no candidate)
+    kind: str  # the score the best matches and the assignment use
+    # best match per alive feature, both directions (-1 / NaN for a dead feature or one without a candidate)
     best_b_for_a: np.ndarray
     best_a_for_b: np.ndarray
-    best_score_a: np.ndarray
-    best_score_b: np.ndarray
-    best_corr_a: np.ndarray
-    best_corr_b: np.ndarray
-    best_cos_a: np.ndarray
-    best_cos_b: np.ndarray
-    assigned_b_for_a: np.ndarray  # -1 unassigned
+    best_a: dict[str, np.ndarray]  # "score" and each base score of A's best pair
+    best_b: dict[str, np.ndarray]
+    assigned_b_for_a: np.ndarray  # -1 unassigned (dead features are never assigned)
     assigned_a_for_b: np.ndarray
     assigned_score_a: np.ndarray
     assigned_score_b: np.ndarray
-    # rows of matches.parquet
+    # rows of matches.parquet: alive pairs kept (each feature's n_kept best, both directions, plus the assignment)
     pair_a: np.ndarray
     pair_b: np.ndarray
-    pair_corr: np.ndarray
-    pair_cos: np.ndarray
-    pair_score: np.ndarray
+    pair: dict[str, np.ndarray]  # "score" and each base score
     pair_assigned: np.ndarray
     n_candidate_pairs: int
 
+    @property
+    def best_score_a(self) -> np.ndarray:
+        return self.best_a["score"]
 
-def combined_score(corr: np.ndarray, dec_cos: np.ndarray) -> np.ndarray:
-    return 0.5 * np.nan_to_num(corr, nan=0.0) + 0.5 * dec_cos
+    @property
+    def best_score_b(self) -> np.ndarray:
+        return self.best_b["score"]
 
 
-def match_all_pairs(corr: np.ndarray, wa_unit: torch.Tensor, wb_unit: torch.Tensor, n_kept: int) -> MatchResult:
+def _masked(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarray) -> np.ndarray:
+    """The score of `kind` with every pair that has a dead side at NO_SCORE."""
+    score = ps.score(kind)
+    if ps.dense:
+        return np.where(alive_a[:, None] & alive_b[None, :], score, NO_SCORE)
+    ia, ib = ps.rows_cols()
+    return np.where(alive_a[ia] & alive_b[ib], score, NO_SCORE)
+
+
+def best_matches(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(best B for each A, its score, best A for each B, its score) among alive pairs; -1 / NaN
+    where a feature is dead or has no alive candidate. Ties: the smaller id."""
+    score = _masked(ps, kind, alive_a, alive_b)
+    if ps.dense:
+        ra, rb = np.arange(ps.d_a), np.arange(ps.d_b)
+        if score.size == 0:
+            return np.full(ps.d_a, -1), np.full(ps.d_a, np.nan), np.full(ps.d_b, -1), np.full(ps.d_b, np.nan)
+        best_b, best_a = score.argmax(axis=1), score.argmax(axis=0)
+        sa, sb = score[ra, best_b], score[best_a, rb]
+    else:
+        ia, ib = ps.rows_cols()
+        ok = score > NO_SCORE
+        ga = _best_per_group(ia[ok], ib[ok], score[ok], ps.d_a)
+        gb = _best_per_group(ib[ok], ia[ok], score[ok], ps.d_b)
+        idx = np.flatnonzero(ok)
+        best_b = np.where(ga >= 0, ib[idx[np.maximum(ga, 0)]] if len(idx) else -1, -1)
+        best_a = np.where(gb >= 0, ia[idx[np.maximum(gb, 0)]] if len(idx) else -1, -1)
+        sa = np.where(ga >= 0, score[idx[np.maximum(ga, 0)]] if len(idx) else NO_SCORE, NO_SCORE)
+        sb = np.where(gb >= 0, score[idx[np.maximum(gb, 0)]] if len(idx) else NO_SCORE, NO_SCORE)
+    has_a, has_b = sa > NO_SCORE, sb > NO_SCORE
+    return np.where(has_a, best_b, -1), np.where(has_a, sa, np.nan), np.where(has_b, best_a, -1), np.where(has_b, sb, np.nan)
+
+
+def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one assignment of alive features maximizing the total score: (B for each A, A for each B), -1 unassigned.
+
+    All pairs: scipy's linear_sum_assignment on the alive rows and columns. Candidates: a
+    min-weight full bipartite matching on the alive candidate graph, every A feature with a
+    private "unassigned" option scored -2 (below any real pair), so a matching always exists and
+    a real pair is always preferred."""
     from scipy.optimize import linear_sum_assignment
 
-    d_a, d_b = corr.shape
-    dec_cos = (wa_unit.to(torch.float64) @ wb_unit.to(torch.float64).T).numpy()
-    score = combined_score(corr, dec_cos)
-    best_b = score.argmax(axis=1)
-    best_a = score.argmax(axis=0)
-    ra = np.arange(d_a)
-    rb = np.arange(d_b)
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    assigned_b = np.full(d_a, -1, np.int64)
-    assigned_a = np.full(d_b, -1, np.int64)
-    assigned_b[rows] = cols
-    assigned_a[cols] = rows
-    # Keep each feature's n_kept best partners (both directions) plus the assignment.
-    kept_b = np.argsort(-score, axis=1, kind="stable")[:, :n_kept]
-    kept_a = np.argsort(-score, axis=0, kind="stable")[:n_kept, :]
-    keys = np.concatenate(
-        [
-            np.repeat(ra, kept_b.shape[1]) * d_b + kept_b.reshape(-1),
-            kept_a.reshape(-1) * d_b + np.tile(rb, kept_a.shape[0]),
-            rows.astype(np.int64) * d_b + cols,
-        ]
-    )
-    keys = np.unique(keys)
-    pa_, pb_ = keys // d_b, keys % d_b
+    assigned_b = np.full(ps.d_a, -1, np.int64)
+    assigned_a = np.full(ps.d_b, -1, np.int64)
+    ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
+    if len(ra) == 0 or len(rb) == 0:
+        return assigned_b, assigned_a
+    score = ps.score(kind)
+    if ps.dense:
+        rows, cols = linear_sum_assignment(score[np.ix_(ra, rb)], maximize=True)
+        r, c = ra[rows], rb[cols]
+    else:
+        import scipy.sparse as sp
+        from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+        ia, ib = ps.rows_cols()
+        ok = alive_a[ia] & alive_b[ib]
+        ia, ib, sc = ia[ok], ib[ok], score[ok]
+        # costs 2 - score in [1, 3] on real pairs; a private dummy column per row at cost 4
+        rows = np.concatenate([ia, np.arange(ps.d_a)])
+        cols = np.concatenate([ib, ps.d_b + np.arange(ps.d_a)])
+        costs = np.concatenate([2.0 - sc, np.full(ps.d_a, 4.0)])
+        graph = sp.csr_matrix((costs, (rows, cols)), shape=(ps.d_a, ps.d_b + ps.d_a))
+        rr, cc = min_weight_full_bipartite_matching(graph)
+        real = (cc < ps.d_b) & alive_a[rr]
+        r, c = rr[real], cc[real]
+    assigned_b[r] = c
+    assigned_a[c] = r
+    return assigned_b, assigned_a
+
+
+def _values_at(ps: PairScores, a: np.ndarray, b: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """values (a dense matrix or per candidate pair) at pairs (a, b); NaN where a < 0, b < 0 or not a candidate."""
+    ok = (a >= 0) & (b >= 0)
+    a0, b0 = np.maximum(a, 0), np.maximum(b, 0)
+    if ps.dense:
+        v = values[a0, b0] if values.size else np.full(len(a), np.nan)
+    else:
+        keys = a0.astype(np.int64) * ps.d_b + b0
+        pos = np.minimum(np.searchsorted(ps.pair_keys, keys), max(len(ps.pair_keys) - 1, 0))
+        ok &= (ps.pair_keys[pos] == keys) if len(ps.pair_keys) else False
+        v = values[pos] if len(values) else np.full(len(a), np.nan)
+    return np.where(ok, v, np.nan)
+
+
+def match(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarray, n_kept: int) -> MatchResult:
+    """Best matches both ways, the one-to-one assignment and the kept pairs, on score `kind`, among alive features."""
+    best_b, _, best_a, _ = best_matches(ps, kind, alive_a, alive_b)
+    assigned_b, assigned_a = assignment(ps, kind, alive_a, alive_b)
+    values = {"score": ps.score(kind), **ps.base}
+    ra, rb = np.arange(ps.d_a), np.arange(ps.d_b)
+    score = _masked(ps, kind, alive_a, alive_b)
+    if ps.dense:
+        n_kept_b, n_kept_a = min(n_kept, ps.d_b), min(n_kept, ps.d_a)
+        kept_b = np.argsort(-score, axis=1, kind="stable")[:, :n_kept_b]
+        kept_a = np.argsort(-score, axis=0, kind="stable")[:n_kept_a, :]
+        keys = np.concatenate([np.repeat(ra, kept_b.shape[1]) * ps.d_b + kept_b.reshape(-1), kept_a.reshape(-1) * ps.d_b + np.tile(rb, kept_a.shape[0])])
+        keys = keys[score.reshape(-1)[keys] > NO_SCORE]
+        n_candidates = int(alive_a.sum()) * int(alive_b.sum())
+    else:
+        keys = ps.pair_keys[score > NO_SCORE]
+        n_candidates = len(keys)
+    assigned_keys = np.flatnonzero(assigned_b >= 0) * ps.d_b + assigned_b[assigned_b >= 0]
+    keys = np.unique(np.concatenate([keys, assigned_keys]).astype(np.int64))
+    pa_, pb_ = keys // ps.d_b, keys % ps.d_b
     return MatchResult(
-        mode="all_pairs",
+        mode="all_pairs" if ps.dense else "candidates", kind=kind,
         best_b_for_a=best_b, best_a_for_b=best_a,
-        best_score_a=score[ra, best_b], best_score_b=score[best_a, rb],
-        best_corr_a=corr[ra, best_b], best_corr_b=corr[best_a, rb],
-        best_cos_a=dec_cos[ra, best_b], best_cos_b=dec_cos[best_a, rb],
+        best_a={k: _values_at(ps, ra, best_b, v) for k, v in values.items()},
+        best_b={k: _values_at(ps, best_a, rb, v) for k, v in values.items()},
         assigned_b_for_a=assigned_b, assigned_a_for_b=assigned_a,
-        assigned_score_a=np.where(assigned_b >= 0, score[ra, np.maximum(assigned_b, 0)], np.nan),
-        assigned_score_b=np.where(assigned_a >= 0, score[np.maximum(assigned_a, 0), rb], np.nan),
-        pair_a=pa_, pair_b=pb_, pair_corr=corr[pa_, pb_], pair_cos=dec_cos[pa_, pb_], pair_score=score[pa_, pb_],
+        assigned_score_a=_values_at(ps, ra, assigned_b, values["score"]),
+        assigned_score_b=_values_at(ps, assigned_a, rb, values["score"]),
+        pair_a=pa_, pair_b=pb_, pair={k: _values_at(ps, pa_, pb_, v) for k, v in values.items()},
         pair_assigned=assigned_b[pa_] == pb_,
-        n_candidate_pairs=d_a * d_b,
+        n_candidate_pairs=n_candidates,
     )
 
 
@@ -252,51 +390,3 @@ def _best_per_group(group: np.ndarray, other: np.ndarray, score: np.ndarray, n: 
     first = np.searchsorted(g, np.arange(n), side="left")
     has = (first < len(g)) & (g[np.minimum(first, len(g) - 1)] == np.arange(n))
     return np.where(has, order[np.minimum(first, len(g) - 1)], -1)
-
-
-def match_candidates(pair_keys: np.ndarray, corr: np.ndarray, wa_unit: torch.Tensor, wb_unit: torch.Tensor) -> MatchResult:
-    import scipy.sparse as sp
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    d_a, d_b = wa_unit.shape[0], wb_unit.shape[0]
-    pa_, pb_ = pair_keys // d_b, pair_keys % d_b
-    dec_cos = (wa_unit[torch.from_numpy(pa_)].to(torch.float64) * wb_unit[torch.from_numpy(pb_)].to(torch.float64)).sum(1).numpy()
-    score = combined_score(corr, dec_cos)
-    ia = _best_per_group(pa_, pb_, score, d_a)
-    ib = _best_per_group(pb_, pa_, score, d_b)
-
-    def pick(values, idx, fill):
-        return np.where(idx >= 0, values[np.maximum(idx, 0)], fill)
-
-    # One-to-one: costs 2 - score in [1, 3] on real pairs; a private dummy column per row at cost 4.
-    unassigned_cost = 2.0 - (-2.0)
-    rows = np.concatenate([pa_, np.arange(d_a)])
-    cols = np.concatenate([pb_, d_b + np.arange(d_a)])
-    costs = np.concatenate([2.0 - score, np.full(d_a, unassigned_cost)])
-    graph = sp.csr_matrix((costs, (rows, cols)), shape=(d_a, d_b + d_a))
-    r, c = min_weight_full_bipartite_matching(graph)
-    real = c < d_b
-    assigned_b = np.full(d_a, -1, np.int64)
-    assigned_a = np.full(d_b, -1, np.int64)
-    assigned_b[r[real]] = c[real]
-    assigned_a[c[real]] = r[real]
-
-    def assigned_scores(a_of, b_of):
-        keys = a_of * d_b + b_of
-        pos = np.searchsorted(pair_keys, keys)
-        ok = (a_of >= 0) & (b_of >= 0)
-        return np.where(ok, score[np.minimum(pos, len(score) - 1)], np.nan)
-
-    return MatchResult(
-        mode="candidates",
-        best_b_for_a=pick(pb_, ia, -1), best_a_for_b=pick(pa_, ib, -1),
-        best_score_a=pick(score, ia, np.nan), best_score_b=pick(score, ib, np.nan),
-        best_corr_a=pick(corr, ia, np.nan), best_corr_b=pick(corr, ib, np.nan),
-        best_cos_a=pick(dec_cos, ia, np.nan), best_cos_b=pick(dec_cos, ib, np.nan),
-        assigned_b_for_a=assigned_b, assigned_a_for_b=assigned_a,
-        assigned_score_a=assigned_scores(np.arange(d_a), assigned_b),
-        assigned_score_b=assigned_scores(assigned_a, np.arange(d_b)),
-        pair_a=pa_, pair_b=pb_, pair_corr=corr, pair_cos=dec_cos, pair_score=score,
-        pair_assigned=assigned_b[pa_] == pb_,
-        n_candidate_pairs=len(pair_keys),
-    )

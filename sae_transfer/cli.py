@@ -6,6 +6,8 @@
     sae-transfer app [--run ID] [--port N]                 start the explorer on 127.0.0.1
     sae-transfer demo [--tiny] [--out DIR]                 rebuild the demo pair (python -m precompute.demo)
     sae-transfer export neuronpedia --run ID --out DIR     Neuronpedia bundles, one source per (SAE, model)
+    sae-transfer export features --run ID --view QUERY --out FILE[.csv|.parquet]
+                                                           a Features-page view (its URL query or link)
     sae-transfer schema [--write PATH]                     the run schema as Markdown
 
 Every subcommand has --help. Usage errors and bad input exit with status 2 and one line on
@@ -72,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="rebuild the demo pair (seeded; about 40 minutes on 2 CPU cores)", add_help=False)
     del d
 
-    e = sub.add_parser("export", help="export a run (Neuronpedia bundles)")
-    esub = e.add_subparsers(dest="format", required=True)
+    e = sub.add_parser("export", help="export a run (Neuronpedia bundles, a features view as CSV or Parquet)")
+    esub = e.add_subparsers(dest="export", required=True)
     n = esub.add_parser("neuronpedia", help="Neuronpedia bundles: one source per (SAE, model), base and finetune linked")
     n.add_argument("--run", required=True, metavar="ID", help="run id (a folder of --runs-dir)")
     n.add_argument("--out", required=True, metavar="DIR", help="output folder (the bundles go under DIR/v1/)")
@@ -86,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--finetuned-instruct", action="store_true", help="mark the finetuned model as an instruction/chat model")
     n.add_argument("--features-per-batch", type=int, default=1024, help="features per batch-N.jsonl.gz file (default 1024)")
     n.add_argument("--overwrite", action="store_true", help="replace bundles that exist")
+    f = esub.add_parser(
+        "features", help="every feature of a Features-page view (its filters, search, sort, source), as CSV or Parquet",
+        description="The rows the app's Features page lists for a view, every page of them, in its order. --view takes the page's "
+        "URL query (sae=base_sae&class=died&sort=density_base&desc=1) or the whole link copied from the app; without it, "
+        "the page's defaults (base_sae, the features dead on both models left out). CSV text cells are formula-safe.",
+    )
+    f.add_argument("--run", required=True, metavar="ID", help="run id (a folder of --runs-dir)")
+    f.add_argument("--view", default="", metavar="QUERY", help="the Features page's query string or link (default: its defaults)")
+    f.add_argument("--out", required=True, metavar="FILE", help="output file; its suffix (.csv, .parquet) gives the format unless --format does")
+    f.add_argument("--format", choices=("csv", "parquet"), help="csv (formula-safe) or parquet (default: from --out's suffix)")
+    f.add_argument("--runs-dir", metavar="DIR", help="the folder of runs (default: $SAE_EXPLORER_RUNS_DIR, else data/runs)")
+    f.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     return p
 
 
@@ -139,6 +153,25 @@ def cmd_export_neuronpedia(args) -> int:
     return 0
 
 
+def cmd_export_features(args) -> int:
+    from explorer import features_view, rundir
+
+    out = Path(args.out)
+    fmt = args.format or {".csv": "csv", ".parquet": "parquet"}.get(out.suffix.lower())
+    if fmt is None:
+        raise ExplorerError(f"--out {out} has no .csv or .parquet suffix: name the format with --format csv|parquet.")
+    if out.exists() and not args.overwrite:
+        raise ExplorerError(f"{out} exists: pass --overwrite to replace it.")
+    run_dir = rundir.run_path(args.run, _runs_dir(args.runs_dir))
+    manifest = rundir.open_run(run_dir, verify_hashes=False)
+    saes = list(manifest.get("saes") or ["base_sae"])
+    view = features_view.parse_query(args.view, saes, list(manifest.get("sources") or {}))
+    n = features_view.export(run_dir, view, fmt, out)
+    _log(f"{n:,} features of {view.sae}" + (f" on {view.source}" if view.source else "") + f" ({view.query() or 'the defaults'})")
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PRECOMPUTE_COMMANDS:
@@ -153,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "app":
             return cmd_app(args)
-        if args.command == "export" and args.format == "neuronpedia":
+        if args.command == "export" and args.export == "neuronpedia":
             return cmd_export_neuronpedia(args)
+        if args.command == "export" and args.export == "features":
+            return cmd_export_features(args)
     except ExplorerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -18,6 +18,7 @@ PAGES = {
     "feature": "pages/3_feature.py",
     "dead_born": "pages/4_dead-born.py",
     "similarity": "pages/5_similarity.py",
+    "differences": "pages/8_differences.py",
 }
 
 
@@ -42,3 +43,22 @@ def md_text(body: str) -> str:
     import re
 
     return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", body).replace("\u2060", "").replace("\u00a0", " ")
+
+
+def app_maker(runs: Path, monkeypatch, pages: dict[str, str]):
+    """make(page, **query params) -> a run AppTest of app.py on `page` (a key of `pages`), with the
+    runs dir set to `runs` (the entry point runs first: app.py registers the pages)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAE_EXPLORER_RUNS_DIR", str(runs))
+
+    def make(page: str, **params) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.query_params.update({k: str(v) for k, v in params.items()})
+        at.run()
+        if page != "overview":
+            at.switch_page(pages[page])
+            at.run()
+        return at
+
+    return make

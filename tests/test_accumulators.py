@@ -364,8 +364,8 @@ def test_fixed_hist_counts_clipped():
 def test_quality_stats_match_naive_formulas(tmp_path):
     rng = np.random.default_rng(0)
     b, c, d = 3, CTX, 5
-    one = QualityStats()
-    parts = [QualityStats(), QualityStats()]
+    one = QualityStats(d)
+    parts = [QualityStats(d), QualityStats(d)]
     rec = []
     for i in range(4):
         x = rng.normal(0, 1, (b * c, d)).astype(np.float32)
@@ -403,7 +403,7 @@ def test_quality_stats_match_naive_formulas(tmp_path):
         assert row["n_tokens"] == n
         assert row["l0"] == pytest.approx(l0s / n)
         assert row["mse"] == pytest.approx(sse / n)
-        assert row["explained_variance"] == pytest.approx(np.mean(ev))
+        assert row["explained_variance_legacy"] == pytest.approx(np.mean(ev))
         assert row["pooled_r2"] == pytest.approx(1 - sse / ((xa - xa.mean()) ** 2).sum())
         means = {k: np.mean(vals) for k, vals in ce.items()}
         assert row["ce_clean"] == pytest.approx(means["clean"])
@@ -415,13 +415,13 @@ def test_quality_stats_match_naive_formulas(tmp_path):
     parts[0].merge(parts[1])
     for name in QualityStats.FIELDS:
         np.testing.assert_allclose(getattr(parts[0], name), getattr(one, name), rtol=1e-12)
-    back = _roundtrip(one, tmp_path, QualityStats())
+    back = _roundtrip(one, tmp_path, QualityStats(d))
     assert back.finalize() == rows
 
 
 def test_quality_stats_without_outliers_fill_both_variants_alike():
     rng = np.random.default_rng(2)
-    acc = QualityStats()
+    acc = QualityStats(4)
     x = rng.normal(0, 1, (2 * CTX, 4)).astype(np.float32)
     counted = np.ones((2, CTX), bool)
     counted[:, 0] = False
@@ -430,14 +430,14 @@ def test_quality_stats_without_outliers_fill_both_variants_alike():
     acc.update(x, x * 0.9, rng.integers(0, 5, 2 * CTX), counted, np.zeros((2, CTX), bool),
                {"clean": (loss, loss), "spliced": (loss, other), "zero_ablated": (loss, loss)})
     inc, exc = acc.finalize()
-    for k in ("n_tokens", "l0", "mse", "explained_variance", "pooled_r2", "ce_clean", "ce_zero_ablated"):
+    for k in ("n_tokens", "l0", "mse", "explained_variance", "explained_variance_legacy", "pooled_r2", "ce_clean", "ce_zero_ablated"):
         assert inc[k] == exc[k], k
     assert inc["ce_spliced"] == pytest.approx(loss[counted[:, :-1]].mean())
     assert exc["ce_spliced"] == pytest.approx(other[counted[:, :-1]].mean())
 
 
 def test_ce_recovered_guard():
-    acc = QualityStats()
+    acc = QualityStats(3)
     x = np.ones((2, 3), np.float32)
     same = np.full((1, 1), 2.0)
     acc.update(x, x, np.ones(2), np.ones((1, 2), bool), np.zeros((1, 2), bool), {k: (same, same) for k in ("clean", "spliced", "zero_ablated")})

@@ -157,7 +157,7 @@ def test_no_outbound_requests(synthetic_app_url, page):
     """The app runs offline: no page asks for anything outside 127.0.0.1."""
     outside = []
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(synthetic_app_url) and r.url.split(":", 1)[0] in ("http", "https", "ws", "wss") else None)
-    for path in ("/overview?run=synth", "/features?run=synth", "/feature?run=synth&feature=5", "/dead-born?run=synth", "/similarity?run=synth"):
+    for path in ("/overview?run=synth", "/features?run=synth", "/feature?run=synth&feature=5", "/dead-born?run=synth", "/similarity?run=synth", "/differences?run=synth"):
         page.goto(synthetic_app_url + path)
         wait_idle(page)
         page.wait_for_timeout(500)
@@ -178,7 +178,26 @@ def test_features_csv_download(synthetic_app_url, synthetic_runs, page):
     assert got.top_tokens.fillna("").tolist() == [as_text(v) for v in want.top_tokens.fillna("")]
 
 
-@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth", "/crosscoder?run=synth"])
+def test_features_parquet_download_equals_the_command_line_export(synthetic_app_url, synthetic_runs, page, tmp_path):
+    """The page's Parquet download of a filtered, sorted view holds the rows `sae-transfer export
+    features --view` writes for the same view (the link's query)."""
+    import pyarrow.parquet as pq
+
+    from sae_transfer.cli import main
+
+    query = "sae=base_sae&class=died~both_alive&sort=density_base&desc=1&density=-8~-0.5"
+    page.goto(f"{synthetic_app_url}/features?run=synth&{query}")
+    wait_idle(page)
+    with page.expect_download(timeout=60000) as dl:
+        page.get_by_role("button", name=re.compile("or as Parquet")).click()
+    got = pq.read_table(dl.value.path())
+    out = tmp_path / "cli.parquet"
+    assert main(["export", "features", "--run", "synth", "--runs-dir", str(synthetic_runs), "--view", page.url, "--out", str(out)]) == 0
+    want = pq.read_table(out)
+    assert got.num_rows > 0 and got.equals(want)
+
+
+@pytest.mark.parametrize("path", ["/dead-born?run=synth", "/live_probe?run=synth", "/feature?run=synth&feature=3", "/features?run=synth", "/similarity?run=synth", "/overview?run=synth", "/crosscoder?run=synth", "/differences?run=synth"])
 def test_every_page_url_is_found_as_a_fresh_servers_first_request(synthetic_runs, page, path):
     """In Streamlit's pages/-directory mode a URL must match a page file's name (4_dead-born.py -> dead-born)."""
     from tests.browser_utils import streamlit_server

@@ -17,9 +17,11 @@ import json
 import threading
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -30,6 +32,7 @@ from tests.helpers import make_probe_run
 
 pytestmark = pytest.mark.browser
 MARKS = ("pwnred", "pwnkatex", "pwnbold", "pwnem", "pwncode", "pwnhtml", "pwnlink", "pwnimg")
+POISONED_SOURCE = "python"  # the synthetic runs' source label that becomes the payload
 
 
 def payloads(port: int) -> list[str]:
@@ -95,7 +98,22 @@ def poison(run_dir: Path, port: int, manifest_specs: bool = True) -> dict:
         vocab.loc[vocab.token_id == 20 + i, "token_str"] = s
     _rewrite(run_dir, "vocab.parquet", vocab, m)
     toks = pq.read_table(run_dir / "tokens.parquet").to_pandas()
-    toks["source"] = text
+    if (toks["source"] == POISONED_SOURCE).any():
+        # one source label is the payload everywhere it is stored (the statistics pages' picker,
+        # per-source tables, KL contexts: issue 12); the other stays, so the picker is drawn
+        toks["source"] = toks["source"].where(toks["source"] != POISONED_SOURCE, text)
+        for name in [n for n in m["files"] if n.endswith(".parquet") and n != "tokens.parquet"]:
+            t = pq.read_table(run_dir / name)
+            if "source" in t.column_names:
+                col = t.column("source")
+                t = t.set_column(t.column_names.index("source"), "source", pc.if_else(pc.equal(col, POISONED_SOURCE), text, col))
+                m["files"][name] = rundir.write_table(run_dir, name, t, schema.FEATURES_ROW_GROUP_SIZE if name == "features_by_source.parquet" else None)
+        m["sources"] = {(text if k == POISONED_SOURCE else k): v for k, v in (m.get("sources") or {}).items()}
+        by_src = (m.get("summary") or {}).get("by_source") or {}
+        for sae, per in by_src.items():
+            by_src[sae] = {(text if k == POISONED_SOURCE else k): v for k, v in per.items()}
+    else:
+        toks["source"] = text
     _rewrite(run_dir, "tokens.parquet", toks, m)
     m.pop("schema_version", None)
     rundir.write_manifest(run_dir, m)
@@ -157,6 +175,13 @@ PAGES = {
     "feature": ("/feature?run=pwn&sae=base_sae&feature={fid}", ".sx-tok"),
     "dead_born": ("/dead-born?run=pwn", ".sx-tok"),
     "similarity": ("/similarity?run=pwn", ".js-plotly-plot"),
+    "differences": ("/differences?run=pwn", ".sx-tok"),
+    # the poisoned source picked (the link names it): pages that name the source in their text
+    "overview_source": ("/?run=pwn&source={src}", None),
+    "features_source": ("/features?run=pwn&both_dead=1&source={src}", '[data-testid="stDataFrame"]'),
+    "dead_born_source": ("/dead-born?run=pwn&source={src}", ".sx-tok"),
+    "similarity_source": ("/similarity?run=pwn&source={src}", ".js-plotly-plot"),
+    "differences_source": ("/differences?run=pwn&source={src}", ".sx-tok"),
 }
 
 
@@ -164,13 +189,17 @@ PAGES = {
 def test_payloads_from_the_run_are_text(which, pwn, page):
     path, ready = PAGES[which]
     before = len(_Trap.hits)
-    bad = _visit(page, pwn["url"] + path.format(fid=pwn["feature"]), pwn["port"], ready)
+    bad = _visit(page, pwn["url"] + path.format(fid=pwn["feature"], src=quote(pwn["text"], safe="")), pwn["port"], ready)
     assert bad == []
     assert _Trap.hits[before:] == []  # no request reached the other port
     body = page.inner_text("body")
     assert "Traceback" not in body and page.locator('[data-testid="stException"]').count() == 0
     if which == "overview":
         # the manifest's outlier threshold is shown in a caption: literally
+        assert ":red[pwnred] $$pwnkatex$$ :material/home: **pwnbold** _pwnem_ `pwncode` <b>pwnhtml</b>" in body
+    if which.endswith("_source"):
+        assert page.locator('[data-testid="stWarning"]').count() == 0  # the link's source is the run's: no fallback
+        # named in the page's text, literally (up to the links, where inert puts invisible word joiners)
         assert ":red[pwnred] $$pwnkatex$$ :material/home: **pwnbold** _pwnem_ `pwncode` <b>pwnhtml</b>" in body
     if which == "feature":
         assert "**pwnbold**" in body and "`pwncode`<b>pwnhtml</b>" in body  # status values, as text

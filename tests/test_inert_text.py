@@ -48,7 +48,7 @@ SAFE_CALLS = {"inert", "fmt", "pct", "density", "sae_label", "int", "float", "le
 STR_METHODS = {"capitalize", "lower", "upper", "title", "strip", "replace"}
 NOT_STREAMLIT = {"log", "logger", "_LOGGER", "logging", "warnings", "re", "os", "np", "pd", "pq", "pa", "pc", "json", "str",
                  "urlstate", "state", "data", "live", "store", "charts", "render", "figures", "schema", "rundir", "ui"}  # the app's own modules
-WRAPPERS = {"widget", "bound"}  # urlstate.widget(fn, param, *args) and the features page's bound(...) call fn(*args)
+WRAPPERS = {"widget", "bound", "view"}  # urlstate.widget(fn, param, *args) and the features page's bound(...) and view(...) call fn(*args)
 NUMERIC_SPEC = re.compile(r"[bdeEfFgGnoxX%,]$")
 
 

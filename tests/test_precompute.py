@@ -56,8 +56,10 @@ def write_tiny_corpus(tiny_demo: Path, out: Path, n_seq: int = 150, ctx: int = C
     return out
 
 
-def tiny_config_text(tiny_demo: Path, corpus: Path, run_id: str = "ref", n_seq: int = N_SEQ, extra: str = "", two_saes: bool = True) -> str:
+def tiny_config_text(tiny_demo: Path, corpus: Path, run_id: str = "ref", n_seq: int = N_SEQ, extra: str = "", two_saes: bool = True, twin: bool | None = None) -> str:
     fin = f'[saes.finetuned_sae]\npath = "{tiny_demo}/saes/finetuned_sae"\n' if two_saes else ""
+    if two_saes if twin is None else twin:  # the base SAE's seed twin (the null baseline of born/lost)
+        fin += f'[saes.base_sae_twin]\npath = "{tiny_demo}/saes/base_sae_twin"\n'
     return f"""run_id = "{run_id}"
 [models.base]
 path = "{tiny_demo}/base"
@@ -212,8 +214,12 @@ def test_metrics_match_naive(ref, naive):
             sl = slice(b * BATCH, (b + 1) * BATCH)
             xm, em = x[sl][mask[sl]], err[sl][mask[sl]]
             evs.append(1 - em / ((xm - xm.mean(0)) ** 2).sum(-1))
-        assert row.explained_variance == pytest.approx(np.concatenate(evs).mean(), rel=1e-5)
+        # renamed: this is sae_lens's `explained_variance_legacy` (was `explained_variance`)
+        assert row.explained_variance_legacy == pytest.approx(np.concatenate(evs).mean(), rel=1e-5)
         xa = x[mask]
+        # sae_lens's current `explained_variance`: one ratio pooled over the tokens
+        total_var = (xa**2).sum(-1).mean() - (xa.mean(0) ** 2).sum()
+        assert row.explained_variance == pytest.approx(1 - err[mask].mean() / total_var, rel=1e-9)
         assert row.pooled_r2 == pytest.approx(1 - err[mask].sum() / ((xa - xa.mean()) ** 2).sum(), rel=1e-5)
         ce_mask = mask[:, :-1]
         clean = naive["loss"][(m, "clean")][ce_mask].mean()
@@ -374,38 +380,139 @@ def test_example_windows_hold_both_models_activations(ref, naive):
     assert key == sorted(key)
 
 
-def test_matching_matches_naive(ref, naive):
-    from scipy.optimize import linear_sum_assignment
+def naive_pair_scores(prep, naive, other: str) -> dict:
+    """Every candidate matching score of base_sae (on base) x `other` (finetuned_sae on finetuned,
+    or the twin on base) from the dense activations, numpy only; and the alive masks."""
+    from sae_lens import SAE
 
-    prep = ref["prep"]
     cf = naive["counted_flat"]
     a = naive["acts"][("base_sae", "base")][cf]
-    b = naive["acts"][("finetuned_sae", "finetuned")][cf]
+    if other == "finetuned_sae":
+        b = naive["acts"][("finetuned_sae", "finetuned")][cf]
+        sae_b = prep.pair.saes["finetuned_sae"]
+    else:
+        sae_b = prep.twin
+        x = naive["x"]["base"].reshape(-1, naive["x"]["base"].shape[-1])
+        with torch.inference_mode():
+            b = sae_b.encode(torch.from_numpy(x.astype(np.float32))).numpy().astype(np.float64)[cf]
     da = a.shape[1]
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(a.T, b.T)[:da, da:]
-    wa = prep.pair.saes["base_sae"].W_dec.detach().numpy().astype(np.float64)
-    wb = prep.pair.saes["finetuned_sae"].W_dec.detach().numpy().astype(np.float64)
-    dec = (wa / np.linalg.norm(wa, axis=1, keepdims=True)) @ (wb / np.linalg.norm(wb, axis=1, keepdims=True)).T
-    score = 0.5 * np.nan_to_num(corr) + 0.5 * dec
+        cof = np.full((da, b.shape[1]), np.nan)
+        for i in range(da):
+            for j in range(b.shape[1]):
+                u = (a[:, i] > 0) | (b[:, j] > 0)
+                if u.sum() > 1 and a[u, i].std() > 0 and b[u, j].std() > 0:
+                    cof[i, j] = np.corrcoef(a[u, i], b[u, j])[0, 1]
+    unit = lambda w: w / np.linalg.norm(w, axis=1, keepdims=True)  # noqa: E731
+    sa = prep.pair.saes["base_sae"]
+    dec = unit(sa.W_dec.detach().numpy().astype(np.float64)) @ unit(sae_b.W_dec.detach().numpy().astype(np.float64)).T
+    enc = unit(sa.W_enc.detach().numpy().T.astype(np.float64)) @ unit(sae_b.W_enc.detach().numpy().T.astype(np.float64)).T
+    base = {"act_corr": corr, "cofire_corr": cof, "dec_cos": dec, "enc_cos": enc}
+    scores = {k: v for k, v in base.items()}
+    scores["act_corr+dec_cos"] = 0.5 * np.nan_to_num(corr) + 0.5 * dec
+    scores["cofire_corr+dec_cos"] = 0.5 * np.nan_to_num(cof) + 0.5 * dec
+    for k in ("act_corr", "cofire_corr"):
+        scores[k] = np.nan_to_num(scores[k])
+    return {"base": base, "scores": scores, "alive_a": (a > 0).any(0), "alive_b": (b > 0).any(0)}
+
+
+def _alive_best(score, alive_a, alive_b):
+    """Best partner per row among alive columns (-1 for dead rows), its score (NaN for dead rows)."""
+    masked = np.where(alive_a[:, None] & alive_b[None, :], score, -np.inf)
+    best = masked.argmax(1)
+    return np.where(alive_a, best, -1), np.where(alive_a, masked.max(1), np.nan)
+
+
+def test_matching_matches_naive(ref, naive):
+    """Best matches, the assignment and matches.parquet against a numpy recomputation, on the
+    run's matching score, among alive features only (dead ones have no match and no partner)."""
+    from scipy.optimize import linear_sum_assignment
+
+    prep = ref["prep"]
+    summ = ref["manifest"]["summary"]["matching"]
+    nv = naive_pair_scores(prep, naive, "finetuned_sae")
+    corr, dec = nv["base"]["act_corr"], nv["base"]["dec_cos"]
+    score = nv["scores"][summ["score"]]
+    alive_a, alive_b = nv["alive_a"], nv["alive_b"]
+    da = len(alive_a)
     feats = table(ref["dir"], "features.parquet")
     fa = feats[feats.sae == "base_sae"].set_index("feature_id")
     fb = feats[feats.sae == "finetuned_sae"].set_index("feature_id")
-    assert fa.match_feature_id.tolist() == score.argmax(1).tolist()
-    assert fb.match_feature_id.tolist() == score.argmax(0).tolist()
-    np.testing.assert_allclose(fa.match_score, score.max(1), atol=1e-6)
-    np.testing.assert_allclose(fa.match_act_corr, corr[np.arange(da), score.argmax(1)], atol=1e-6)
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    got_total = sum(score[i, int(j)] for i, j in zip(fa.index, fa.assigned_feature_id))
-    assert got_total == pytest.approx(score[rows, cols].sum(), abs=1e-6)  # an optimal assignment
-    assert sorted(fa.assigned_feature_id) == list(range(da))  # one-to-one
-    assert (fb.assigned_feature_id.iloc[fa.assigned_feature_id.to_numpy()].to_numpy() == fa.index.to_numpy()).all()
+    best_a, best_sa = _alive_best(score, alive_a, alive_b)
+    best_b, _ = _alive_best(score.T, alive_b, alive_a)
+    assert fa.match_feature_id.fillna(-1).astype(int).tolist() == best_a.tolist()
+    assert fb.match_feature_id.fillna(-1).astype(int).tolist() == best_b.tolist()
+    np.testing.assert_allclose(fa.match_score, best_sa, atol=1e-6)
+    ia = np.flatnonzero(alive_a)
+    np.testing.assert_allclose(fa.match_act_corr.to_numpy()[ia], corr[ia, best_a[ia]], atol=1e-6)
+    for k in ("cofire_corr", "dec_cos", "enc_cos"):
+        np.testing.assert_allclose(fa[f"match_{k}"].to_numpy()[ia], nv["base"][k][ia, best_a[ia]], atol=1e-6)
+    ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
+    rows, cols = linear_sum_assignment(score[np.ix_(ra, rb)], maximize=True)
+    asg = fa.assigned_feature_id
+    assert asg[~alive_a].isna().all()  # dead features are never assigned
+    got_total = sum(score[i, int(j)] for i, j in zip(fa.index[asg.notna()], asg.dropna()))
+    assert got_total == pytest.approx(score[ra[rows], rb[cols]].sum(), abs=1e-6)  # an optimal assignment
+    assert sorted(asg.dropna().astype(int)) == sorted(rb[cols])  # one-to-one
+    paired = asg.dropna().astype(int)
+    assert (fb.assigned_feature_id.loc[paired.to_numpy()].to_numpy() == paired.index.to_numpy()).all()
     mt = table(ref["dir"], "matches.parquet")
-    np.testing.assert_allclose(mt.act_corr, corr[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
-    np.testing.assert_allclose(mt.dec_cos, dec[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
-    assert mt.assigned.sum() == da
-    lost = (score.max(1) < ref["manifest"]["config"]["thresholds"]["match"]).sum()
-    assert ref["manifest"]["summary"]["matching"]["n_lost"] == lost
+    for k in ("act_corr", "cofire_corr", "dec_cos", "enc_cos"):
+        np.testing.assert_allclose(mt[k], nv["base"][k][mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
+    np.testing.assert_allclose(mt.score, score[mt.base_feature_id, mt.finetuned_feature_id], atol=1e-6)
+    assert mt.assigned.sum() == min(len(ra), len(rb))
+    assert alive_a[mt.base_feature_id].all() and alive_b[mt.finetuned_feature_id].all()
+    lost = (best_sa[alive_a] < summ["threshold"]).sum()
+    assert summ["n_lost"] == lost and summ["n_alive_base_sae"] == alive_a.sum()
+
+
+def test_twin_baseline_and_score_choice_match_naive(ref, naive):
+    """The seed-twin baseline: born/lost counts over the threshold for the real pair and the twin,
+    the AUC of each score (the twin's assigned pairs, on that score, against random pairs), and
+    the auto choice of the best score; all against numpy."""
+    from scipy.optimize import linear_sum_assignment
+
+    from precompute.baseline import THRESHOLDS, random_pair_keys
+
+    prep = ref["prep"]
+    summ = ref["manifest"]["summary"]["matching"]
+    base = table(ref["dir"], "baseline.parquet")
+    sep = table(ref["dir"], "score_separation.parquet")
+    real, twin = naive_pair_scores(prep, naive, "finetuned_sae"), naive_pair_scores(prep, naive, schema.TWIN)
+    aucs = {}
+    for kind in schema.MATCH_SCORES:
+        rows = base[base.score == kind].sort_values("threshold")
+        np.testing.assert_allclose(rows.threshold, THRESHOLDS)
+        for nv, suffix in ((real, ""), (twin, "_twin")):
+            _, best_a = _alive_best(nv["scores"][kind], nv["alive_a"], nv["alive_b"])
+            _, best_b = _alive_best(nv["scores"][kind].T, nv["alive_b"], nv["alive_a"])
+            n_lost = [(best_a[nv["alive_a"]] < t).sum() for t in THRESHOLDS]
+            n_born = [(best_b[nv["alive_b"]] < t).sum() for t in THRESHOLDS]
+            assert rows[f"n_lost{suffix}"].tolist() == n_lost and rows[f"n_born{suffix}"].tolist() == n_born
+            np.testing.assert_allclose(rows[f"lost_rate{suffix}"], np.array(n_lost) / nv["alive_a"].sum())
+        np.testing.assert_allclose(rows.excess_lost, rows.lost_rate - rows.lost_rate_twin)
+        # AUC: assigned twin pairs on this score vs random pairs
+        sc, aa, ab = twin["scores"][kind], twin["alive_a"], twin["alive_b"]
+        ra, rb = np.flatnonzero(aa), np.flatnonzero(ab)
+        r, c = linear_sum_assignment(sc[np.ix_(ra, rb)], maximize=True)
+        pos = sc[ra[r], rb[c]]
+        keys = random_pair_keys(*sc.shape, prep.cfg.sample.seed)
+        ki, kj = keys // sc.shape[1], keys % sc.shape[1]
+        keep = aa[ki] & ab[kj]
+        neg = sc[ki[keep], kj[keep]]
+        aucs[kind] = np.mean([(p > neg).mean() + 0.5 * (p == neg).mean() for p in pos])
+        got = sep[(sep.score == kind)]
+        assert got.auc.iloc[0] == pytest.approx(aucs[kind], abs=1e-9)
+        assert summ["auc"][kind] == pytest.approx(aucs[kind], abs=1e-9)
+        assert got[got.group == "assigned"]["count"].sum() == len(pos) and got[got.group == "random"]["count"].sum() == len(neg)
+    best = max(schema.MATCH_SCORES, key=lambda k: (aucs[k], -schema.MATCH_SCORES.index(k)))
+    assert summ["score"] == best and "AUC" in summ["score_reason"]
+    # the twin's best match per base feature, on the chosen score
+    fa = table(ref["dir"], "features.parquet").query("sae == 'base_sae'").set_index("feature_id")
+    ids, sc = _alive_best(twin["scores"][best], twin["alive_a"], twin["alive_b"])
+    assert fa.twin_match_feature_id.fillna(-1).astype(int).tolist() == ids.tolist()
+    np.testing.assert_allclose(fa.twin_match_score, sc, atol=1e-6)
 
 
 def test_start_at_layer_loss_equals_hooked_forward(ref):
@@ -460,7 +567,9 @@ rounding ~1e-8 over a few thousand tokens), we in float64, so 1e-6 relative. Exp
         got, _ = run_evals(sae, store, models[m], ActivationScaler(), eval_config=eval_cfg, exclude_special_tokens=True)
         row = met.loc[(s, m, "included")]
         assert row.l0 == pytest.approx(got["sparsity"]["l0"], rel=1e-6)
-        assert row.explained_variance == pytest.approx(got["reconstruction_quality"]["explained_variance_legacy"], abs=1e-4)
+        # both of sae_lens's definitions, under its names (the legacy column was `explained_variance`)
+        assert row.explained_variance_legacy == pytest.approx(got["reconstruction_quality"]["explained_variance_legacy"], abs=1e-4)
+        assert row.explained_variance == pytest.approx(got["reconstruction_quality"]["explained_variance"], abs=1e-4)
         assert row.mse == pytest.approx(got["reconstruction_quality"]["mse"], rel=1e-5)
         perf = got["model_performance_preservation"]
         assert row.ce_clean == pytest.approx(perf["ce_loss_without_sae"], abs=1e-5)
@@ -485,10 +594,13 @@ def assert_runs_equal(a: Path, b: Path, exact_floats: bool = False) -> None:
         for col in ta.schema.names:
             ca, cb = ta.column(col).combine_chunks(), tb.column(col).combine_chunks()
             typ = ca.type.value_type if pa.types.is_list(ca.type) else ca.type
-            if pa.types.is_floating(typ) and not exact_floats:
+            if pa.types.is_floating(typ):
                 va = np.array(ca.to_pylist() if not pa.types.is_list(ca.type) else [x for row in ca.to_pylist() for x in (row or [])], dtype=float)
                 vb = np.array(cb.to_pylist() if not pa.types.is_list(cb.type) else [x for row in cb.to_pylist() for x in (row or [])], dtype=float)
-                np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12, err_msg=f"{name}.{col}")
+                if exact_floats:  # bitwise, NaN equal to NaN (Arrow's equals calls NaN != NaN)
+                    assert np.array_equal(va, vb, equal_nan=True), f"{name}.{col}"
+                else:
+                    np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12, err_msg=f"{name}.{col}")
                 assert ca.null_count == cb.null_count
             else:
                 assert ca.equals(cb), f"{name}.{col}"
@@ -569,7 +681,9 @@ def test_candidate_matching_mode(ref, tiny_demo, corpus, tmp_path):
     assert assigned.base_feature_id.is_unique and assigned.finetuned_feature_id.is_unique
     feats = table(run_dir, "features.parquet")
     fa = feats[feats.sae == "base_sae"]
-    assert (fa.match_feature_id.notna()).all()
+    # every feature alive on its model has a match among its candidates (dead ones: none, by the issue's alive-only rule)
+    alive = fa.count_base > 0
+    assert (fa.match_feature_id[alive].notna()).all() and fa.match_feature_id[~alive].isna().all()
 
 
 def test_single_sae_run_has_no_matching(tiny_demo, corpus, tmp_path):
@@ -681,3 +795,167 @@ def test_codec_encode_decode_skips_only_features_that_cannot_fire(tiny_demo):
             torch.testing.assert_close(got[2], dense[t, f], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got[3], sae.decode(dense), rtol=1e-5, atol=1e-5)
     assert pruned >= 1  # the bound skips features at some scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 12: per source, significance, what changed, where the models differ
+
+
+def test_features_by_source_and_metrics_by_source_match_naive(ref, naive):
+    """Every per-source statistic equals the pooled computation restricted to that source's tokens."""
+    from scipy.stats import binomtest
+
+    prep = ref["prep"]
+    feats = table(ref["dir"], "features_by_source.parquet")
+    src = np.asarray(prep.seq_source)[:, None].repeat(CTX, 1).reshape(-1)
+    cf = naive["counted_flat"]
+    assert sorted(feats.source.unique()) == prep.source_names == ["english", "python"]
+    for si, name in enumerate(prep.source_names):
+        m = cf & (src == si)
+        for s in ("base_sae", "finetuned_sae"):
+            f = feats[(feats.sae == s) & (feats.source == name)].set_index("feature_id").sort_index()
+            a = {mm: naive["acts"][(s, mm)][m] for mm in ("base", "finetuned")}
+            for mm in ("base", "finetuned"):
+                np.testing.assert_array_equal(f[f"count_{mm}"], (a[mm] > 0).sum(0))
+                np.testing.assert_allclose(f[f"density_{mm}"], (a[mm] > 0).mean(0), rtol=1e-12)
+                np.testing.assert_allclose(f[f"max_act_{mm}"], a[mm].max(0), rtol=1e-6)
+            both = ((a["base"] > 0) & (a["finetuned"] > 0)).sum(0)
+            np.testing.assert_array_equal(f.n_fires_both, both)
+            b, c = (a["base"] > 0).sum(0) - both, (a["finetuned"] > 0).sum(0) - both
+            for i in range(len(f)):
+                want = 1.0 if b[i] + c[i] == 0 else binomtest(int(c[i]), int(b[i] + c[i]), 0.5).pvalue
+                assert f.p_value.iloc[i] == pytest.approx(want, rel=1e-9)
+                x, y = a["base"][:, i], a["finetuned"][:, i]
+                if x.std() > 0 and y.std() > 0:
+                    assert f.act_similarity.iloc[i] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-6)
+    met = table(ref["dir"], "metrics_by_source.parquet")
+    counted2d = naive["counted"]
+    src2d = np.asarray(prep.seq_source)[:, None].repeat(CTX, 1)
+    for (s, mm, variant, name), row in met.set_index(["sae", "model", "outliers", "source"]).iterrows():
+        mask = counted2d & (src2d == prep.source_names.index(name))
+        if variant == "excluded":
+            mask &= ~naive["outlier"][mm]
+        x, x_hat = naive["x"][mm][mask], naive["x_hat", s, mm][mask]
+        err = ((x - x_hat) ** 2).sum(-1)
+        assert row.n_tokens == mask.sum()
+        assert row.mse == pytest.approx(err.mean(), rel=1e-5)
+        assert row.explained_variance == pytest.approx(1 - err.mean() / ((x**2).sum(-1).mean() - (x.mean(0) ** 2).sum()), rel=1e-6)
+        ce = naive["loss"][(mm, "clean")][mask[:, :-1]].mean()
+        assert row.ce_clean == pytest.approx(ce, abs=1e-5)
+
+
+def test_significance_columns_match_scipy_and_bh(ref, naive):
+    from scipy.stats import binomtest, false_discovery_control
+
+    feats = table(ref["dir"], "features.parquet")
+    cf = naive["counted_flat"]
+    for s in ("base_sae", "finetuned_sae"):
+        f = feats[feats.sae == s].set_index("feature_id").sort_index()
+        a, b_ = naive["acts"][(s, "base")][cf] > 0, naive["acts"][(s, "finetuned")][cf] > 0
+        b, c = (a & ~b_).sum(0), (~a & b_).sum(0)
+        np.testing.assert_array_equal(f.n_base_only, b)
+        np.testing.assert_array_equal(f.n_finetuned_only, c)
+        p = np.array([1.0 if bi + ci == 0 else binomtest(int(ci), int(bi + ci), 0.5).pvalue for bi, ci in zip(b, c)])
+        np.testing.assert_allclose(f.p_value, p, rtol=1e-9)
+        tested = a.any(0) | b_.any(0)
+        np.testing.assert_allclose(f.q_value[tested], false_discovery_control(p[tested], method="bh"), rtol=1e-9)
+        cb, cf_ = a.sum(0), b_.sum(0)
+        np.testing.assert_allclose(f.log_density_ratio, np.log10((cf_ + 0.5) / (cb + 0.5)), rtol=1e-12)
+        np.testing.assert_allclose(f.delta_max_act, naive["acts"][(s, "finetuned")][cf].max(0) - naive["acts"][(s, "base")][cf].max(0), rtol=1e-5, atol=1e-7)
+        assert set(f.change_class) <= set(schema.CHANGE_CLASSES)
+        sig = f.q_value < schema.SIGNIFICANCE_ALPHA
+        assert ((f.change_class == "no_significant_change") == (~sig & (cb > 0) & (cf_ > 0))).all()
+
+
+def test_logit_effect_is_w_dec_times_the_unembedding_difference(ref):
+    prep = ref["prep"]
+    feats = table(ref["dir"], "features.parquet")
+    diff = (prep.pair.finetuned.W_U.detach().numpy() - prep.pair.base.W_U.detach().numpy()).astype(np.float64)
+    for s, sae in prep.pair.saes.items():
+        f = feats[feats.sae == s].set_index("feature_id").sort_index()
+        eff = sae.W_dec.detach().numpy().astype(np.float64) @ diff
+        for i in range(0, len(f), 7):
+            assert list(f.logit_effect_pos_ids.iloc[i]) == np.argsort(-eff[i], kind="stable")[:10].tolist()
+            assert list(f.logit_effect_neg_ids.iloc[i]) == np.argsort(eff[i], kind="stable")[:10].tolist()
+            assert f.logit_effect_max_abs.iloc[i] == pytest.approx(np.abs(eff[i]).max(), rel=1e-4)
+
+
+def _naive_logprobs(prep, tokens_np):
+    """Both models' next-token log-probabilities from plain full forwards ([n, C, vocab] float64)."""
+    out = {}
+    with torch.inference_mode():
+        for m, model in (("base", prep.pair.base), ("finetuned", prep.pair.finetuned)):
+            lp = [model(torch.from_numpy(tokens_np[i : i + BATCH].astype(np.int64)), return_type="logits").double().log_softmax(-1) for i in range(0, len(tokens_np), BATCH)]
+            out[m] = torch.cat(lp).numpy()
+    return out
+
+
+def test_per_token_kl_and_loss_difference_match_full_forwards(ref, naive):
+    t = table(ref["dir"], "tokens.parquet")
+    kl = np.stack(t.kl.to_numpy())
+    diff = np.stack(t.loss_diff.to_numpy())
+    lp = _naive_logprobs(ref["prep"], naive["tokens"])
+    want = (np.exp(lp["base"]) * (lp["base"] - lp["finetuned"])).sum(-1)[:, :-1]
+    np.testing.assert_allclose(kl[:, :-1], want, rtol=2e-3, atol=2e-6)
+    assert np.isnan(kl[:, -1]).all() and np.isnan(diff[:, -1]).all()
+    np.testing.assert_allclose(diff[:, :-1], naive["loss"][("finetuned", "clean")] - naive["loss"][("base", "clean")], atol=2e-5)
+    # the manifest's means over counted positions
+    counted = naive["counted"][:, :-1]
+    assert ref["manifest"]["summary"]["kl"]["all"]["mean_kl"] == pytest.approx(want[counted].mean(), rel=1e-3)
+
+
+def test_kl_correlation_and_contexts_match_naive(ref, naive):
+    prep = ref["prep"]
+    t = table(ref["dir"], "tokens.parquet")
+    kl = np.stack(t.kl.to_numpy()).astype(np.float64)
+    counted = naive["counted"]
+    ok = np.zeros_like(counted)
+    ok[:, :-1] = counted[:, :-1]
+    feats = table(ref["dir"], "features.parquet")
+    for s in ("base_sae", "finetuned_sae"):
+        f = feats[feats.sae == s].set_index("feature_id").sort_index()
+        delta = np.abs(naive["acts"][(s, "finetuned")] - naive["acts"][(s, "base")]).reshape(N_SEQ, CTX, -1)[ok]
+        k = kl[ok]
+        for i in range(delta.shape[1]):
+            want = np.corrcoef(delta[:, i], k)[0, 1] if delta[:, i].std() > 0 else np.nan
+            np.testing.assert_allclose(f.kl_corr.iloc[i], want, atol=1e-6)
+    ctx = table(ref["dir"], "kl_contexts.parquet").sort_values("rank")
+    flat = np.where(ok, kl, -np.inf).reshape(-1)
+    top = np.lexsort((np.arange(flat.size), -flat))[: len(ctx)]
+    assert (ctx.seq_id * CTX + ctx.position).tolist() == top.tolist()
+    acts = {m: naive["acts"][("base_sae", m)].reshape(N_SEQ, CTX, -1) for m in ("base", "finetuned")}
+    for r in ctx.head(10).itertuples():
+        d = acts["finetuned"][r.seq_id, r.position] - acts["base"][r.seq_id, r.position]
+        order = np.lexsort((np.arange(len(d)), -np.abs(d)))[: len(r.feature_ids)]
+        got = np.asarray(r.act_deltas, np.float64)
+        np.testing.assert_allclose(np.abs(got), np.abs(d[order]), rtol=1e-4, atol=1e-6)
+        assert list(r.feature_ids)[:3] == order[:3].tolist() or np.allclose(np.abs(d[list(r.feature_ids)[:3]]), np.abs(d[order[:3]]), rtol=1e-4)
+        assert r.kl == pytest.approx(kl[r.seq_id, r.position], rel=1e-6)
+        np.testing.assert_array_equal(r.token_ids, naive["tokens"][r.seq_id, r.window_start : min(CTX, r.position + 2)])
+
+
+def test_zero_ablation_can_keep_special_tokens(tiny_demo, corpus, tmp_path, ref, naive):
+    """[evals] zero_ablation = "counted": BOS keeps its activation; the zero-ablated CE equals a
+    hooked forward that zeros only the counted positions (the default zeros every position)."""
+    cfg_path = tmp_path / "zc.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, run_id="zc", n_seq=32, two_saes=False, extra='[evals]\nzero_ablation = "counted"\n'))
+    cfg = RunConfig.from_toml(cfg_path)
+    run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False)
+    prep = ref["prep"]
+    hook = prep.cfg.hook
+    met = table(run_dir, "metrics.parquet").set_index(["sae", "model", "outliers"])
+    tok = naive["tokens"][:32]
+    counted = naive["counted"][:32]
+    for m, model in (("base", prep.pair.base), ("finetuned", prep.pair.finetuned)):
+        losses = []
+        with torch.inference_mode():
+            for i in range(0, 32, BATCH):
+                keep = torch.from_numpy(counted[i : i + BATCH])[..., None]
+                hook_fn = lambda a, hook, keep=keep: torch.where(keep, torch.zeros_like(a), a)  # noqa: E731
+                losses.append(model.run_with_hooks(torch.from_numpy(tok[i : i + BATCH].astype(np.int64)), return_type="loss", loss_per_token=True, fwd_hooks=[(hook, hook_fn)]))
+        want = torch.cat(losses).numpy()[counted[:, :-1]].mean()
+        got = met.loc[("base_sae", m, "included")].ce_zero_ablated
+        assert got == pytest.approx(want, abs=1e-5)
+        all_zero = naive["loss"][(m, "zero")][:32][counted[:, :-1]].mean()
+        assert abs(got - all_zero) > 1e-4  # keeping BOS changes the zero-ablated loss
+    assert rundir.open_run(run_dir)["config"]["evals"]["zero_ablation"] == "counted"

@@ -94,9 +94,9 @@ def gpt2_runs(hf_models, tmp_path_factory):
     seen: list[tuple] = []
     orig = A.QualityStats.update
 
-    def spy(self, x, x_hat, l0, counted, outlier, losses):
+    def spy(self, x, x_hat, l0, counted, outlier, losses, *rest):
         seen.append((x.dtype, x_hat.dtype, *(a.dtype for pair in losses.values() for a in pair)))
-        return orig(self, x, x_hat, l0, counted, outlier, losses)
+        return orig(self, x, x_hat, l0, counted, outlier, losses, *rest)
 
     d = tmp_path_factory.mktemp("gpt2_runs")
     g = hf_models.gpt2

@@ -229,8 +229,9 @@ def test_metrics_equal_sae_lens_evals(pair, corpus_ids):
                 assert math.isnan(row["ce_recovered"])
             assert row["l0"] == pytest.approx(sv["l0"], rel=1e-5)
             assert row["mse"] == pytest.approx(sv["mse"], rel=1e-4)
-            assert row["explained_variance"] == pytest.approx(sv["explained_variance_legacy"], rel=1e-4, abs=1e-5)
-            assert row["pooled_r2"] == pytest.approx(sv["explained_variance"], rel=1e-4, abs=1e-5)
+            # renamed to sae_lens's names: the legacy formula was `explained_variance`, the current one `pooled_r2`
+            assert row["explained_variance_legacy"] == pytest.approx(sv["explained_variance_legacy"], rel=1e-4, abs=1e-5)
+            assert row["explained_variance"] == pytest.approx(sv["explained_variance"], rel=1e-4, abs=1e-5)
             assert row["n_tokens"] == sum(t not in special for t in ids)
 
 
@@ -245,8 +246,15 @@ def test_metrics_hand_checked_tiny_case():
     # mean x = (2/3, 2/3); centred norms: 5/9, 5/9, 2/9; rss: 0, 1, 0
     assert row["mse"] == pytest.approx(1 / 3)
     assert row["l0"] == pytest.approx(1.0)
-    assert row["explained_variance"] == pytest.approx((1 + (1 - 9 / 5) + 1) / 3)
+    assert row["explained_variance_legacy"] == pytest.approx((1 + (1 - 9 / 5) + 1) / 3)  # renamed (was explained_variance)
+    assert row["explained_variance"] == pytest.approx(1 - 1 / (12 / 9))  # renamed (was pooled_r2): per-dimension means
+    # Study T's pooled R^2: one scalar mean 2/3 over the six elements, SST = 4 (1/3)^2 + 2 (2/3)^2 = 12/9
     assert row["pooled_r2"] == pytest.approx(1 - 1 / (12 / 9))
+    x2 = np.array([[1.0, 5.0], [0.0, 7.0]])  # per-dimension and scalar means differ here
+    row2 = P._metrics("base_sae", "base", x2, x2 * 0.9, f[:2], mask[:2], clean[:1], spl[:1], zero[:1])
+    rss = ((x2 * 0.1) ** 2).sum()
+    assert row2["explained_variance"] == pytest.approx(1 - rss / ((x2 - x2.mean(0)) ** 2).sum())
+    assert row2["pooled_r2"] == pytest.approx(1 - rss / ((x2 - x2.mean()) ** 2).sum())
     assert row["ce_clean"] == 1.5 and row["ce_spliced"] == 2.0 and row["ce_zero_ablated"] == 4.0
     assert row["ce_recovered"] == pytest.approx((4 - 2) / (4 - 1.5))
     row = P._metrics("base_sae", "base", x, r, f, mask, clean, spl, clean + 5e-5)
@@ -515,10 +523,13 @@ def test_sanitize_text_unit():
 def test_read_corpus_sequences(tmp_path):
     from explorer import rundir, schema
 
-    table = pa.table({"seq_id": [0, 1, 2], "source": ["english", "python", "english"], "token_ids": [[0, 5, 6], [0, 7], [0, 8, 9, 10]]})
+    table = pa.table({
+        "seq_id": [0, 1, 2], "source": ["english", "python", "english"], "token_ids": [[0, 5, 6], [0, 7], [0, 8, 9, 10]],
+        "kl": [[0.1, 0.2], [0.3], [0.0, 0.1, 0.2]], "loss_diff": [[0.0, -0.1], [0.2], [0.1, 0.0, 0.0]],
+    })
     rundir.write_table(tmp_path, "tokens.parquet", table)
     df = P.read_corpus_sequences(tmp_path, limit=2)
-    assert list(df.columns) == schema.TOKENS.names
+    assert list(df.columns) == P.SEQUENCE_COLUMNS and set(P.SEQUENCE_COLUMNS) <= set(schema.TOKENS.names)
     assert df["seq_id"].tolist() == [0, 1] and list(df["token_ids"][1]) == [0, 7]
     assert len(P.read_corpus_sequences(tmp_path, limit=None)) == 3
     with pytest.raises(ExplorerError):

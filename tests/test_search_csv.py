@@ -125,17 +125,21 @@ def test_csv_cells_a_spreadsheet_would_run_are_text():
     assert '"\'+ your"' in raw  # text cells are quoted
 
 
-def test_features_csv_of_the_demo_run_quotes_feature_372():
-    """The audit's example: demo feature 372's top tokens begin with '+'."""
+def test_features_csv_of_the_demo_run_quotes_formula_like_tokens():
+    """The audit's example (the old demo's feature 372, top tokens beginning with '+'): every
+    feature of the shipped run whose top tokens begin like a formula is written with a leading
+    quote, and the run has such features (its Python source begins tokens with '+', '-', '=', '@')."""
     demo = Path(__file__).resolve().parent.parent / "data" / "runs" / "demo"
     ft = store.FeatureTable.open(demo, "base_sae")
-    got = pd.read_csv(io.BytesIO(ft.csv(store.FeatureFilter(search="+ your"))))
-    row = got[got.feature_id == 372]
-    assert len(row) == 1 and row.top_tokens.iloc[0].startswith("'+")
+    feats = pd.read_parquet(demo / "features.parquet", columns=["sae", "feature_id", "top_tokens", "cross_class"])
+    feats = feats[(feats.sae == "base_sae") & (feats.cross_class != "both_dead")]
     starts = tuple(store.FORMULA_PREFIXES)
+    risky = feats[feats.top_tokens.fillna("").str.startswith(starts)]
+    assert len(risky) >= 5
     full = pd.read_csv(io.BytesIO(ft.csv()), keep_default_na=False)
     assert not any(v.startswith(starts) for v in full.top_tokens)
-    assert sum(v.startswith("'") for v in full.top_tokens) >= 20  # the audit counted 27 over both SAEs
+    got = full.set_index("feature_id").loc[risky.feature_id.tolist(), "top_tokens"]
+    assert got.tolist() == ["'" + v for v in risky.top_tokens]
 
 
 def test_invalid_utf8_vocab_is_a_run_error(tmp_path):

@@ -213,6 +213,7 @@ TOKEN_PAGES = {
     "dead_born": ("/dead-born?run=synth&sae=base_sae", ".sx-tok"),
     "overview": ("/overview?run=synth", '[data-testid="stMarkdown"]'),
     "similarity": ("/similarity?run=synth&sae=base_sae", ".js-plotly-plot"),
+    "differences": ("/differences?run=synth", ".sx-tok"),
 }
 
 

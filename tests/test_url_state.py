@@ -45,7 +45,8 @@ def _write_invalid_utf8_vocab(run_dir: Path) -> None:
     strs[5] = b"\xff\xfe broken"
     offsets = np.cumsum([0] + [len(b) for b in strs]).astype(np.int32)
     arr = pa.Array.from_buffers(pa.string(), len(strs), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(strs))])
-    pq.write_table(pa.table({"token_id": t.column("token_id"), "token_str": arr}, schema=schema.VOCAB), run_dir / "vocab.parquet")
+    t = t.set_column(t.column_names.index("token_str"), "token_str", arr)  # the other columns (token_piece, token_bytes) as they were
+    pq.write_table(t.cast(schema.VOCAB), run_dir / "vocab.parquet")
     m = json.loads((run_dir / schema.MANIFEST).read_text())
     path = run_dir / "vocab.parquet"
     m["files"]["vocab.parquet"] = {"rows": len(strs), "bytes": path.stat().st_size, "sha256": rundir.sha256_file(path)}

@@ -9,6 +9,8 @@ identity and manifest version) and the selection.
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -23,13 +25,14 @@ MAX_POINTS = 20000
 
 
 @_figure(max_entries=32)
-def quality(run: Run, outliers: str) -> tuple[go.Figure, go.Figure]:
-    """CE recovered and explained variance per (SAE, model), outliers included or excluded."""
-    metrics = data.metrics(run)
+def quality(run: Run, outliers: str, source: str | None = None) -> tuple[go.Figure, go.Figure]:
+    """CE recovered and explained variance per (SAE, model), outliers included or excluded,
+    pooled or on one source's tokens."""
+    metrics = data.metrics(run, source)
     q = metrics[metrics["outliers"] == outliers]
     return (
         figures.quality_bars(q, "ce_recovered", "CE recovered", "CE recovered (1 = perfect)"),
-        figures.quality_bars(q, "explained_variance", "Explained variance", "explained variance (per token, mean)"),
+        figures.quality_bars(q, "explained_variance", "Explained variance", "explained_variance (sae_lens, pooled)"),
     )
 
 
@@ -42,27 +45,72 @@ def resid(run: Run) -> dict[str, go.Figure]:
     return out
 
 
+def detection_floor(run: Run, sae: str, source: str | None = None) -> tuple[float | None, int | None]:
+    """log10(floor density + 1e-10) of the paired test's detection floor (the fewest firings on
+    one model, none on the other, that can be called died or woke) and the floor in firings;
+    (None, None) when the run has no significance summary for this SAE (and source)."""
+    summ = run.manifest.get("summary") or {}
+    summ = summ if isinstance(summ, dict) else {}
+    if source:
+        sig = ((summ.get("by_source") or {}).get(sae) or {}).get(source)
+        n_counted = (run.manifest.get("sources") or {}).get(source)
+    else:
+        sig = (summ.get("significance") or {}).get(sae)
+        n_counted = run.manifest.get("n_counted_tokens")
+    floor = sig.get("detection_floor") if isinstance(sig, dict) else None
+    if not isinstance(floor, (int, float)) or isinstance(floor, bool) or floor <= 0:
+        return None, None
+    if not isinstance(n_counted, (int, float)) or isinstance(n_counted, bool) or n_counted <= 0:
+        return None, None
+    return math.log10(floor / n_counted + 1e-10), int(floor)
+
+
 @_figure(max_entries=32)
-def similarity(run: Run, sae: str, exclude_both_dead: bool) -> dict[str, go.Figure]:
-    """The Similarity page's figures (the same queries as its captions, webapp.data)."""
-    kw = dict(exclude_both_dead=exclude_both_dead)
+def similarity(run: Run, sae: str, exclude_both_dead: bool, source: str | None = None) -> dict[str, go.Figure]:
+    """The Similarity page's figures (the same queries as its captions, webapp.data), pooled or
+    on one source's tokens (logit similarity does not depend on tokens)."""
+    kw = dict(exclude_both_dead=exclude_both_dead, source=source)
     eps = (run.config.get("thresholds") or {}).get("act_error_eps", 1e-10)
     try:
         eps_text = f"{float(eps):g}"
     except (TypeError, ValueError):
         eps_text = "eps"
     pts = data.scatter_sample(run, sae, MAX_POINTS, **kw)
+    floor, n_floor = detection_floor(run, sae, source)
     return {
         "act": figures.binned_histogram(data.histogram(run, sae, "act_similarity", SIM_BINS, -1.0, 1.0, **kw), "Activation similarity", "Pearson r over tokens (base vs finetuned)", "features"),
-        "logit": figures.binned_histogram(data.histogram(run, sae, "logit_similarity", SIM_BINS, **kw), "Logit similarity", "Pearson r over the vocabulary", "features"),
+        "logit": figures.binned_histogram(data.histogram(run, sae, "logit_similarity", SIM_BINS, exclude_both_dead=exclude_both_dead), "Logit similarity", "Pearson r over the vocabulary", "features"),
         "error": figures.binned_histogram(data.histogram(run, sae, "act_error", SIM_BINS, **kw), "Activation error", f"mean |Δ log10(f + {eps_text})| over tokens", "features"),
         "density": figures.two_model_histogram(
             {m: data.histogram(run, sae, f"density_{m}", SIM_BINS, -10.0, 0.0, log_density=True, **kw) for m in figures.MODELS},
             "Log-density histograms", "log10(density + 1e-10)  (−10 = never fires)",
         ),
-        "scatter": figures.density_scatter(pts, data.density_regression(run, sae)),
+        # the line is the fit over the features alive on both models: the dead sentinel at -10 stays out
+        "scatter": figures.density_scatter(pts, data.density_regression(run, sae, alive_on_both=True, source=source), floor=floor,
+                                           floor_label=f"detection floor: {n_floor} firings" if floor is not None else ""),
         "parcoords": figures.parallel_coordinates(pts),
     }
+
+
+@_figure(max_entries=32)
+def kl(run: Run, source: str | None = None) -> dict[str, go.Figure]:
+    """Where the models' predictions differ: mean KL and loss difference by source and by position."""
+    return {"source": figures.kl_by_source(data.kl_by_source(run)), "position": figures.kl_by_position(data.kl_by_position(run, source))}
+
+
+@_figure(max_entries=8)
+def separation(run: Run, chosen: str | None) -> dict[str, go.Figure]:
+    """How well each matching score separates the seed twin's assigned pairs from random pairs:
+    the ROC of every score ("roc") and one histogram per score (by score name)."""
+    sep = data.score_separation(run)
+    return {"roc": figures.roc_curves(sep, chosen), **{str(k): figures.score_separation(sep, k) for k in dict.fromkeys(sep["score"])}}
+
+
+@_figure(max_entries=256)
+def baseline(run: Run, score: str, which: str, threshold: float) -> go.Figure | None:
+    """Born or lost rate over the match threshold with the seed twin's curve; None without curves."""
+    curves = data.baseline(run, score)
+    return figures.baseline_curves(curves, which, threshold) if len(curves) else None
 
 
 @_figure(max_entries=256)

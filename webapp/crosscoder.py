@@ -15,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer import crosscoder_store as cs
+from explorer.render import inert
 from webapp import state
 from webapp.state import HASH_FUNCS, QueryParamError, Run
 
@@ -109,7 +110,7 @@ def page_params(run: Run, latent: int | None = None, bands: cs.Bands | None = No
 
 
 def latent_link(run: Run, latent: int, label: str, bands: cs.Bands | None = None, **kw: Any) -> None:
-    st.page_link(PAGE, label=label, query_params=page_params(run, latent, bands), icon=":material/open_in_new:", **kw)
+    st.page_link(PAGE, label=inert(label), query_params=page_params(run, latent, bands), icon=":material/open_in_new:", **kw)
 
 
 def feature_links(run: Run, sae: str, feature_id: int) -> None:
@@ -120,7 +121,7 @@ def feature_links(run: Run, sae: str, feature_id: int) -> None:
 
     side = "base" if sae == "base_sae" else "finetuned"
     st.markdown("### Nearest crosscoder latents")
-    st.caption(f"By cosine of this feature's decoder with the latent's {side} decoder row. Relative norm ||d_F|| / (||d_B|| + ||d_F||): ~0 base-only, ~1 finetune-only.")
+    st.caption(f"By cosine of this feature's decoder with the latent's {inert(side)} decoder row. Relative norm ||d_F|| / (||d_B|| + ||d_F||): ~0 base-only, ~1 finetune-only.")
     df = feature_links_table(run, sae, feature_id)
     if df.empty:
         st.caption("No crosscoder latent is linked to this feature.")

@@ -20,6 +20,12 @@ live-probe page relies on it):
     sae_picker(run, key, container=st, resets=()) -> str
         The SAE selectbox bound to `?sae=` (webapp.urlstate), with sae_param's warning.
 
+    run_sources(run) -> list[str]; source_param(run) -> str | None
+    source_picker(run, key, resets=()) -> str | None
+        The run's source labels (manifest `sources`); the source named by `?source=` (None:
+        all sources pooled; an unknown one gets a warning); the sidebar's source selectbox
+        bound to `?source=` (drawn when the run has two sources or more).
+
     feature_param(run, sae, key="feature") -> int | None
         The feature id in `?feature=`; None when absent. Non-numeric, negative, out-of-range
         or huge values show a friendly st.error and return None.
@@ -156,7 +162,7 @@ def _on_run_change() -> None:
     if chosen:
         st.session_state[_RUN_STATE] = chosen
         # a feature id of one run means nothing in another
-        st.query_params.from_dict({RUN_PARAM: chosen})  # every other selection is the old run's
+        st.query_params.from_dict({RUN_PARAM: chosen})  # every other selection (sae, feature, source, ...) is the old run's
 
 
 def _leave_pages_dir_mode() -> None:
@@ -331,6 +337,41 @@ def sae_picker(run: Run, key: str, container: Any = st, resets: tuple[str, ...] 
     return urlstate.widget(
         container.selectbox, SAE_PARAM, "SAE", saes, key=key, default=default, codec=urlstate.choice(saes), resets=resets, always=True,
         invalid=lambda raw, _: _unknown_sae(run, raw, default), format_func=lambda s: SAE_LABELS.get(s, s), **kwargs,
+    )
+
+
+SOURCE_PARAM = "source"
+ALL_SOURCES = "all sources"
+
+
+def run_sources(run: Run) -> list[str]:
+    """The run's source labels (the manifest's `sources`), sorted."""
+    src = run.manifest.get("sources") or {}
+    return sorted(str(s) for s in src) if isinstance(src, dict) else []
+
+
+def _unknown_source(run: Run, raw: Any) -> str:
+    return f"Source {_clip(raw)} is not in run {run.run_id!r} (it has {', '.join(run_sources(run)) or 'none'}); showing all sources."
+
+
+def source_param(run: Run, key: str = SOURCE_PARAM) -> str | None:
+    """The source named by `?source=` (None: all sources pooled); an unknown one gets a warning
+    and is removed from the URL."""
+    return urlstate.read(key, urlstate.choice(run_sources(run)), None, invalid=lambda raw, _: _unknown_source(run, raw))
+
+
+def source_picker(run: Run, key: str, resets: tuple[str, ...] = ()) -> str | None:
+    """The sidebar's source selectbox ("all sources" first), bound to `?source=` (webapp.urlstate;
+    `resets`: the page's pager parameters); returns the source, or None for all sources pooled.
+    A run with fewer than two sources draws no picker (a `?source=` still applies). `key`: one
+    per page (a widget key shared by two pages loses its value when the page changes)."""
+    sources = run_sources(run)
+    if len(sources) < 2:
+        return source_param(run)
+    return urlstate.widget(
+        st.sidebar.selectbox, SOURCE_PARAM, "Source", [None, *sources], key=key, default=None, codec=urlstate.choice(sources), resets=resets,
+        invalid=lambda raw, _: _unknown_source(run, raw), format_func=lambda s: ALL_SOURCES if s is None else s,
+        help="Every statistic on this page on one source's tokens alone, or pooled over all.",
     )
 
 

@@ -182,6 +182,23 @@ def inline_examples(run: Run, sae: str, ids: tuple[int, ...], model: str) -> dic
     return out
 
 
+@st.cache_data(show_spinner=False, hash_funcs=HASH_FUNCS, max_entries=256)
+def kl_context_blocks(run: Run, limit: int, offset: int, source: str | None = None) -> list[str]:
+    """The Where-the-models-differ page's contexts (data.kl_contexts, same order), one HTML block
+    each: the window (grouped tokens, hover titles) shaded by the KL of the prediction made at each
+    token, the predicting token outlined, with the stylesheet."""
+    df, _ = data.kl_contexts(run, limit, offset, source)
+    out = []
+    for r in df.itertuples(index=False):
+        tokens, titles = data.window_strings(run, r.token_ids)
+        kl = [float(v) if v is not None and math.isfinite(float(v)) else 0.0 for v in r.kl_window]
+        focus = int(r.position) - int(r.window_start)
+        peak = max(kl, default=0.0) or 1.0
+        cap = f"#{int(r.rank) + 1} · {r.source} · seq {int(r.seq_id)} pos {int(r.position)} · KL {float(r.kl):.3g} nats · loss_finetuned − loss_base {float(r.loss_diff):+.3g}"
+        out.append(render.CSS + render.example_block(tokens, {"KL": kl}, peak, focus=focus, caption=cap, titles=titles, grouped=True))  # caption: escaped
+    return out
+
+
 def pager(param: str, n_rows: int, page_size: int) -> int:
     """Page controls (st.pagination) bound to query parameter `param` (1-based page number;
     a page past the end falls back to page 1); returns the 0-based row offset. The widgets
