@@ -18,6 +18,7 @@ counted), then --n times per view:
     feature (new)                       a feature this server has not shown before (its examples,
                                         histogram and neighbours are read and drawn)
     live_probe (same)                   the page again (the probe of its prompt cached)
+    differences / crosscoder            the page again (crosscoder: runs with one)
 
 Goal (issue 13): each page at most 300 ms warm. Results: a table on stdout and
 benchmarks/results/b9.json (every sample, the load before and after).
@@ -61,7 +62,7 @@ class _Cpu:
         return d
 
 
-async def measure(url: str, run_id: str, d_sae: int, n: int, seed: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+async def measure(url: str, run_id: str, d_sae: int, n: int, seed: int, crosscoder: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     rng = np.random.default_rng(seed)
     out: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
@@ -77,7 +78,8 @@ async def measure(url: str, run_id: str, d_sae: int, n: int, seed: int) -> tuple
 
     fresh = iter(rng.permutation(d_sae).tolist())
     async with Session(url, timeout=600) as s:
-        for page in ("", "features", "feature", "dead-born", "similarity", "live_probe"):  # cold, not counted
+        extra = ("differences", *(("crosscoder",) if crosscoder else ()))
+        for page in ("", "features", "feature", "dead-born", "similarity", "live_probe", *extra):  # cold, not counted
             r = await s.open(page, f"run={run_id}&sae=base_sae&feature={next(fresh)}")
             if r.errors:
                 raise SystemExit(f"cold /{page}: {r.errors}")
@@ -93,6 +95,8 @@ async def measure(url: str, run_id: str, d_sae: int, n: int, seed: int) -> tuple
             add("feature (same)", await s.open("feature", f"run={run_id}&sae=base_sae&feature=3"))
             add("feature (new)", await s.open("feature", f"run={run_id}&sae=base_sae&feature={next(fresh)}"))
             add("live_probe (same)", await s.open("live_probe", f"run={run_id}"))
+            for page in extra:
+                add(page, await s.open(page, f"run={run_id}"))
     return out, cpu
 
 
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=15, help="samples per view")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a 120-feature synthetic run in a temp dir (its live probe cannot load models: skipped)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "b7.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "b9.json")
     a = ap.parse_args(argv)
     cmdline = ("python benchmarks/b9_page_script.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     from explorer import rundir
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     with streamlit_server(runs_dir=run.resolve().parent, timeout=180) as url:
         samples, cpu = asyncio.run(measure_smoke(url, run.name, int(manifest["d_sae"]["base_sae"]), a.n, a.seed) if a.smoke
-                                   else measure(url, run.name, int(manifest["d_sae"]["base_sae"]), a.n, a.seed))
+                                   else measure(url, run.name, int(manifest["d_sae"]["base_sae"]), a.n, a.seed, "crosscoder.parquet" in manifest.get("files", {})))
     load_after = loadavg()
     summary = {
         v: {"median_ms": statistics.median(x), "p95_ms": float(np.percentile(x, 95)), "max_ms": max(x), "n": len(x), "meets_goal": float(np.percentile(x, 95)) <= GOAL_MS,
