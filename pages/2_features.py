@@ -2,6 +2,8 @@
 (store.FeatureTable, loaded once per run and SAE; one page of rows reaches the browser).
 Every selection is in the URL (webapp.urlstate). Selecting a row opens its feature page."""
 
+import shlex
+
 import streamlit as st
 
 from explorer import features_view, figures, render, schema, store
@@ -125,24 +127,15 @@ with state.guard():
     table(flt, n)
 
     d1, d2, d3 = st.columns([1, 1, 2])
-    d1.download_button(
-        f"Download the {n:,} matching rows as CSV",
-        data=lambda: data.features_export(run, sae, flt, sort_by, descending, source, "csv"),
-        file_name=f"{run.run_id}_{sae}_features.csv",
-        mime="text/csv",
-        on_click="ignore",
-        key="features_csv",
-        icon=":material/download:",
-        help="Text cells that begin with =, +, -, @, a tab or a carriage return get a leading ' so that spreadsheets show them as text, never run them as formulas.",
-    )
-    d2.download_button(
-        "… or as Parquet",
-        data=lambda: data.features_export(run, sae, flt, sort_by, descending, source, "parquet"),
-        file_name=f"{run.run_id}_{sae}_features.parquet",
-        mime="application/vnd.apache.parquet",
-        on_click="ignore",
-        key="features_parquet",
-        icon=":material/download:",
-        help="The same rows and columns with their types (zstd-compressed Parquet).",
-    )
-    d3.caption("From the command line: `sae-transfer export features --run " + inert(run.run_id) + " --view '" + inert(features_view.FeaturesView(sae, source, view_values).query()) + "' --out FILE.parquet`")
+    for col, fmt, label, mime, tip in (
+        (d1, "csv", f"Download the {n:,} matching rows as CSV", "text/csv",
+         "Text cells that begin with =, +, -, @, a tab or a carriage return get a leading ' so that spreadsheets show them as text, never run them as formulas."),
+        (d2, "parquet", "… or as Parquet", "application/vnd.apache.parquet", "The same rows and columns with their types (zstd-compressed Parquet)."),
+    ):
+        col.download_button(
+            label, data=lambda fmt=fmt: data.features_export(run, sae, flt, sort_by, descending, source, fmt), file_name=f"{run.run_id}_{sae}_features.{fmt}",
+            mime=mime, on_click="ignore", key=f"features_{fmt}", icon=":material/download:", help=tip,
+        )
+    with d3:  # the same rows from the command line (st.code shows its text as it is)
+        st.code(f"sae-transfer export features --run {shlex.quote(run.run_id)} --view {shlex.quote(features_view.FeaturesView(sae, source, view_values).query())} --out FILE.parquet",
+                language="bash", wrap_lines=True)

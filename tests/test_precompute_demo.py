@@ -34,7 +34,10 @@ def test_shipped_demo_run_is_current():
     assert manifest["config"] == cfg.with_hook(manifest["config"]["hook"]).to_dict(), "the shipped run was made from another config"
     assert set(manifest["files"]) == set(schema.TABLES)
     size = sum(p.stat().st_size for p in DEMO_RUN.iterdir() if p.is_file())
-    assert size < 15 * 2**20, f"data/runs/demo is {size / 2**20:.1f} MiB"
+    # the repository carries it (and every rebuild in its history): 24 MiB, of which about 5 MiB is
+    # the per-token KL and loss difference of the 499,200 tokens (tokens.parquet) and about 10 MiB
+    # the examples of ~2,000 alive features per SAE and model
+    assert size < 24 * 2**20, f"data/runs/demo is {size / 2**20:.1f} MiB"
 
 
 def test_readme_links_stay_inside_the_repository():
