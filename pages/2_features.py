@@ -133,8 +133,8 @@ with state.guard():
         (d2, "parquet", "… or as Parquet", "application/vnd.apache.parquet", "The same rows and columns with their types (zstd-compressed Parquet)."),
     ):
         col.download_button(
-            label, data=lambda fmt=fmt: data.features_export(run, sae, flt, sort_by, descending, source, fmt), file_name=f"{run.run_id}_{sae}_features.{fmt}",
-            mime=mime, on_click="ignore", key=f"features_{fmt}", icon=":material/download:", help=tip,
+            inert(label), data=lambda fmt=fmt: data.features_export(run, sae, flt, sort_by, descending, source, fmt), file_name=f"{run.run_id}_{sae}_features.{fmt}",
+            mime=mime, on_click="ignore", key=f"features_{fmt}", icon=":material/download:", help=inert(tip),
         )
     with d3:  # the same rows from the command line (st.code shows its text as it is)
         st.code(f"sae-transfer export features --run {shlex.quote(run.run_id)} --view {shlex.quote(features_view.FeaturesView(sae, source, view_values).query())} --out FILE.parquet",

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1; see README before exposing it)")
     a.add_argument("--runs-dir", metavar="DIR", help="the folder of runs (default: $SAE_EXPLORER_RUNS_DIR, else the repository's data/runs)")
 
-    d = sub.add_parser("demo", help="rebuild the demo pair (seeded; about 40 minutes on 2 CPU cores)", add_help=False)
+    d = sub.add_parser("demo", help="rebuild the demo pair (seeded; about 2 hours on 2 CPU cores)", add_help=False)
     del d
 
     e = sub.add_parser("export", help="export a run (Neuronpedia bundles, a features view as CSV or Parquet)")

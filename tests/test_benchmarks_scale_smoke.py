@@ -32,7 +32,7 @@ def test_b3_config_is_the_demo_config_with_our_token_count(tmp_path):
     ref = RunConfig.from_toml(REPO / "configs" / "demo.toml")
     assert got.run_id == "b3-x"
     assert got.sample.n_tokens == 51200 and got.sample.context_size == 128
-    assert set(got.saes) == set(ref.saes) == {"base_sae", "finetuned_sae"}
+    assert set(got.saes) == set(ref.saes) == {"base_sae", "finetuned_sae", "base_sae_twin"}
     assert Path(got.models["base"].path) == Path("/somewhere/demo/base")
     assert Path(got.saes["finetuned_sae"].path) == Path("/somewhere/demo/saes/finetuned_sae")
     assert got.examples == ref.examples and got.thresholds == ref.thresholds
