@@ -11,8 +11,8 @@ Steps, each timed:
      encode matmuls) over the first --limit-tokens tokens on the device: tokens/s;
   3. ours: the precompute (both SAEs on both models) in a child process on the device, with
      nvidia-smi sampling utilisation and memory every 200 ms in the background; models and SAEs
-     are cast to --dtype after loading (the CLI's own --dtype comes with the own-models issue;
-     when `python -m precompute run --help` lists it, the CLI is used with it instead).
+     run in --dtype through the CLI's own --dtype (an older CLI without it: cast after loading,
+     in-process); the run's manifest says what it used (`loading.dtype`, in the result as `run_dtype`).
 Printed and written to benchmarks/results/gpu_check.json (or --out): tokens/s of the stream, GPU
 utilisation during the stream (mean and median of the samples inside the stream's window),
 peak GPU memory (nvidia-smi's memory.used, and torch's max_memory_allocated in our child), the
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "loadavg": list(os.getloadavg()), "smoke": smoke, "device": device, "dtype": a.dtype,
         "pair": json.loads((pair / "PAIR.json").read_text())["settings"], "n_tokens": n_tokens, "timings": timings,
         "limit": limit, "limit_tokens_per_second": limit_tps,
-        "ours": ours, "ours_timing": t, "stream_tokens_per_second": stream_tps,
+        "ours": ours, "ours_timing": t, "stream_tokens_per_second": stream_tps, "run_dtype": (man.get("loading") or {}).get("dtype"),
         "stream_over_bare_forward": limit_tps / stream_tps,
         "gpu_util_samples_in_stream": len(inside),
         "gpu_util_mean": statistics.mean(s[1] for s in inside) if inside else None,

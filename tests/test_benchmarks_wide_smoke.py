@@ -91,8 +91,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert res["ours_timing"]["stream_tokens"] == res["n_tokens"] and res["limit"]["n_tokens"] > 0
     assert res["stream_over_bare_forward"] == pytest.approx(res["limit_tokens_per_second"] / res["stream_tokens_per_second"])
     assert "10M tokens extrapolated" in proc.stdout
-    manifest = json.loads((tmp_path / "work" / "runs" / "gpu-check" / "manifest.json").read_text())
-    assert manifest["loading"]["dtype"] == "bfloat16" and manifest["config"]["models"]["dtype"] == "bfloat16"  # the models ran in bf16 (the CLI's --dtype)
+    assert res["run_dtype"] == "bfloat16" and res["ours"]["via"] == "cli --dtype"  # the models ran in bf16 (the run's manifest: loading.dtype)
 
 
 def test_b8_smoke(tiny_pair, tmp_path):
