@@ -27,6 +27,7 @@ def pages(run: str, sae: str, feature: int) -> dict[str, str]:
         "dead_born": f"/dead-born?run={run}",
         "similarity": f"/similarity?run={run}&sae={sae}",
         "live_probe": f"/live_probe?run={run}",
+        "differences": f"/differences?run={run}",
         # widened bands (the demo crosscoder has no latent beyond 0.37-0.64) and its most finetune-leaning latent
         "crosscoder": f"/crosscoder?run={run}&base_only_max=0.42&shared_min=0.48&shared_max=0.52&finetune_only_min=0.58&latent=81",
     }
