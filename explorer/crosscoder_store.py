@@ -185,3 +185,22 @@ def feature_links(run_dir: Path | str, sae: str, feature_id: int) -> pd.DataFram
                          filters=[("feature_id", "in", [int(x) for x in df["latent_id"]])]).to_pandas()
     info = info.rename(columns={"feature_id": "latent_id"})
     return df.merge(info, on="latent_id", how="left")
+
+
+class LinksIndex:
+    """crosscoder_links.parquet in memory (one small table per run: a few rows per SAE feature),
+    with each latent's relative norm and density: `links(sae, feature_id)` answers what
+    `feature_links` answers without two filtered Parquet reads per feature page."""
+
+    def __init__(self, run_dir: Path | str):
+        links = pq.read_table(Path(run_dir) / LINKS_FILE).to_pandas()
+        info = pq.read_table(Path(run_dir) / LATENTS_FILE, columns=["feature_id", "relative_norm", "density"]).to_pandas()
+        df = links.merge(info.rename(columns={"feature_id": "latent_id"}), on="latent_id", how="left")
+        df = df.sort_values(["sae", "feature_id", "rank"], kind="stable").reset_index(drop=True)
+        self.columns = list(df.columns)
+        self._empty = df.iloc[0:0]
+        self._by = {key: g.reset_index(drop=True) for key, g in df.groupby(["sae", "feature_id"], sort=False)}
+
+    def links(self, sae: str, feature_id: int) -> pd.DataFrame:
+        g = self._by.get((sae, int(feature_id)))
+        return (self._empty if g is None else g).copy()

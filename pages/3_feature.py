@@ -202,9 +202,15 @@ with state.guard():
                 with st.expander(f"{len(cands):d} candidate matches"):
                     st.dataframe(cands, hide_index=True, column_config={"other_feature_id": st.column_config.NumberColumn("feature", format="%d")})
 
-    # ---- this feature and its best match in the other SAE, side by side
+    # ---- this feature and its best match in the other SAE, side by side: drawn for a born or lost
+    # feature (its best match scores below the run's match threshold), on request for the others
     other = ui.OTHER_SAE[sae]
-    if other in run.saes and row.get("match_feature_id") is not None:
+    match_thr = float((run.config.get("thresholds") or {}).get("match", 0.5))
+    unmatched = not (ui.num(row.get("match_score"), float("nan")) >= match_thr)
+    if other in run.saes and row.get("match_feature_id") is not None and (unmatched or urlstate.widget(
+        st.toggle, "pair", f"Show it side by side with its best match (which scores at least the run's threshold, {match_thr:g})",
+        key="feature_pair", default=False, codec=urlstate.flag(),
+    )):
         mid = int(row["match_feature_id"])
         own = {"base_sae": "base", "finetuned_sae": "finetuned"}
         st.markdown(f"### Side by side: this feature and its best match ({figures.SAE_LABELS[other]} feature {mid:d})")

@@ -162,7 +162,9 @@ def test_differences_page_lists_contexts_with_linked_features(app, runs):
 
 def test_feature_page_significance_per_source_and_side_by_side(app, runs):
     feats = pd.read_parquet(runs / "twin" / "features.parquet")
-    row = feats[(feats.sae == "base_sae") & feats.match_feature_id.notna() & (feats.count_base > 0)].iloc[0]
+    thr = json.loads((runs / "twin" / "manifest.json").read_text())["config"]["thresholds"]["match"]
+    matched = feats[(feats.sae == "base_sae") & feats.match_feature_id.notna() & (feats.count_base > 0)]
+    row = matched[~(matched.match_score >= thr)].iloc[0]  # lost: its best match scores below the threshold
     at = app("feature", run="twin", sae="base_sae", feature=int(row.feature_id))
     _ok(at)
     m = _metrics(at)
@@ -176,3 +178,11 @@ def test_feature_page_significance_per_source_and_side_by_side(app, runs):
     links = [l.proto.query_string for l in at.get("page_link")]
     assert any(f"sae=finetuned_sae&feature={int(row.match_feature_id)}" in q for q in links)
     assert "### Logit effect: W_dec[i] @ (W_U(finetuned) − W_U(base))" in md
+    # a feature whose best match clears the threshold: the side by side only on request (?pair=1)
+    kept = matched[matched.match_score >= thr].iloc[0]
+    at = app("feature", run="twin", sae="base_sae", feature=int(kept.feature_id))
+    _ok(at)
+    assert not any(x.value.startswith("### Side by side") for x in at.markdown)
+    at.toggle(key="feature_pair").set_value(True).run()
+    _ok(at)
+    assert any(x.value.startswith("### Side by side") for x in at.markdown) and at.query_params.get("pair") in ("1", ["1"])

@@ -634,3 +634,19 @@ def test_shipped_crosscoder_fits_the_demo_and_its_report_reproduces(shipped_demo
     assert got["base"]["explained_variance"] == pytest.approx(last["eval_fve_base"], abs=1e-4)
     assert got["finetuned"]["explained_variance"] == pytest.approx(last["eval_fve_finetuned"], abs=1e-4)
     assert min(last["eval_fve_base"], last["eval_fve_finetuned"]) > 0.7
+
+
+def test_the_in_memory_links_index_answers_what_the_file_reads_answer():
+    """webapp's LinksIndex (loaded once per run) against cs.feature_links (two filtered reads per
+    feature) for every feature of both SAEs of the shipped run."""
+    run = Path(__file__).resolve().parent.parent / "data" / "runs" / "demo"
+    idx = cs.LinksIndex(run)
+    d_sae = json.loads((run / "manifest.json").read_text())["d_sae"]
+    n_linked = 0
+    for sae in ("base_sae", "finetuned_sae"):
+        for fid in range(0, int(d_sae[sae]), 7):
+            want = cs.feature_links(run, sae, fid)
+            got = idx.links(sae, fid)
+            n_linked += len(got) > 0
+            pd.testing.assert_frame_equal(got.reset_index(drop=True), want[got.columns].reset_index(drop=True), check_dtype=False)
+    assert n_linked > 100

@@ -54,9 +54,14 @@ def latent_examples(run: Run, ids: tuple[int, ...], kind: str | None = None, ran
     return cs.latent_examples(run.dir, ids, kind, rank)
 
 
-@_cache(max_entries=1024)
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _links_index(path: str, token: tuple[int, int]) -> cs.LinksIndex:
+    return cs.LinksIndex(path)
+
+
 def feature_links_table(run: Run, sae: str, feature_id: int) -> pd.DataFrame:
-    return cs.feature_links(run.dir, sae, feature_id)
+    """The crosscoder latents nearest to one SAE feature, from the run's links held in memory."""
+    return _links_index(run.path, run.token).links(sae, feature_id)
 
 
 def default_bands(run: Run) -> cs.Bands:
