@@ -626,7 +626,7 @@ class FeatureTable:
 
     def csv(self, flt: FeatureFilter = FeatureFilter(), sort_by: str = "feature_id", descending: bool = False) -> bytes:
         """Every matching row (table columns), in order, as formula-safe CSV (`csv_bytes`)."""
-        return csv_bytes(self.page(flt, sort_by, descending, self.n, 0))
+        return csv_bytes(self.matching(flt, sort_by, descending).to_pandas())
 
 
 class SearchIndex:

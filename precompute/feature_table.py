@@ -32,14 +32,6 @@ def _search_form(token: str) -> str:
     return token.strip().replace(" ", "\u2423") or token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423")
 
 
-def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
-    """Each token id's display form alone (explorer/tokens.py: SentencePiece's `▁` as a space,
-    partial UTF-8 bytes as \\xNN); ids past the tokenizer: '<id N>'."""
-    from explorer.tokens import vocab_from_tokenizer
-
-    return vocab_from_tokenizer(tokenizer, d_vocab).strs
-
-
 def _density_columns(prep: Prepared, state: PassState, s: str, cols: dict, summary: dict) -> None:
     """The per-feature statistics (schema.PER_SOURCE_COLUMNS) pooled over sources, and their counts."""
     cols.update(per_feature(prep, state, s, None))
