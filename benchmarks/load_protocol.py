@@ -65,7 +65,8 @@ def loadavg() -> str:
 
 
 def server_pid(port: int) -> int | None:
-    """The streamlit process serving `port` (found by its command line)."""
+    """The process serving `port` (found by its command line): `streamlit run`, or the balancer of
+    `sae-transfer app --workers N` (whose workers are its children, tree_pids)."""
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -73,9 +74,36 @@ def server_pid(port: int) -> int | None:
             cmd = (p / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"streamlit" in b" ".join(cmd) and str(port).encode() in cmd:
+        joined = b" ".join(cmd)
+        if (b"streamlit" in joined or b"sae_transfer" in joined) and str(port).encode() in cmd:
             return int(p.name)
     return None
+
+
+def tree_pids(pid: int | None) -> list[int]:
+    """`pid` and every process descended from it (the workers of `sae-transfer app --workers N`)."""
+    if pid is None:
+        return []
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        out.append(q)
+        todo += children.get(q, [])
+    return out
+
+
+def tree_cpu_seconds(pids: list[int]) -> float | None:
+    vals = [cpu_seconds(p) for p in pids]
+    return None if not vals or any(v is None for v in vals) else sum(vals)
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -168,15 +196,16 @@ async def warm_up(url: str, run_id: str, d_sae: dict[str, int]) -> None:
 
 
 async def drive(url: str, args, run_id: str, d_sae: dict[str, int]) -> dict:
-    await warm_up(url, run_id, d_sae)
-    pid = server_pid(int(url.rsplit(":", 1)[1])) if url.startswith("http://127.0.0.1:") else None
-    load_before, cpu_before, client_before = loadavg(), cpu_seconds(pid), cpu_seconds(os.getpid())
+    # one warm-up session per worker, open together: the balancer gives each its own worker
+    await asyncio.gather(*(warm_up(url, run_id, d_sae) for _ in range(max(1, args.workers))))
+    pids = tree_pids(server_pid(int(url.rsplit(":", 1)[1])) if url.startswith("http://127.0.0.1:") else None)
+    load_before, cpu_before, client_before = loadavg(), tree_cpu_seconds(pids), cpu_seconds(os.getpid())
     t_start = time.monotonic()
     deadline = t_start + args.duration
     clients = [Client(i, url, run_id, d_sae, deadline, args, random.Random(args.seed * 1000 + i)) for i in range(args.sessions)]
     await asyncio.gather(*(c.run() for c in clients))
     wall = time.monotonic() - t_start
-    cpu_after = cpu_seconds(pid)
+    cpu_after = tree_cpu_seconds(pids)
     client_after = cpu_seconds(os.getpid())
     return {"records": [r for c in clients for r in c.records], "wall_s": wall, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "server_cpu_s": None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
@@ -193,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None, help="runs dir for the server (default: data/runs)")
     ap.add_argument("--run", default="demo", help="run id to drive")
     ap.add_argument("--url", default=None, help="drive this running server instead of starting one")
+    ap.add_argument("--workers", type=int, default=1, help="serve with `sae-transfer app --workers N` (N Streamlit processes behind one port)")
     ap.add_argument("--action-timeout", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -213,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from tests.browser_utils import streamlit_server
 
-        with streamlit_server(runs_dir=runs, timeout=180) as url:
+        with streamlit_server(runs_dir=runs, timeout=180, workers=args.workers) as url:
             res = asyncio.run(drive(url, args, args.run, d_sae))
     records = res.pop("records")
     summary = summarize(records)
@@ -222,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "load (server): concurrent sessions over Streamlit's websocket protocol",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": cmdline.strip(),
-        "sessions": args.sessions, "duration_s": args.duration, "run": args.run,
+        "sessions": args.sessions, "duration_s": args.duration, "run": args.run, "workers": args.workers,
         "think_s": [args.think_min, args.think_max], "weights": dict(zip(ACTIONS, WEIGHTS)),
         "client": "tests/st_protocol.py: one websocket per session, one asyncio process",
         "machine": machine(), **res,

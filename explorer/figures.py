@@ -106,15 +106,38 @@ def resid_by_position(df: pd.DataFrame) -> go.Figure:
                         "Residual similarity by position", "context position (0 = BOS)", "mean cosine")
 
 
+def _fast_figure(traces: list[dict], layout: dict) -> go.Figure:
+    """A figure from plain dicts and lists, not validated property by property: go.Figure's
+    validation is most of building a small figure (the activation histogram: 19 ms validated,
+    1.5 ms not). Used for the feature page's figure, built once for every feature a reader
+    opens; tests/test_figures_fast.py checks that plotly's validation accepts each one and
+    changes nothing in its JSON."""
+    return go.Figure({"data": traces, "layout": layout}, _validate=False)
+
+
+def _layout_dict(title: str | None, x: str, y: str, height: int = 320, **kw) -> dict:
+    """What `_layout` sets, as a plain layout dict."""
+    return {
+        "title": {"text": _safe(title) if title else None, "font": {"size": 15}},
+        "xaxis": {"title": {"text": x}},
+        "yaxis": {"title": {"text": y}},
+        "height": height,
+        "margin": {"l": 60, "r": 20, "t": 50 if title else 20, "b": 50},
+        "font": dict(FONT),
+        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1},
+        **kw,
+    }
+
+
 def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Sequence[int]], title: str = "Activation histogram",
                           quantile_bins: dict[str, Sequence[tuple[int, float, float]]] | None = None) -> go.Figure:
     """Counts of positive activations in log-spaced bins, both models overlaid.
 
     `quantile_bins` (model -> (bin, low, high) of the quantile examples' activation bins) are
     marked as dashed vertical lines at each bin's edges, in the model's colour; hovering a line
-    names its bin and range."""
+    names its bin and range. Built from plain dicts (`_fast_figure`)."""
     edges = np.asarray(edges, dtype=float)
-    fig = go.Figure()
+    traces: list[dict] = []
     top = 0
     for m in MODELS:
         counts = hist_by_model.get(m)
@@ -126,7 +149,18 @@ def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Seque
             continue
         top = max(top, int(counts.max()))
         lo, hi = max(nz[0] - 1, 0), min(nz[-1] + 2, len(counts))
-        fig.add_trace(_step(edges[:-1][lo:hi], edges[1:][lo:hi], counts[lo:hi], MODEL_COLORS[m], MODEL_LABELS[m], " tokens"))
+        left, right, c = edges[:-1][lo:hi], edges[1:][lo:hi], counts[lo:hi]
+        xs = np.empty(2 * len(left))
+        ys = np.empty(2 * len(left))
+        xs[0::2], xs[1::2] = left, right
+        ys[0::2], ys[1::2] = c, c
+        color = MODEL_COLORS[m]
+        rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
+        traces.append({
+            "type": "scatter", "x": xs.tolist(), "y": ys.tolist(), "mode": "lines", "name": MODEL_LABELS[m],
+            "line": {"color": color, "width": 2}, "fill": "tozeroy", "fillcolor": f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)",
+            "hovertemplate": "%{x:.3g}: %{y} tokens<extra>" + _safe(MODEL_LABELS[m]) + "</extra>",
+        })
     for m, bins in (quantile_bins or {}).items():
         xs, ys, text = [], [], []
         for b, low, high in sorted(bins):
@@ -134,16 +168,17 @@ def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Seque
                 if not (math.isfinite(x) and x > 0):
                     continue
                 label = f"quantile bin {int(b)}: [{low:.3g}, {high:.3g}]"
-                xs += [x, x, None]
+                xs += [float(x), float(x), None]
                 ys += [0, top or 1, None]
                 text += [label, label, None]
         if xs:
-            fig.add_trace(go.Scatter(
-                x=xs, y=ys, mode="lines", name=f"quantile bins ({MODEL_LABELS.get(m, m)})", text=text,
-                line=dict(color=MODEL_COLORS.get(m, NEUTRAL), dash="dot", width=1), hovertemplate="%{text}<extra></extra>",
-            ))
-    fig.update_xaxes(type="log")
-    return _layout(fig, title, "activation (SAE units, log scale)", "tokens", height=300)
+            traces.append({
+                "type": "scatter", "x": xs, "y": ys, "mode": "lines", "name": f"quantile bins ({MODEL_LABELS.get(m, m)})", "text": text,
+                "line": {"color": MODEL_COLORS.get(m, NEUTRAL), "dash": "dot", "width": 1}, "hovertemplate": "%{text}<extra></extra>",
+            })
+    layout = _layout_dict(title, "activation (SAE units, log scale)", "tokens", height=300)
+    layout["xaxis"]["type"] = "log"
+    return _fast_figure(traces, layout)
 
 
 def two_model_histogram(hists: dict[str, pd.DataFrame], title: str, x_title: str, y_title: str = "features") -> go.Figure:

@@ -30,6 +30,7 @@ tests/test_browser_inert.py checks the DOM in Chromium).
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import re
@@ -130,16 +131,20 @@ def _span(shown: str, text: str, title_repr: str, value: float, max_value: float
 
 def token_span(token: str, value: float, max_value: float, model: str = "base", focus: bool = False, title_prefix: str = "") -> str:
     """One highlighted token: background intensity = value / max_value in the model's colour."""
+    shown, text, title_repr = _prep(token)
+    return _span(shown, text, title_repr, value, max_value, MODEL_RGB.get(model, MODEL_RGB["base"]), focus, title_prefix)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _prep(token: str | None) -> tuple[str, str, str]:
+    """(display form, it escaped for HTML, its repr) of one token string: a vocabulary is finite
+    and a page repeats its tokens, so each string is made visible and escaped once per process."""
     shown = display_token(token)
-    return _span(shown, html.escape(shown, quote=True), repr(shown), value, max_value, MODEL_RGB.get(model, MODEL_RGB["base"]), focus, title_prefix)
+    return shown, html.escape(shown, quote=True), repr(shown)
 
 
 def _prepared(tokens: Sequence[str]) -> list[tuple[str, str, str]]:
-    out = []
-    for t in tokens:
-        shown = display_token(t)
-        out.append((shown, html.escape(shown, quote=True), repr(shown)))
-    return out
+    return [_prep(t) for t in tokens]
 
 
 def _highlight(prepared: Sequence[tuple[str, str, str]], values: Sequence[float], max_value: float, model: str, focus: int | None) -> str:
@@ -158,10 +163,17 @@ def highlight(
     out = []
     group: list[int] = []
     items = list(zip(tokens, values))
+    rgb = MODEL_RGB.get(model, MODEL_RGB["base"])
+    n = len(items)
     for i, (t, v) in enumerate(items):
-        group.append(i)
-        if grouped and t == "" and i + 1 < len(items):
+        if grouped and t == "" and i + 1 < n:
+            group.append(i)
             continue
+        if not group:  # one token (most of them): the span directly
+            shown, text, title_repr = _prep(t)
+            out.append(_span(shown, text, title_repr, float(v), max_value, rgb, focus == i, f"{titles[i]} · " if titles is not None else ""))
+            continue
+        group.append(i)
         vals = [float(items[j][1]) for j in group]
         finite = [x for x in vals if math.isfinite(x)]
         value = max(finite) if finite else float("nan")

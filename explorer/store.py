@@ -934,12 +934,79 @@ class MatchesIndex:
 # ---------------------------------------------------------------------------- examples
 
 
+class RowGroupCache:
+    """Decoded parquet row groups kept in memory, least recently used out, up to `budget_bytes`
+    (Arrow's `nbytes`). Keys carry the file's identity (path, mtime, size), so a rewritten file
+    is never answered from the old one. Thread-safe (Streamlit runs each session's script in
+    its own thread); two threads missing the same group both read it, and one copy is kept.
+
+    The app shares one (`ROW_GROUPS`): a feature page reads one row group of features.parquet,
+    of features_by_source.parquet and of examples.parquet, and the next feature a researcher
+    opens is mostly in the same ones (the demo's three files decode to ~60 MB in all)."""
+
+    def __init__(self, budget_bytes: int):
+        import threading
+        from collections import OrderedDict
+
+        self.budget_bytes = int(budget_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: "OrderedDict[tuple, pa.Table]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, read: Any) -> pa.Table:
+        with self._lock:
+            t = self._items.get(key)
+            if t is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return t
+        t = read()  # outside the lock: pyarrow's read releases the GIL
+        with self._lock:
+            self.misses += 1
+            if key in self._items:
+                return self._items[key]
+            size = int(t.nbytes)
+            if size > self.budget_bytes:
+                return t  # larger than the whole budget: served, not kept
+            self._items[key] = t
+            self.nbytes += size
+            while self.nbytes > self.budget_bytes:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= int(old.nbytes)
+            return t
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+
+def _cache_budget() -> int:
+    import os
+
+    raw = os.environ.get("SAE_EXPLORER_CACHE_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = 512.0
+    return int(max(0.0, mb) * 2**20)
+
+
+# The app's one row-group cache (SAE_EXPLORER_CACHE_MB, default 512; 0 turns it off).
+ROW_GROUPS = RowGroupCache(_cache_budget())
+
+
 @dataclass
 class ExamplesIndex:
-    """Row-group ranges of examples.parquet: which row groups can hold (sae, feature_id).
+    """Row-group ranges of a parquet file sorted by (sae, feature_id) (examples.parquet, and
+    features.parquet and features_by_source.parquet through `features_index`/`by_source_index`):
+    which row groups can hold (sae, feature_id).
 
     Built once per run from the parquet footer (no data read). `read(sae, ids)` then reads only
-    the candidate row groups and filters them exactly.
+    the candidate row groups and filters them exactly. With a `cache` (a RowGroupCache), each
+    row group is decoded once (all its columns) and kept there.
     """
 
     path: str
@@ -948,10 +1015,13 @@ class ExamplesIndex:
     sae_max: list[str] = field(repr=False)
     fid_min: np.ndarray = field(repr=False)
     fid_max: np.ndarray = field(repr=False)
+    cache: RowGroupCache | None = field(default=None, repr=False)
+    identity: tuple = field(default=(), repr=False)
 
     @classmethod
-    def open(cls, run_dir: Path | str, name: str = EXAMPLES_FILE) -> "ExamplesIndex":
+    def open(cls, run_dir: Path | str, name: str = EXAMPLES_FILE, cache: RowGroupCache | None = None) -> "ExamplesIndex":
         path = _path(run_dir, name)
+        st = Path(path).stat()
         md = pq.ParquetFile(path).metadata
         names = [md.schema.column(i).name for i in range(md.num_columns)]
         i_sae, i_fid = names.index("sae"), names.index("feature_id")
@@ -969,7 +1039,8 @@ class ExamplesIndex:
                 smax.append("\U0010ffff")
                 fmin.append(-(2**31))
                 fmax.append(2**31 - 1)
-        return cls(path, md, smin, smax, np.asarray(fmin, dtype=np.int64), np.asarray(fmax, dtype=np.int64))
+        return cls(path, md, smin, smax, np.asarray(fmin, dtype=np.int64), np.asarray(fmax, dtype=np.int64),
+                   cache if cache is not None and cache.budget_bytes > 0 else None, (path, st.st_mtime_ns, st.st_size))
 
     def row_groups(self, sae: str, ids: Sequence[int]) -> list[int]:
         ids = np.asarray(sorted(set(int(i) for i in ids)), dtype=np.int64)
@@ -981,6 +1052,14 @@ class ExamplesIndex:
         has = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] <= self.fid_max)
         return np.flatnonzero(sae_ok & has).tolist()
 
+    def _groups(self, groups: list[int], cols: list[str] | None) -> pa.Table:
+        if self.cache is None:
+            return pq.ParquetFile(self.path, metadata=self.metadata).read_row_groups(groups, columns=cols)
+        read = lambda g: pq.ParquetFile(self.path, metadata=self.metadata).read_row_group(g)  # noqa: E731
+        parts = [self.cache.get((*self.identity, g), lambda g=g: read(g)) for g in groups]
+        t = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        return t if cols is None else t.select(cols)
+
     def read(self, sae: str, ids: Sequence[int], columns: Sequence[str] | None = None) -> pa.Table:
         """Rows of (sae, feature_id in ids), all columns or `columns` (in file order)."""
         groups = self.row_groups(sae, ids)
@@ -988,7 +1067,7 @@ class ExamplesIndex:
         if not groups:
             t = self.metadata.schema.to_arrow_schema().empty_table()
             return t if cols is None else t.select([c for c in columns])
-        t = pq.ParquetFile(self.path, metadata=self.metadata).read_row_groups(groups, columns=cols)
+        t = self._groups(groups, cols)
         mask = pc.and_(pc.equal(t.column("sae"), sae), pc.is_in(t.column("feature_id"), value_set=pa.array(sorted(set(int(i) for i in ids)), pa.int32())))
         t = t.filter(mask)
         return t if columns is None else t.select(list(columns))
@@ -1001,17 +1080,27 @@ class ExamplesIndex:
 _FEATURES_INDEX: dict[tuple[str, int, int], ExamplesIndex] = {}
 
 
-def features_index(run_dir: Path | str) -> ExamplesIndex:
-    path = _path(run_dir, FEATURES_FILE)
+def _file_index(run_dir: Path | str, name: str) -> ExamplesIndex:
+    path = _path(run_dir, name)
     st = Path(path).stat()
     key = (path, st.st_mtime_ns, st.st_size)
     idx = _FEATURES_INDEX.get(key)
     if idx is None:
-        idx = ExamplesIndex.open(run_dir, FEATURES_FILE)
-        if len(_FEATURES_INDEX) >= 16:
+        idx = ExamplesIndex.open(run_dir, name, cache=ROW_GROUPS)
+        if len(_FEATURES_INDEX) >= 32:
             _FEATURES_INDEX.pop(next(iter(_FEATURES_INDEX)))
         _FEATURES_INDEX[key] = idx
     return idx
+
+
+def features_index(run_dir: Path | str) -> ExamplesIndex:
+    """The row-group index of the run's features.parquet (decoded row groups in ROW_GROUPS)."""
+    return _file_index(run_dir, FEATURES_FILE)
+
+
+def by_source_index(run_dir: Path | str) -> ExamplesIndex:
+    """The row-group index of the run's features_by_source.parquet (sorted by sae, feature_id)."""
+    return _file_index(run_dir, FEATURES_BY_SOURCE_FILE)
 
 
 _EXAMPLE_ORDER = [("feature_id", "ascending"), ("model", "ascending"), ("kind", "descending"), ("bin", "descending"), ("rank", "ascending")]
@@ -1056,10 +1145,10 @@ def sources(run_dir: Path | str) -> list[str]:
 
 def feature_by_source(run_dir: Path | str, sae: str, ids: Sequence[int], source: str | None = None) -> pd.DataFrame:
     """features_by_source rows of the given features (every source, or one)."""
-    flt = [("sae", "=", sae), ("feature_id", "in", [int(i) for i in ids])]
+    t = by_source_index(run_dir).read(sae, [int(i) for i in ids])
     if source is not None:
-        flt.append(("source", "=", str(source)))
-    return pq.read_table(_path(run_dir, FEATURES_BY_SOURCE_FILE), filters=flt).to_pandas()
+        t = t.filter(pc.equal(t.column("source"), str(source)))
+    return t.to_pandas()
 
 
 def change_class_counts(con, run_dir: Path | str, sae: str = "base_sae", source: str | None = None) -> dict[str, int]:

@@ -3,7 +3,7 @@
     sae-transfer run --config CONFIG [--shard I/N] ...     the precompute (= python -m precompute run)
     sae-transfer merge RUN_ID                              merge a run's shards
     sae-transfer check CONFIG                              every problem a run of CONFIG would hit, nothing run
-    sae-transfer app [--run ID] [--port N]                 start the explorer on 127.0.0.1
+    sae-transfer app [--run ID] [--port N] [--workers N]   start the explorer on 127.0.0.1
     sae-transfer demo [--tiny] [--out DIR]                 rebuild the demo pair (python -m precompute.demo)
     sae-transfer export neuronpedia --run ID --out DIR     Neuronpedia bundles, one source per (SAE, model)
     sae-transfer export features --run ID --view QUERY --out FILE[.csv|.parquet]
@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     a.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1; see README before exposing it)")
     a.add_argument("--runs-dir", metavar="DIR", help="the folder of runs (default: $SAE_EXPLORER_RUNS_DIR, else the repository's data/runs)")
+    a.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="Streamlit processes behind the one address (default 1; one process uses one core: see README, Serving many sessions)")
 
     d = sub.add_parser("demo", help="rebuild the demo pair (seeded; about 2 hours on 2 CPU cores)", add_help=False)
     del d
@@ -124,18 +126,110 @@ def cmd_app(args) -> int:
         rundir.open_run(rundir.run_path(args.run, runs), verify_hashes=False)  # a clear error now, not a blank page later
     if not 0 < args.port < 65536:
         raise ExplorerError(f"--port must be between 1 and 65535, got {args.port}.")
+    if not 1 <= args.workers <= 64:
+        raise ExplorerError(f"--workers must be between 1 and 64, got {args.workers}.")
     where = app_dir()
     env = {**os.environ, "SAE_EXPLORER_RUNS_DIR": str(runs.resolve())}
+    url = f"http://{args.address}:{args.port}/" + (f"overview?run={args.run}" if args.run else "")
+    if args.workers > 1:
+        return _serve_workers(args, where, env, runs, url)
     own = ("server.port", "server.address", "browser.serverAddress")
     cmd = [sys.executable, "-m", "streamlit", "run", str(where / "app.py"), *streamlit_flags(where / ".streamlit" / "config.toml", own),
            f"--server.port={args.port}", f"--server.address={args.address}", f"--browser.serverAddress={args.address}"]
-    url = f"http://{args.address}:{args.port}/" + (f"overview?run={args.run}" if args.run else "")
     print(url, flush=True)
     _log(f"serving {runs} on {url} (Ctrl-C stops)")
     try:
         return subprocess.call(cmd, env=env, cwd=where)
     except KeyboardInterrupt:
         return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_workers(args, where: Path, env: dict[str, str], runs: Path, url: str) -> int:
+    """`--workers N`: N Streamlit processes on private 127.0.0.1 ports behind sae_transfer.balancer
+    on --address:--port, all stopped together (Ctrl-C, SIGTERM, or one of them exiting)."""
+    import asyncio
+    import secrets
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from sae_transfer import balancer
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # the public port, before minutes of start-up
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.address, args.port))
+        except OSError as exc:
+            raise ExplorerError(f"cannot listen on {args.address}:{args.port}: {exc.strerror or exc}.") from None
+    own = ("server.port", "server.address", "browser.serverAddress", "server.cookieSecret")
+    flags = streamlit_flags(where / ".streamlit" / "config.toml", own)
+    # one secret for all: an XSRF token one worker made validates on every other
+    wenv = {**env, "STREAMLIT_SERVER_COOKIE_SECRET": secrets.token_hex(32)}
+    ports = [_free_port() for _ in range(args.workers)]
+    import tempfile
+
+    logs = [tempfile.TemporaryFile() for _ in ports]  # a pipe nobody reads would block a worker that logs
+    procs = [subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(where / "app.py"), *flags, f"--server.port={p}",
+                               "--server.address=127.0.0.1", f"--browser.serverAddress={args.address}", f"--browser.serverPort={args.port}"],
+                              env=wenv, cwd=where, stdout=subprocess.DEVNULL, stderr=log) for p, log in zip(ports, logs)]
+
+    def stop() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        deadline = time.monotonic() + 180
+        for p, port, log in zip(procs, ports, logs):
+            while True:
+                if p.poll() is not None:
+                    log.seek(0)
+                    err = log.read().decode("utf-8", "replace").strip().splitlines()
+                    raise ExplorerError(f"a Streamlit worker exited with status {p.returncode} before it served: " + (err[-1] if err else "no message"))
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ExplorerError(f"a Streamlit worker (port {port}) did not answer its health check in 180 s.")
+                time.sleep(0.3)
+        print(url, flush=True)
+        _log(f"serving {runs} on {url} with {args.workers} worker processes (Ctrl-C stops)")
+
+        async def main_loop() -> int:
+            task = asyncio.create_task(balancer.serve([("127.0.0.1", p) for p in ports], args.address, args.port))
+            while not task.done():
+                dead = [p for p in procs if p.poll() is not None]
+                if dead:
+                    task.cancel()
+                    _log(f"a worker exited with status {dead[0].returncode}: stopping")
+                    return 1
+                await asyncio.sleep(1.0)
+            task.result()
+            return 0
+
+        return asyncio.run(main_loop())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
 
 
 def cmd_export_neuronpedia(args) -> int:

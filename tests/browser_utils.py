@@ -59,7 +59,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(runs_dir: Path | str | None = None, env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
+def streamlit_server(runs_dir: Path | str | None = None, env: dict[str, str] | None = None, timeout: float = 90.0, workers: int = 1) -> Iterator[str]:
+    """`workers` > 1: `sae-transfer app --workers N` (N Streamlit processes behind
+    sae_transfer.balancer on the one port) instead of one `streamlit run app.py`."""
     port = free_port()
     proc_env = dict(os.environ)
     proc_env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"})
@@ -74,6 +76,10 @@ def streamlit_server(runs_dir: Path | str | None = None, env: dict[str, str] | N
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
     ]
+    if workers > 1:
+        cmd = [sys.executable, "-m", "sae_transfer.cli", "app", "--workers", str(workers), "--port", str(port), "--address", "127.0.0.1"]
+        if runs_dir is not None:
+            cmd += ["--runs-dir", str(runs_dir)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=proc_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -337,6 +338,33 @@ def test_examples_index_prunes_and_reads_exactly(run_dir, examples):
             assert tops["rank"].tolist() == sorted(tops["rank"].tolist())
             assert (np.diff(tops.activation.to_numpy()) <= 1e-6).all()
     assert store.feature_examples(idx, "base_sae", N + 10).empty
+
+
+def test_row_group_cache_reads_what_the_file_holds_within_its_budget(tmp_path, run_dir, examples):
+    """ExamplesIndex.read through a RowGroupCache equals the uncached read (and pandas' read of
+    the whole file), keeps at most its budget, and never answers a rewritten file from the old one."""
+    t = pq.read_table(run_dir / "examples.parquet")
+    (tmp_path / "x").mkdir()
+    path = tmp_path / "x" / "examples.parquet"
+    pq.write_table(t, path, row_group_size=400)
+    one_group = pq.ParquetFile(path).read_row_group(0).nbytes
+    cache = store.RowGroupCache(int(2.5 * one_group))  # room for two row groups
+    cached, plain = store.ExamplesIndex.open(tmp_path / "x", cache=cache), store.ExamplesIndex.open(tmp_path / "x")
+    picks = [("base_sae", 5), ("base_sae", 6), ("finetuned_sae", 40), ("base_sae", 5), ("base_sae", 250), ("finetuned_sae", 41)]
+    for sae, fid in picks:
+        a, b = cached.read(sae, [fid]), plain.read(sae, [fid])
+        assert a.equals(b) and a.num_rows == len(examples[(examples.sae == sae) & (examples.feature_id == fid)]) > 0
+        assert cached.read(sae, [fid], ["activation"]).equals(plain.read(sae, [fid], ["activation"]))
+        assert cache.nbytes <= cache.budget_bytes and len(cache._items) <= 2
+    assert cache.hits > 0 and cache.misses > 2  # the repeat was served from memory, the rest read
+    # the file rewritten (other rows): a new index reads the new file, not the cached groups
+    t2 = t.filter(pc.equal(t.column("sae"), "finetuned_sae"))
+    pq.write_table(t2, path, row_group_size=400)
+    again = store.ExamplesIndex.open(tmp_path / "x", cache=cache)
+    assert again.read("base_sae", [5]).num_rows == 0
+    assert again.read("finetuned_sae", [40]).equals(store.ExamplesIndex.open(tmp_path / "x").read("finetuned_sae", [40]))
+    # budget 0: no cache at all
+    assert store.ExamplesIndex.open(tmp_path / "x", cache=store.RowGroupCache(0)).cache is None
 
 
 def test_examples_without_statistics_still_read_correctly(tmp_path, run_dir, examples):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -125,6 +127,11 @@ def activation(run: Run, sae: str, feature_id: int) -> go.Figure | None:
     if not any(sum(int(c) for c in h) for h in hists.values()):
         return None
     ex = data.feature_examples(run, sae, feature_id)
-    q = ex[ex["kind"] == "quantile"]
-    bins = {m: sorted({(int(r.bin), float(r.bin_low), float(r.bin_high)) for r in q[q["model"] == m].itertuples(index=False)}) for m in figures.MODELS}
+    bins = {}
+    if len(ex):
+        kind, model = ex["kind"].to_numpy(), ex["model"].to_numpy()
+        b, lo, hi = ex["bin"].to_numpy(), ex["bin_low"].to_numpy(dtype=float), ex["bin_high"].to_numpy(dtype=float)
+        for m in figures.MODELS:
+            sel = np.flatnonzero((kind == "quantile") & (model == m))
+            bins[m] = sorted({(int(b[i]), float(lo[i]), float(hi[i])) for i in sel})
     return figures.activation_histograms(edges, hists, "Activation histogram (positive activations)", quantile_bins={m: b for m, b in bins.items() if b})

@@ -24,7 +24,7 @@ def _cur(run: Run):
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _examples_index(path: str, token: tuple[int, int]) -> store.ExamplesIndex:
-    return store.ExamplesIndex.open(path)
+    return store.ExamplesIndex.open(path, cache=store.ROW_GROUPS)
 
 
 def examples_index(run: Run) -> store.ExamplesIndex:
@@ -97,8 +97,10 @@ def feature(run: Run, sae: str, feature_id: int) -> dict[str, Any] | None:
     return store.feature(_cur(run), run.dir, sae, feature_id)
 
 
-@_cache(max_entries=1024)
+@st.cache_resource(show_spinner=False, hash_funcs=HASH_FUNCS, max_entries=1024)
 def feature_examples(run: Run, sae: str, feature_id: int) -> pd.DataFrame:
+    """One feature's examples, shared and not copied (cache_resource; a cache_data hit unpickles
+    the frame, ~1.5 ms, and a feature page takes it four times): callers only filter it."""
     return store.feature_examples(examples_index(run), sae, feature_id)
 
 
@@ -188,10 +190,15 @@ def token_strings(run: Run, ids: Sequence[int]) -> list[str]:
 def window_strings(run: Run, ids: Sequence[int]) -> tuple[list[str], list[str]]:
     """A window of running text: (display strings, characters split over byte tokens shown whole
     on the token that completes them; hover titles with each id and raw piece)."""
-    from webapp.state import vocab_forms
-
     v = vocab_forms(run)
     return v.window(ids), v.titles(ids)
+
+
+def vocab_forms(run: Run):
+    """explorer.tokens.Vocab of the run (webapp.state.vocab_forms): take it once per list of windows."""
+    from webapp.state import vocab_forms as forms
+
+    return forms(run)
 
 
 # ---------------------------------------------------------------------------- issue 12: significance, baseline, diffing
