@@ -82,9 +82,12 @@ class Balancer:
                 return
             sticky = worker_from_head(head, len(self.backends))
             for i in self._order(sticky):
+                # counted before the connect is awaited: connections arriving together see each other
+                self.open_connections[i] += 1
                 try:
                     b_reader, b_writer = await asyncio.open_connection(*self.backends[i])
                 except OSError:
+                    self.open_connections[i] -= 1
                     continue
                 break
             else:
@@ -92,7 +95,6 @@ class Balancer:
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
                 return
-            self.open_connections[i] += 1
             self.served[i] += 1
             try:
                 b_writer.write(head)

@@ -84,6 +84,12 @@ def test_sessions_spread_over_workers_and_stick_by_cookie():
             b2, h2, w2 = await _get(port)
             assert {b1, b2} == {"0", "1"}
             assert h1["set-cookie"].startswith(f"sx_worker={b1};") and h2["set-cookie"].startswith(f"sx_worker={b2};")
+            # connections arriving together see each other (each is counted before its connect
+            # is awaited): 4 more at once, 2 on each worker
+            burst = await asyncio.gather(*(_get(port) for _ in range(4)))
+            assert sorted(b for b, _, _ in burst) == ["0", "0", "1", "1"]
+            for _, _, w in burst:
+                w.close()
             # with the cookie: that worker, however loaded, and no new cookie
             for want in ("0", "1", "1"):
                 b, h, w = await _get(port, f"other=x; sx_worker={want}")
