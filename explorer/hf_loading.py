@@ -203,6 +203,46 @@ def describe_hub_error(exc: BaseException) -> str | None:
     return None
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def check_hub_reachable(repo_id: str, what: str, timeout_s: float = 3.0) -> None:
+    """Fail at once, in one line, when `repo_id` is not in the local Hugging Face cache and the
+    hub's endpoint refuses a connection: huggingface_hub retries each file 5 times with backoff
+    (~23 s a file, about a minute for a model) before it says the same. Skipped when
+    HF_HUB_OFFLINE is set (the hub client fails fast then), when a proxy is configured (a direct
+    connection says nothing about the proxy's), and when the repository is cached (the client
+    falls back to the cache)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or any(os.environ.get(v) for v in _PROXY_VARS):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 - an id the cache lookup rejects: let the real load say why
+        return
+    url = urlparse(_hub_endpoint())
+    if not url.hostname:
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    last: OSError | None = None
+    for attempt in range(2):  # one retry: a dropped packet is not a network that is down
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            last = exc
+            if attempt == 0:
+                time.sleep(0.5)
+    raise HubError(f"{what}: it is not in the local Hugging Face cache and the hub ({_hub_endpoint()}) cannot be reached "
+                   f"({type(last).__name__}: {_first_line(last)}). Connect to the network (or check HF_ENDPOINT), or point HF_HOME / HF_HUB_CACHE at a cache that holds it.")
+
+
 def _first_line(e: BaseException) -> str:
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]

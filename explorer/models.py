@@ -254,6 +254,7 @@ def _load_hub_model(hub_id: str, device: str, dtype: str, flags: dict[str, bool]
 
     if Path(hub_id).expanduser().is_dir():
         raise ConfigError(f"hub = {hub_id!r} is a local directory; use `path = {hub_id!r}` for local models.")
+    H.check_hub_reachable(hub_id, f"model {hub_id}")
     adapter = H._adapter_config(hub_id)
     if adapter is not None:
         merged = H._merge_adapter(hub_id, adapter, dtype)

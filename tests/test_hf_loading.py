@@ -368,3 +368,26 @@ def test_hub_failures_are_one_line_exit_2(hf_models, tmp_path, fake_hub, case, b
     assert len(err) == 1 and message in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_unreachable_hub_fails_in_seconds_not_after_the_clients_retries(monkeypatch, tmp_path):
+    """check_hub_reachable: a refused connection to HF_ENDPOINT is the one-line error at once
+    (huggingface_hub alone retries ~23 s per file); a proxy, HF_HUB_OFFLINE or a cached
+    repository skip the check (the hub client knows better there)."""
+    import time as _time
+
+    from explorer import hf_loading as H
+
+    for v in H._PROXY_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    t0 = _time.monotonic()
+    with pytest.raises(H.HubError, match="not in the local Hugging Face cache and the hub .* cannot be reached"):
+        H.check_hub_reachable("nobody/model", "model nobody/model")
+    assert _time.monotonic() - t0 < 10
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    H.check_hub_reachable("nobody/model", "model nobody/model")  # a proxy: not checked
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    H.check_hub_reachable("nobody/model", "model nobody/model")
