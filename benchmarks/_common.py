@@ -161,3 +161,32 @@ def write_result(out: Path, result: dict, indent: int = 1) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=indent, default=str) + "\n")
     return out
+
+
+def stop_process_group(proc, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group led by `proc` (started with start_new_session=True), wait until
+    every process of the group is gone (at most `grace_s`), then SIGKILL what is left. Polls
+    instead of sleeping the whole grace period (a local Ray head stops in a second or two)."""
+    import os as _os
+    import signal as _signal
+    import time as _time
+
+    try:
+        _os.killpg(proc.pid, _signal.SIGTERM)
+    except ProcessLookupError:
+        proc.wait(timeout=30)
+        return
+    deadline = _time.monotonic() + grace_s
+    while _time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so that only live members keep the group
+        try:
+            _os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        _time.sleep(0.2)
+    else:
+        try:
+            _os.killpg(proc.pid, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)

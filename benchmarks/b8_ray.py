@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +33,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "b8.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import load_script, machine, run_child, write_result  # noqa: E402
+from benchmarks._common import load_script, machine, run_child, stop_process_group, write_result  # noqa: E402
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
@@ -67,13 +66,7 @@ class LocalRay:
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(wait)
-        self.proc.wait(timeout=30)
+        stop_process_group(self.proc, grace_s=3)  # what outlives 3 s of SIGTERM is killed (a throwaway local cluster)
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

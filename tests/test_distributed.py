@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks._common import stop_process_group
+
 from explorer import schema
 from precompute import run as run_mod
 from precompute.config import RunConfig
@@ -68,13 +70,7 @@ def ray_cluster():
             time.sleep(0.5)
     time.sleep(3)  # the raylet registers after the GCS listens
     yield address
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):  # the head's process group: ray start, GCS, raylet, workers
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        time.sleep(wait if sig == signal.SIGTERM else 0)
-    proc.wait(timeout=30)
+    stop_process_group(proc, grace_s=3)  # the head's process group (ray start, GCS, raylet, workers); what outlives 3 s of SIGTERM is killed
     log.close()
     shutil.rmtree(tmp, ignore_errors=True)
 
