@@ -95,16 +95,17 @@ def test_gpu_check_cpu_smoke(tmp_path):
 
 
 def test_b8_smoke(tiny_pair, tmp_path):
-    """B8 at the tiny size: one process, then local Ray clusters of 1 and 2 workers (each stopped
-    by its process group); the Ray runs' tables are bitwise those of the single process."""
+    """B8 at the tiny size: one process, then a local Ray cluster of 2 workers (stopped by its
+    process group; --smoke leaves out the 1-worker cluster, the same code path); the Ray run's
+    tables are bitwise those of the single process."""
     pytest.importorskip("ray")
     b8 = load_benchmark("b8_ray")
     out = tmp_path / "b8.json"
     assert b8.main(["--smoke", "--pair", str(tiny_pair), "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["runs"]) == {"single", "ray_1_worker", "ray_2_workers"}
+    assert set(res["runs"]) == {"single", "ray_2_workers"}
     single = pd.read_parquet(Path(res["runs"]["single"][-1]["run_dir"]) / "features.parquet")
-    for label in ("ray_1_worker", "ray_2_workers"):
+    for label in ("ray_2_workers",):
         run = res["runs"][label][0]
         assert run["timing"]["merged_shards"] == 2 and run["timing"]["ray_wall_seconds"] > 0
         diffs = [d for d in res["differences_vs_single_process"][label] if not d.startswith("manifest.json: ")]
@@ -112,5 +113,4 @@ def test_b8_smoke(tiny_pair, tmp_path):
         assert set(diffs) <= {"features.parquet: columns differ bitwise: kl_corr"}
         merged = pd.read_parquet(Path(run["run_dir"]) / "features.parquet")
         np.testing.assert_allclose(merged.kl_corr.to_numpy(), single.kl_corr.to_numpy(), rtol=1e-9, atol=1e-12)
-    s = res["summary"]
-    assert res["speedup_2_over_1_workers_wall"] == pytest.approx(s["ray_1_worker"]["median_wall_seconds"] / s["ray_2_workers"]["median_wall_seconds"])
+    assert res["speedup_2_over_1_workers_wall"] is None and res["summary"]["ray_2_workers"]["median_wall_seconds"] > 0
