@@ -2,7 +2,7 @@
 
     python benchmarks/b8_ray.py                  # B7's wide pair, the 16k base SAE on both models, 32,768 tokens, 2 shards
     python benchmarks/b8_ray.py --tokens 65536 --shards 4
-    python benchmarks/b8_ray.py --smoke          # the tiny wide pair (the test suite)
+    python benchmarks/b8_ray.py --smoke          # the tiny wide pair, one process and 2 workers only (the test suite)
 
 For each worker count W in (1, 2), in alternating order per repetition: `ray start --head` on
 127.0.0.1 with --num-cpus W (Ray's single-machine mode, so every Ray address is loopback) in its
