@@ -29,16 +29,7 @@ def _safe(text: object) -> str:
 
 
 def _layout(fig: go.Figure, title: str | None, x: str, y: str, height: int = 320, **kw) -> go.Figure:
-    fig.update_layout(
-        title=dict(text=_safe(title) if title else None, font=dict(size=15)),
-        xaxis_title=x,
-        yaxis_title=y,
-        height=height,
-        margin=dict(l=60, r=20, t=50 if title else 20, b=50),
-        font=FONT,
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-        **kw,
-    )
+    fig.update_layout(**_layout_dict(title, x, y, height, **kw))
     return fig
 
 
@@ -57,18 +48,22 @@ def _bars(df: pd.DataFrame, color: str, name: str, opacity: float = 1.0) -> go.B
     )
 
 
-def _step(left: np.ndarray, right: np.ndarray, counts: np.ndarray, color: str, name: str, unit: str = "") -> go.Scatter:
-    """A histogram as an outlined step with a light fill: two models stay readable when overlaid."""
+def _step_trace(left: np.ndarray, right: np.ndarray, counts: np.ndarray, color: str, name: str, unit: str = "") -> dict:
+    """A histogram as an outlined step with a light fill (a scatter trace as a dict, arrays as
+    given): two models stay readable when overlaid."""
     xs = np.empty(2 * len(left))
     ys = np.empty(2 * len(left))
     xs[0::2], xs[1::2] = left, right
     ys[0::2], ys[1::2] = counts, counts
     rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
-    return go.Scatter(
-        x=xs, y=ys, mode="lines", name=name, line=dict(color=color, width=2), fill="tozeroy",
-        fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)",
-        hovertemplate="%{x:.3g}: %{y}" + unit + "<extra>" + _safe(name) + "</extra>",
-    )
+    return {
+        "x": xs, "y": ys, "mode": "lines", "name": name, "line": {"color": color, "width": 2}, "fill": "tozeroy",
+        "fillcolor": f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)", "hovertemplate": "%{x:.3g}: %{y}" + unit + "<extra>" + _safe(name) + "</extra>",
+    }
+
+
+def _step(left: np.ndarray, right: np.ndarray, counts: np.ndarray, color: str, name: str, unit: str = "") -> go.Scatter:
+    return go.Scatter(**_step_trace(left, right, counts, color, name, unit))
 
 
 def binned_histogram(df: pd.DataFrame, title: str, x_title: str, y_title: str = "count", color: str = NEUTRAL, name: str = "", log_y: bool = False) -> go.Figure:
@@ -149,18 +144,8 @@ def activation_histograms(edges: Sequence[float], hist_by_model: dict[str, Seque
             continue
         top = max(top, int(counts.max()))
         lo, hi = max(nz[0] - 1, 0), min(nz[-1] + 2, len(counts))
-        left, right, c = edges[:-1][lo:hi], edges[1:][lo:hi], counts[lo:hi]
-        xs = np.empty(2 * len(left))
-        ys = np.empty(2 * len(left))
-        xs[0::2], xs[1::2] = left, right
-        ys[0::2], ys[1::2] = c, c
-        color = MODEL_COLORS[m]
-        rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
-        traces.append({
-            "type": "scatter", "x": xs.tolist(), "y": ys.tolist(), "mode": "lines", "name": MODEL_LABELS[m],
-            "line": {"color": color, "width": 2}, "fill": "tozeroy", "fillcolor": f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)",
-            "hovertemplate": "%{x:.3g}: %{y} tokens<extra>" + _safe(MODEL_LABELS[m]) + "</extra>",
-        })
+        t = _step_trace(edges[:-1][lo:hi], edges[1:][lo:hi], counts[lo:hi], MODEL_COLORS[m], MODEL_LABELS[m], " tokens")
+        traces.append({"type": "scatter", **t, "x": t["x"].tolist(), "y": t["y"].tolist()})  # lists: what validation would keep
     for m, bins in (quantile_bins or {}).items():
         xs, ys, text = [], [], []
         for b, low, high in sorted(bins):
