@@ -40,16 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import PROMPTS, SEARCH_TERMS, load_summary, print_load_summary  # noqa: E402
-from tests.browser_utils import CHROMIUM_ARGS, CHROMIUM_PATH, streamlit_server  # noqa: E402
+from tests.browser_utils import CHROMIUM_ARGS, CHROMIUM_PATH, IDLE_JS, streamlit_server  # noqa: E402
 
 ACTIONS = ("feature", "filter", "probe")
 WEIGHTS = (0.45, 0.3, 0.25)
-
-IDLE_JS = """() => {
-    const app = document.querySelector('[data-testid="stApp"]');
-    if (!app) return false;
-    return !document.querySelector('[data-testid="stStatusWidget"]') && app.getAttribute('data-test-script-state') !== 'running';
-}"""
 
 
 async def wait_idle(page, timeout_ms: int) -> None:

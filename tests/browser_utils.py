@@ -166,23 +166,21 @@ def page(browser):
         context.close()
 
 
+# Streamlit marks its root with the script's state: "initial" until the first run of the page
+# starts (the websocket may not even be connected), "running" during a run, "notRunning" after.
+# Idle means a run has finished: "initial" is not idle (a cold server takes seconds to start the
+# first run, and a test that read the page then would find it empty).
+IDLE_JS = """() => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    if (!app) return false;
+    return !document.querySelector('[data-testid="stStatusWidget"]') && app.getAttribute('data-test-script-state') === 'notRunning';
+}"""
+
+
 def wait_idle(page, timeout_ms: int = 60000) -> None:
     """Wait for the app to load and for Streamlit's current rerun to finish."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
-    page.wait_for_function(
-        """() => {
-            const app = document.querySelector('[data-testid="stApp"]');
-            if (!app) return false;
-            const running = document.querySelector('[data-testid="stStatusWidget"]');
-            return !running && app.getAttribute('data-test-script-state') !== 'running';
-        }""",
-        timeout=timeout_ms,
-        polling=200,
-    )
+    page.wait_for_function(IDLE_JS, timeout=timeout_ms, polling=200)
     # a rerun may start right after the first paint (query params written back): settle once more
     page.wait_for_timeout(300)
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') && document.querySelector('[data-testid=\"stApp\"]').getAttribute('data-test-script-state') !== 'running'",
-        timeout=timeout_ms,
-        polling=200,
-    )
+    page.wait_for_function(IDLE_JS, timeout=timeout_ms, polling=200)
