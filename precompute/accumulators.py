@@ -1,6 +1,7 @@
 """Mergeable accumulators: everything a run needs, kept without holding the activations.
 
-Pure numpy (no model, no torch). Every accumulator has the same shape (STYLE.md, after sae_vis's
+Numpy, no model; the one exception is QualityStats' dense [tokens, d] reductions, which run in
+torch on the activations' own device (precompute/hook_moments.py). Every accumulator has the same shape (STYLE.md, after sae_vis's
 RollingCorrCoef):
 
     acc.update(...)          fold one batch in
@@ -919,11 +920,11 @@ class QualityStats(_Stateful):
         self.pooled_n_ev_nonfinite = np.zeros(v, np.int64)
 
     @staticmethod
-    def _legacy_ev(xm: np.ndarray, sqerr: np.ndarray) -> tuple[float, int]:
-        """(sum of the finite per-token legacy explained variances, number non-finite) of one batch's tokens."""
-        if xm.shape[0] == 0:
+    def _legacy_ev(var: np.ndarray, sqerr: np.ndarray) -> tuple[float, int]:
+        """(sum of the finite per-token legacy explained variances, number non-finite) of one
+        batch's tokens, from each token's squared distance from their mean (`var`)."""
+        if var.shape[0] == 0:
             return 0.0, 0
-        var = ((xm - xm.mean(axis=0)) ** 2).sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             ev = 1.0 - sqerr / var
         finite = np.isfinite(ev)
@@ -931,32 +932,31 @@ class QualityStats(_Stateful):
 
     def update(
         self,
-        x: np.ndarray,  # [T, d] activations at the hook (T = batch * context, flattened)
-        x_hat: np.ndarray,  # [T, d] SAE reconstruction
+        x,  # [T, d] activations at the hook (T = batch * context, flattened): numpy or a torch tensor on any device; None with `moments`
+        x_hat,  # [T, d] SAE reconstruction, likewise
         l0: np.ndarray,  # [T] active features per token
         counted: np.ndarray,  # [B, C] bool
         outlier: np.ndarray,  # [B, C] bool
         losses: dict[str, tuple[np.ndarray, np.ndarray]],  # kind -> (loss with variant 0, loss with variant 1), each [B, C-1]
         source: np.ndarray | None = None,  # [B, C] int source code of each token (None: all 0)
+        moments=None,  # precompute.hook_moments.HookMoments of (x, counted, outlier, source), shared by the SAEs of one model
     ) -> None:
+        from precompute.hook_moments import HookMoments
+
         S = self.n_sources
-        src2d = np.zeros(counted.shape, np.int64) if source is None else np.asarray(source, np.int64)
-        src = src2d.reshape(-1)
-        n_out = int((counted & outlier).sum())
+        mo = moments if moments is not None else HookMoments(x, counted, outlier, source, S)
+        src2d = mo.src2d
+        sqerr = mo.sqerr(x_hat)
         masks = (counted, counted & ~outlier)
         self.n_outliers += np.bincount(src2d[counted & outlier], minlength=S)
-        x = x.astype(np.float64)
-        sqerr = ((x - x_hat.astype(np.float64)) ** 2).sum(axis=1)
-        xsq = (x * x).sum(axis=1)
-        xsum = x.sum(axis=1)
         bc = lambda idx, w=None: np.bincount(idx, weights=w, minlength=S)  # noqa: E731
         inc: dict[str, np.ndarray] = {}
         ce_inc: dict[str, tuple] = {}
         for v, mask2d in enumerate(masks):
             # Without outlier tokens both variants cover the same tokens: the sums are computed once.
-            same = v == 1 and n_out == 0
+            same = v == 1 and mo.n_out == 0
             if not same:
-                inc = self._increments(x, sqerr, xsq, xsum, l0, src[mask2d.reshape(-1)], mask2d.reshape(-1))
+                inc = self._increments(mo, mo.variants[v], sqerr, l0)
             for name in ("n_tokens", "sum_l0", "sum_sqerr", "sum_elem", "sum_elem_sq", "n_elem", "sum_ev", "n_ev_nonfinite"):
                 getattr(self, name)[:, v] += inc[name]
             self.sum_x[:, v] += inc["sum_x"]
@@ -975,24 +975,23 @@ class QualityStats(_Stateful):
                 self.ce_n[:, k, v] += d_n
                 self.ce_nonfinite[:, k, v] += d_bad
 
-    def _increments(self, x, sqerr, xsq, xsum, l0, sm, m) -> dict:
-        """One variant's additions from one batch: per-source sums over the tokens `m` (their sources `sm`)."""
+    def _increments(self, mo, vm, sqerr: np.ndarray, l0: np.ndarray) -> dict:
+        """One variant's additions from one batch: per-source sums over its tokens `vm.m` (their sources `vm.sm`)."""
         S = self.n_sources
         bc = lambda idx, w=None: np.bincount(idx, weights=w, minlength=S)  # noqa: E731
-        xm, em = x[m], sqerr[m]
+        m, sm = vm.m, vm.sm
+        em = sqerr[m]
         inc = {
-            "n_tokens": bc(sm), "sum_l0": bc(sm, l0[m].astype(np.float64)), "sum_sqerr": bc(sm, em),
-            "sum_elem": bc(sm, xsum[m]), "sum_elem_sq": bc(sm, xsq[m]), "n_elem": bc(sm) * x.shape[1],
-            "sum_x": np.zeros((S, x.shape[1])), "sum_ev": np.zeros(S), "n_ev_nonfinite": np.zeros(S, np.int64),
+            "n_tokens": bc(sm), "sum_l0": bc(sm, np.asarray(l0)[m].astype(np.float64)), "sum_sqerr": bc(sm, em),
+            "sum_elem": bc(sm, mo.xsum[m]), "sum_elem_sq": bc(sm, mo.xsq[m]), "n_elem": bc(sm) * mo.d_in,
+            "sum_x": np.zeros((S, mo.d_in)), "sum_ev": np.zeros(S), "n_ev_nonfinite": np.zeros(S, np.int64),
         }
-        inc["pooled_sum_ev"], inc["pooled_n_ev_nonfinite"] = self._legacy_ev(xm, em)
-        for s_ in range(S):
-            sel = sm == s_ if S > 1 else slice(None)
-            xs = xm[sel]
-            if xs.shape[0] == 0:
+        inc["pooled_sum_ev"], inc["pooled_n_ev_nonfinite"] = self._legacy_ev(vm.var, em)
+        for s_, (sel, sum_x, var) in enumerate(vm.per_source):
+            if var is None:
                 continue
-            inc["sum_x"][s_] = xs.sum(axis=0)
-            inc["sum_ev"][s_], inc["n_ev_nonfinite"][s_] = self._legacy_ev(xs, em[sel]) if S > 1 else (inc["pooled_sum_ev"], inc["pooled_n_ev_nonfinite"])
+            inc["sum_x"][s_] = sum_x
+            inc["sum_ev"][s_], inc["n_ev_nonfinite"][s_] = self._legacy_ev(var, em[sel]) if S > 1 else (inc["pooled_sum_ev"], inc["pooled_n_ev_nonfinite"])
         return inc
 
     def merge(self, other: "QualityStats") -> None:

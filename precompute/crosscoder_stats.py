@@ -144,9 +144,8 @@ class CrosscoderStats:
                 else:
                     spliced_ex = spliced
                 clean, zero = losses[m]
-                x_np, xh_np = x_flat[mi].cpu().numpy(), x_hat.cpu().numpy()
-                self.quality[m].update(
-                    x_np, xh_np, l0, counted, outlier, {"clean": (clean, clean), "spliced": (spliced, spliced_ex), "zero_ablated": (zero, zero)},
+                self.quality[m].update(  # the activations' reductions run in torch on their device
+                    x_flat[mi], x_hat, l0, counted, outlier, {"clean": (clean, clean), "spliced": (spliced, spliced_ex), "zero_ablated": (zero, zero)},
                 )
             proj_err, proj_rec = self._projections(cc, t, j, recon_n, resid_n)
         t_np, j_np, v_np = t.cpu().numpy(), j.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float32)

@@ -45,11 +45,11 @@ from precompute.accumulators import SparseActs, cofire_hits
 from precompute.calibration import Calibration
 from precompute.forward import ModelRunner, clean_losses_and_kl
 from precompute.hook_cache import HOOK_ACTS_DIR, HookActsCache
+from precompute.hook_moments import HookMoments
 from precompute.pass_state import PassState, save_state, state_meta
 from precompute.prepare import Prepared
 
 MODELS = schema.MODELS
-
 
 
 def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int) -> dict:
@@ -98,7 +98,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
             clean_np, zero_np = clean[m].float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
             model_losses[m], outliers[m] = (clean_np, zero_np), outlier
             x_flat = x.reshape(n_b * ctx, -1)
-            x_np = x_flat.float().cpu().numpy()
+            moments = HookMoments(x_flat, counted, outlier, src2d, state.n_sources)  # on x's device, once for every SAE
             for s in state.sae_names:
                 sa, l0, x_hat_flat = sparse_acts(codecs[s], x_flat)
                 x_hat = x_hat_flat.reshape(x.shape)
@@ -109,8 +109,8 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
                 else:
                     spliced_ex = spliced
                 state.quality[(s, m)].update(
-                    x_np, x_hat_flat.float().cpu().numpy(), l0, counted, outlier,
-                    {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)}, src2d,
+                    None, x_hat_flat, l0, counted, outlier,
+                    {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)}, src2d, moments=moments,
                 )
                 state.features[(s, m)].update(sa)
                 state.topk[(s, m)].update(sa)

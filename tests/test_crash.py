@@ -9,7 +9,8 @@ Kill points (parametrised):
   tables          during finalize, after some tables have been written (their files exist)
   manifest        during the manifest write: its temporary file is on disk, not yet renamed
 
-tests/test_precompute_resume.py covers a kill after checkpoint 2 with a changed config refused.
+At the stream kill point the same run id with another config is refused (the checkpoint left as
+it was), and once the run is complete the same command again is a no-op.
 Slowing down for a reliable kill point uses --batch-delay (a CLI option) for the stream, and, for
 finalize, a wrapper process that patches explorer.rundir's writers to pause (test code only; the
 production modules are not changed).
@@ -17,6 +18,7 @@ production modules are not changed).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -95,7 +97,7 @@ def _assert_not_a_run(runs: Path) -> None:
 
 
 @pytest.mark.parametrize("point", ["stream", "streamed", "tables", "manifest"])
-def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(setup, point, tmp_path, monkeypatch):
+def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(setup, point, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     run_dir = runs / "ref"
     ckpt = run_dir / pass_state.CHECKPOINT_DIR / pass_state.STATE_FILE
@@ -140,6 +142,16 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(setup, po
     _app_says_incomplete(runs, monkeypatch)
 
     killed_at = _next_batch(ckpt)
+    if point == "stream":
+        assert killed_at is not None and 1 <= killed_at < N_BATCHES
+        # the same run id with another config refuses to touch the checkpoint
+        other = tmp_path / "other.toml"
+        other.write_text(setup["cfg"].read_text().replace("seed = 3", "seed = 4"))
+        assert other.read_text() != setup["cfg"].read_text()
+        from precompute.__main__ import main
+
+        assert main(["run", "--config", str(other), "--runs-dir", str(runs), "--no-progress"]) == 2
+        assert _next_batch(ckpt) == killed_at
     again = subprocess.run(_cmd(setup["cfg"], runs), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Traceback" not in again.stderr
@@ -151,6 +163,15 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(setup, po
     rundir.open_run(run_dir)
     assert rundir.list_runs(runs) == ["ref"]
     assert_runs_equal(setup["whole"], run_dir, exact_floats=True)
+    if point == "stream":
+        # once complete, the same command is a no-op: the run is not rewritten
+        created = json.loads((run_dir / schema.MANIFEST).read_text())["created_at"]
+        from precompute.__main__ import main
+
+        capsys.readouterr()
+        assert main(["run", "--config", str(setup["cfg"]), "--runs-dir", str(runs), "--no-progress"]) == 0
+        assert "already complete" in capsys.readouterr().err
+        assert json.loads((run_dir / schema.MANIFEST).read_text())["created_at"] == created
 
 
 def run_mod_ctx(setup) -> int:

@@ -2,7 +2,7 @@
 recomputation (all activations of the sample held at once, plain TransformerLens hooked forwards,
 numpy), against SAELens's own `run_evals`, and sharded / merged against one pass.
 
-Interrupt-and-resume is in test_precompute_resume.py; bad configs in test_precompute_errors.py.
+Interrupt-and-resume is in test_crash.py; bad configs in test_precompute_errors.py.
 """
 
 from __future__ import annotations

@@ -289,3 +289,46 @@ def test_random_pairs_give_every_feature_one_partner():
     assert sorted(i) == list(range(10)) and (j < 7).all()
     assert len(set(j[:7])) == 7  # a permutation on the first d_b features
     np.testing.assert_array_equal(keys, random_pair_keys(10, 7, 3))
+
+
+def test_hook_moments_torch_path_and_shared_moments_equal_the_numpy_path():
+    """The GPU path's reductions (torch, forced here on the CPU) equal numpy's to float64 rounding;
+    moments computed once and shared by two SAEs give each SAE the rows of its own update; a bf16
+    tensor on the CPU goes through numpy (float32 first, as numpy has no bfloat16)."""
+    import torch
+
+    from precompute.hook_moments import HookMoments
+
+    rng = np.random.default_rng(9)
+    b, c, d = 4, CTX, 6
+    accs = {k: QualityStats(d, S) for k in ("numpy", "torch", "shared_a", "shared_b", "alone_b", "bf16")}
+    for _ in range(3):
+        x = (rng.normal(0, 1, (b * c, d)) + 2).astype(np.float32)
+        x[5] *= 30
+        x_hat_a = (x + rng.normal(0, 0.4, x.shape)).astype(np.float32)
+        x_hat_b = (x + rng.normal(0, 0.9, x.shape)).astype(np.float32)
+        counted = rng.uniform(size=(b, c)) > 0.1
+        outlier = (np.linalg.norm(x, axis=1) > 20).reshape(b, c)
+        src = np.repeat(rng.integers(0, S, b)[:, None], c, axis=1)
+        l0 = rng.integers(0, 5, b * c)
+        losses = {k: (rng.exponential(2, (b, c - 1)), rng.exponential(2, (b, c - 1))) for k in ("clean", "spliced", "zero_ablated")}
+        accs["numpy"].update(x, x_hat_a, l0, counted, outlier, losses, src)
+        mt = HookMoments(torch.from_numpy(x), counted, outlier, src, S, in_torch=True)
+        assert isinstance(mt.x, torch.Tensor) and mt.x.dtype == torch.float64
+        accs["torch"].update(None, torch.from_numpy(x_hat_a), l0, counted, outlier, losses, src, moments=mt)
+        shared = HookMoments(x, counted, outlier, src, S)
+        assert isinstance(shared.x, np.ndarray)
+        accs["shared_a"].update(None, x_hat_a, l0, counted, outlier, losses, src, moments=shared)
+        accs["shared_b"].update(None, x_hat_b, l0, counted, outlier, losses, src, moments=shared)
+        accs["alone_b"].update(x, x_hat_b, l0, counted, outlier, losses, src)
+        xb = torch.from_numpy(x).bfloat16()
+        accs["bf16"].update(xb, torch.from_numpy(x_hat_a).bfloat16(), l0, counted, outlier, losses, src)
+        accs.setdefault("bf16_ref", QualityStats(d, S)).update(xb.float().numpy(), torch.from_numpy(x_hat_a).bfloat16().float().numpy(), l0, counted, outlier, losses, src)
+    assert accs["numpy"].n_outliers.sum() > 0  # both variants differ: the outlier branch ran
+    for name in QualityStats.FIELDS:
+        ref = getattr(accs["numpy"], name)
+        np.testing.assert_allclose(getattr(accs["torch"], name), ref, rtol=1e-12, atol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(getattr(accs["shared_a"], name), ref, err_msg=name)
+        np.testing.assert_array_equal(getattr(accs["shared_b"], name), getattr(accs["alone_b"], name), err_msg=name)
+        np.testing.assert_array_equal(getattr(accs["bf16"], name), getattr(accs["bf16_ref"], name), err_msg=name)
+    assert accs["shared_a"].finalize()[0]["mse"] < accs["shared_b"].finalize()[0]["mse"]  # each SAE kept its own error
