@@ -94,6 +94,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert res["run_dtype"] == "bfloat16" and res["ours"]["via"] == "cli --dtype"  # the models ran in bf16 (the run's manifest: loading.dtype)
 
 
+@pytest.mark.xdist_group("ray")  # with tests/test_distributed.py, on one xdist worker (see there)
 def test_b8_smoke(tiny_pair, tmp_path):
     """B8 at the tiny size: one process, then a local Ray cluster of 2 workers (stopped by its
     process group; --smoke leaves out the 1-worker cluster, the same code path); the Ray run's

@@ -31,7 +31,9 @@ from tests.test_precompute import assert_runs_equal, tiny_config_text, write_tin
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+# one xdist worker runs every Ray test (tests/test_benchmarks_wide_smoke.py::test_b8_smoke too): a test here
+# finds its shard tasks by their process names, which another test's Ray workers would share
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 # Ray on loopback only (its single-machine mode: every Ray address is 127.0.0.1), no usage stats,
 # and no token (a test cluster on this machine's loopback)
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
