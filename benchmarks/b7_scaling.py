@@ -161,23 +161,38 @@ def state_bytes_expected(d_sae: int, ex: dict, n_candidates: int, max_all_pairs:
     return 4 * d_sae * per_pair + 2 * d_sae * 16 + cross
 
 
+def _ours(wide, pair: Path, d_sae: int, n_tokens: int, context: int, threads: int, work: Path, tag: str, both_saes: bool, ce_every: int) -> dict:
+    """One CLI run of the point; `ce_every` > 1 computes the CE losses on one batch in N ([evals] ce_every)."""
+    import shutil
+
+    label = tag if ce_every == 1 else f"{tag}-ce{ce_every}"
+    cfg = work / "configs" / f"{label}.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    run_id = f"b7-{label}"
+    cfg.write_text(wide.config_text(pair, run_id, d_sae, n_tokens, context, both_saes=both_saes, extra=f"[evals]\nce_every = {ce_every}\n"))
+    runs = work / "runs"
+    cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs), "--overwrite", "--no-progress", "--threads", str(threads)]
+    res = _child(cmd, work / "logs" / f"ours-{label}.log")
+    man = json.loads((runs / run_id / "manifest.json").read_text())
+    res.update(command=" ".join(cmd), ce_every=ce_every, timing=man["timing"], run_bytes=sum(p.stat().st_size for p in (runs / run_id).iterdir() if p.is_file()))
+    shutil.rmtree(runs / run_id, ignore_errors=True)  # the runs of the largest points are gigabytes
+    return res
+
+
 def run_point(pair: Path, wide, d_sae: int, n_tokens: int, context: int, threads: int, limit_tokens: int, work: Path, tag: str, order: tuple[str, ...],
-              both_saes: bool = False) -> dict:
+              both_saes: bool = False, ce_every: tuple[int, ...] = (1,)) -> dict:
+    """The limit child and ours, in `order`; ours once per `ce_every` value (the first is `ours`,
+    the others `ours_ce_every[N]`), all against the same limit."""
     cfg = work / "configs" / f"{tag}.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
-    run_id = f"b7-{tag}"
-    cfg.write_text(wide.config_text(pair, run_id, d_sae, n_tokens, context, both_saes=both_saes))
+    cfg.write_text(wide.config_text(pair, f"b7-{tag}", d_sae, n_tokens, context, both_saes=both_saes))
     point: dict = {"d_sae": d_sae, "n_tokens": n_tokens, "order": list(order)}
     for side in order:
         if side == "ours":
-            runs = work / "runs"
-            cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs), "--overwrite", "--no-progress", "--threads", str(threads)]
-            res = _child(cmd, work / "logs" / f"ours-{tag}.log")
-            man = json.loads((runs / run_id / "manifest.json").read_text())
-            res.update(command=" ".join(cmd), timing=man["timing"], run_bytes=sum(p.stat().st_size for p in (runs / run_id).iterdir() if p.is_file()))
-            import shutil
-
-            shutil.rmtree(runs / run_id, ignore_errors=True)  # the runs of the largest points are gigabytes
+            runs = {n: _ours(wide, pair, d_sae, n_tokens, context, threads, work, tag, both_saes, n) for n in ce_every}
+            res = runs[ce_every[0]]
+            if len(ce_every) > 1:
+                point["ours_ce_every"] = {str(n): r for n, r in runs.items() if n != ce_every[0]}
         else:
             out = work / f"limit-{tag}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_limit", str(cfg), "--threads", str(threads), "--limit-tokens", str(limit_tokens), "--out", str(out)]
@@ -195,6 +210,9 @@ def run_point(pair: Path, wide, d_sae: int, n_tokens: int, context: int, threads
         "ours_whole_cli": 1e6 * per_tok(o["wall_seconds"], n_tokens),
     }
     pt = point["per_token_us"]
+    for n, r in point.get("ours_ce_every", {}).items():  # the same limit, CE on one batch in n
+        us = 1e6 * r["timing"]["stream_seconds"] / n_tokens
+        r["per_token_us_stream"], r["stream_over_limit"] = us, us / pt["limit"]
     point["ratios"] = {
         "stream_over_limit": pt["ours_stream"] / pt["limit"],
         "stream_over_floor": pt["ours_stream"] / pt["floor"],
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-width", type=int, default=16384)
     p.add_argument("--limit-tokens", type=int, default=16384, help="tokens the limit/floor children time (default 16384)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ce-every", type=int, nargs="+", default=[1], help="ours once per value, against the same limit: [evals] ce_every (CE losses on one batch in N; default 1)")
     p.add_argument("--both-saes", action="store_true", help="both SAEs of each width and the two-SAE matching (default: the base SAE on both models)")
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=None)
@@ -261,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": cmdline.strip(), "machine": machine(), "loadavg_at_start": list(os.getloadavg()),
         "git_rev": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
         "pair": {"path": str(pair), **info["settings"], "n_params_per_model": info.get("n_params_per_model"), "saes": info["saes"]},
-        "threads": a.threads, "limit_tokens": limit_tokens, "smoke": a.smoke, "both_saes": a.both_saes, "widths": [], "tokens": [],
+        "threads": a.threads, "limit_tokens": limit_tokens, "smoke": a.smoke, "both_saes": a.both_saes, "ce_every": a.ce_every, "widths": [], "tokens": [],
     }
     print(f"{'d_sae':>8} {'tokens':>8} {'limit':>9} {'floor':>9} {'stream':>9} {'s/lim':>7} {'s/flr':>7} {'final s':>8} {'weights':>8} {'all/lim':>7} {'RSS MiB':>9} {'lim RSS':>9}")
     print("(us per token; s/lim = ours' stream over the limit; all/lim = stream + finalize over the limit)")
@@ -270,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for d_sae, n in points:
             order = ("limit", "ours") if k % 2 == 0 else ("ours", "limit")
             k += 1
-            pt = run_point(pair, wide, d_sae, n, context, a.threads, limit_tokens, work, f"{sweep}-{d_sae}-{n}", order, a.both_saes)
+            pt = run_point(pair, wide, d_sae, n, context, a.threads, limit_tokens, work, f"{sweep}-{d_sae}-{n}", order, a.both_saes, tuple(a.ce_every))
             pt["state_bytes_expected"] = state_bytes_expected(d_sae, {"n_top": 20, "quantile_sample": 150}, 10, 4096, a.both_saes)
             result[sweep].append(pt)
             _print_row(pt)

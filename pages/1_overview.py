@@ -94,6 +94,9 @@ with state.guard():
         },
     )
     st.caption(inert(state.token_counts(run) + " The quality table's “tokens counted” are the latter (fewer still with outliers excluded), the sidebar shows the former."))
+    ce_every = int((cfg.get("evals") or {}).get("ce_every", 1))
+    if ce_every > 1:
+        st.caption(f"The CE columns cover one batch in {ce_every:,} (this run's [evals] ce_every), all three losses on the same tokens; every other column covers every batch.")
     nonfinite = int(shown[["n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"]].sum().sum())
     if nonfinite:
         st.warning(f"{nonfinite:,} token losses were NaN/inf; they are counted in the table and excluded from the means.")

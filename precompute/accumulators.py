@@ -937,7 +937,7 @@ class QualityStats(_Stateful):
         l0: np.ndarray,  # [T] active features per token
         counted: np.ndarray,  # [B, C] bool
         outlier: np.ndarray,  # [B, C] bool
-        losses: dict[str, tuple[np.ndarray, np.ndarray]],  # kind -> (loss with variant 0, loss with variant 1), each [B, C-1]
+        losses: dict[str, tuple[np.ndarray, np.ndarray]] | None,  # kind -> (loss with variant 0, loss with variant 1), each [B, C-1]; None: no CE on this batch
         source: np.ndarray | None = None,  # [B, C] int source code of each token (None: all 0)
         moments=None,  # precompute.hook_moments.HookMoments of (x, counted, outlier, source), shared by the SAEs of one model
     ) -> None:
@@ -962,6 +962,8 @@ class QualityStats(_Stateful):
             self.sum_x[:, v] += inc["sum_x"]
             self.pooled_sum_ev[v] += inc["pooled_sum_ev"]
             self.pooled_n_ev_nonfinite[v] += inc["pooled_n_ev_nonfinite"]
+            if losses is None:  # a batch without CE ([evals] ce_every): the CE sums are left as they are
+                continue
             ce_mask = mask2d[:, :-1]
             ce_src = src2d[:, :-1][ce_mask]
             for k, kind in enumerate(CE_KINDS):

@@ -18,7 +18,8 @@
     [examples]   n_top, n_quantile_bins, n_per_quantile_bin, quantile_sample, window_before, window_after
     [matching]   max_all_pairs_d_sae, n_candidates, n_kept_per_feature, score
     [evals]      zero_ablation ("all" positions, sae_lens's default, or "counted": special tokens such as
-                 BOS keep their activation, as in the splice), max_sources
+                 BOS keep their activation, as in the splice), max_sources, ce_every (CE losses on
+                 every N-th batch only; 1, the default, on every batch)
     [diffing]    n_top_kl_contexts, n_features_per_context
     [crosscoder] path, base_layer, examples and bands (optional: one crosscoder over both models)
 
@@ -255,17 +256,26 @@ class EvalsConfig:
     """How the SAE-quality evals treat positions. The zero-ablated CE zeros the activation at every
     position, BOS included ("all", sae_lens's run_evals), or only at the counted tokens ("counted":
     special tokens such as BOS keep their activation, as the spliced pass leaves them alone).
-    max_sources bounds the corpus labels per-source statistics are kept for."""
+    max_sources bounds the corpus labels per-source statistics are kept for.
+
+    ce_every: the CE losses (clean, spliced, zero-ablated, hence CE delta and CE recovered) on the
+    batches whose global index is a multiple of N only, all three on the same tokens (as sae_lens's
+    run_evals computes them on its first n_eval_reconstruction_batches). The spliced pass is the
+    costliest part of the stream after the forwards (a pass from the hook on, with its unembed, per
+    SAE and model); every other statistic, the per-token KL and loss difference included, covers
+    every batch. Which batches count depends only on the batch index, not on shards."""
 
     zero_ablation: str = "all"
     max_sources: int = 16
+    ce_every: int = 1
 
-    FIELD_TYPES = {"zero_ablation": str, "max_sources": int}
+    FIELD_TYPES = {"zero_ablation": str, "max_sources": int, "ce_every": int}
 
     def __post_init__(self) -> None:
         if self.zero_ablation not in ZERO_ABLATION:
             raise ConfigError(f"[evals] zero_ablation must be one of {list(ZERO_ABLATION)}, got {self.zero_ablation!r}.")
         _positive("evals", "max_sources", self.max_sources)
+        _positive("evals", "ce_every", self.ce_every)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class CrosscoderStats:
     def update_batch(self, codec, runners: dict, tokens, xs: dict, counted: np.ndarray, outliers: dict[str, np.ndarray],
                      losses: dict[str, tuple[np.ndarray, np.ndarray]], gidx: np.ndarray) -> None:
         """One stream batch: tokens [B, C] (tensor), xs {model: [B, C, d_in] tensor}, counted/outliers
-        [B, C] bool, losses {model: (clean, zero-ablated)} per-token [B, C-1], gidx [B*C] global token ids."""
+        [B, C] bool, losses {model: (clean, zero-ablated) per-token [B, C-1], or None without CE on this batch}, gidx [B*C] global token ids."""
         import torch
 
         cc = codec.cc
@@ -136,17 +136,18 @@ class CrosscoderStats:
                 recon_n.append(xhat_n)
                 resid_n.append(cc.normalize(x_flat[mi], mi) - xhat_n)
                 x_hat3 = x_hat.reshape(xs[m].shape)
-                spliced = runners[m].loss_with(tokens, torch.where(counted_t, x_hat3, xs[m])).cpu().numpy()
                 outlier = outliers[m]
-                if bool((counted & outlier).any()):
-                    keep_ex = torch.from_numpy(counted & ~outlier).to(counted_t.device)[..., None]
-                    spliced_ex = runners[m].loss_with(tokens, torch.where(keep_ex, x_hat3, xs[m])).cpu().numpy()
-                else:
-                    spliced_ex = spliced
-                clean, zero = losses[m]
-                self.quality[m].update(  # the activations' reductions run in torch on their device
-                    x_flat[mi], x_hat, l0, counted, outlier, {"clean": (clean, clean), "spliced": (spliced, spliced_ex), "zero_ablated": (zero, zero)},
-                )
+                ce = None  # losses[m] is None on a batch without CE ([evals] ce_every)
+                if losses[m] is not None:
+                    spliced = runners[m].loss_with(tokens, torch.where(counted_t, x_hat3, xs[m])).cpu().numpy()
+                    if bool((counted & outlier).any()):
+                        keep_ex = torch.from_numpy(counted & ~outlier).to(counted_t.device)[..., None]
+                        spliced_ex = runners[m].loss_with(tokens, torch.where(keep_ex, x_hat3, xs[m])).cpu().numpy()
+                    else:
+                        spliced_ex = spliced
+                    clean, zero = losses[m]
+                    ce = {"clean": (clean, clean), "spliced": (spliced, spliced_ex), "zero_ablated": (zero, zero)}
+                self.quality[m].update(x_flat[mi], x_hat, l0, counted, outlier, ce)  # the activations' reductions on their device
             proj_err, proj_rec = self._projections(cc, t, j, recon_n, resid_n)
         t_np, j_np, v_np = t.cpu().numpy(), j.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float32)
         sa = SparseActs(gidx[t_np], j_np, v_np, int(counted_flat.sum()))

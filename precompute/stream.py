@@ -10,6 +10,9 @@ tokens (the special tokens keep theirs), and the zero-ablated pass zeros every p
 SAELens's conventions). Residual-stream similarity covers every token, BOS included, so that its
 by-position curve starts at position 0.
 
+CE losses ([evals] ce_every = N): the zero-ablated and spliced passes, and every CE sum, only on
+batches whose global index is a multiple of N; all else on every batch.
+
 Outliers (precompute/calibration.py): the "excluded" rows of metrics.parquet leave outlier tokens
 out of every mean and do not splice the SAE in at them (a second spliced pass, run only for
 batches that contain an outlier).
@@ -72,6 +75,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     n_counted = int(counted.sum())
     n_by_source = np.bincount(src_flat[counted_flat], minlength=state.n_sources).astype(np.int64)
     zero_counted = prep.cfg.evals.zero_ablation == "counted"
+    ce_batch = b % prep.cfg.evals.ce_every == 0  # CE losses on this batch ([evals] ce_every)
     xs, finals, clean = {}, {}, {}
     model_losses, outliers = {}, {}  # for the crosscoder (issue 16)
     sparse: dict[str, dict[str, SparseActs]] = {s: {} for s in state.sae_names}
@@ -92,26 +96,30 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
         del finals
         for m in MODELS:
             r, x = runners[m], xs[m]
-            zero_loss = r.zero_loss_counted(tokens, x, counted_t) if zero_counted else r.zero_loss(tokens, x)
             outlier = (x.float().norm(dim=-1) > calib.outlier_threshold[m]).cpu().numpy()
             any_outlier = bool((counted & outlier).any())
-            clean_np, zero_np = clean[m].float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
-            model_losses[m], outliers[m] = (clean_np, zero_np), outlier
+            if ce_batch:
+                zero_loss = r.zero_loss_counted(tokens, x, counted_t) if zero_counted else r.zero_loss(tokens, x)
+                clean_np, zero_np = clean[m].float().cpu().numpy(), zero_loss.float().cpu().numpy()  # .float(): half-precision models
+                model_losses[m] = (clean_np, zero_np)
+            else:
+                model_losses[m] = None
+            outliers[m] = outlier
             x_flat = x.reshape(n_b * ctx, -1)
             moments = HookMoments(x_flat, counted, outlier, src2d, state.n_sources)  # on x's device, once for every SAE
             for s in state.sae_names:
                 sa, l0, x_hat_flat = sparse_acts(codecs[s], x_flat)
                 x_hat = x_hat_flat.reshape(x.shape)
-                spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).float().cpu().numpy()
-                if any_outlier:
-                    keep = torch.from_numpy(counted & ~outlier).to(prep.device)[..., None]
-                    spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).float().cpu().numpy()
-                else:
-                    spliced_ex = spliced
-                state.quality[(s, m)].update(
-                    None, x_hat_flat, l0, counted, outlier,
-                    {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)}, src2d, moments=moments,
-                )
+                losses = None  # no CE on this batch ([evals] ce_every)
+                if ce_batch:
+                    spliced = r.loss_with(tokens, torch.where(counted_t[..., None], x_hat, x)).float().cpu().numpy()
+                    if any_outlier:
+                        keep = torch.from_numpy(counted & ~outlier).to(prep.device)[..., None]
+                        spliced_ex = r.loss_with(tokens, torch.where(keep, x_hat, x)).float().cpu().numpy()
+                    else:
+                        spliced_ex = spliced
+                    losses = {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)}
+                state.quality[(s, m)].update(None, x_hat_flat, l0, counted, outlier, losses, src2d, moments=moments)
                 state.features[(s, m)].update(sa)
                 state.topk[(s, m)].update(sa)
                 state.quantile[(s, m)].update(sa)

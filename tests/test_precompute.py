@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from explorer import rundir, schema
+from explorer.errors import ConfigError
 from precompute import calibration, forward, hook_cache, pass_state
 from precompute import prepare as prepare_mod
 from precompute import run as run_mod
@@ -959,3 +960,58 @@ def test_zero_ablation_can_keep_special_tokens(tiny_demo, corpus, tmp_path, ref,
         all_zero = naive["loss"][(m, "zero")][:32][counted[:, :-1]].mean()
         assert abs(got - all_zero) > 1e-4  # keeping BOS changes the zero-ablated loss
     assert rundir.open_run(run_dir)["config"]["evals"]["zero_ablation"] == "counted"
+
+
+def test_ce_every_computes_the_ce_losses_on_every_nth_batch_only(tiny_demo, corpus, tmp_path, ref, naive, tiny_crosscoder):
+    """[evals] ce_every = 2: each SAE's CE losses are the naive means over batches 0, 2 and 4 only
+    (clean, spliced and zero-ablated on the same tokens); every other column of every table,
+    crosscoder included, is bitwise the every-batch run's."""
+    cfg_path = tmp_path / "ce2.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, extra=f'[crosscoder]\npath = "{tiny_crosscoder}"\n[evals]\nce_every = 2\n'))
+    cfg = RunConfig.from_toml(cfg_path)
+    assert cfg.evals.ce_every == 2 and cfg.hash() != RunConfig.from_toml(ref["cfg_path"]).hash()
+    run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False, checkpoint_every=2)
+    assert rundir.open_run(run_dir)["config"]["evals"]["ce_every"] == 2
+    ce_cols = {"ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"}
+    for name in schema.TABLES:
+        if not (ref["dir"] / name).exists():
+            assert not (run_dir / name).exists()
+            continue
+        a, b = table(ref["dir"], name), table(run_dir, name)
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        for col in a.columns:
+            if col in ce_cols:
+                continue
+            if a[col].dtype == object:
+                assert a[col].map(repr).tolist() == b[col].map(repr).tolist(), f"{name}.{col}"
+            else:
+                np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=f"{name}.{col}")
+    rows = np.zeros(N_SEQ, bool)
+    for b_ in range(0, N_SEQ // BATCH, 2):
+        rows[b_ * BATCH : (b_ + 1) * BATCH] = True
+    counted = naive["counted"][:, :-1]
+    met = table(run_dir, "metrics.parquet").set_index(["sae", "model", "outliers"])
+    old = table(ref["dir"], "metrics.parquet").set_index(["sae", "model", "outliers"])
+    for s in ("base_sae", "finetuned_sae"):
+        for m in ("base", "finetuned"):
+            row = met.loc[(s, m, "included")]
+            clean = naive["loss"][(m, "clean")][rows][counted[rows]].mean()
+            zero = naive["loss"][(m, "zero")][rows][counted[rows]].mean()
+            spliced = naive["loss"][(s, m, "included")][rows][counted[rows]].mean()
+            assert row.ce_clean == pytest.approx(clean, abs=1e-5) and row.ce_zero_ablated == pytest.approx(zero, abs=1e-5)
+            assert row.ce_spliced == pytest.approx(spliced, abs=1e-5)
+            assert row.ce_recovered == pytest.approx((zero - spliced) / (zero - clean), rel=1e-4)
+            assert row.ce_clean != old.loc[(s, m, "included")].ce_clean  # not the every-batch mean
+    cc = table(run_dir, "crosscoder_metrics.parquet")
+    assert cc.ce_clean.notna().all() and not np.array_equal(cc.ce_clean.to_numpy(), table(ref["dir"], "crosscoder_metrics.parquet").ce_clean.to_numpy())
+
+
+def test_ce_every_must_be_positive(tiny_demo, corpus, tmp_path):
+    from precompute.__main__ import main
+
+    cfg_path = tmp_path / "ce0.toml"
+    cfg_path.write_text(tiny_config_text(tiny_demo, corpus, extra="[evals]\nce_every = 0\n"))
+    with pytest.raises(ConfigError, match=r"\[evals\] ce_every must be > 0"):
+        RunConfig.from_toml(cfg_path)
+    assert main(["run", "--config", str(cfg_path), "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
