@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         widths, fixed, tokens, tok_width, limit_tokens = a.widths, a.fixed_tokens, a.tokens, a.tokens_width, a.limit_tokens
         need = sorted(set(widths) | {tok_width})
         if not (pair / "PAIR.json").exists():
-            s = wide.PairSettings(**{**B7_PAIR, "d_model": a.d_model}, d_sae=tuple(need), n_sequences=max(B7_PAIR["n_sequences"], -(-max(tokens) // B7_PAIR["context"])))
+            s = wide.PairSettings(**{**B7_PAIR, "d_model": a.d_model, "d_sae": tuple(need), "n_sequences": max(B7_PAIR["n_sequences"], -(-max(tokens) // B7_PAIR["context"]))})
             print(f"[b7] generating the wide pair in {pair} ...", flush=True)
             wide.generate(pair, s)
     info = json.loads((pair / "PAIR.json").read_text())
