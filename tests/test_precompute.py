@@ -905,6 +905,17 @@ def test_per_token_kl_and_loss_difference_match_full_forwards(ref, naive):
     assert ref["manifest"]["summary"]["kl"]["all"]["mean_kl"] == pytest.approx(want[counted].mean(), rel=1e-3)
 
 
+def test_fused_kl_is_bitwise_the_unfused_expression():
+    """forward.clean_losses_and_kl takes the KL from kl_div's fused pass; it is exactly
+    sum_v exp(lb) * (lb - lf), including a finetune that gives a token probability ~0."""
+    g = torch.Generator().manual_seed(0)
+    lb = torch.randn(64, 3000, generator=g).log_softmax(-1)
+    lf = (torch.randn(64, 3000, generator=g) * 3).log_softmax(-1)
+    lf[0, 5] = -1e4
+    fused = torch.nn.functional.kl_div(lf, lb, reduction="none", log_target=True).sum(-1)
+    assert torch.equal(fused, (lb.exp() * (lb - lf)).sum(-1))
+
+
 def test_kl_correlation_and_contexts_match_naive(ref, naive):
     prep = ref["prep"]
     t = table(ref["dir"], "tokens.parquet")
