@@ -77,8 +77,6 @@ class HookMoments:
         # [T, d] float64 on the activations' device; in_torch=True forces torch on the CPU (the GPU path's code, tested on a CPU)
         self.x = _float64(x, in_torch)
         self.d_in = int(self.x.shape[1])
-        self.n_sources = n_sources
-        self.counted, self.outlier = counted, outlier
         self.src2d = np.zeros(counted.shape, np.int64) if source is None else np.asarray(source, np.int64)
         src = self.src2d.reshape(-1)
         self.n_out = int((counted & outlier).sum())
