@@ -111,20 +111,36 @@ def test_similarity_point_opens_the_feature_page(synthetic_app_url, page):
     plot = page.locator(".js-plotly-plot").nth(idx)
     plot.scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
-    # pixel position of a point with the plot's own axes
-    xy = page.evaluate(
-        """(i) => { const p = document.querySelectorAll('.js-plotly-plot')[i];
-                 const d = p._fullData[0]; const fl = p._fullLayout;
-                 const xs = d.x, ys = d.y; let k = 0;
-                 for (let j = 0; j < xs.length; j++) { if (xs[j] > -9 && ys[j] > -9) { k = j; break; } }
-                 const r = p.getBoundingClientRect();
-                 return [r.left + fl._size.l + fl.xaxis.l2p(xs[k]), r.top + fl._size.t + fl.yaxis.l2p(ys[k])]; }""",
-        idx,
-    )
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    for attempt in range(3):  # on a busy machine the WebGL scatter may not take the first click
-        page.mouse.click(xy[0], xy[1])
+    # Plotly emits plotly_click only with hover data in hand (Fx.click reads gd._hoverdata), and its
+    # hover is throttled: a click whose mousemove has not yet been hovered does nothing. So each try
+    # takes the point's pixel position afresh (a chart above may have changed the layout), hovers
+    # it, waits until plotly has hovered a point, then clicks.
+    for attempt in range(3):
+        xy = page.evaluate(
+            """(i) => { const p = document.querySelectorAll('.js-plotly-plot')[i];
+                     const d = p._fullData[0]; const fl = p._fullLayout;
+                     const xs = d.x, ys = d.y; let k = 0;
+                     for (let j = 0; j < xs.length; j++) { if (xs[j] > -9 && ys[j] > -9) { k = j; break; } }
+                     const r = p.getBoundingClientRect();
+                     return [r.left + fl._size.l + fl.xaxis.l2p(xs[k]), r.top + fl._size.t + fl.yaxis.l2p(ys[k])]; }""",
+            idx,
+        )
+        page.mouse.move(xy[0] - 3, xy[1] - 3)
+        page.mouse.move(xy[0], xy[1], steps=3)
+        try:
+            page.wait_for_function(
+                "(i) => { const p = document.querySelectorAll('.js-plotly-plot')[i]; return !!(p._hoverdata && p._hoverdata.length); }",
+                arg=idx,
+                timeout=20000,
+            )
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            continue
+        page.mouse.down()
+        page.mouse.up()
         try:
             page.wait_for_url(re.compile(r".*/feature\?.*feature=\d+"), timeout=30000)
             break
