@@ -49,6 +49,11 @@ def _parser(prog: str = "python -m precompute") -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=int, default=25, help="save the accumulator state every N batches (default 25)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run (or checkpoint) with the same run_id")
     r.add_argument("--dtype", default=None, help="float32, bfloat16 or float16: the models' dtype (default: the config's [models] dtype)")
+    r.add_argument(
+        "--update-threads", type=int, default=None, metavar="N",
+        help="threads for the sparse accumulators, overlapping the next batch's forwards (default: on a GPU the cores less one, "
+        "up to 8; on the CPU the cores torch's threads leave idle, at least 1; 0: in the main thread). Any N gives the same run, bitwise.",
+    )
     _ray_options(r)
     _common(r)
     # Throttle for tests of interruption and resume; not for normal use.
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
 
             if args.checkpoint_every < 1:
                 raise ConfigError("--checkpoint-every must be at least 1.")
+            if args.update_threads is not None and args.update_threads < 0:
+                raise ConfigError("--update-threads must be 0 or more.")
             shard = _shard(args.shard) if args.shard else None
             if args.ray is None and (args.shards is not None or args.storage is not None):
                 raise ConfigError("--shards and --storage go with --ray (for one shard without Ray, use --shard I/N).")
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m precompute") -> i
                 return 0
             run_mod.run(
                 cfg, runs_dir=args.runs_dir, shard=shard, checkpoint_every=args.checkpoint_every, device=args.device,
-                overwrite=args.overwrite, progress=not args.no_progress, batch_delay=args.batch_delay,
+                overwrite=args.overwrite, progress=not args.no_progress, batch_delay=args.batch_delay, update_threads=args.update_threads,
             )
         elif args.command == "merge":
             run_mod.merge(args.run_id, runs_dir=args.runs_dir, device=args.device)

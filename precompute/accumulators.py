@@ -668,6 +668,7 @@ class CrossProducts(_Stateful):
         if self.pair_keys is not None:  # the candidates of each base feature i: pair_keys[ptr[i]:ptr[i+1]] (keys sorted by i, then j)
             self._cand_ptr = np.searchsorted(self.pair_keys // d_b, np.arange(d_a + 1))
             self._cand_j = self.pair_keys % d_b
+            self._tables = None  # (pad_pair, pad_j, extra_start, extra_count): built at the first update
 
     def update(self, a: SparseActs, b: SparseActs) -> None:
         import scipy.sparse as sp
@@ -698,28 +699,90 @@ class CrossProducts(_Stateful):
         keys = np.repeat(np.arange(prod.shape[0], dtype=np.int64) * self.d_b, np.diff(prod.indptr)) + prod.indices
         target.reshape(-1)[keys] += prod.data  # all pairs (candidate pairs: _update_candidates)
 
+    # The candidate lookup's chunk: a token range whose membership map (tokens x d_b bytes) fits in cache.
+    MAP_BYTES = 1 << 22
+
+    def _candidate_tables(self):
+        """Each base feature's candidates padded to K slots (K: the 99th percentile of the counts, so
+        that a hub with many candidates does not pad every row): pad_pair [d_a, K] (the pair's index
+        into pair_keys, -1 in padding) and pad_j [d_a, K] (its j), int32; the candidates beyond
+        slot K of the few larger rows: extra_start [d_a] (index of the row's first extra pair) and
+        extra_count [d_a]."""
+        ptr, d_a = self._cand_ptr, self.d_a
+        cnt = np.diff(ptr)
+        k = max(1, int(np.ceil(np.quantile(cnt, 0.99)))) if d_a else 1
+        n = len(self.pair_keys)
+        row = np.repeat(np.arange(d_a, dtype=np.int64), cnt)
+        slot = np.arange(n, dtype=np.int64) - ptr[:-1][row]
+        inside = slot < k
+        pad_pair = np.full((d_a, k), -1, np.int32 if n < 2**31 else np.int64)
+        pad_j = np.zeros((d_a, k), np.int32 if self.d_b < 2**31 else np.int64)
+        pad_pair[row[inside], slot[inside]] = np.flatnonzero(inside)
+        pad_j[row[inside], slot[inside]] = self._cand_j[inside]
+        return pad_pair, pad_j, ptr[:-1] + k, np.maximum(cnt - k, 0)
+
     def _update_candidates(self, a: SparseActs, b: SparseActs) -> None:
         """Candidate pairs only: each entry (t, i) of A is expanded over i's candidates j and
         looked up at (t, j) among B's entries. Work: nnz(A) x candidates per feature, where the
         all-pairs product costs tokens x L0_A x L0_B (at L0 64, 16M products per 4096-token batch,
-        most of them for pairs that are not candidates; B7). For each pair the products are
-        summed in token order, as the sparse product sums them."""
+        most of them for pairs that are not candidates; B7).
+
+        In chunks of tokens whose (token, j) membership map of B's entries is a few MB: the
+        expansion is one gather of the padded candidate table per chunk ([entries, K]), membership
+        one gather from the map, and only the hits are searched for B's value. Per pair the products
+        are summed in token order, as the sparse product sums them (and the whole-batch expansion
+        did: the same float64 sums, bitwise)."""
+        if self._tables is None:
+            self._tables = self._candidate_tables()
+        pad_pair, pad_j, extra_start, extra_count = self._tables
+        k = pad_pair.shape[1]
         d_b = self.d_b
-        kb = b.token * d_b + b.feature  # sorted: (token, feature) order
-        n_c = self._cand_ptr[a.feature + 1] - self._cand_ptr[a.feature]
-        total = int(n_c.sum())
-        if total == 0:
+        kb = b.token * d_b + b.feature
+        if np.any(a.token[1:] < a.token[:-1]) or np.any(kb[1:] <= kb[:-1]):
+            raise ValueError("SparseActs must be sorted by (token, feature) without duplicates")
+        span = max(1, self.MAP_BYTES // d_b)  # tokens per chunk
+        t_lo = int(min(a.token[0], b.token[0]))
+        edges = np.arange(t_lo, int(a.token[-1]) + span + 1, span, dtype=np.int64)
+        a_cut = np.searchsorted(a.token, edges)
+        b_cut = np.searchsorted(kb, edges * d_b)
+        present = np.zeros(span * d_b, bool)
+        pairs, prods = [], []
+        for c in np.flatnonzero((a_cut[1:] > a_cut[:-1]) & (b_cut[1:] > b_cut[:-1])):  # chunks with entries on both sides
+            a0, a1, b0, b1 = a_cut[c], a_cut[c + 1], b_cut[c], b_cut[c + 1]
+            base = int(edges[c]) * d_b
+            sub = kb[b0:b1] - base  # B's entries in the chunk, as offsets into the map
+            present[sub] = True
+            fa = a.feature[a0:a1]
+            off = (a.token[a0:a1] * d_b - base)[:, None]
+            want = pad_j[fa] + off  # [n, K] int64 offsets of (t, j)
+            pair = pad_pair[fa]
+            hit = present[want]
+            hit &= pair >= 0
+            at = np.flatnonzero(hit)
+            w = want.reshape(-1)[at]
+            hit_pair = pair.reshape(-1)[at].astype(np.int64)
+            hit_row = a0 + at // k
+            extra = np.flatnonzero(extra_count[fa])
+            if len(extra):  # the candidates beyond slot K of a few rows (their pairs are in no padded slot)
+                n_x = extra_count[fa[extra]]
+                rep = np.repeat(extra, n_x)
+                first = np.cumsum(n_x) - n_x
+                x_pair = extra_start[fa[extra]][np.repeat(np.arange(len(extra)), n_x)] + (np.arange(int(n_x.sum())) - np.repeat(first, n_x))
+                x_want = off[rep, 0] + self._cand_j[x_pair]
+                x_hit = np.flatnonzero(present[x_want])
+                w = np.concatenate([w, x_want[x_hit]])
+                hit_pair = np.concatenate([hit_pair, x_pair[x_hit]])
+                hit_row = np.concatenate([hit_row, a0 + rep[x_hit]])
+            pos = b0 + np.searchsorted(sub, w)
+            present[sub] = False
+            pairs.append(hit_pair)
+            prods.append(a.value[hit_row].astype(np.float64) * b.value[pos].astype(np.float64))
+        if not pairs:
             return
-        rep = np.repeat(np.arange(len(a.feature)), n_c)
-        first = np.cumsum(n_c) - n_c
-        pair = self._cand_ptr[a.feature][rep] + (np.arange(total) - first[rep])
-        want = a.token[rep] * d_b + self._cand_j[pair]
-        pos = np.searchsorted(kb, want)
-        pos_ok = np.minimum(pos, len(kb) - 1)
-        hit = kb[pos_ok] == want
-        prod = a.value[rep[hit]].astype(np.float64) * b.value[pos_ok[hit]].astype(np.float64)
-        self.sum_xy += np.bincount(pair[hit], weights=prod, minlength=len(self.pair_keys))
-        self.n_both += np.bincount(pair[hit], minlength=len(self.pair_keys)).astype(np.int64)
+        # chunks in token order, and within a chunk each pair's hits in entry (token) order
+        pair, prod = np.concatenate(pairs), np.concatenate(prods)
+        self.sum_xy += np.bincount(pair, weights=prod, minlength=len(self.pair_keys))
+        self.n_both += np.bincount(pair, minlength=len(self.pair_keys)).astype(np.int64)
 
     def merge(self, other: "CrossProducts") -> None:
         self.sum_xy += other.sum_xy

@@ -46,7 +46,7 @@ from precompute.pass_state import (
     state_meta,
 )
 from precompute.prepare import Prepared, log_prepared, prepare
-from precompute.stream import stream
+from precompute.stream import default_update_threads, stream
 from precompute.tables import finalize
 
 
@@ -89,8 +89,11 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     batch_delay: float = 0.0,
+    update_threads: int | None = None,
 ) -> Path:
-    """Compute a run (or one shard of it). Returns the run directory."""
+    """Compute a run (or one shard of it). Returns the run directory. update_threads: threads for
+    the sparse accumulators (precompute.stream.BatchUpdates; None: stream.default_update_threads);
+    the run is bitwise the same for any number."""
     prep = prepare(cfg, device)
     run_dir = rundir.run_path(prep.cfg.run_id, runs_dir)
     if run_dir.exists() and overwrite:
@@ -116,7 +119,7 @@ def run(
     runners = runners_for(prep.pair, prep.cfg.hook)
     calib = calibrate(prep, runners)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state, timing = stream_range(prep, runners, calib, pair_keys(prep), batch_range, ckpt, shard, checkpoint_every, progress, batch_delay)
+    state, timing = stream_range(prep, runners, calib, pair_keys(prep), batch_range, ckpt, shard, checkpoint_every, progress, batch_delay, update_threads)
     processed, stream_s = timing["stream_tokens"], timing["stream_seconds"]
     if shard is not None:
         work = ckpt.parent.parent
@@ -136,7 +139,7 @@ def run(
 
 
 def stream_range(prep: Prepared, runners, calib: Calibration, keys, batch_range: tuple[int, int], ckpt: Path, shard: tuple[int, int] | None,
-                 checkpoint_every: int = 25, progress: bool = True, batch_delay: float = 0.0) -> tuple[PassState, dict]:
+                 checkpoint_every: int = 25, progress: bool = True, batch_delay: float = 0.0, update_threads: int | None = None) -> tuple[PassState, dict]:
     """Stream batches [batch_range) into a new pass state, resuming from the checkpoint `ckpt` when
     it exists (and fits); returns the state and the stream's timing. Used by `run` and by the
     shard tasks of `precompute.distributed`."""
@@ -149,8 +152,12 @@ def stream_range(prep: Prepared, runners, calib: Calibration, keys, batch_range:
         state.load_arrays(load_state_arrays(ckpt))
         state.next_batch = int(meta["next_batch"])
         log(f"resuming {prep.cfg.run_id!r} from its checkpoint at batch {state.next_batch}/{batch_range[1]}")
+    if update_threads is None:
+        import torch
+
+        update_threads = default_update_threads(prep.device, torch.get_num_threads())
     t0, c0 = time.time(), time.process_time()
-    processed = stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay)
+    processed = stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay, update_threads)
     stream_s = time.time() - t0
     timing = {"stream_seconds": stream_s, "stream_cpu_seconds": time.process_time() - c0, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
     return state, timing

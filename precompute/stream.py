@@ -55,9 +55,12 @@ from precompute.prepare import Prepared
 MODELS = schema.MODELS
 
 
-def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int) -> dict:
+def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassState, calib: Calibration, b: int, updates: "BatchUpdates | None" = None) -> dict:
     """Run batch `b` through both models and SAEs into the accumulators; returns both models'
-    activations at the hook ({model: [B, C, d] tensor}) for the hook-activation cache."""
+    activations at the hook ({model: [B, C, d] tensor}) for the hook-activation cache.
+
+    The sparse accumulators' updates go to `updates` (BatchUpdates: on its threads, while the next
+    batch runs through the models; None: here, before returning)."""
     import torch
 
     codecs = prep.codecs
@@ -79,6 +82,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     xs, finals, clean = {}, {}, {}
     model_losses, outliers = {}, {}  # for the crosscoder (issue 16)
     sparse: dict[str, dict[str, SparseActs]] = {s: {} for s in state.sae_names}
+    sparse_twin = None
 
     def sparse_acts(codec, x_flat):
         t, f, vals, x_hat_flat = codec.encode_decode(x_flat)
@@ -120,13 +124,9 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
                         spliced_ex = spliced
                     losses = {"clean": (clean_np, clean_np), "spliced": (spliced, spliced_ex), "zero_ablated": (zero_np, zero_np)}
                 state.quality[(s, m)].update(None, x_hat_flat, l0, counted, outlier, losses, src2d, moments=moments)
-                state.features[(s, m)].update(sa)
-                state.topk[(s, m)].update(sa)
-                state.quantile[(s, m)].update(sa)
                 sparse[s][m] = sa
             if m == "base" and prep.twin is not None:  # the seed twin: encoded on the base model only
                 sparse_twin, _, _ = sparse_acts(codecs[prep.cfg.twin], x_flat)
-                state.twin_features.update(sparse_twin)
         xb, xf = xs["base"].float(), xs["finetuned"].float()
         cos = torch.nn.functional.cosine_similarity(xb, xf, dim=-1).cpu().numpy()
         l2 = (xb - xf).norm(dim=-1).cpu().numpy()
@@ -138,21 +138,121 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     kl_tok = np.full((n_b, ctx), np.nan)
     kl_tok[:, :-1] = np.where(counted[:, :-1], kl_np, np.nan)
     kl_tok = kl_tok.reshape(-1)
-    for s in state.sae_names:
-        hits = cofire_hits(sparse[s]["base"], sparse[s]["finetuned"], state.d_sae[s])
-        state.pairs[s].update(sparse[s]["base"], sparse[s]["finetuned"], hits)
-        state.kl_corr[s].update(sparse[s]["base"], sparse[s]["finetuned"], kl_tok, token0, hits)
-    if "finetuned_sae" in state.cross:
-        state.cross["finetuned_sae"].update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"])
-    if prep.twin is not None:
-        state.cross[prep.cfg.twin].update(sparse["base_sae"]["base"], sparse_twin)
+    tasks = sparse_update_tasks(state, sparse, kl_tok, token0, sparse_twin)
+    if updates is None:
+        for task in tasks:
+            task()
+    else:
+        updates.submit(tasks)
     if state.crosscoder is not None:  # issue 16: the crosscoder on both models' activations
         state.crosscoder.update_batch(prep.crosscoder_codec, runners, tokens, xs, counted, outliers, model_losses, gidx)
     return xs
 
 
 
-def stream(prep, runners, state: PassState, calib, ckpt: Path, shard, checkpoint_every: int, progress: bool, batch_delay: float) -> int:
+def sparse_update_tasks(state, sparse: dict, kl_tok: np.ndarray, token0: int, sparse_twin: SparseActs | None = None) -> list:
+    """One batch's updates of the sparse accumulators, as independent tasks (each touches its own
+    accumulators and only reads the batch's SparseActs): per (SAE, model) FeatureStats, TopK and
+    QuantileSample; per SAE PairStats and KLCorrStats; each CrossProducts; the twin's FeatureStats.
+    Costliest first. `state` is a PassState (or anything with its attributes)."""
+
+    def per_model(s, m):
+        def task():
+            sa = sparse[s][m]
+            state.features[(s, m)].update(sa)
+            state.topk[(s, m)].update(sa)
+            state.quantile[(s, m)].update(sa)
+
+        return task
+
+    def per_sae(s):
+        def task():
+            base, fin = sparse[s]["base"], sparse[s]["finetuned"]
+            hits = cofire_hits(base, fin, state.d_sae[s])
+            state.pairs[s].update(base, fin, hits)
+            state.kl_corr[s].update(base, fin, kl_tok, token0, hits)
+
+        return task
+
+    tasks = []
+    if "finetuned_sae" in state.cross:
+        tasks.append(lambda: state.cross["finetuned_sae"].update(sparse["base_sae"]["base"], sparse["finetuned_sae"]["finetuned"]))
+    if sparse_twin is not None:
+        tasks.append(lambda: state.cross[state.twin].update(sparse["base_sae"]["base"], sparse_twin))
+    tasks += [per_model(s, m) for s in state.sae_names for m in MODELS]
+    tasks += [per_sae(s) for s in state.sae_names]
+    if sparse_twin is not None:
+        tasks.append(lambda: state.twin_features.update(sparse_twin))
+    return tasks
+
+
+class BatchUpdates:
+    """The sparse accumulators' updates of a batch on a pool of `threads` threads, while the
+    calling thread runs the next batch through the models and SAEs (on a GPU, its kernels; on the
+    CPU, torch's own threads).
+
+    Each accumulator gets the batches in order, one at a time: `submit` first waits for the
+    previous batch's tasks, and within a batch every task has its own accumulators. So the state
+    is bitwise the serial run's for any number of threads (tests/test_precompute.py). `wait()`
+    before reading or saving the state; a task's exception is raised there. threads=0: every task
+    runs in the calling thread, at submit."""
+
+    def __init__(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = max(0, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="precompute-updates") if self.threads else None
+        self._pending: list = []
+
+    def submit(self, tasks: list) -> None:
+        self.wait()
+        if self._pool is None:
+            for task in tasks:
+                task()
+        else:
+            self._pending = [self._pool.submit(task) for task in tasks]
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]  # every task finishes before the state is read
+        for e in errors:
+            if e is not None:
+                raise e
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "BatchUpdates":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: finish the running tasks, keep the first error
+            self._pending, pending = [], self._pending
+            for f in pending:
+                f.exception()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
+def default_update_threads(device: str, torch_threads: int) -> int:
+    """Threads for the sparse accumulators when the command line does not say: on a GPU, the
+    cores (up to 8) less the one driving the GPU; on the CPU, the cores torch's threads leave idle
+    (at least 1: the updates then overlap the next batch's forwards)."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if str(device).startswith("cuda"):
+        return max(1, min(8, cores - 1))
+    return max(1, cores - torch_threads)
+
+
+def stream(prep, runners, state: PassState, calib, ckpt: Path, shard, checkpoint_every: int, progress: bool, batch_delay: float, update_threads: int = 0) -> int:
     from tqdm import tqdm
 
     ctx = prep.cfg.sample.context_size
@@ -166,18 +266,20 @@ def stream(prep, runners, state: PassState, calib, ckpt: Path, shard, checkpoint
     processed = 0
     since = 0
     hook_cache = HookActsCache([], ckpt.parent / HOOK_ACTS_DIR)
-    for b in range(state.next_batch, state.batch_end):
-        xs = process_batch(prep, runners, state, calib, b)
-        hook_cache.put(b, prep.sample.tokens[prep.batch_seq_ids(b)], xs)
-        state.next_batch = b + 1
-        n = len(prep.batch_seq_ids(b)) * ctx
-        processed += n
-        bar.update(n)
-        since += 1
-        if batch_delay:
-            time.sleep(batch_delay)
-        if since >= checkpoint_every or state.next_batch == state.batch_end:
-            save_state(ckpt, state, state_meta(prep, calib, state, shard, False))
-            since = 0
+    with BatchUpdates(update_threads) as updates:
+        for b in range(state.next_batch, state.batch_end):
+            xs = process_batch(prep, runners, state, calib, b, updates)
+            hook_cache.put(b, prep.sample.tokens[prep.batch_seq_ids(b)], xs)
+            n = len(prep.batch_seq_ids(b)) * ctx
+            processed += n
+            since += 1
+            if batch_delay:
+                time.sleep(batch_delay)
+            state.next_batch = b + 1
+            if since >= checkpoint_every or state.next_batch == state.batch_end:
+                updates.wait()  # the checkpoint holds whole batches only
+                save_state(ckpt, state, state_meta(prep, calib, state, shard, False))
+                since = 0
+            bar.update(n)
     bar.close()
     return processed

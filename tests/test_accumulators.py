@@ -321,6 +321,35 @@ def test_cross_products_dense_and_candidates_match_naive(tmp_path):
     np.testing.assert_array_equal(back.sum_xy, dense.sum_xy)
 
 
+@pytest.mark.parametrize("map_bytes", [1, 3 * 9, 1 << 22])
+def test_candidate_cross_products_in_chunks_with_a_hub_match_naive(map_bytes):
+    """The candidate lookup in chunks of tokens (MAP_BYTES: one token per chunk, three, or the whole
+    batch) with a hub feature whose candidates overflow the padded table (every B feature): sums and
+    co-firing counts against the dense product; any chunking gives bitwise the same sums (each
+    pair's products are added in token order)."""
+    d_a = 150  # enough rows that the hub is above the 99th percentile of the candidate counts
+    batches = _batches(n_batches=3, seqs_per_batch=4, d=d_a, seed=5, density=0.2)
+    d_b = 9
+    rng = np.random.default_rng(1)
+    keys = np.union1d(np.unique(rng.integers(0, d_a * d_b, 300)), 4 * d_b + np.arange(d_b))  # feature 4: a hub
+    cand, whole = CrossProducts(d_a, d_b, keys), CrossProducts(d_a, d_b, keys)
+    cand.MAP_BYTES, whole.MAP_BYTES = map_bytes, 1 << 30
+    for g, base, fin, c in batches:
+        sa, sb = SparseActs.from_dense(base, g, c), SparseActs.from_dense(fin[:, :d_b], g, c)
+        cand.update(sa, sb)
+        whole.update(sa, sb)
+    assert cand._tables[3][4] > 0  # the hub took the overflow path
+    _, a, b = _all(batches)
+    b = b[:, :d_b]
+    i, j = keys // d_b, keys % d_b
+    np.testing.assert_allclose(cand.sum_xy, (a.T @ b)[i, j], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(cand.n_both, ((a > 0).astype(int).T @ (b > 0).astype(int))[i, j])
+    np.testing.assert_array_equal(cand.sum_xy, whole.sum_xy)
+    with pytest.raises(ValueError, match="sorted"):
+        sa = SparseActs.from_dense(batches[0][1], batches[0][0], batches[0][3])
+        cand.update(SparseActs(sa.token[::-1].copy(), sa.feature[::-1].copy(), sa.value, sa.n_tokens), sb)
+
+
 def test_resid_stats_match_numpy(tmp_path):
     rng = np.random.default_rng(0)
     l2_max = 3.0

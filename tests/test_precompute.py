@@ -973,6 +973,44 @@ def test_zero_ablation_can_keep_special_tokens(tiny_demo, corpus, tmp_path, ref,
     assert rundir.open_run(run_dir)["config"]["evals"]["zero_ablation"] == "counted"
 
 
+def assert_tables_equal(dir_a: Path, dir_b: Path, skip: set[str] = frozenset()) -> None:
+    """Every table of two runs: the same columns and rows, every value bitwise (but columns in `skip`)."""
+    n = 0
+    for name in schema.TABLES:
+        if not (dir_a / name).exists():
+            assert not (dir_b / name).exists()
+            continue
+        a, b = table(dir_a, name), table(dir_b, name)
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        for col in a.columns:
+            if col in skip:
+                continue
+            if a[col].dtype == object:
+                assert a[col].map(repr).tolist() == b[col].map(repr).tolist(), f"{name}.{col}"
+            else:
+                np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=f"{name}.{col}")
+        n += 1
+    assert n >= 10  # the reference run writes every table
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_update_threads_give_the_same_run_bitwise(ref, tmp_path, threads):
+    """The sparse accumulators on 0 threads (in the main thread) or on 3 (each batch's tasks in
+    parallel, overlapping the next batch's forwards): every table bitwise the reference run's
+    (which took the default: 1 thread here, or more on a bigger machine). With a twin, a second
+    SAE and a crosscoder, every kind of task runs."""
+    from precompute.stream import BatchUpdates
+
+    assert ref["prep"].twin is not None and "finetuned_sae" in ref["prep"].cfg.sae_names
+    cfg = RunConfig.from_toml(ref["cfg_path"])
+    run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False, checkpoint_every=2, update_threads=threads)
+    assert_tables_equal(ref["dir"], run_dir)
+    with BatchUpdates(threads) as u:  # a task's error is raised (at submit on 0 threads, else at wait), not lost
+        with pytest.raises(ZeroDivisionError):
+            u.submit([lambda: None, lambda: 1 / 0])
+            u.wait()
+
+
 def test_ce_every_computes_the_ce_losses_on_every_nth_batch_only(tiny_demo, corpus, tmp_path, ref, naive, tiny_crosscoder):
     """[evals] ce_every = 2: each SAE's CE losses are the naive means over batches 0, 2 and 4 only
     (clean, spliced and zero-ablated on the same tokens); every other column of every table,
@@ -984,19 +1022,7 @@ def test_ce_every_computes_the_ce_losses_on_every_nth_batch_only(tiny_demo, corp
     run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False, checkpoint_every=2)
     assert rundir.open_run(run_dir)["config"]["evals"]["ce_every"] == 2
     ce_cols = {"ce_clean", "ce_spliced", "ce_zero_ablated", "ce_delta", "ce_recovered", "n_nonfinite_clean", "n_nonfinite_spliced", "n_nonfinite_zero_ablated"}
-    for name in schema.TABLES:
-        if not (ref["dir"] / name).exists():
-            assert not (run_dir / name).exists()
-            continue
-        a, b = table(ref["dir"], name), table(run_dir, name)
-        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
-        for col in a.columns:
-            if col in ce_cols:
-                continue
-            if a[col].dtype == object:
-                assert a[col].map(repr).tolist() == b[col].map(repr).tolist(), f"{name}.{col}"
-            else:
-                np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=f"{name}.{col}")
+    assert_tables_equal(ref["dir"], run_dir, skip=ce_cols)
     rows = np.zeros(N_SEQ, bool)
     for b_ in range(0, N_SEQ // BATCH, 2):
         rows[b_ * BATCH : (b_ + 1) * BATCH] = True
