@@ -993,19 +993,42 @@ def assert_tables_equal(dir_a: Path, dir_b: Path, skip: set[str] = frozenset()) 
     assert n >= 10  # the reference run writes every table
 
 
-@pytest.mark.parametrize("threads", [0, 3])
-def test_update_threads_give_the_same_run_bitwise(ref, tmp_path, threads):
-    """The sparse accumulators on 0 threads (in the main thread) or on 3 (each batch's tasks in
-    parallel, overlapping the next batch's forwards): every table bitwise the reference run's
-    (which took the default: 1 thread here, or more on a bigger machine). With a twin, a second
-    SAE and a crosscoder, every kind of task runs."""
-    from precompute.stream import BatchUpdates
-
+def test_update_threads_give_the_same_run_bitwise(ref, tmp_path):
+    """The sparse accumulators on 3 threads (each batch's tasks in parallel, overlapping the next
+    batch's forwards): every table bitwise the reference run's (which took the default: 1 thread
+    here, more on a bigger machine). With a twin, a second SAE and a crosscoder, every kind of task
+    runs."""
     assert ref["prep"].twin is not None and "finetuned_sae" in ref["prep"].cfg.sae_names
     cfg = RunConfig.from_toml(ref["cfg_path"])
-    run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False, checkpoint_every=2, update_threads=threads)
+    run_dir = run_mod.run(cfg, runs_dir=tmp_path / "runs", progress=False, checkpoint_every=2, update_threads=3)
     assert_tables_equal(ref["dir"], run_dir)
-    with BatchUpdates(threads) as u:  # a task's error is raised (at submit on 0 threads, else at wait), not lost
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batch_updates_keep_batches_in_order_and_raise_a_tasks_error(threads):
+    """A batch's tasks all finish before the next batch's start (each accumulator sees the batches
+    in order); a task's error is raised (at submit on 0 threads, else at the next wait), not lost."""
+    import threading
+    import time
+
+    from precompute.stream import BatchUpdates
+
+    log, lock = [], threading.Lock()
+
+    def task(b, k):
+        def run():
+            time.sleep(0.01 * (3 - k))  # the batch's first task finishes last
+            with lock:
+                log.append(b)
+
+        return run
+
+    with BatchUpdates(threads) as u:
+        for b in range(4):
+            u.submit([task(b, k) for k in range(3)])
+        u.wait()
+    assert log == sorted(log) and len(log) == 12
+    with BatchUpdates(threads) as u:
         with pytest.raises(ZeroDivisionError):
             u.submit([lambda: None, lambda: 1 / 0])
             u.wait()
