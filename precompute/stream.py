@@ -33,6 +33,11 @@ per-(SAE, model) accumulators keep their sums per source (`FeatureStats`, `PairS
 
 The seed twin (`[saes.base_sae_twin]`) is encoded on the base model only, into its own
 `FeatureStats` and the cross products with the base SAE (the null baseline of born/lost).
+
+Threads (`BatchUpdates`, `--update-threads`): the models, the SAEs, QualityStats and the CE passes
+run in the calling thread; the sparse accumulators' updates of batch b (`sparse_update_tasks`) run
+on a pool while batch b+1 goes through the models, and batch b+1's wait for them. Each
+accumulator sees the batches in order, so a run is bitwise the same for any number of threads.
 """
 
 from __future__ import annotations
