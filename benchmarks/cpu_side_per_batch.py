@@ -1,6 +1,6 @@
 """The stream's CPU-side work per batch at gemma-2-2b width, without a model: what bounds the GPU path.
 
-    python benchmarks/cpu_side_per_batch.py [--batches 24] [--sources 2] [--threads 0 2] [--out FILE]
+    python benchmarks/cpu_side_per_batch.py [--batches 8] [--warm-tokens 0 1000000 ...] [--sources 2] [--threads 0 2] [--out FILE]
 
 A stream of fresh 4096-token batches (32 x 128, global token indices increasing as in a run) at
 d_model 2304, with per model and SAE (two 16k SAEs) sparse feature activations drawn as an SAE's
@@ -108,14 +108,18 @@ def warm(st: dict, dens: dict[str, np.ndarray], n_tokens: int, seed: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    global D_MODEL, D_SAE  # the functions above read the sizes from the module (tests/test_benchmarks_smoke.py runs a tiny one)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, nargs="+", default=[0, 1_000_000, 10_000_000],
                     help="start from the top-k and quantile samples as after this many tokens (one pass per value)")
     ap.add_argument("--sources", type=int, default=1, help="corpus sources (per-source sums)")
     ap.add_argument("--threads", type=int, nargs="*", default=[], help="also time the sparse accumulators on these thread counts")
+    ap.add_argument("--d-model", type=int, default=D_MODEL)
+    ap.add_argument("--d-sae", type=int, default=D_SAE)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    D_MODEL, D_SAE = args.d_model, args.d_sae
     import torch
 
     torch.set_num_threads(1)

@@ -160,7 +160,10 @@ def shard_task(cfg_dict: dict, shard: tuple[int, int], calib_dict: dict, keys_by
         scratch = Path(os.environ.get(RAY_TMP_ENV) or tempfile.gettempdir()) / "precompute-ray" / f"{cfg.run_id}-{cfg.hash()[:16]}" / f"{shard[0]}-of-{shard[1]}"
         ckpt = scratch / STATE_FILE
         runners = runners_for(prep.pair, prep.cfg.hook)
-        state, timing = run_mod.stream_range(prep, runners, calib, keys, batch_range, ckpt, shard, 25, False, batch_delay)
+        # the sparse updates: on a GPU task the default (the node's cores less one, up to 8); on a CPU
+        # task one thread, not the node's idle cores (other tasks hold them)
+        update_threads = None if str(prep.device).startswith("cuda") else 1
+        state, timing = run_mod.stream_range(prep, runners, calib, keys, batch_range, ckpt, shard, 25, False, batch_delay, update_threads)
         blob = state_bytes(state, {**state_meta(prep, calib, state, shard, True), "timing": timing})
         shutil.rmtree(scratch, ignore_errors=True)
     finally:

@@ -159,7 +159,8 @@ def stream_range(prep: Prepared, runners, calib: Calibration, keys, batch_range:
     t0, c0 = time.time(), time.process_time()
     processed = stream(prep, runners, state, calib, ckpt, shard, checkpoint_every, progress, batch_delay, update_threads)
     stream_s = time.time() - t0
-    timing = {"stream_seconds": stream_s, "stream_cpu_seconds": time.process_time() - c0, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None}
+    timing = {"stream_seconds": stream_s, "stream_cpu_seconds": time.process_time() - c0, "stream_tokens": processed, "tokens_per_second": processed / stream_s if stream_s > 0 else None,
+              "update_threads": update_threads}
     return state, timing
 
 

@@ -136,3 +136,24 @@ def test_b9_page_script_smoke(tmp_path):
     assert set(res["summary"]) == {"overview", "features", "feature (new)", "dead-born", "similarity"}
     for s in res["summary"].values():
         assert s["n"] == 2 and 0 < s["median_ms"] <= s["max_ms"]
+
+
+def test_cpu_side_per_batch_smoke(tmp_path):
+    """The GPU path's CPU-side benchmark at a tiny width, cold and warm: every part is timed, and
+    the sparse accumulators through precompute.stream.BatchUpdates on 0 and 2 threads end in states
+    bitwise equal to the part-by-part serial pass."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        mod = _load("cpu_side_per_batch")
+        out = tmp_path / "cpu_side.json"
+        args = ["--batches", "2", "--warm-tokens", "0", "100000", "--threads", "0", "2", "--d-model", "32", "--d-sae", "512", "--out", str(out)]
+        assert mod.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"0", "100000"}
+    for r in res.values():
+        assert r["nnz"] > 0 and r["median"]["cross"] > 0 and r["median"]["total"] >= r["median"]["sparse total"]
+        assert {n: t["bitwise_equal_to_serial"] for n, t in r["threads"].items()} == {"0": True, "2": True}
