@@ -143,12 +143,7 @@ def process_batch(prep: Prepared, runners: dict[str, ModelRunner], state: PassSt
     kl_tok = np.full((n_b, ctx), np.nan)
     kl_tok[:, :-1] = np.where(counted[:, :-1], kl_np, np.nan)
     kl_tok = kl_tok.reshape(-1)
-    tasks = sparse_update_tasks(state, sparse, kl_tok, token0, sparse_twin)
-    if updates is None:
-        for task in tasks:
-            task()
-    else:
-        updates.submit(tasks)
+    (updates or BatchUpdates(0)).submit(sparse_update_tasks(state, sparse, kl_tok, token0, sparse_twin))
     if state.crosscoder is not None:  # issue 16: the crosscoder on both models' activations
         state.crosscoder.update_batch(prep.crosscoder_codec, runners, tokens, xs, counted, outliers, model_losses, gidx)
     return xs
