@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=B7_PAIR["d_model"], help="d_model of a pair generated here (default 256)")
     p.add_argument("--widths", type=int, nargs="+", default=[2048, 16384, 65536, 131072])
     p.add_argument("--fixed-tokens", type=int, default=8192)
-    p.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 262144])
+    p.add_argument("--tokens", type=int, nargs="*", default=[16384, 65536, 262144], help="the token sweep's token counts (none: no token sweep)")
     p.add_argument("--tokens-width", type=int, default=16384)
     p.add_argument("--limit-tokens", type=int, default=16384, help="tokens the limit/floor children time (default 16384)")
     p.add_argument("--threads", type=int, default=1)
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         widths, fixed, tokens, tok_width, limit_tokens = a.widths, a.fixed_tokens, a.tokens, a.tokens_width, a.limit_tokens
         need = sorted(set(widths) | {tok_width})
         if not (pair / "PAIR.json").exists():
-            s = wide.PairSettings(**{**B7_PAIR, "d_model": a.d_model, "d_sae": tuple(need), "n_sequences": max(B7_PAIR["n_sequences"], -(-max(tokens) // B7_PAIR["context"]))})
+            s = wide.PairSettings(**{**B7_PAIR, "d_model": a.d_model, "d_sae": tuple(need), "n_sequences": max(B7_PAIR["n_sequences"], -(-max(tokens, default=0) // B7_PAIR["context"]))})
             print(f"[b7] generating the wide pair in {pair} ...", flush=True)
             wide.generate(pair, s)
     info = json.loads((pair / "PAIR.json").read_text())

@@ -272,6 +272,20 @@ def _decoder(d_sae: int, d_in: int, gen, device: str, family: int = 16):
     return w / w.norm(dim=1, keepdim=True)
 
 
+def finetuned_directions(w, gen, device: str):
+    """The finetuned SAE's unit decoder rows: each base row plus noise (norm 0.1), REPLACED_SHARE of them new."""
+    import torch
+
+    d_sae, d_in = w.shape
+    noise = torch.empty_like(w)
+    noise.uniform_(-1, 1, generator=gen)
+    w_ft = w + 0.1 * noise / noise.norm(dim=1, keepdim=True)
+    replaced = torch.rand(d_sae, generator=gen, device=device) < REPLACED_SHARE
+    fresh = _decoder(d_sae, d_in, gen, device)
+    w_ft = torch.where(replaced[:, None], fresh, w_ft)
+    return w_ft / w_ft.norm(dim=1, keepdim=True)
+
+
 def target_densities(d_sae: int, l0: float, gen, device: str):
     """Log-normal densities (log10 sd 0.8) whose sum is about l0; DEAD_SHARE of them 0."""
     import torch
@@ -342,13 +356,7 @@ def sae_pair(d_sae: int, calib_base, calib_ft, s: PairSettings, device: str):
     b_dec = calib_base.mean(0)
     base = (w, b_dec, thresholds_for(w.T, b_dec, calib_base, dens), dens)
     # the finetuned SAE: perturbed directions, REPLACED_SHARE new ones, densities jittered, thresholds on the finetune's activations
-    noise = torch.empty_like(w)
-    noise.uniform_(-1, 1, generator=gen)
-    w_ft = w + 0.1 * noise / noise.norm(dim=1, keepdim=True)
-    replaced = torch.rand(d_sae, generator=gen, device=device) < REPLACED_SHARE
-    fresh = _decoder(d_sae, d_in, gen, device)
-    w_ft = torch.where(replaced[:, None], fresh, w_ft)
-    w_ft = w_ft / w_ft.norm(dim=1, keepdim=True)
+    w_ft = finetuned_directions(w, gen, device)
     dens_ft = (dens * 10 ** (0.3 * torch.randn(d_sae, generator=gen, device=device, dtype=torch.float64))).clamp(max=MAX_DENSITY)
     b_ft = calib_ft.mean(0)
     ft = (w_ft, b_ft, thresholds_for(w_ft.T, b_ft, calib_ft, dens_ft), dens_ft)

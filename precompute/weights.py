@@ -22,9 +22,9 @@ twin's assigned pairs from random pairs: precompute/baseline.py).
   * candidate mode (larger dictionaries): the candidate pairs are each feature's n_candidates
     nearest decoder directions in the other SAE (both directions, union); activation statistics
     are accumulated for those pairs only; best match among a feature's candidates; the one-to-one
-    assignment is a min-weight full bipartite matching (scipy.sparse.csgraph) on the candidate
-    graph, where every base feature also has a private "unassigned" option scored -2 (below any
-    real pair), so a matching always exists and a real pair is always preferred.
+    assignment is a min-weight full bipartite matching (scipy.sparse.csgraph's LAPJVsp) on the
+    candidate graph, where every feature may stay unassigned and a real pair is always preferred
+    to leaving both of its features unassigned (a square graph: `_square_candidate_graph`).
 """
 
 from __future__ import annotations
@@ -301,9 +301,9 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
     """One-to-one assignment of alive features maximizing the total score: (B for each A, A for each B), -1 unassigned.
 
     All pairs: scipy's linear_sum_assignment on the alive rows and columns. Candidates: a
-    min-weight full bipartite matching on the alive candidate graph, every A feature with a
-    private "unassigned" option scored -2 (below any real pair), so a matching always exists and
-    a real pair is always preferred."""
+    min-weight full bipartite matching on the alive candidate graph where every feature may stay
+    unassigned, a real pair (score s) always preferred to leaving both sides unassigned: the
+    objective is the sum of (-2 - s) over the pairs assigned (see `_square_candidate_graph`)."""
     from scipy.optimize import linear_sum_assignment
 
     assigned_b = np.full(ps.d_a, -1, np.int64)
@@ -316,23 +316,45 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
         rows, cols = linear_sum_assignment(score[np.ix_(ra, rb)], maximize=True)
         r, c = ra[rows], rb[cols]
     else:
-        import scipy.sparse as sp
         from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
         ia, ib = ps.rows_cols()
         ok = alive_a[ia] & alive_b[ib]
-        ia, ib, sc = ia[ok], ib[ok], score[ok]
-        # costs 2 - score in [1, 3] on real pairs; a private dummy column per row at cost 4
-        rows = np.concatenate([ia, np.arange(ps.d_a)])
-        cols = np.concatenate([ib, ps.d_b + np.arange(ps.d_a)])
-        costs = np.concatenate([2.0 - sc, np.full(ps.d_a, 4.0)])
-        graph = sp.csr_matrix((costs, (rows, cols)), shape=(ps.d_a, ps.d_b + ps.d_a))
-        rr, cc = min_weight_full_bipartite_matching(graph)
-        real = (cc < ps.d_b) & alive_a[rr]
-        r, c = rr[real], cc[real]
+        # alive features only, renumbered 0..n-1 on each side
+        pos_a = np.cumsum(alive_a) - 1
+        pos_b = np.cumsum(alive_b) - 1
+        na, nb = len(ra), len(rb)
+        rr, cc = min_weight_full_bipartite_matching(_square_candidate_graph(pos_a[ia[ok]], pos_b[ib[ok]], score[ok], na, nb))
+        real = (rr < na) & (cc < nb)
+        r, c = ra[rr[real]], rb[cc[real]]
     assigned_b[r] = c
     assigned_a[c] = r
     return assigned_b, assigned_a
+
+
+def _square_candidate_graph(ia: np.ndarray, ib: np.ndarray, score: np.ndarray, na: int, nb: int):
+    """The candidate assignment as a square min-weight full matching problem of size na + nb.
+
+    Rows: A's features, then one "unassigned" row B'_j per B feature; columns: B's features, then
+    one "unassigned" column A'_i per A feature. Edges: A_i - B_j (a candidate pair, cost 3 - s),
+    A_i - A'_i (A_i unassigned, 3), B'_j - B_j (B_j unassigned, 3), and B'_j - A'_i for every
+    candidate pair (cost 1; it pairs the two dummies of an assigned pair). A full matching's real
+    edges are an assignment M, and every assignment extends to exactly such a matching, of cost
+    sum over M of (4 - s) + 3 x (na + nb - 2 |M|) = 3 (na + nb) + sum over M of (-2 - s): the
+    objective of the rectangular formulation (real pairs at 2 - s, a private dummy at 4 per A
+    feature), so the optimum is the same. Every cost is in [1, 4] (scipy drops explicit zeros).
+
+    Why square: scipy's LAPJVsp runs its column reduction and augmenting row reduction only on
+    a square graph; on a rectangular one every row starts free and each pays an O(columns)
+    reset, which made the assignment grow with d_sae squared (benchmarks/RESULTS.md, B7 matching).
+    """
+    import scipy.sparse as sp
+
+    m = len(ia)
+    rows = np.concatenate([ia, np.arange(na), na + np.arange(nb), na + ib])
+    cols = np.concatenate([ib, nb + np.arange(na), np.arange(nb), nb + ia])
+    costs = np.concatenate([3.0 - np.asarray(score, np.float64), np.full(na + nb, 3.0), np.ones(m)])
+    return sp.csr_matrix((costs, (rows, cols)), shape=(na + nb, na + nb))
 
 
 def _values_at(ps: PairScores, a: np.ndarray, b: np.ndarray, values: np.ndarray) -> np.ndarray:

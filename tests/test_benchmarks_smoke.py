@@ -157,3 +157,22 @@ def test_cpu_side_per_batch_smoke(tmp_path):
     for r in res.values():
         assert r["nnz"] > 0 and r["median"]["cross"] > 0 and r["median"]["total"] >= r["median"]["sparse total"]
         assert {n: t["bitwise_equal_to_serial"] for n, t in r["threads"].items()} == {"0": True, "2": True}
+
+
+def test_b7_matching_smoke(tmp_path):
+    """B7's matching benchmark at two tiny widths: candidate pairs, and the square and rectangular
+    assignments agree on the optimum (the script exits non-zero if they do not)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "b7_matching.json"
+        assert _load("b7_matching").main(["--smoke", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["d_sae"] for r in rows] == [512, 1024]
+    for r in rows:
+        assert r["candidate_pairs"] >= 10 * r["d_sae"] and 0 < r["assigned"] <= r["d_sae"]
+        assert r["total_score"] == r["rectangular_total_score"] or abs(r["total_score"] - r["rectangular_total_score"]) < 1e-9 * r["d_sae"]
+        assert r["square_cpu_seconds"] > 0 and r["rectangular_cpu_seconds"] > 0

@@ -1,0 +1,84 @@
+"""The two-SAE assignment on candidate pairs (precompute/weights.py) against references.
+
+No model is loaded: candidate graphs are drawn at random. The reference for the optimum is
+scipy's dense `linear_sum_assignment` on the rectangular formulation (every alive A feature may
+take any candidate B or its own "unassigned" column; non-candidates forbidden), and a hand-checked
+case where the greedy best match is not the optimum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from precompute.weights import PairScores, assignment
+
+
+def _scores(d_a: int, d_b: int, keys: np.ndarray, values: np.ndarray) -> PairScores:
+    keys = np.asarray(keys, np.int64)
+    order = np.argsort(keys)
+    return PairScores(d_a, d_b, {"dec_cos": np.asarray(values, np.float64)[order]}, keys[order])
+
+
+def _dense_reference(ps: PairScores, alive_a: np.ndarray, alive_b: np.ndarray) -> tuple[float, int]:
+    """(the optimal total score, pairs assigned) of the rectangular problem, by dense Hungarian:
+    cost 2 - s on a candidate pair of alive features, 4 on A's private unassigned column, else forbidden."""
+    big = 1e9
+    cost = np.full((ps.d_a, ps.d_b + ps.d_a), big)
+    ia, ib = ps.rows_cols()
+    ok = alive_a[ia] & alive_b[ib]
+    cost[ia[ok], ib[ok]] = 2.0 - ps.base["dec_cos"][ok]
+    cost[np.arange(ps.d_a), ps.d_b + np.arange(ps.d_a)] = 4.0
+    r, c = linear_sum_assignment(cost)
+    real = c < ps.d_b
+    assert (cost[r, c] < big).all()
+    return float((2.0 - cost[r[real], c[real]]).sum()), int(real.sum())
+
+
+def _total(ps: PairScores, b_for_a: np.ndarray) -> float:
+    a = np.flatnonzero(b_for_a >= 0)
+    keys = a * ps.d_b + b_for_a[a]
+    pos = np.searchsorted(ps.pair_keys, keys)
+    assert (ps.pair_keys[pos] == keys).all(), "an assigned pair is not a candidate"
+    return float(ps.base["dec_cos"][pos].sum())
+
+
+def test_candidate_assignment_takes_the_optimum_not_the_greedy_best():
+    """a-x 0.9, a-y 0.8, b-x 0.85 (b-y no candidate): greedy takes a-x (0.9, b unassigned); the
+    optimum is a-y + b-x (1.65)."""
+    ps = _scores(2, 2, [0 * 2 + 0, 0 * 2 + 1, 1 * 2 + 0], [0.9, 0.8, 0.85])
+    alive = np.ones(2, bool)
+    to_b, to_a = assignment(ps, "dec_cos", alive, alive)
+    assert to_b.tolist() == [1, 0] and to_a.tolist() == [1, 0]
+    # with b dead, a takes its best, x
+    to_b, to_a = assignment(ps, "dec_cos", np.array([True, False]), alive)
+    assert to_b.tolist() == [0, -1] and to_a.tolist() == [0, -1]
+
+
+def test_candidate_assignment_prefers_a_negative_pair_to_none():
+    """Any real pair (score >= -1) beats leaving both features unassigned, as in the all-pairs mode."""
+    ps = _scores(1, 1, [0], [-0.75])
+    to_b, to_a = assignment(ps, "dec_cos", np.ones(1, bool), np.ones(1, bool))
+    assert to_b.tolist() == [0] and to_a.tolist() == [0]
+
+
+@pytest.mark.parametrize("d_a, d_b, k, seed", [(40, 40, 3, 0), (60, 35, 4, 1), (30, 70, 2, 2), (200, 180, 5, 3)])
+def test_candidate_assignment_is_optimal_against_dense_hungarian(d_a, d_b, k, seed):
+    rng = np.random.default_rng(seed)
+    # each A feature's k candidates and each B feature's k candidates (union), scores in [-1, 1]
+    fwd = (np.arange(d_a)[:, None] * d_b + rng.choice(d_b, size=(d_a, k), replace=True)).reshape(-1)
+    bwd = (rng.choice(d_a, size=(d_b, k), replace=True) * d_b + np.arange(d_b)[:, None]).reshape(-1)
+    keys = np.unique(np.concatenate([fwd, bwd]))
+    values = np.clip(rng.normal(0.3, 0.4, len(keys)), -1, 1)
+    ps = _scores(d_a, d_b, keys, values)
+    alive_a, alive_b = rng.random(d_a) > 0.15, rng.random(d_b) > 0.15
+    to_b, to_a = assignment(ps, "dec_cos", alive_a, alive_b)
+    # one-to-one, consistent both ways, alive features only
+    a = np.flatnonzero(to_b >= 0)
+    assert len(np.unique(to_b[a])) == len(a) and (to_a[to_b[a]] == a).all()
+    assert (to_a >= 0).sum() == len(a)
+    assert alive_a[a].all() and alive_b[to_b[a]].all()
+    best, n_ref = _dense_reference(ps, alive_a, alive_b)
+    assert _total(ps, to_b) == pytest.approx(best, abs=1e-9)
+    assert len(a) == n_ref  # the same optimum (random scores: no ties)
