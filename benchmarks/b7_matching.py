@@ -8,17 +8,20 @@ Per width, decoders as benchmarks/wide_pair.py draws them (families of direction
 SAE's rows perturbed, 10% replaced), from a wide pair's SAEs (--pair) or drawn here (--d-in).
 Then `precompute.weights.candidate_pair_keys` (each feature's 10 nearest decoder directions in
 the other SAE, both directions: one blocked pass over A B^T, no d_sae x d_sae matrix) and the
-assignment, timed side by side on the same candidate graph:
+assignment, timed side by side on the same candidate graph by three solvers:
 
-    square       `precompute.weights.assignment`: scipy's LAPJVsp on the square graph of
-                 `_square_candidate_graph` (what a run does);
-    rectangular  the formulation before it (each A feature's private "unassigned" column, a
-                 d_a x (d_b + d_a) graph), on which LAPJVsp skips its initialisation;
+    ours         `precompute.weights.assignment` (what a run does): shortest augmenting paths,
+                 precompute/sparse_assignment.py (numba; its compile is timed once, apart);
+    scipy square scipy's LAPJVsp (min_weight_full_bipartite_matching) on an equivalent square
+                 graph (A + B's "unassigned" rows, B + A's "unassigned" columns), on which it
+                 runs its initialisation;
+    scipy rect   LAPJVsp on the run's rectangular graph (A's private "unassigned" columns), as
+                 the run did before; it skips its initialisation there;
 
-with their total scores compared (the same optimum). The activation correlations, which a run
-accumulates, are stood in for by the decoder cosine plus Gaussian noise (sd 0.1): the
-assignment's cost depends on the graph and the score spread, not on where the scores come from.
-2% of the features on each side are dead (excluded, as in a run). Wall and CPU seconds, 1 thread.
+with their total scores compared (the same optimum, or the script fails). The activation
+correlations, which a run accumulates, are stood in for by the decoder cosine plus Gaussian noise
+(sd 0.1): the assignment's cost depends on the graph and the score spread, not on where the
+scores come from. 2% of the features on each side are dead (excluded, as in a run). Wall and CPU seconds, 1 thread.
 """
 
 from __future__ import annotations
@@ -39,9 +42,8 @@ from benchmarks._common import load_script, machine, write_result  # noqa: E402
 DEAD_SHARE = 0.02
 
 
-def rectangular_assignment(ps, kind: str, alive_a, alive_b):
-    """The candidate assignment as it was: a d_a x (d_b + d_a) graph, real pairs at 2 - score, a
-    private dummy column per A feature at 4 (kept here only to time against the square graph)."""
+def _scipy_assignment(ps, kind: str, alive_a, alive_b, square: bool):
+    """scipy's LAPJVsp on the alive candidate graph: the run's rectangular graph, or a square one."""
     import numpy as np
     import scipy.sparse as sp
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
@@ -49,14 +51,25 @@ def rectangular_assignment(ps, kind: str, alive_a, alive_b):
     score = ps.score(kind)
     ia, ib = ps.rows_cols()
     ok = alive_a[ia] & alive_b[ib]
-    ia, ib, sc = ia[ok], ib[ok], score[ok]
-    rows = np.concatenate([ia, np.arange(ps.d_a)])
-    cols = np.concatenate([ib, ps.d_b + np.arange(ps.d_a)])
-    costs = np.concatenate([2.0 - sc, np.full(ps.d_a, 4.0)])
-    rr, cc = min_weight_full_bipartite_matching(sp.csr_matrix((costs, (rows, cols)), shape=(ps.d_a, ps.d_b + ps.d_a)))
-    real = (cc < ps.d_b) & alive_a[rr]
+    ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
+    pos_a, pos_b = np.cumsum(alive_a) - 1, np.cumsum(alive_b) - 1
+    ia, ib, sc, na, nb = pos_a[ia[ok]], pos_b[ib[ok]], score[ok], len(ra), len(rb)
+    if square:
+        # rows A, then B' (B_j unassigned); columns B, then A' (A_i unassigned). A_i-B_j 3 - s,
+        # A_i-A'_i 3, B'_j-B_j 3, B'_j-A'_i 1 per candidate pair: a full matching costs
+        # 3 (na + nb) + sum over the pairs assigned of (-2 - s), the rectangular objective shifted.
+        m = len(ia)
+        rows = np.concatenate([ia, np.arange(na), na + np.arange(nb), na + ib])
+        cols = np.concatenate([ib, nb + np.arange(na), np.arange(nb), nb + ia])
+        costs = np.concatenate([3.0 - sc, np.full(na + nb, 3.0), np.ones(m)])
+        shape = (na + nb, na + nb)
+    else:
+        rows, cols = np.concatenate([ia, np.arange(na)]), np.concatenate([ib, nb + np.arange(na)])
+        costs, shape = np.concatenate([2.0 - sc, np.full(na, 4.0)]), (na, nb + na)
+    rr, cc = min_weight_full_bipartite_matching(sp.csr_matrix((costs, (rows, cols)), shape=shape))
+    real = (rr < na) & (cc < nb)
     out = np.full(ps.d_a, -1, np.int64)
-    out[rr[real]] = cc[real]
+    out[ra[rr[real]]] = rb[cc[real]]
     return out
 
 
@@ -87,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", type=Path, default=None, help="a wide pair whose SAEs of each width to use (default: decoders drawn here)")
     p.add_argument("--widths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     p.add_argument("--d-in", type=int, default=256, help="the decoders' width when drawn here (default 256)")
-    p.add_argument("--no-rectangular", action="store_true", help="skip the old formulation (it grows with d_sae squared)")
+    p.add_argument("--no-rectangular", action="store_true", help="skip scipy on the rectangular graph (it grows with d_sae squared)")
+    p.add_argument("--no-scipy", action="store_true", help="skip scipy on the square graph too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="two tiny widths (the test suite)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "b7_matching.json")
@@ -99,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     widths, d_in = ([512, 1024], 32) if a.smoke else (a.widths, a.d_in)
+    from precompute.sparse_assignment import min_cost_row_assignment
+
+    _, t_jit, c_jit = _timed(min_cost_row_assignment, np.array([0, 1]), np.array([0]), np.array([1.0]), 1)  # numba's compile (or its cache)
+    print(json.dumps({"compile_wall_seconds": t_jit}), flush=True)
     rows = []
     for d in widths:
         wa, wb = _decoders(a.pair, d, d_in, a.seed)
@@ -109,22 +127,23 @@ def main(argv: list[str] | None = None) -> int:
         corr = np.clip(cos + rng.normal(0, 0.1, len(cos)), -1, 1)
         ps = W.PairScores(d, d, {"act_corr": corr}, keys)
         alive_a, alive_b = rng.random(d) >= DEAD_SHARE, rng.random(d) >= DEAD_SHARE
-        (to_b, _), t_sq, c_sq = _timed(W.assignment, ps, "act_corr", alive_a, alive_b)
+        (to_b, _), t_ours, c_ours = _timed(W.assignment, ps, "act_corr", alive_a, alive_b)
         total = lambda b_for_a: float(corr[np.searchsorted(keys, np.flatnonzero(b_for_a >= 0) * d + b_for_a[b_for_a >= 0])].sum())  # noqa: E731
         row = {"d_sae": d, "d_in": int(wa.shape[1]), "candidate_pairs": int(len(keys)), "keys_wall_seconds": t_keys, "keys_cpu_seconds": c_keys,
-               "square_wall_seconds": t_sq, "square_cpu_seconds": c_sq, "assigned": int((to_b >= 0).sum()), "total_score": total(to_b)}
-        if not a.no_rectangular:
-            old, t_rect, c_rect = _timed(rectangular_assignment, ps, "act_corr", alive_a, alive_b)
-            row.update(rectangular_wall_seconds=t_rect, rectangular_cpu_seconds=c_rect, rectangular_assigned=int((old >= 0).sum()),
-                       rectangular_total_score=total(old), same_assignment=bool(np.array_equal(old, to_b)),
-                       rectangular_over_square_cpu=c_rect / max(c_sq, 1e-9))
-            if abs(row["rectangular_total_score"] - row["total_score"]) > 1e-9 * max(1.0, abs(row["total_score"])):
-                raise SystemExit(f"d_sae {d}: the two formulations disagree on the optimum: {row['total_score']} vs {row['rectangular_total_score']}")
+               "ours_wall_seconds": t_ours, "ours_cpu_seconds": c_ours, "assigned": int((to_b >= 0).sum()), "total_score": total(to_b)}
+        for name, square in (("scipy_square", True), ("scipy_rect", False)):
+            if name == "scipy_rect" and a.no_rectangular or name == "scipy_square" and a.no_scipy:
+                continue
+            other, t, c = _timed(_scipy_assignment, ps, "act_corr", alive_a, alive_b, square)
+            row.update({f"{name}_wall_seconds": t, f"{name}_cpu_seconds": c, f"{name}_total_score": total(other),
+                        f"{name}_same_assignment": bool(np.array_equal(other, to_b)), f"{name}_over_ours_cpu": c / max(c_ours, 1e-9)})
+            if abs(row[f"{name}_total_score"] - row["total_score"]) > 1e-9 * max(1.0, abs(row["total_score"])):
+                raise SystemExit(f"d_sae {d}: {name} and ours disagree on the optimum: {row[f'{name}_total_score']} vs {row['total_score']}")
         row["loadavg"] = list(os.getloadavg())
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_result(a.out, {"benchmark": "B7 matching: candidate pairs and assignment over d_sae", "command": "python benchmarks/b7_matching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "machine": machine(), "rows": rows})
+                       "machine": machine(), "compile_wall_seconds": t_jit, "rows": rows})
     return 0
 
 

@@ -22,9 +22,10 @@ twin's assigned pairs from random pairs: precompute/baseline.py).
   * candidate mode (larger dictionaries): the candidate pairs are each feature's n_candidates
     nearest decoder directions in the other SAE (both directions, union); activation statistics
     are accumulated for those pairs only; best match among a feature's candidates; the one-to-one
-    assignment is a min-weight full bipartite matching (scipy.sparse.csgraph's LAPJVsp) on the
-    candidate graph, where every feature may stay unassigned and a real pair is always preferred
-    to leaving both of its features unassigned (a square graph: `_square_candidate_graph`).
+    assignment is a minimum-cost assignment on the candidate graph (precompute/sparse_assignment.py,
+    shortest augmenting paths), where every base feature also has a private "unassigned" option
+    scored -2 (below any real pair), so an assignment always exists and a real pair is always
+    preferred.
 """
 
 from __future__ import annotations
@@ -301,9 +302,9 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
     """One-to-one assignment of alive features maximizing the total score: (B for each A, A for each B), -1 unassigned.
 
     All pairs: scipy's linear_sum_assignment on the alive rows and columns. Candidates: a
-    min-weight full bipartite matching on the alive candidate graph where every feature may stay
-    unassigned, a real pair (score s) always preferred to leaving both sides unassigned: the
-    objective is the sum of (-2 - s) over the pairs assigned (see `_square_candidate_graph`)."""
+    minimum-cost assignment on the alive candidate graph (`candidate_graph`) where every A
+    feature may stay unassigned and a real pair (score s) is always preferred to none, solved by
+    precompute.sparse_assignment (shortest augmenting paths whose cost is their own size)."""
     from scipy.optimize import linear_sum_assignment
 
     assigned_b = np.full(ps.d_a, -1, np.int64)
@@ -316,7 +317,7 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
         rows, cols = linear_sum_assignment(score[np.ix_(ra, rb)], maximize=True)
         r, c = ra[rows], rb[cols]
     else:
-        from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+        from precompute.sparse_assignment import min_cost_row_assignment
 
         ia, ib = ps.rows_cols()
         ok = alive_a[ia] & alive_b[ib]
@@ -324,37 +325,31 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
         pos_a = np.cumsum(alive_a) - 1
         pos_b = np.cumsum(alive_b) - 1
         na, nb = len(ra), len(rb)
-        rr, cc = min_weight_full_bipartite_matching(_square_candidate_graph(pos_a[ia[ok]], pos_b[ib[ok]], score[ok], na, nb))
-        real = (rr < na) & (cc < nb)
-        r, c = ra[rr[real]], rb[cc[real]]
+        indptr, cols, costs = candidate_graph(pos_a[ia[ok]], pos_b[ib[ok]], score[ok], na, nb)
+        to_col, _, _ = min_cost_row_assignment(indptr, cols, costs, nb + na)
+        real = np.flatnonzero(to_col < nb)
+        r, c = ra[real], rb[to_col[real]]
     assigned_b[r] = c
     assigned_a[c] = r
     return assigned_b, assigned_a
 
 
-def _square_candidate_graph(ia: np.ndarray, ib: np.ndarray, score: np.ndarray, na: int, nb: int):
-    """The candidate assignment as a square min-weight full matching problem of size na + nb.
-
-    Rows: A's features, then one "unassigned" row B'_j per B feature; columns: B's features, then
-    one "unassigned" column A'_i per A feature. Edges: A_i - B_j (a candidate pair, cost 3 - s),
-    A_i - A'_i (A_i unassigned, 3), B'_j - B_j (B_j unassigned, 3), and B'_j - A'_i for every
-    candidate pair (cost 1; it pairs the two dummies of an assigned pair). A full matching's real
-    edges are an assignment M, and every assignment extends to exactly such a matching, of cost
-    sum over M of (4 - s) + 3 x (na + nb - 2 |M|) = 3 (na + nb) + sum over M of (-2 - s): the
-    objective of the rectangular formulation (real pairs at 2 - s, a private dummy at 4 per A
-    feature), so the optimum is the same. Every cost is in [1, 4] (scipy drops explicit zeros).
-
-    Why square: scipy's LAPJVsp runs its column reduction and augmenting row reduction only on
-    a square graph; on a rectangular one every row starts free and each pays an O(columns)
-    reset, which made the assignment grow with d_sae squared (benchmarks/RESULTS.md, B7 matching).
-    """
-    import scipy.sparse as sp
-
-    m = len(ia)
-    rows = np.concatenate([ia, np.arange(na), na + np.arange(nb), na + ib])
-    cols = np.concatenate([ib, nb + np.arange(na), np.arange(nb), nb + ia])
-    costs = np.concatenate([3.0 - np.asarray(score, np.float64), np.full(na + nb, 3.0), np.ones(m)])
-    return sp.csr_matrix((costs, (rows, cols)), shape=(na + nb, na + nb))
+def candidate_graph(ia: np.ndarray, ib: np.ndarray, score: np.ndarray, na: int, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate assignment's graph in CSR form (indptr, columns, costs): na rows (A's alive
+    features, pairs (ia, ib) sorted by ia), nb + na columns: B's alive features at cost 2 - score
+    (in [1, 3]) and a private "unassigned" column nb + i per row at cost 4, so an assignment of
+    every row always exists, a real pair is always preferred to none, and the minimum cost is the
+    maximum total score: cost = 4 na + sum over the pairs assigned of (-2 - score)."""
+    ia = np.asarray(ia, np.int64)
+    counts = np.bincount(ia, minlength=na) + 1
+    indptr = np.zeros(na + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    order = np.argsort(ia, kind="stable")
+    rows = np.concatenate([ia[order], np.arange(na)])
+    cols = np.concatenate([np.asarray(ib, np.int64)[order], nb + np.arange(na)])
+    costs = np.concatenate([2.0 - np.asarray(score, np.float64)[order], np.full(na, 4.0)])
+    by_row = np.argsort(rows, kind="stable")  # each row's pairs, then its dummy
+    return indptr, cols[by_row], costs[by_row]
 
 
 def _values_at(ps: PairScores, a: np.ndarray, b: np.ndarray, values: np.ndarray) -> np.ndarray:

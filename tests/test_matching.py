@@ -82,3 +82,55 @@ def test_candidate_assignment_is_optimal_against_dense_hungarian(d_a, d_b, k, se
     best, n_ref = _dense_reference(ps, alive_a, alive_b)
     assert _total(ps, to_b) == pytest.approx(best, abs=1e-9)
     assert len(a) == n_ref  # the same optimum (random scores: no ties)
+
+
+def _random_graph(seed: int):
+    """A random sparse cost graph of n rows and m >= n columns with a full row assignment
+    (one guaranteed edge per row to distinct columns), integer costs on odd seeds (ties)."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    m = n + int(rng.integers(0, 12))
+    g = sp.random(n, m, density=rng.uniform(0.03, 0.5), random_state=seed, format="csr")
+    g.data = rng.integers(1, 6, len(g.data)).astype(float) if seed % 2 else rng.uniform(1, 3, len(g.data))
+    g = (g + sp.csr_matrix((np.full(n, 9.0), (np.arange(n), rng.permutation(m)[:n])), shape=(n, m))).tocsr()
+    g.sort_indices()
+    return g
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sparse_assignment_is_optimal_with_its_dual_certificate(seed):
+    """precompute.sparse_assignment against scipy's LAPJVsp (the same minimum cost), and its dual
+    potentials certify optimality: reduced costs >= 0 on every edge, 0 on the edges used, and 0
+    column potential on every column left unused."""
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    from precompute.sparse_assignment import min_cost_row_assignment
+
+    g = _random_graph(seed)
+    n, m = g.shape
+    x, u, v = min_cost_row_assignment(g.indptr, g.indices, g.data, m)
+    assert len(np.unique(x)) == n and (x >= 0).all()
+    r, c = min_weight_full_bipartite_matching(g)
+    assert g[np.arange(n), x].sum() == pytest.approx(g[r, c].sum(), abs=1e-9)
+    rows = np.repeat(np.arange(n), np.diff(g.indptr))
+    reduced = g.data - u[rows] - v[g.indices]
+    assert reduced.min() >= -1e-9
+    used = np.asarray(g[np.arange(n), x]).ravel()
+    assert np.abs(used - u - v[x]).max() <= 1e-9
+    unused = np.setdiff1d(np.arange(m), x)
+    assert (v[unused] == 0).all()
+
+
+def test_sparse_assignment_rejects_an_impossible_graph_and_bad_costs():
+    from precompute.sparse_assignment import min_cost_row_assignment
+
+    # two rows whose only edges go to column 0
+    with pytest.raises(ValueError, match="no assignment"):
+        min_cost_row_assignment(np.array([0, 1, 2]), np.array([0, 0]), np.array([1.0, 2.0]), 2)
+    # a row without any edge
+    with pytest.raises(ValueError, match="no assignment"):
+        min_cost_row_assignment(np.array([0, 1, 1]), np.array([0]), np.array([1.0]), 2)
+    with pytest.raises(ValueError, match="finite"):
+        min_cost_row_assignment(np.array([0, 1]), np.array([0]), np.array([np.nan]), 1)
