@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", type=Path, default=None, help="a wide pair (default: benchmarks/_work/b7-pair, generated with B7_PAIR's shapes if missing)")
     p.add_argument("--d-model", type=int, default=B7_PAIR["d_model"], help="d_model of a pair generated here (default 256)")
-    p.add_argument("--widths", type=int, nargs="+", default=[2048, 16384, 65536, 131072])
+    p.add_argument("--widths", type=int, nargs="*", default=[2048, 16384, 65536, 131072], help="the width sweep's d_sae values (none: no width sweep)")
     p.add_argument("--fixed-tokens", type=int, default=8192)
     p.add_argument("--tokens", type=int, nargs="*", default=[16384, 65536, 262144], help="the token sweep's token counts (none: no token sweep)")
     p.add_argument("--tokens-width", type=int, default=16384)
