@@ -65,6 +65,25 @@ def _heap_pop(keys, vals, size):
 
 
 @njit(cache=True)
+def _relax(i, d, indptr, indices, costs, u, v, dist, pred, done, touched, n_touched, hkeys, hvals, size):
+    """Row i reached at distance d: offer each of its columns not yet settled d + its reduced cost.
+    Returns (n_touched, heap size)."""
+    for t in range(indptr[i], indptr[i + 1]):
+        k = indices[t]
+        if done[k]:
+            continue
+        nd = d + costs[t] - u[i] - v[k]
+        if nd < dist[k]:
+            if dist[k] == np.inf:
+                touched[n_touched] = k
+                n_touched += 1
+            dist[k] = nd
+            pred[k] = i
+            size = _heap_push(hkeys, hvals, size, nd, k)
+    return n_touched, size
+
+
+@njit(cache=True)
 def _solve(indptr, indices, costs, n_cols):
     n_rows = len(indptr) - 1
     inf = np.inf
@@ -140,19 +159,8 @@ def _solve(indptr, indices, costs, n_cols):
     for s in range(n_rows):
         if x[s] != -1:
             continue
-        n_touched = 0
         n_settled = 0
-        size = 0
-        for t in range(indptr[s], indptr[s + 1]):
-            j = indices[t]
-            r = costs[t] - u[s] - v[j]
-            if r < dist[j]:
-                if dist[j] == inf:
-                    touched[n_touched] = j
-                    n_touched += 1
-                dist[j] = r
-                pred[j] = s
-                size = _heap_push(hkeys, hvals, size, r, j)
+        n_touched, size = _relax(s, 0.0, indptr, indices, costs, u, v, dist, pred, done, touched, 0, hkeys, hvals, 0)
         end = -1
         delta = 0.0
         while size > 0:
@@ -167,18 +175,7 @@ def _solve(indptr, indices, costs, n_cols):
                 end, delta = j, d
                 break
             # row i is reached at distance d (its matched edge has reduced cost 0)
-            for t in range(indptr[i], indptr[i + 1]):
-                k = indices[t]
-                if done[k]:
-                    continue
-                nd = d + costs[t] - u[i] - v[k]
-                if nd < dist[k]:
-                    if dist[k] == inf:
-                        touched[n_touched] = k
-                        n_touched += 1
-                    dist[k] = nd
-                    pred[k] = i
-                    size = _heap_push(hkeys, hvals, size, nd, k)
+            n_touched, size = _relax(i, d, indptr, indices, costs, u, v, dist, pred, done, touched, n_touched, hkeys, hvals, size)
         if end < 0:
             return x, u, v, False
         # potentials: settled columns j (d_j <= delta) and the rows they hold move by delta - d_j
