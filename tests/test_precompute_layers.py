@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "precompute"
-LIBRARIES = ("accumulators", "hook_moments", "weights", "significance", "baseline", "examples", "corpus", "config", "columns", "log", "crosscoder_stats")
+LIBRARIES = ("accumulators", "hook_moments", "weights", "sparse_assignment", "significance", "baseline", "examples", "corpus", "config", "columns", "log", "crosscoder_stats")
 STAGES = ("sae_codec", "forward", "prepare", "calibration", "pass_state", "hook_cache", "stream", "stats_tables", "feature_table", "diffing", "manifest", "crosscoder_tables", "tables")
 ENTRY_POINTS = ("run", "check", "distributed", "__main__")
 MAX_STAGE_LINES = 420
