@@ -23,7 +23,7 @@ twin's assigned pairs from random pairs: precompute/baseline.py).
     nearest decoder directions in the other SAE (both directions, union); activation statistics
     are accumulated for those pairs only; best match among a feature's candidates; the one-to-one
     assignment is a minimum-cost assignment on the candidate graph (precompute/sparse_assignment.py,
-    shortest augmenting paths), where every base feature also has a private "unassigned" option
+    Jonker and Volgenant's method), where every base feature also has a private "unassigned" option
     scored -2 (below any real pair), so an assignment always exists and a real pair is always
     preferred.
 """
@@ -304,7 +304,8 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
     All pairs: scipy's linear_sum_assignment on the alive rows and columns. Candidates: a
     minimum-cost assignment on the alive candidate graph (`candidate_graph`) where every A
     feature may stay unassigned and a real pair (score s) is always preferred to none, solved by
-    precompute.sparse_assignment (shortest augmenting paths whose cost is their own size)."""
+    precompute.sparse_assignment (Jonker and Volgenant's method: greedy start, augmenting row
+    reduction, shortest augmenting paths)."""
     from scipy.optimize import linear_sum_assignment
 
     assigned_b = np.full(ps.d_a, -1, np.int64)
