@@ -48,6 +48,8 @@ def _scipy_assignment(ps, kind: str, alive_a, alive_b, square: bool):
     import scipy.sparse as sp
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
+    from precompute import weights as W
+
     score = ps.score(kind)
     ia, ib = ps.rows_cols()
     ok = alive_a[ia] & alive_b[ib]
@@ -62,11 +64,11 @@ def _scipy_assignment(ps, kind: str, alive_a, alive_b, square: bool):
         rows = np.concatenate([ia, np.arange(na), na + np.arange(nb), na + ib])
         cols = np.concatenate([ib, nb + np.arange(na), np.arange(nb), nb + ia])
         costs = np.concatenate([3.0 - sc, np.full(na + nb, 3.0), np.ones(m)])
-        shape = (na + nb, na + nb)
-    else:
-        rows, cols = np.concatenate([ia, np.arange(na)]), np.concatenate([ib, nb + np.arange(na)])
-        costs, shape = np.concatenate([2.0 - sc, np.full(na, 4.0)]), (na, nb + na)
-    rr, cc = min_weight_full_bipartite_matching(sp.csr_matrix((costs, (rows, cols)), shape=shape))
+        graph = sp.csr_matrix((costs, (rows, cols)), shape=(na + nb, na + nb))
+    else:  # the run's own graph
+        indptr, cols, costs = W.candidate_graph(ia, ib, sc, na, nb)
+        graph = sp.csr_matrix((costs, cols, indptr), shape=(na, nb + na))
+    rr, cc = min_weight_full_bipartite_matching(graph)
     real = (rr < na) & (cc < nb)
     out = np.full(ps.d_a, -1, np.int64)
     out[ra[rr[real]]] = rb[cc[real]]

@@ -115,7 +115,7 @@ def _solve(indptr, indices, costs, n_cols):
         nxt = np.empty(n_rows, np.int64)
         n_next = 0
         h = 0
-        queue = free.copy()
+        queue = free  # a displaced row is written back only into slots already read
         while h < n_free:
             i = queue[h]
             h += 1
@@ -137,8 +137,6 @@ def _solve(indptr, indices, costs, n_cols):
             elif i0 != -1 and j1 >= 0:
                 j0 = j1
                 i0 = y[j0]
-            if x[i] != -1:
-                y[x[i]] = -1
             x[i] = j0
             y[j0] = i
             if i0 != -1:
@@ -149,7 +147,7 @@ def _solve(indptr, indices, costs, n_cols):
                 else:
                     nxt[n_next] = i0
                     n_next += 1
-        free = nxt[:n_next].copy()
+        free = nxt[:n_next]
     dist = np.full(n_cols, inf)
     pred = np.full(n_cols, -1, np.int64)
     done = np.zeros(n_cols, np.bool_)
