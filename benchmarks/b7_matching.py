@@ -8,10 +8,12 @@ Per width, decoders as benchmarks/wide_pair.py draws them (families of direction
 SAE's rows perturbed, 10% replaced), from a wide pair's SAEs (--pair) or drawn here (--d-in).
 Then `precompute.weights.candidate_pair_keys` (each feature's 10 nearest decoder directions in
 the other SAE, both directions: one blocked pass over A B^T, no d_sae x d_sae matrix) and the
-assignment, timed side by side on the same candidate graph by three solvers:
+assignment, timed side by side on the same candidate graph by four solvers:
 
-    ours         `precompute.weights.assignment` (what a run does): shortest augmenting paths,
-                 precompute/sparse_assignment.py (numba; its compile is timed once, apart);
+    ours         `precompute.weights.assignment` (what a run does): precompute/sparse_assignment.py
+                 (numba; its compile is timed once, apart): the auction's prices, then shortest
+                 augmenting paths from them, then unused columns raised to 0;
+    ours cold    the same solver from v0 = 0 (no auction prices), as it was before that stage;
     scipy square scipy's LAPJVsp (min_weight_full_bipartite_matching) on an equivalent square
                  graph (A + B's "unassigned" rows, B + A's "unassigned" columns), on which it
                  runs its initialisation;
@@ -42,6 +44,41 @@ from benchmarks._common import load_script, machine, write_result  # noqa: E402
 DEAD_SHARE = 0.02
 
 
+def _alive_pairs(ps, kind: str, alive_a, alive_b):
+    """The alive candidate pairs renumbered 0..n-1 on each side, as weights.assignment does:
+    (ia, ib, score, na, nb, A's alive ids, B's alive ids)."""
+    import numpy as np
+
+    score = ps.score(kind)
+    ia, ib = ps.rows_cols()
+    ok = alive_a[ia] & alive_b[ib]
+    ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
+    pos_a, pos_b = np.cumsum(alive_a) - 1, np.cumsum(alive_b) - 1
+    return pos_a[ia[ok]], pos_b[ib[ok]], score[ok], len(ra), len(rb), ra, rb
+
+
+def _to_b(d_a: int, rr, cc, na: int, nb: int, ra, rb):
+    import numpy as np
+
+    real = (rr < na) & (cc < nb)
+    out = np.full(d_a, -1, np.int64)
+    out[ra[rr[real]]] = rb[cc[real]]
+    return out
+
+
+def _ours_cold(ps, kind: str, alive_a, alive_b):
+    """Our solver on the run's graph from a cold start (v0 = 0: no auction prices), as before the auction stage."""
+    import numpy as np
+
+    from precompute import weights as W
+    from precompute.sparse_assignment import min_cost_row_assignment
+
+    ia, ib, sc, na, nb, ra, rb = _alive_pairs(ps, kind, alive_a, alive_b)
+    indptr, cols, costs = W.candidate_graph(ia, ib, sc, na, nb)
+    x, _, _ = min_cost_row_assignment(indptr, cols, costs, nb + na, np.zeros(nb + na))
+    return _to_b(ps.d_a, np.arange(na), x, na, nb, ra, rb)
+
+
 def _scipy_assignment(ps, kind: str, alive_a, alive_b, square: bool):
     """scipy's LAPJVsp on the alive candidate graph: the run's rectangular graph, or a square one."""
     import numpy as np
@@ -50,12 +87,7 @@ def _scipy_assignment(ps, kind: str, alive_a, alive_b, square: bool):
 
     from precompute import weights as W
 
-    score = ps.score(kind)
-    ia, ib = ps.rows_cols()
-    ok = alive_a[ia] & alive_b[ib]
-    ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
-    pos_a, pos_b = np.cumsum(alive_a) - 1, np.cumsum(alive_b) - 1
-    ia, ib, sc, na, nb = pos_a[ia[ok]], pos_b[ib[ok]], score[ok], len(ra), len(rb)
+    ia, ib, sc, na, nb, ra, rb = _alive_pairs(ps, kind, alive_a, alive_b)
     if square:
         # rows A, then B' (B_j unassigned); columns B, then A' (A_i unassigned). A_i-B_j 3 - s,
         # A_i-A'_i 3, B'_j-B_j 3, B'_j-A'_i 1 per candidate pair: a full matching costs
@@ -69,10 +101,7 @@ def _scipy_assignment(ps, kind: str, alive_a, alive_b, square: bool):
         indptr, cols, costs = W.candidate_graph(ia, ib, sc, na, nb)
         graph = sp.csr_matrix((costs, cols, indptr), shape=(na, nb + na))
     rr, cc = min_weight_full_bipartite_matching(graph)
-    real = (rr < na) & (cc < nb)
-    out = np.full(ps.d_a, -1, np.int64)
-    out[ra[rr[real]]] = rb[cc[real]]
-    return out
+    return _to_b(ps.d_a, rr, cc, na, nb, ra, rb)
 
 
 def _decoders(pair: Path | None, d: int, d_in: int, seed: int):
@@ -133,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         total = lambda b_for_a: float(corr[np.searchsorted(keys, np.flatnonzero(b_for_a >= 0) * d + b_for_a[b_for_a >= 0])].sum())  # noqa: E731
         row = {"d_sae": d, "d_in": int(wa.shape[1]), "candidate_pairs": int(len(keys)), "keys_wall_seconds": t_keys, "keys_cpu_seconds": c_keys,
                "ours_wall_seconds": t_ours, "ours_cpu_seconds": c_ours, "assigned": int((to_b >= 0).sum()), "total_score": total(to_b)}
-        for name, square in (("scipy_square", True), ("scipy_rect", False)):
+        solvers = {"ours_cold": lambda: _ours_cold(ps, "act_corr", alive_a, alive_b),
+                   "scipy_square": lambda: _scipy_assignment(ps, "act_corr", alive_a, alive_b, True),
+                   "scipy_rect": lambda: _scipy_assignment(ps, "act_corr", alive_a, alive_b, False)}
+        for name, solve in solvers.items():
             if name == "scipy_rect" and a.no_rectangular or name == "scipy_square" and a.no_scipy:
                 continue
-            other, t, c = _timed(_scipy_assignment, ps, "act_corr", alive_a, alive_b, square)
+            other, t, c = _timed(solve)
             row.update({f"{name}_wall_seconds": t, f"{name}_cpu_seconds": c, f"{name}_total_score": total(other),
                         f"{name}_same_assignment": bool(np.array_equal(other, to_b)), f"{name}_over_ours_cpu": c / max(c_ours, 1e-9)})
             if abs(row[f"{name}_total_score"] - row["total_score"]) > 1e-9 * max(1.0, abs(row["total_score"])):

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pair = a.pair or REPO / "benchmarks" / "_work" / "b7-pair"
         widths, fixed, tokens, tok_width, limit_tokens = a.widths, a.fixed_tokens, a.tokens, a.tokens_width, a.limit_tokens
-        need = sorted(set(widths) | {tok_width})
+        need = sorted(set(widths) | ({tok_width} if tokens else set()))  # the token sweep's width only when it runs
         if not (pair / "PAIR.json").exists():
             s = wide.PairSettings(**{**B7_PAIR, "d_model": a.d_model, "d_sae": tuple(need), "n_sequences": max(B7_PAIR["n_sequences"], -(-max(tokens, default=0) // B7_PAIR["context"]))})
             print(f"[b7] generating the wide pair in {pair} ...", flush=True)
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads((pair / "PAIR.json").read_text())
     context = info["settings"]["context"]
     have = {int(k) for k in info["saes"]}
-    missing = sorted((set(widths) | {tok_width}) - have)
+    missing = sorted((set(widths) | ({tok_width} if tokens else set())) - have)
     if missing:
         raise SystemExit(f"{pair} has no SAEs of width {missing} (it has {sorted(have)}); generate them with benchmarks/wide_pair.py --d-sae ...")
     out_path = a.out or (work / "b7-smoke.json" if a.smoke else DEFAULT_OUT)

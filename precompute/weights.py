@@ -303,9 +303,9 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
 
     All pairs: scipy's linear_sum_assignment on the alive rows and columns. Candidates: a
     minimum-cost assignment on the alive candidate graph (`candidate_graph`) where every A
-    feature may stay unassigned and a real pair (score s) is always preferred to none, solved by
-    precompute.sparse_assignment (Jonker and Volgenant's method: greedy start, augmenting row
-    reduction, shortest augmenting paths)."""
+    feature may stay unassigned and a real pair (score s) is always preferred to none, solved
+    exactly by precompute.sparse_assignment (an auction's prices as the start of Jonker and
+    Volgenant's method, shortest augmenting paths; its dual potentials certify the optimum)."""
     from scipy.optimize import linear_sum_assignment
 
     assigned_b = np.full(ps.d_a, -1, np.int64)

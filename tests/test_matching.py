@@ -99,28 +99,57 @@ def _random_graph(seed: int):
     return g
 
 
+def _certified_optimum(g, x, u, v) -> float:
+    """The cost of assignment x, after checking that (u, v) certify it optimal: one distinct column
+    per row, reduced costs >= 0 on every edge and 0 on the edges used, v <= 0, v = 0 on unused columns."""
+    n, m = g.shape
+    assert len(np.unique(x)) == n and (x >= 0).all()
+    rows = np.repeat(np.arange(n), np.diff(g.indptr))
+    reduced = g.data - u[rows] - v[g.indices]
+    assert reduced.min() >= -1e-9
+    used = np.asarray(g[np.arange(n), x]).ravel()
+    assert np.abs(used - u - v[x]).max() <= 1e-9
+    assert v.max() <= 1e-12
+    unused = np.setdiff1d(np.arange(m), x)
+    assert (v[unused] == 0).all()
+    return float(used.sum())
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_sparse_assignment_is_optimal_with_its_dual_certificate(seed):
     """precompute.sparse_assignment against scipy's LAPJVsp (the same minimum cost), and its dual
-    potentials certify optimality: reduced costs >= 0 on every edge, 0 on the edges used, and 0
-    column potential on every column left unused."""
+    potentials certify optimality, from the auction's prices (the default), from a cold start
+    (v0 = 0), and from random potentials (which leave unused columns below 0 for stage 3)."""
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     from precompute.sparse_assignment import min_cost_row_assignment
 
     g = _random_graph(seed)
     n, m = g.shape
-    x, u, v = min_cost_row_assignment(g.indptr, g.indices, g.data, m)
-    assert len(np.unique(x)) == n and (x >= 0).all()
     r, c = min_weight_full_bipartite_matching(g)
-    assert g[np.arange(n), x].sum() == pytest.approx(g[r, c].sum(), abs=1e-9)
-    rows = np.repeat(np.arange(n), np.diff(g.indptr))
-    reduced = g.data - u[rows] - v[g.indices]
-    assert reduced.min() >= -1e-9
-    used = np.asarray(g[np.arange(n), x]).ravel()
-    assert np.abs(used - u - v[x]).max() <= 1e-9
-    unused = np.setdiff1d(np.arange(m), x)
-    assert (v[unused] == 0).all()
+    optimum = g[r, c].sum()
+    rng = np.random.default_rng(1000 + seed)
+    for v0 in (None, np.zeros(m), -rng.uniform(0, 3, m), -rng.integers(0, 3, m).astype(float)):
+        x, u, v = min_cost_row_assignment(g.indptr, g.indices, g.data, m, v0)
+        assert _certified_optimum(g, x, u, v) == pytest.approx(optimum, abs=1e-9)
+
+
+def test_sparse_assignment_raises_a_column_a_warm_start_left_below_zero():
+    """Hand-checked stage 3. One row, columns 0 (cost 1) and 1 (cost 2), started from v0 = (-5, 0):
+    the greedy start takes column 1 (reduced costs 6 and 2), leaving column 0 unused at v = -5,
+    which no certificate allows. The backward search from column 0 reaches column 1 (held by the
+    row) at distance 1 - 2 + 5 = 4 < 5 (raising column 0 to 0 in place), so the row moves to
+    column 0, column 0 rises by 4 to v = -1, and column 1 is left unused at v = 0: u = 2."""
+    from precompute.sparse_assignment import min_cost_row_assignment
+
+    x, u, v = min_cost_row_assignment(np.array([0, 2]), np.array([0, 1]), np.array([1.0, 2.0]), 2, np.array([-5.0, 0.0]))
+    assert x.tolist() == [0] and u.tolist() == [2.0] and v.tolist() == [-1.0, 0.0]
+    # two rows, three columns, the unused column raised in place: row 0 on column 0 (cost 1), row 1 on
+    # column 1 (cost 1), column 2 (edges from row 1 at cost 3) started at -1; raising it to 0 keeps
+    # row 1's edge to it at reduced cost 3 - 1 - 0 = 2 >= 0, so nothing moves
+    g = (np.array([0, 1, 3]), np.array([0, 1, 2]), np.array([1.0, 1.0, 3.0]))
+    x, u, v = min_cost_row_assignment(*g, 3, np.array([0.0, 0.0, -1.0]))
+    assert x.tolist() == [0, 1] and v.tolist() == [0.0, 0.0, 0.0] and u.tolist() == [1.0, 1.0]
 
 
 def test_sparse_assignment_rejects_an_impossible_graph_and_bad_costs():
@@ -134,3 +163,5 @@ def test_sparse_assignment_rejects_an_impossible_graph_and_bad_costs():
         min_cost_row_assignment(np.array([0, 1, 1]), np.array([0]), np.array([1.0]), 2)
     with pytest.raises(ValueError, match="finite"):
         min_cost_row_assignment(np.array([0, 1]), np.array([0]), np.array([np.nan]), 1)
+    with pytest.raises(ValueError, match="v0"):
+        min_cost_row_assignment(np.array([0, 1]), np.array([0]), np.array([1.0]), 1, np.array([0.5]))
