@@ -34,6 +34,7 @@ class SaeCodec:
     PRUNE_MIN_SHARE = 0.1  # encode a column subset only when it skips at least this share of the features
     PRUNE_MARGIN = 1e-3
     ENCODE_CHUNK_BYTES = 64 << 20  # dense pre-activations per encode chunk
+    ENCODE_AT_BLOCK = 128  # encode_at groups the examples by the block of positions their rows start in
 
     def __init__(self, sae):
         import torch
@@ -126,32 +127,48 @@ class SaeCodec:
         x_hat = torch.nn.functional.embedding_bag(f, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec
         return t, f, vals, x_hat.to(x_flat.dtype)
 
-    def encode_at(self, x, rows: np.ndarray, features: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def encode_at(self, x, rows: np.ndarray, features: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """`features[i]`'s activation at the positions `rows[i]` of `x` ([N, d_in]; rows [n, W]) -> numpy [n, W].
 
-        Encodes the N positions once, restricted to the features asked for (in chunks of
-        `chunk` features), then gathers: a window pass costs N x d_in x (distinct features), not a
-        dense encode per example. Fast path as in `encode_decode` (equal to `sae.encode` up to
-        float32 summation order); otherwise `sae.encode` and its columns."""
+        Fast path, by blocks of positions: the examples are grouped by where their rows start
+        (`ENCODE_AT_BLOCK` positions a group), and each group's span of x is encoded for that
+        group's distinct features only (one addmm), then gathered and gated as in
+        `encode_decode`. A window's rows are consecutive, so a batch costs about
+        (block + W) x d_in x (the examples' distinct features per block, summed) multiply-adds:
+        proportional to the examples, not to N x (distinct features), which encoding all N
+        positions for every distinct feature cost (a dense encode of the batch once its examples
+        cover most features). Equal to `sae.encode` up to float32 summation order. Otherwise
+        `sae.encode` and its columns (`chunk` distinct features at a time)."""
         import torch
 
         sae = self.sae
+        rows = np.asarray(rows, dtype=np.int64)
+        features = np.asarray(features, dtype=np.int64)
         out = np.zeros(rows.shape, np.float32)
-        uniq, inv = np.unique(np.asarray(features, dtype=np.int64), return_inverse=True)
+        if rows.size == 0:
+            return out
         if self.fast:
             sae_in = x.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input
-            gate_all = sae.threshold.clamp_min(0) if self.jumprelu else None
-        else:
-            dense = sae.encode(x)
-        for lo in range(0, len(uniq), chunk):
-            f = torch.from_numpy(uniq[lo : lo + chunk]).to(x.device)
-            if self.fast:
-                pre = torch.addmm(sae.b_enc.index_select(0, f), sae_in, sae.W_enc.index_select(1, f))  # [N, u]
-                gate = gate_all.index_select(0, f) if gate_all is not None else 0.0
-                acts = torch.where(pre > gate, pre, torch.zeros((), dtype=pre.dtype, device=pre.device)).float().cpu().numpy()
-            else:
-                acts = dense.index_select(1, f).float().cpu().numpy()
-            mine = np.flatnonzero((inv >= lo) & (inv < lo + chunk))
+            zero = torch.zeros((), dtype=sae_in.dtype, device=sae_in.device)
+            lo, hi = rows.min(1), rows.max(1)
+            block = lo // (chunk or self.ENCODE_AT_BLOCK)
+            order = np.argsort(block, kind="stable")
+            cuts = np.flatnonzero(np.diff(block[order])) + 1
+            for idx in np.split(order, cuts):
+                r0, r1 = int(lo[idx].min()), int(hi[idx].max()) + 1
+                uniq, inv = np.unique(features[idx], return_inverse=True)
+                f = torch.from_numpy(uniq).to(x.device)
+                pre = torch.addmm(sae.b_enc.index_select(0, f), sae_in[r0:r1], sae.W_enc.index_select(1, f))  # [span, u]
+                acts = torch.where(pre > self.gate.index_select(0, f), pre, zero).float().cpu().numpy()  # gate: threshold or 0
+                out[idx] = acts[rows[idx] - r0, inv[:, None]]
+            return out
+        uniq, inv = np.unique(features, return_inverse=True)
+        dense = sae.encode(x)
+        step = chunk or 2048
+        for lo in range(0, len(uniq), step):
+            f = torch.from_numpy(uniq[lo : lo + step]).to(x.device)
+            acts = dense.index_select(1, f).float().cpu().numpy()
+            mine = np.flatnonzero((inv >= lo) & (inv < lo + step))
             out[mine] = acts[rows[mine], (inv[mine] - lo)[:, None]]
         return out
 

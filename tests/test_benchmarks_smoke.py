@@ -160,8 +160,9 @@ def test_cpu_side_per_batch_smoke(tmp_path):
 
 
 def test_b7_matching_smoke(tmp_path):
-    """B7's matching benchmark at two tiny widths: candidate pairs, and our assignment and scipy's
-    on the square and rectangular graphs agree on the optimum (the script exits non-zero if not)."""
+    """B7's matching benchmark at two tiny widths: candidate pairs, and our assignment (from the
+    auction's prices and from a cold start) and scipy's on the square and rectangular graphs agree
+    on the optimum (the script exits non-zero if not)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -174,7 +175,23 @@ def test_b7_matching_smoke(tmp_path):
     assert [r["d_sae"] for r in rows] == [512, 1024]
     for r in rows:
         assert r["candidate_pairs"] >= 10 * r["d_sae"] and 0 < r["assigned"] <= r["d_sae"]
-        for name in ("scipy_square", "scipy_rect"):
+        for name in ("ours_cold", "scipy_square", "scipy_rect"):
             assert abs(r["total_score"] - r[f"{name}_total_score"]) < 1e-9 * r["d_sae"]
             assert r[f"{name}_cpu_seconds"] > 0
         assert r["ours_cpu_seconds"] > 0
+
+
+def test_windows_encode_smoke(tmp_path):
+    """The windows' encode benchmark on the tiny wide pair: the block-wise encode_at and the
+    former every-position one agree (the script exits non-zero if not), on both sides of the gate."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "windows_encode.json"
+        assert _load("windows_encode").main(["--smoke", "--work", str(tmp_path), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["examples"] == 300 and row["same_nonzero_pattern"] and 0 < row["nonzero_share"] < 1
+    assert row["max_abs_diff"] <= 1e-4
