@@ -137,8 +137,9 @@ class SaeCodec:
         (block + W) x d_in x (the examples' distinct features per block, summed) multiply-adds:
         proportional to the examples, not to N x (distinct features), which encoding all N
         positions for every distinct feature cost (a dense encode of the batch once its examples
-        cover most features). Equal to `sae.encode` up to float32 summation order. Otherwise
-        `sae.encode` and its columns (`chunk` distinct features at a time)."""
+        cover most features). Equal to `sae.encode` up to float32 summation order. `chunk`: the
+        block size (positions) on the fast path; otherwise `sae.encode` and its columns, `chunk`
+        distinct features at a time."""
         import torch
 
         sae = self.sae
@@ -157,10 +158,13 @@ class SaeCodec:
             for idx in np.split(order, cuts):
                 r0, r1 = int(lo[idx].min()), int(hi[idx].max()) + 1
                 uniq, inv = np.unique(features[idx], return_inverse=True)
-                f = torch.from_numpy(uniq).to(x.device)
-                pre = torch.addmm(sae.b_enc.index_select(0, f), sae_in[r0:r1], sae.W_enc.index_select(1, f))  # [span, u]
-                acts = torch.where(pre > self.gate.index_select(0, f), pre, zero).float().cpu().numpy()  # gate: threshold or 0
-                out[idx] = acts[rows[idx] - r0, inv[:, None]]
+                step = max(1, self.ENCODE_CHUNK_BYTES // (4 * (r1 - r0)))  # bounds [span, u] (rows far apart: a wide span)
+                for c0 in range(0, len(uniq), step):
+                    f = torch.from_numpy(uniq[c0 : c0 + step]).to(x.device)
+                    pre = torch.addmm(sae.b_enc.index_select(0, f), sae_in[r0:r1], sae.W_enc.index_select(1, f))  # [span, u]
+                    acts = torch.where(pre > self.gate.index_select(0, f), pre, zero).float().cpu().numpy()  # gate: threshold or 0
+                    mine = np.flatnonzero((inv >= c0) & (inv < c0 + step))
+                    out[idx[mine]] = acts[rows[idx[mine]] - r0, (inv[mine] - c0)[:, None]]
             return out
         uniq, inv = np.unique(features, return_inverse=True)
         dense = sae.encode(x)

@@ -732,8 +732,10 @@ def test_top_tokens_are_the_tokens_at_the_top_examples(ref):
 
 def test_codec_encode_at_equals_sae_encode(tiny_demo):
     """Window activations (each window its own feature, positions of one batch) equal
-    sae.encode's entries, on the fast path (W_enc's columns, gated as JumpReLU; chunked over
-    features) and on the generic path (sae.encode, then its columns)."""
+    sae.encode's entries, on the fast path (W_enc's columns, gated as JumpReLU; examples grouped by
+    blocks of 7 positions, here with rows spread over the whole batch, so blocks span wide) and on
+    the generic path (sae.encode, then its columns, 7 features at a time); and with windows of
+    consecutive rows, as fill_windows cuts them."""
     import torch
     from sae_lens import SAE
 
@@ -754,6 +756,19 @@ def test_codec_encode_at_equals_sae_encode(tiny_demo):
         slow = codec.encode_at(x, rows, feats, chunk=7)
     assert (want > 0).sum() > 20 and (want == 0).sum() > 20  # both sides of the gate are exercised
     np.testing.assert_array_equal(slow, want)
+    np.testing.assert_allclose(fast, want, rtol=1e-5, atol=1e-6)
+    assert ((fast > 0) == (want > 0)).all()
+    # windows: 9 consecutive rows from a random start, clipped to sequences of 30 positions, default blocks
+    codec.fast = True
+    seq, pos = rng.integers(0, 10, 80), rng.integers(0, 30, 80)
+    rows = seq[:, None] * 30 + np.minimum(pos[:, None] + np.arange(9), 29)
+    with torch.inference_mode():
+        fast = codec.encode_at(x, rows, feats)
+        codec.ENCODE_CHUNK_BYTES = 4 * 40 * 3  # 3 features per addmm on a 40-row span: the features split
+        split = codec.encode_at(x, rows, feats)
+    np.testing.assert_allclose(split, fast, rtol=1e-5, atol=1e-6)  # addmm of another width: float32 summation order
+    want = dense[rows, feats[:, None]]
+    assert (want > 0).sum() > 20 and (want == 0).sum() > 20
     np.testing.assert_allclose(fast, want, rtol=1e-5, atol=1e-6)
     assert ((fast > 0) == (want > 0)).all()
 
