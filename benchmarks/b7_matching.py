@@ -45,16 +45,13 @@ DEAD_SHARE = 0.02
 
 
 def _alive_pairs(ps, kind: str, alive_a, alive_b):
-    """The alive candidate pairs renumbered 0..n-1 on each side, as weights.assignment does:
-    (ia, ib, score, na, nb, A's alive ids, B's alive ids)."""
+    """weights.alive_pairs, plus the counts and ids of the alive features: (ia, ib, score, na, nb, ra, rb)."""
     import numpy as np
 
-    score = ps.score(kind)
-    ia, ib = ps.rows_cols()
-    ok = alive_a[ia] & alive_b[ib]
+    from precompute import weights as W
+
     ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
-    pos_a, pos_b = np.cumsum(alive_a) - 1, np.cumsum(alive_b) - 1
-    return pos_a[ia[ok]], pos_b[ib[ok]], score[ok], len(ra), len(rb), ra, rb
+    return (*W.alive_pairs(ps, kind, alive_a, alive_b), len(ra), len(rb), ra, rb)
 
 
 def _to_b(d_a: int, rr, cc, na: int, nb: int, ra, rb):

@@ -296,6 +296,8 @@ def _raise_unused_columns(indptr, indices, costs, x, u, v):
     y = np.full(n_cols, -1, np.int64)
     for i in range(n_rows):
         y[x[i]] = i
+    if not ((y == -1) & (v < 0)).any():  # a cold start, or a warm one that left none: nothing to build
+        return 0
     colptr, eid, erow = _by_column(indptr, indices, n_cols)
     inf = np.inf
     dist = np.full(n_cols, inf)

@@ -313,26 +313,30 @@ def assignment(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarr
     ra, rb = np.flatnonzero(alive_a), np.flatnonzero(alive_b)
     if len(ra) == 0 or len(rb) == 0:
         return assigned_b, assigned_a
-    score = ps.score(kind)
     if ps.dense:
-        rows, cols = linear_sum_assignment(score[np.ix_(ra, rb)], maximize=True)
+        rows, cols = linear_sum_assignment(ps.score(kind)[np.ix_(ra, rb)], maximize=True)
         r, c = ra[rows], rb[cols]
     else:
         from precompute.sparse_assignment import min_cost_row_assignment
 
-        ia, ib = ps.rows_cols()
-        ok = alive_a[ia] & alive_b[ib]
-        # alive features only, renumbered 0..n-1 on each side
-        pos_a = np.cumsum(alive_a) - 1
-        pos_b = np.cumsum(alive_b) - 1
+        ia, ib, sc = alive_pairs(ps, kind, alive_a, alive_b)
         na, nb = len(ra), len(rb)
-        indptr, cols, costs = candidate_graph(pos_a[ia[ok]], pos_b[ib[ok]], score[ok], na, nb)
+        indptr, cols, costs = candidate_graph(ia, ib, sc, na, nb)
         to_col, _, _ = min_cost_row_assignment(indptr, cols, costs, nb + na)
         real = np.flatnonzero(to_col < nb)
         r, c = ra[real], rb[to_col[real]]
     assigned_b[r] = c
     assigned_a[c] = r
     return assigned_b, assigned_a
+
+
+def alive_pairs(ps: PairScores, kind: str, alive_a: np.ndarray, alive_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate pairs of alive features, renumbered 0..n-1 among the alive ones on each side
+    (the rows and columns of `candidate_graph`), with their scores `kind`: (ia, ib, score)."""
+    ia, ib = ps.rows_cols()
+    ok = alive_a[ia] & alive_b[ib]
+    pos_a, pos_b = np.cumsum(alive_a) - 1, np.cumsum(alive_b) - 1
+    return pos_a[ia[ok]], pos_b[ib[ok]], ps.score(kind)[ok]
 
 
 def candidate_graph(ia: np.ndarray, ib: np.ndarray, score: np.ndarray, na: int, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
