@@ -168,13 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     timings["limit_child_seconds"] = _run([sys.executable, "-c", code], work / "logs" / "limit.log")
     limit = json.loads(lim_out.read_text())
     limit_tps = limit["n_tokens"] / limit["limit"]["wall_seconds"]
+    out = a.out or (work / "gpu_check-smoke.json" if smoke else DEFAULT_OUT)
+    # what is known so far, written now: a run stopped in step 3 (a time limit) still leaves it
+    write_result(out, {"benchmark": "GPU check (partial: steps 1-2 only; step 3 did not finish)",
+                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "partial": True,
+                       "machine": machine(), "device": device, "dtype": a.dtype, "n_tokens": n_tokens, "timings": timings,
+                       "limit": limit, "limit_tokens_per_second": limit_tps}, indent=2)
+    print(f"[gpu_check] bare forward: {limit_tps:,.0f} tokens/s over {limit['n_tokens']:,} tokens (partial result in {out})", flush=True)
 
     print("[gpu_check] 3/3 ours ...", flush=True)
     runs = work / "runs"
     ours_out = work / "ours.json"
     sampler = Sampler(work / "nvidia-smi.csv")
     if _cli_has_dtype():
-        cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs), "--overwrite", "--no-progress", "--device", device, "--dtype", a.dtype]
+        # the progress bar goes to logs/ours.log: where the stream got to, if it is stopped
+        cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs), "--overwrite", "--device", device, "--dtype", a.dtype]
         t_start = time.time()
         _run(cmd, work / "logs" / "ours.log")
         ours = {"wall_seconds": time.time() - t_start, "run_dir": str(runs / "gpu-check"), "t_end": time.time(), "via": "cli --dtype"}
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = ours["wall_seconds"] - t["stream_seconds"]
     stream_tps = t["stream_tokens"] / t["stream_seconds"]
     result = {
-        "benchmark": "GPU check: the precompute at gemma-2-2b size on one GPU",
+        "benchmark": "GPU check: the precompute at gemma-2-2b size on one GPU", "partial": False,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "bash benchmarks/gpu_check.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "loadavg": list(os.getloadavg()), "smoke": smoke, "device": device, "dtype": a.dtype,
@@ -206,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         "extrapolated_10M_seconds": fixed + TEN_M / stream_tps,
         "goal": "10M tokens <= 900 s, utilisation >= 70% (H200)",
     }
-    out = a.out or (work / "gpu_check-smoke.json" if smoke else DEFAULT_OUT)
     write_result(out, result, indent=2)
     u, um = result["gpu_util_mean"], result["gpu_util_median"]
     util = "n/a (no nvidia-smi)" if u is None else f"{u:.0f}% mean, {um:.0f}% median of {len(inside)} samples"

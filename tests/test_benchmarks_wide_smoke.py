@@ -87,7 +87,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["smoke"] and res["device"] == "cpu" and res["dtype"] == "bfloat16"
+    assert res["smoke"] and res["device"] == "cpu" and res["dtype"] == "bfloat16" and res["partial"] is False
+    assert "partial result in" in proc.stdout  # steps 1-2 were written before step 3 started
+    assert "precompute gpu-check" in (tmp_path / "work" / "logs" / "ours.log").read_text()  # the stream's progress, kept in its log
     assert res["ours_timing"]["stream_tokens"] == res["n_tokens"] and res["limit"]["n_tokens"] > 0
     assert res["stream_over_bare_forward"] == pytest.approx(res["limit_tokens_per_second"] / res["stream_tokens_per_second"])
     assert "10M tokens extrapolated" in proc.stdout
