@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_check.sh                # 26 layers, d_model 2304, 32k vocab, SAEs of 16k, bf16, 2^20 tokens, cuda
     bash benchmarks/gpu_check.sh --tokens 262144
+    bash benchmarks/gpu_check.sh --ce-every 4 1    # ours twice: CE losses on one batch in 4, then on every batch
     bash benchmarks/gpu_check.sh --cpu-smoke    # the same steps at the tiny size on the CPU (the test suite)
 
 Steps, each timed:
@@ -9,13 +10,14 @@ Steps, each timed:
      written in bf16, into --work (default benchmarks/_work/gpu_check);
   2. the bare forward: B7's limit child (both models' full forwards with logits + the SAEs'
      encode matmuls) over the first --limit-tokens tokens on the device: tokens/s;
-  3. ours: the precompute (both SAEs on both models) in a child process on the device, with
-     nvidia-smi sampling utilisation and memory every 200 ms in the background; models and SAEs
-     run in --dtype through the CLI's own --dtype (an older CLI without it: cast after loading,
-     in-process); the run's manifest says what it used (`loading.dtype`, in the result as `run_dtype`).
-Printed and written to benchmarks/results/gpu_check.json (or --out): tokens/s of the stream, GPU
-utilisation during the stream (mean and median of the samples inside the stream's window),
-peak GPU memory (nvidia-smi's memory.used, and torch's max_memory_allocated in our child), the
+  3. ours: the precompute CLI (both SAEs on both models, `--device`, `--dtype`) in a child process,
+     once per --ce-every value ([evals] ce_every, default 1: the CE losses on every batch), with
+     nvidia-smi sampling utilisation and memory every 200 ms in the background; the run's manifest
+     says what it used (`loading.dtype`, in the result as `run_dtype`).
+Printed and written to benchmarks/results/gpu_check.json (or --out), after step 2 and after each
+run of ours (`"partial": true` until the last): per --ce-every value (`by_ce_every`; the first
+value's also at the top level) tokens/s of the stream, GPU utilisation during the stream (mean and
+median of the samples inside the stream's window), peak GPU memory (nvidia-smi's memory.used), the
 stream's ratio to the bare forward, and the extrapolation to 10M tokens (fixed costs + 10M /
 stream tokens/s). Goal on an H200: 10M tokens in <= 15 minutes, utilisation >= 70%.
 """
@@ -46,37 +48,6 @@ TEN_M = 10_000_000
 
 def _load(name: str):
     return load_script(name)
-
-
-def ours_child(cfg_path: Path, runs: Path, device: str, dtype: str, out: Path) -> None:
-    """The precompute in this process with the models and SAEs cast to `dtype` after loading."""
-    import torch
-
-    from precompute import run as run_mod
-    from precompute.__main__ import _keep_freed_memory
-    from precompute.config import RunConfig
-
-    _keep_freed_memory()
-    b7 = _load("b7_scaling")
-    load = run_mod.prepare
-
-    def prepare_cast(cfg, dev="cpu"):
-        prep = load(cfg, dev)
-        b7.cast_prepared(prep, dtype)
-        return prep
-
-    run_mod.prepare = prepare_cast
-    t0 = time.time()
-    run_dir = run_mod.run(RunConfig.from_toml(cfg_path), runs_dir=runs, device=device, overwrite=True, progress=False)
-    res = {"wall_seconds": time.time() - t0, "run_dir": str(run_dir), "t_end": time.time()}
-    if device.startswith("cuda"):
-        res["torch_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
-    out.write_text(json.dumps(res))
-
-
-def _cli_has_dtype() -> bool:
-    p = subprocess.run([sys.executable, "-m", "precompute", "run", "--help"], cwd=REPO, capture_output=True, text=True)
-    return "--dtype" in p.stdout
 
 
 class Sampler:
@@ -133,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the generated pair and the run (default: deleted at the end)")
     p.add_argument("--cpu-smoke", action="store_true", help="the tiny pair on the CPU, bf16, a few hundred tokens: checks every step, measures nothing")
-    p.add_argument("--_ours", nargs=3, metavar=("CFG", "RUNS", "OUT"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ce-every", type=int, nargs="+", default=[1],
+                   help="ours once per value, in this order: [evals] ce_every (the CE losses on one batch in N; default 1)")
     a = p.parse_args(argv)
-    if a._ours:
-        ours_child(Path(a._ours[0]), Path(a._ours[1]), a.device, a.dtype, Path(a._ours[2]))
-        return 0
+    if any(n < 1 for n in a.ce_every):
+        p.error("--ce-every: each value must be at least 1")
     wide, b7 = _load("wide_pair"), _load("b7_scaling")
     smoke = a.cpu_smoke
     device = "cpu" if smoke else a.device
@@ -156,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     wide.generate(pair, settings, device)
     timings["generate_seconds"] = time.time() - t0
     d_sae = settings.d_sae[0]
+    batch_size = 8 if smoke else a.batch_size
     cfg = work / "gpu_check.toml"
-    cfg.write_text(wide.config_text(pair, "gpu-check", d_sae, n_tokens, ctx, batch_size=8 if smoke else a.batch_size))
+    cfg.write_text(wide.config_text(pair, "gpu-check", d_sae, n_tokens, ctx, batch_size=batch_size))
 
     print("[gpu_check] 2/3 the bare forward ...", flush=True)
     lim_out = work / "limit.json"
@@ -169,62 +141,66 @@ def main(argv: list[str] | None = None) -> int:
     limit = json.loads(lim_out.read_text())
     limit_tps = limit["n_tokens"] / limit["limit"]["wall_seconds"]
     out = a.out or (work / "gpu_check-smoke.json" if smoke else DEFAULT_OUT)
-    # what is known so far, written now: a run stopped in step 3 (a time limit) still leaves it
-    write_result(out, {"benchmark": "GPU check (partial: steps 1-2 only; step 3 did not finish)",
-                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "partial": True,
-                       "machine": machine(), "device": device, "dtype": a.dtype, "n_tokens": n_tokens, "timings": timings,
-                       "limit": limit, "limit_tokens_per_second": limit_tps}, indent=2)
-    print(f"[gpu_check] bare forward: {limit_tps:,.0f} tokens/s over {limit['n_tokens']:,} tokens (partial result in {out})", flush=True)
-
-    print("[gpu_check] 3/3 ours ...", flush=True)
-    runs = work / "runs"
-    ours_out = work / "ours.json"
-    sampler = Sampler(work / "nvidia-smi.csv")
-    if _cli_has_dtype():
-        # the progress bar goes to logs/ours.log: where the stream got to, if it is stopped
-        cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg), "--runs-dir", str(runs), "--overwrite", "--device", device, "--dtype", a.dtype]
-        t_start = time.time()
-        _run(cmd, work / "logs" / "ours.log")
-        ours = {"wall_seconds": time.time() - t_start, "run_dir": str(runs / "gpu-check"), "t_end": time.time(), "via": "cli --dtype"}
-    else:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--device", device, "--dtype", a.dtype, "--_ours", str(cfg), str(runs), str(ours_out)]
-        _run(cmd, work / "logs" / "ours.log")
-        ours = {**json.loads(ours_out.read_text()), "via": "in-process cast after loading (no CLI --dtype yet)"}
-    samples = sampler.stop()
-    man = json.loads((Path(ours["run_dir"]) / "manifest.json").read_text())
-    t = man["timing"]
-    stream_end = ours["t_end"] - t["finalize_seconds"]
-    stream_start = stream_end - t["stream_seconds"]
-    inside = [s for s in samples if stream_start <= s[0] <= stream_end]
-    fixed = ours["wall_seconds"] - t["stream_seconds"]
-    stream_tps = t["stream_tokens"] / t["stream_seconds"]
     result = {
-        "benchmark": "GPU check: the precompute at gemma-2-2b size on one GPU", "partial": False,
+        "benchmark": "GPU check: the precompute at gemma-2-2b size on one GPU", "partial": True,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "bash benchmarks/gpu_check.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "loadavg": list(os.getloadavg()), "smoke": smoke, "device": device, "dtype": a.dtype,
         "pair": json.loads((pair / "PAIR.json").read_text())["settings"], "n_tokens": n_tokens, "timings": timings,
-        "limit": limit, "limit_tokens_per_second": limit_tps,
-        "ours": ours, "ours_timing": t, "stream_tokens_per_second": stream_tps, "run_dtype": (man.get("loading") or {}).get("dtype"),
-        "stream_over_bare_forward": limit_tps / stream_tps,
-        "gpu_util_samples_in_stream": len(inside),
-        "gpu_util_mean": statistics.mean(s[1] for s in inside) if inside else None,
-        "gpu_util_median": statistics.median(s[1] for s in inside) if inside else None,
-        "gpu_memory_peak_mib": max((s[2] for s in samples), default=None),
-        "extrapolated_10M_seconds": fixed + TEN_M / stream_tps,
+        "limit": limit, "limit_tokens_per_second": limit_tps, "ce_every": a.ce_every, "by_ce_every": {},
         "goal": "10M tokens <= 900 s, utilisation >= 70% (H200)",
     }
+    # what is known so far, written now and after each run of ours: a check stopped by a time limit
+    # still leaves its finished steps ("partial": true until the last)
     write_result(out, result, indent=2)
-    u, um = result["gpu_util_mean"], result["gpu_util_median"]
-    util = "n/a (no nvidia-smi)" if u is None else f"{u:.0f}% mean, {um:.0f}% median of {len(inside)} samples"
-    print(f"stream: {stream_tps:,.0f} tokens/s ({t['stream_tokens']:,} tokens in {t['stream_seconds']:.1f} s); bare forward {limit_tps:,.0f} tokens/s; ratio {result['stream_over_bare_forward']:.2f}x")
-    print(f"GPU utilisation in the stream: {util}; "
-          f"peak memory {result['gpu_memory_peak_mib'] or 'n/a'} MiB (torch max allocated {ours.get('torch_max_memory_allocated_bytes', 0) / 2**30:.1f} GiB)")
-    print(f"fixed costs {fixed:.0f} s (load, calibration, finalize); 10M tokens extrapolated: {result['extrapolated_10M_seconds']:.0f} s (goal <= 900 s)")
+    print(f"[gpu_check] bare forward: {limit_tps:,.0f} tokens/s over {limit['n_tokens']:,} tokens (partial result in {out})", flush=True)
+
+    runs = work / "runs"
+    for i, ce_every in enumerate(a.ce_every):
+        print(f"[gpu_check] 3/3 ours, ce_every = {ce_every} ({i + 1} of {len(a.ce_every)}) ...", flush=True)
+        run_id = f"gpu-check-ce{ce_every}"
+        cfg_n = work / f"{run_id}.toml"
+        cfg_n.write_text(wide.config_text(pair, run_id, d_sae, n_tokens, ctx, batch_size=batch_size, extra=f"[evals]\nce_every = {ce_every}\n"))
+        sampler = Sampler(work / f"nvidia-smi-ce{ce_every}.csv")
+        # the progress bar goes to the log: where the stream got to, if it is stopped
+        cmd = [sys.executable, "-m", "precompute", "run", "--config", str(cfg_n), "--runs-dir", str(runs), "--overwrite", "--device", device, "--dtype", a.dtype]
+        t_start = time.time()
+        _run(cmd, work / "logs" / f"ours-ce{ce_every}.log")
+        ours = {"wall_seconds": time.time() - t_start, "run_dir": str(runs / run_id), "t_end": time.time(), "command": " ".join(cmd)}
+        samples = sampler.stop()
+        man = json.loads((Path(ours["run_dir"]) / "manifest.json").read_text())
+        t = man["timing"]
+        stream_end = ours["t_end"] - t["finalize_seconds"]
+        stream_start = stream_end - t["stream_seconds"]
+        inside = [x for x in samples if stream_start <= x[0] <= stream_end]
+        fixed = ours["wall_seconds"] - t["stream_seconds"]
+        stream_tps = t["stream_tokens"] / t["stream_seconds"]
+        got = {
+            "ours": ours, "ours_timing": t, "stream_tokens_per_second": stream_tps, "run_dtype": (man.get("loading") or {}).get("dtype"),
+            "stream_over_bare_forward": limit_tps / stream_tps,
+            "gpu_util_samples_in_stream": len(inside),
+            "gpu_util_mean": statistics.mean(x[1] for x in inside) if inside else None,
+            "gpu_util_median": statistics.median(x[1] for x in inside) if inside else None,
+            "gpu_memory_peak_mib": max((x[2] for x in samples), default=None),
+            "fixed_seconds": fixed,
+            "extrapolated_10M_seconds": fixed + TEN_M / stream_tps,
+        }
+        result["by_ce_every"][str(ce_every)] = got
+        if i == 0:
+            result.update(got)  # the first value's numbers at the top level
+        result["partial"] = i + 1 < len(a.ce_every)
+        write_result(out, result, indent=2)
+        u, um = got["gpu_util_mean"], got["gpu_util_median"]
+        util = "n/a (no nvidia-smi)" if u is None else f"{u:.0f}% mean, {um:.0f}% median of {len(inside)} samples"
+        print(f"ce_every = {ce_every}: stream {stream_tps:,.0f} tokens/s ({t['stream_tokens']:,} tokens in {t['stream_seconds']:.1f} s); "
+              f"bare forward {limit_tps:,.0f} tokens/s; ratio {got['stream_over_bare_forward']:.2f}x")
+        print(f"  GPU utilisation in the stream: {util}; peak memory {got['gpu_memory_peak_mib'] or 'n/a'} MiB")
+        print(f"  fixed costs {fixed:.0f} s (load, calibration, finalize); 10M tokens extrapolated: {got['extrapolated_10M_seconds']:.0f} s (goal <= 900 s)", flush=True)
+        if not a.keep:
+            shutil.rmtree(runs / run_id, ignore_errors=True)
     print(f"wrote {out}")
     if not a.keep:
         shutil.rmtree(pair, ignore_errors=True)
-        shutil.rmtree(runs, ignore_errors=True)
     return 0
 
 

@@ -81,19 +81,25 @@ def test_b7_smoke(tiny_pair, tmp_path):
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
-    """Every step of benchmarks/gpu_check.sh at the tiny size on the CPU, in bf16."""
+    """Every step of benchmarks/gpu_check.sh at the tiny size on the CPU, in bf16, ours twice (CE on
+    one batch in 2, then on every batch)."""
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--work", str(tmp_path / "work"), "--out", str(out)],
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--ce-every", "2", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["smoke"] and res["device"] == "cpu" and res["dtype"] == "bfloat16" and res["partial"] is False
     assert "partial result in" in proc.stdout  # steps 1-2 were written before step 3 started
-    assert "precompute gpu-check" in (tmp_path / "work" / "logs" / "ours.log").read_text()  # the stream's progress, kept in its log
-    assert res["ours_timing"]["stream_tokens"] == res["n_tokens"] and res["limit"]["n_tokens"] > 0
-    assert res["stream_over_bare_forward"] == pytest.approx(res["limit_tokens_per_second"] / res["stream_tokens_per_second"])
-    assert "10M tokens extrapolated" in proc.stdout
-    assert res["run_dtype"] == "bfloat16" and res["ours"]["via"] == "cli --dtype"  # the models ran in bf16 (the run's manifest: loading.dtype)
+    assert res["ce_every"] == [2, 1] and set(res["by_ce_every"]) == {"2", "1"}
+    for n, got in res["by_ce_every"].items():
+        assert got["ours_timing"]["stream_tokens"] == res["n_tokens"] and res["limit"]["n_tokens"] > 0
+        assert got["stream_over_bare_forward"] == pytest.approx(res["limit_tokens_per_second"] / got["stream_tokens_per_second"])
+        assert got["run_dtype"] == "bfloat16"  # the models ran in bf16 (the run's manifest: loading.dtype)
+        assert "precompute gpu-check-ce" + n in (tmp_path / "work" / "logs" / f"ours-ce{n}.log").read_text()  # the stream's progress, in its log
+        cfg = Path(got["ours"]["command"].split("--config ")[1].split()[0])
+        assert f"ce_every = {n}\n" in cfg.read_text()
+    assert res["stream_tokens_per_second"] == res["by_ce_every"]["2"]["stream_tokens_per_second"]  # the first value's at the top
+    assert proc.stdout.count("10M tokens extrapolated") == 2
 
 
 @pytest.mark.xdist_group("ray")  # with tests/test_distributed.py, on one xdist worker (see there)
