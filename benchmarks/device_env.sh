@@ -24,10 +24,11 @@ def found(name):
 print(" ".join(m for m in sys.argv[1:] if not found(m)))
 PY
 }
-if [ -n "$(_device_missing sae_lens transformer_lens)" ]; then
+_device_absent=$(_device_missing sae_lens transformer_lens)
+if [ -n "$_device_absent" ]; then
   _device_wheels=${DEVICE_WHEELS:-$_device_root/.whl}
   if ! compgen -G "$_device_wheels/*.whl" >/dev/null; then
-    echo "device_env: $(_device_missing sae_lens transformer_lens) not installed here and $_device_wheels holds no wheels." >&2
+    echo "device_env: $_device_absent not installed here and $_device_wheels holds no wheels." >&2
     echo "  Install requirements.txt (bash scripts/setup.sh), or where pip reaches an index run" >&2
     echo "  'bash benchmarks/device_wheels.sh' and carry .whl to this machine." >&2
     return 2 2>/dev/null || exit 2
@@ -61,4 +62,4 @@ if [ -n "$_device_changed" ] && ! _device_err=$(python3 -c "import sae_lens, tra
   echo "$_device_err" | tail -3 >&2
   return 2 2>/dev/null || exit 2
 fi
-unset -f _device_missing; unset _device_root _device_wheels _device_shim _device_err _device_changed
+unset -f _device_missing; unset _device_root _device_absent _device_wheels _device_shim _device_err _device_changed

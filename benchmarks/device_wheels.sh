@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for a machine that has torch, transformers, numpy, scipy, pyarrow, numba (and their needs)
 # but not this project's interpretability stack, and no package index: the lent GPU machine.
-# Run it here, where pip reaches an index; it writes .whl/ (ignored by git) for `run --carry .whl`,
+# Run it here, where pip reaches an index; it writes .whl/ (in .gitignore) for `run --carry .whl`,
 # and benchmarks/device_env.sh (sourced by gpu_check.sh) installs them there with no index.
 #   bash benchmarks/device_wheels.sh                  # CPython 3.12, manylinux x86_64 (the device image)
 #   PYTHON_VERSION=3.11 bash benchmarks/device_wheels.sh
@@ -18,7 +18,6 @@ SPECS="$(pin sae-lens) $(pin transformer-lens) $(pin datasets)"
 for dist in better-abc simple-parsing docstring_parser multiprocess dill; do
   SPECS="$SPECS $(have "$dist")" || { echo "device_wheels: $dist is not installed here; run scripts/setup.sh first" >&2; exit 2; }
 done
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
 rm -rf .whl && mkdir -p .whl
 PLATFORMS=""
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if any(n < 1 for n in a.ce_every):
         p.error("--ce-every: each value must be at least 1")
-    wide, b7 = _load("wide_pair"), _load("b7_scaling")
+    wide = _load("wide_pair")
     smoke = a.cpu_smoke
     device = "cpu" if smoke else a.device
     work = a.work.resolve()
