@@ -328,6 +328,36 @@ def summarize(reps: list[dict], tools: list[str]) -> dict:
     return out
 
 
+BOUND_VARIANTS = {
+    "hook": "forwards to the hook's layer + the encode's matmul and gate, both models (no logits: no KL, no CE)",
+    "limit": "full forwards with logits + the encode's matmul and gate, both models (B7's bare limit)",
+    "floor": "what reporting CE loss on every token costs: clean, spliced and zero-ablated losses, both models (B7's CE floor)",
+}
+
+
+def bounds(cfg: Path, n_tokens: int, threads: int | None, work: Path, result: dict) -> dict:
+    """B7's limit child on our base-SAE config (the same tokens, both models, the same threads): CPU
+    seconds of each variant in BOUND_VARIANTS, and SAEDashboard's CPU seconds per feature-token over
+    that variant's (features counted once, as for ours): the most a two-model tool that did only
+    that work, with no imports, loading, statistics or output, could reach."""
+    out = work / "bounds.json"
+    cmd = [sys.executable, str(BENCH / "b7_scaling.py"), "--_limit", str(cfg), "--threads", str(threads or 1), "--limit-tokens", str(n_tokens),
+           "--variants", *BOUND_VARIANTS, "--out", str(out)]
+    print(f"[b1] bounds: {' '.join(BOUND_VARIANTS)} ...", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, **CHILD_ENV})
+    lim = json.loads(out.read_text())
+    sd = result["summary"]["median"].get("saedashboard", {})
+    n_features = next((r[t]["n_features"] for r in result["reps"] for t in ("ours_base_sae", "saedashboard") if t in r), None)  # the base SAE's d_sae
+    res = {"command": " ".join(shlex.quote(c) for c in cmd), "n_tokens": lim["n_tokens"], "threads": lim["threads"]}
+    for v, what in BOUND_VARIANTS.items():
+        cpu = lim[v]["cpu_seconds"]
+        row = {"what": what, "cpu_seconds": cpu, "wall_seconds": lim[v]["wall_seconds"]}
+        if sd.get("cpu_seconds_per_feature_token") and n_features:
+            row["saedashboard_cpu_per_feature_token_over_this"] = sd["cpu_seconds_per_feature_token"] / (cpu / (n_features * lim["n_tokens"]))
+        res[v] = row
+    return res
+
+
 def print_table(result: dict) -> None:
     s = result["summary"]
     print()
@@ -347,6 +377,13 @@ def print_table(result: dict) -> None:
         )
     print("(x SAEDash: SAEDashboard's wall seconds per feature-token over ours, median of the per-repetition ratios;")
     print(" x (cpu): the same with CPU seconds, user + system, which other jobs on the machine disturb less.)")
+    b = result.get("bounds")
+    if b:
+        print(f"Bounds (B7's limit child, {b['n_tokens']:,} tokens, {b['threads']} thread(s)): CPU s, and the ratio a two-model tool doing only that work would reach")
+        for v in BOUND_VARIANTS:
+            r = b[v]
+            x = r.get("saedashboard_cpu_per_feature_token_over_this")
+            print(f"  {v:<6}{r['cpu_seconds']:>9.1f}{'' if x is None else f'{x:>8.1f}x'}   {r['what']}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ours", action="store_true", help="run only SAEDashboard")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for BOTH tools (default: each tool's own: SAEDashboard all cores, our CLI half)")
     parser.add_argument("--no-both-saes", action="store_true", help="skip our two-SAE variant")
+    parser.add_argument("--bounds", action="store_true",
+                        help="after the tools, B7's limit child on our base-SAE config, same tokens and threads: the hook, limit and floor variants; "
+                             "each gives the ratio over SAEDashboard that a two-model tool doing only that work would reach")
     parser.add_argument("--sd-batches", type=int, default=None,
                         help="SAEDashboard: time only its first K feature batches and estimate the whole run from them (large SAEs on a slow machine)")
     args = parser.parse_args(argv)
@@ -435,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         result["summary"] = summarize(result["reps"], tools)
         _common.write_result(args.out, result, indent=2)  # after every repetition
 
+    if args.bounds:
+        result["bounds"] = bounds(configs["ours_base_sae"], n_tokens, args.threads, work, result)
+        _common.write_result(args.out, result, indent=2)
     print_table(result)
     print(f"[b1] wrote {args.out}")
     return 0

@@ -22,6 +22,12 @@ alternates from point to point):
             SAE's CE loss, with no accumulators (b2's `ce` loop: clean loss, per SAE encode +
             decode + spliced loss from the hook on, zero-ablated loss).
 
+One more variant, on request only (`--_limit CFG --variants hook`; B1 quotes it as a bound):
+
+    hook    the features floor: per batch and model a forward that stops at the hook's layer
+            (no logits), and the limit's encode per SAE: the least any tool does that reports
+            per-feature statistics on both models without the models' outputs (no KL, no CE).
+
 The limit and floor children time at most --limit-tokens tokens (the first batches) and report
 seconds per token; a per-token rate does not depend on the token count. Ratios are per point:
 ours' stream seconds per token over the limit's (and the floor's), and ours' whole stream +
@@ -111,7 +117,15 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path, device
         sink = 0.0
         for bi, tokens in enumerate(batches[:n]):
             for m in ("base", "finetuned"):
-                if variant == "limit":
+                if variant == "hook":
+                    x = runners[m].acts(tokens)
+                    xf = x.reshape(-1, x.shape[-1])
+                    for s in saes:
+                        sae = saes[s]
+                        pre = torch.addmm(sae.b_enc, xf.to(sae.dtype) - sae.b_dec, sae.W_enc)
+                        sink += float((pre > gates[s]).sum())
+                        del pre
+                elif variant == "limit":
                     logits, x = grab_logits(runners[m].model, tokens)
                     sink += float(logits[0, 0, 0])
                     del logits
@@ -246,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="the tiny wide pair (built in --work), one width point and one token point")
     p.add_argument("--_limit", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variants", nargs="+", choices=("limit", "floor", "hook"), default=["limit", "floor"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._limit is not None:
-        limit_child(a._limit, a.threads, a.limit_tokens, a.out)
+        limit_child(a._limit, a.threads, a.limit_tokens, a.out, variants=tuple(a.variants))
         return 0
     wide = _wide()
     cmdline = "python benchmarks/b7_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -98,9 +98,15 @@ def test_b1_smoke(tiny_demo, tmp_path):
     """Our side of `b1_vs_saedashboard.py --smoke` on the tiny demo: both variants, checked numbers."""
     b1 = _load("b1_vs_saedashboard")
     out = tmp_path / "b1.json"
-    assert b1.main(["--demo", str(tiny_demo), "--smoke", "--skip-saedashboard", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert b1.main(["--demo", str(tiny_demo), "--smoke", "--skip-saedashboard", "--bounds", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["n_tokens"] == 2 * 32
+    # --bounds: B7's limit child on the same tokens, one row per variant, no SAEDashboard ratio without SAEDashboard
+    bounds = result["bounds"]
+    assert bounds["n_tokens"] == 2 * 32 and bounds["threads"] == 1
+    for v in b1.BOUND_VARIANTS:
+        assert bounds[v]["cpu_seconds"] > 0 and bounds[v]["what"] == b1.BOUND_VARIANTS[v]
+        assert "saedashboard_cpu_per_feature_token_over_this" not in bounds[v]
     assert len(result["reps"]) == 1
     rep = result["reps"][0]
     assert set(rep) == {"order", "git", "ours_base_sae", "ours_both_saes"}
