@@ -113,28 +113,27 @@ def limit_child(cfg_path: Path, threads: int, max_tokens: int, out: Path, device
         logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], return_type="logits")
         return logits, store["x"]
 
+    def encode_gates(x) -> float:
+        """Per SAE the encode's pre-activation matmul and its gate: the least any encode does."""
+        xf, n = x.reshape(-1, x.shape[-1]), 0.0
+        for s in saes:
+            sae = saes[s]
+            pre = torch.addmm(sae.b_enc, xf.to(sae.dtype) - sae.b_dec, sae.W_enc)
+            n += float((pre > gates[s]).sum())
+            del pre
+        return n
+
     def loop(variant: str, n: int | None = None) -> float:
         sink = 0.0
         for bi, tokens in enumerate(batches[:n]):
             for m in ("base", "finetuned"):
                 if variant == "hook":
-                    x = runners[m].acts(tokens)
-                    xf = x.reshape(-1, x.shape[-1])
-                    for s in saes:
-                        sae = saes[s]
-                        pre = torch.addmm(sae.b_enc, xf.to(sae.dtype) - sae.b_dec, sae.W_enc)
-                        sink += float((pre > gates[s]).sum())
-                        del pre
+                    sink += encode_gates(runners[m].acts(tokens))
                 elif variant == "limit":
                     logits, x = grab_logits(runners[m].model, tokens)
                     sink += float(logits[0, 0, 0])
                     del logits
-                    xf = x.reshape(-1, x.shape[-1])
-                    for s in saes:
-                        sae = saes[s]
-                        pre = torch.addmm(sae.b_enc, xf.to(sae.dtype) - sae.b_dec, sae.W_enc)
-                        sink += float((pre > gates[s]).sum())
-                        del pre
+                    sink += encode_gates(x)
                 else:
                     r = runners[m]
                     clean, x = r.clean(tokens)
